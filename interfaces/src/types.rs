@@ -1,0 +1,123 @@
+//! Structured property values shared by the services and their clients.
+//!
+//! Each struct is a D-Bus struct whose signature is documented in the XML;
+//! field order is the wire order.
+
+use serde::{Deserialize, Serialize};
+use zbus::zvariant::{OwnedValue, Type, Value};
+
+/// An entry of DriveWatcher1.Drives: `(ssbst)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct WatchedDrive {
+    /// The enrolled drive name.
+    pub name: String,
+    /// The ID_FS_UUID matched on.
+    pub uuid: String,
+    /// Whether the drive is plugged in.
+    pub attached: bool,
+    /// Its device node, empty when absent.
+    pub device: String,
+    /// Unix time of the last attach, 0 when absent.
+    pub since: u64,
+}
+
+/// An entry of Crypt1.Drives: `(sssss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct CryptDrive {
+    /// The enrolled drive name.
+    pub name: String,
+    /// absent, attached, opening, open, closing, closed or failed.
+    pub state: String,
+    /// Where the drive is (or will be) mounted.
+    pub mountpoint: String,
+    /// The block device node, empty when absent.
+    pub device: String,
+    /// The last failure's message when state is failed.
+    pub message: String,
+}
+
+/// The most recent failure of a drive or profile: `(stss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct Failure {
+    /// The drive or profile name.
+    pub subject: String,
+    /// Unix time of the failure.
+    pub time: u64,
+    /// The stage that failed.
+    pub stage: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// An entry of Sync1.Running: `(sstt)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct SyncJob {
+    /// The drive being synced.
+    pub drive: String,
+    /// The repository being copied now.
+    pub repository: String,
+    /// Bytes copied.
+    pub done: u64,
+    /// Bytes to copy.
+    pub total: u64,
+}
+
+/// An entry of Sync1.LastSyncs: `(sttdst)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct SyncRecord {
+    /// The drive name.
+    pub drive: String,
+    /// Unix time the sync finished.
+    pub time: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// How long it took, in seconds.
+    pub seconds: f64,
+    /// The newest archive on the copy.
+    pub archive: String,
+    /// Free bytes left on the drive.
+    pub free: u64,
+}
+
+/// An entry of Borg1.Jobs: `(ssstt)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct BackupJob {
+    /// The job id.
+    pub job: String,
+    /// The profile name.
+    pub profile: String,
+    /// waiting, create, prune, compact or check.
+    pub stage: String,
+    /// Bytes read by borg create so far.
+    pub bytes: u64,
+    /// Files processed so far.
+    pub files: u64,
+}
+
+/// An entry of Borg1.LastResults: `(sstsds)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct BackupResult {
+    /// The profile name.
+    pub profile: String,
+    /// finished, failed or skipped.
+    pub outcome: String,
+    /// Unix time the job ended.
+    pub time: u64,
+    /// The archive made, empty if none.
+    pub archive: String,
+    /// How long the job took, in seconds.
+    pub seconds: f64,
+    /// The failure or skip reason.
+    pub message: String,
+}
+
+/// An entry of Borg1.Schedule: `(sts)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct ScheduleEntry {
+    /// The profile name.
+    pub profile: String,
+    /// Unix time it is next due, 0 without an interval.
+    pub due: u64,
+    /// Why it cannot run now, empty if nothing blocks it.
+    pub blocked: String,
+}

@@ -1,0 +1,1 @@
+//! BlinkStick USB LED: report layouts and the hidapi device.

@@ -1,0 +1,2 @@
+//! ferry-led: the status LED (org.ferry.Led1).
+pub mod blinkstick;
