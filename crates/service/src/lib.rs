@@ -1,1 +1,173 @@
-//! service
+//! What every ferry service does the same way, written once.
+//!
+//! A ferry service is a binary whose `main` only wires the outside world
+//! (command line, config file, logging, the system bus, signals, sd_notify)
+//! and then calls the service's own `run(connection, config, shutdown)`.
+//! Tests call that same `run` in-process with a private bus and their own
+//! shutdown future, or run the binary; both paths go through this crate.
+
+mod args;
+mod logging;
+pub mod notify;
+mod shutdown;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_config::Config;
+use zbus::fdo::RequestNameFlags;
+use zbus::names::WellKnownName;
+
+pub use args::Args;
+pub use logging::init_logging;
+pub use shutdown::{shutdown_signal, Shutdown};
+
+/// How long any D-Bus method call may take before it fails. Nothing on the
+/// bus times out by default; ferry never waits forever.
+pub const METHOD_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Exit code for a configuration error (sysexits EX_CONFIG); the unit's
+/// RestartPreventExitStatus keeps systemd from restarting into it.
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit code when the bus cannot be reached or the name is taken (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// A service failed; the message is logged and the process exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The bus connection or a bus call failed.
+    #[error("D-Bus: {0}")]
+    Bus(#[from] zbus::Error),
+    /// Another program already owns the service's bus name.
+    #[error("{0} is already owned by another program on this bus; stop it first (busctl status {0})")]
+    NameTaken(String),
+    /// Anything else, already phrased for a person.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<zbus::fdo::Error> for ServiceError {
+    fn from(e: zbus::fdo::Error) -> Self {
+        ServiceError::Bus(e.into())
+    }
+}
+
+/// Connects to the system bus (DBUS_SYSTEM_BUS_ADDRESS when set, so tests
+/// can point a service at a private daemon), with [`METHOD_TIMEOUT`] on every call.
+pub async fn connect_system_bus() -> Result<zbus::Connection, ServiceError> {
+    Ok(zbus::connection::Builder::system()?.method_timeout(METHOD_TIMEOUT).build().await?)
+}
+
+/// Connects to the bus at `address` with [`METHOD_TIMEOUT`] on every call.
+pub async fn connect_address(address: &str) -> Result<zbus::Connection, ServiceError> {
+    Ok(zbus::connection::Builder::address(address)?.method_timeout(METHOD_TIMEOUT).build().await?)
+}
+
+/// Requests the service's well-known name once its objects are served, so a
+/// call by name can never reach a missing object, then tells systemd the
+/// service is ready. Fails if another program owns the name.
+pub async fn claim_name(connection: &zbus::Connection, name: &str) -> Result<(), ServiceError> {
+    let well_known = WellKnownName::try_from(name).map_err(zbus::Error::from)?;
+    let reply = zbus::fdo::DBusProxy::new(connection)
+        .await?
+        .request_name(well_known, RequestNameFlags::DoNotQueue.into())
+        .await?;
+    match reply {
+        zbus::fdo::RequestNameReply::PrimaryOwner | zbus::fdo::RequestNameReply::AlreadyOwner => {
+            tracing::info!("ready: owns {name}");
+            notify::ready();
+            Ok(())
+        }
+        _ => Err(ServiceError::NameTaken(name.to_string())),
+    }
+}
+
+/// The whole of a service binary's `main`: arguments, logging, config, the
+/// system bus, sd_notify and signals around the service's `run`.
+///
+/// `run` gets the connection, the checked configuration and a future that
+/// resolves when the service should stop (SIGTERM or SIGINT).
+pub fn main<F, Fut>(service: &'static str, run: F) -> ExitCode
+where
+    F: FnOnce(zbus::Connection, Arc<Config>, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), ServiceError>>,
+{
+    let args = match Args::parse(service, std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(exit) => return exit,
+    };
+    init_logging(service);
+    let config = match Config::load(&args.config) {
+        Ok(config) => Arc::new(config),
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{service}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{service}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let connection = match connect_system_bus().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("cannot connect to the system bus: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        let _watchdog = notify::spawn_watchdog();
+        let result = run(connection, config, shutdown_signal()).await;
+        notify::stopping();
+        match result {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e @ ServiceError::NameTaken(_)) => {
+                tracing::error!("{e}");
+                ExitCode::from(EXIT_UNAVAILABLE)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Seconds since the unix epoch, for timestamps on the bus and in state files.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A stream of every signal of the given ferry interfaces, whoever sends it.
+///
+/// Subscribers match on interface (and then member), never on the sender,
+/// so a replacement program owning the same bus name works. The match rules
+/// are registered before this returns: no signal sent afterwards is missed.
+/// The stream must be read continuously; a stalled stream stalls the bus
+/// connection.
+pub async fn subscribe(
+    connection: &zbus::Connection,
+    interfaces: &[&'static str],
+) -> Result<futures_util::stream::SelectAll<zbus::MessageStream>, ServiceError> {
+    let mut streams = Vec::new();
+    for interface in interfaces {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface(*interface)?
+            .build();
+        streams.push(zbus::MessageStream::for_match_rule(rule, connection, Some(1024)).await?);
+    }
+    Ok(futures_util::stream::select_all(streams))
+}
