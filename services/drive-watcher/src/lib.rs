@@ -1,1 +1,180 @@
-//! ferry-drive-watcher
+//! ferry-drive-watcher: tells the bus when an enrolled drive is plugged in.
+//!
+//! It owns org.ferry.DriveWatcher1. The udev monitor socket is opened before
+//! the coldplug enumeration, so a drive plugged in between the two is seen
+//! by one or the other; the socket is driven by tokio (no polling), and the
+//! service sleeps until the kernel has an event. Which devices count and when
+//! to announce them is decided in [`tracker`]; this module moves udev events
+//! in and D-Bus signals out.
+
+pub mod tracker;
+
+use std::sync::{Arc, Mutex};
+
+use ferry_config::Config;
+use ferry_interfaces::{drive_watcher, Error as FerryError, WatchedDrive};
+use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+use tracker::{Change, Observation, Tracker};
+use zbus::object_server::SignalEmitter;
+
+/// A request from the D-Bus interface to the service loop.
+enum Command {
+    Rescan(oneshot::Sender<u32>),
+}
+
+/// The org.ferry.DriveWatcher1 object: validates, hands work to the loop,
+/// and shows the loop's snapshot as properties.
+///
+/// zbus holds the object's lock for the whole of a method call, and Rescan
+/// waits for the loop; so the loop never locks the object for writing: it
+/// updates the shared snapshot and only reads the object to emit signals.
+pub struct DriveWatcherInterface {
+    commands: mpsc::Sender<Command>,
+    drives: Arc<Mutex<Vec<WatchedDrive>>>,
+}
+
+#[zbus::interface(name = "org.ferry.DriveWatcher1")]
+impl DriveWatcherInterface {
+    /// Enumerate block devices again and re-announce every present drive.
+    #[zbus(out_args("present"))]
+    async fn rescan(&self) -> Result<u32, FerryError> {
+        let (reply, answer) = oneshot::channel();
+        let unavailable = || FerryError::Failed("the drive watcher is shutting down".into());
+        self.commands.send(Command::Rescan(reply)).await.map_err(|_| unavailable())?;
+        answer.await.map_err(|_| unavailable())
+    }
+
+    /// Every enrolled drive: (name, uuid, attached, device, since).
+    #[zbus(property)]
+    async fn drives(&self) -> Vec<WatchedDrive> {
+        self.drives.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// An enrolled drive appeared.
+    #[zbus(signal)]
+    async fn drive_attached(emitter: &SignalEmitter<'_>, drive: &str, device: &str, uuid: &str) -> zbus::Result<()>;
+
+    /// An enrolled drive went away.
+    #[zbus(signal)]
+    async fn drive_detached(emitter: &SignalEmitter<'_>, drive: &str, uuid: &str) -> zbus::Result<()>;
+}
+
+/// Runs the drive watcher on `connection` until `shutdown` resolves.
+pub async fn run(connection: zbus::Connection, config: Arc<Config>, shutdown: Shutdown) -> Result<(), ServiceError> {
+    let (commands, mut requests) = mpsc::channel(8);
+    let mut tracker = Tracker::new(&config);
+    // Monitor first, then enumerate: nothing falls between the two.
+    let monitor = open_monitor().map_err(|e| ServiceError::Other(format!("cannot listen to udev: {e}")))?;
+    let interest = tokio::io::Interest::READABLE;
+    // SAFETY: the monitor socket owns its descriptor; it stays open and the
+    // same for as long as the AsyncFd owns the monitor.
+    let monitor = unsafe { AsyncFd::register_with_interest(monitor, interest) }
+        .map_err(|e| ServiceError::Other(format!("cannot watch the udev socket: {e}")))?;
+
+    let drives = Arc::new(Mutex::new(tracker.snapshot()));
+    let interface = DriveWatcherInterface { commands, drives: drives.clone() };
+    connection.object_server().at(drive_watcher::OBJECT_PATH, interface).await?;
+    let object = connection
+        .object_server()
+        .interface::<_, DriveWatcherInterface>(drive_watcher::OBJECT_PATH)
+        .await?;
+    claim_name(&connection, drive_watcher::BUS_NAME).await?;
+    if config.drives.is_empty() {
+        tracing::warn!("no drives are enrolled in the configuration; nothing will be announced");
+    }
+
+    let coldplug = tracker.rescan(enumerate(), unix_now());
+    publish(&object, &drives, &tracker, coldplug).await;
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ready = monitor.readable() => {
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(e) => return Err(ServiceError::Other(format!("udev socket failed: {e}"))),
+                };
+                let mut changes = Vec::new();
+                for event in guard.get_inner().iter() {
+                    changes.extend(tracker.observe(observation(&event, event.event_type() == udev::EventType::Remove), unix_now()));
+                }
+                guard.clear_ready();
+                publish(&object, &drives, &tracker, changes).await;
+            }
+            Some(Command::Rescan(reply)) = requests.recv() => {
+                let changes = tracker.rescan(enumerate(), unix_now());
+                publish(&object, &drives, &tracker, changes).await;
+                let _ = reply.send(u32::try_from(tracker.present_count()).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_monitor() -> std::io::Result<udev::MonitorSocket> {
+    udev::MonitorBuilder::new()?.match_subsystem("block")?.listen()
+}
+
+/// Every block device udev knows now. A failed enumeration is logged and
+/// yields nothing, so a rescan never detaches drives by mistake... unless
+/// udev itself is gone, which the log then says.
+fn enumerate() -> Vec<Observation> {
+    let scan = || -> std::io::Result<Vec<Observation>> {
+        let mut enumerator = udev::Enumerator::new()?;
+        enumerator.match_subsystem("block")?;
+        Ok(enumerator.scan_devices()?.map(|d| observation(&d, false)).collect())
+    };
+    scan().unwrap_or_else(|e| {
+        tracing::error!("cannot enumerate block devices: {e}");
+        Vec::new()
+    })
+}
+
+/// What the tracker needs from a udev device. Labels, serials and models are
+/// never read; the UUID is only compared, never interpreted.
+fn observation(device: &udev::Device, removed: bool) -> Observation {
+    Observation {
+        syspath: device.syspath().to_string_lossy().into_owned(),
+        device: device.devnode().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
+        uuid: device.property_value("ID_FS_UUID").and_then(|v| v.to_str()).map(str::to_string),
+        removed,
+    }
+}
+
+/// Updates the Drives property, then emits the signals, so a subscriber
+/// reacting to a signal reads a property that already agrees with it.
+async fn publish(
+    object: &zbus::object_server::InterfaceRef<DriveWatcherInterface>,
+    drives: &Mutex<Vec<WatchedDrive>>,
+    tracker: &Tracker,
+    changes: Vec<Change>,
+) {
+    if changes.is_empty() {
+        return;
+    }
+    let emitter = object.signal_emitter();
+    if let Ok(mut shown) = drives.lock() {
+        *shown = tracker.snapshot();
+    }
+    if let Err(e) = object.get().await.drives_changed(emitter).await {
+        tracing::warn!("cannot emit PropertiesChanged: {e}");
+    }
+    for change in changes {
+        let sent = match &change {
+            Change::Attached { drive, device, uuid } => {
+                tracing::info!("{drive} attached as {device:?} (UUID {uuid})");
+                DriveWatcherInterface::drive_attached(emitter, drive, device, uuid).await
+            }
+            Change::Detached { drive, uuid } => {
+                tracing::info!("{drive} detached (UUID {uuid})");
+                DriveWatcherInterface::drive_detached(emitter, drive, uuid).await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::error!("cannot emit {change:?}: {e}");
+        }
+    }
+}
