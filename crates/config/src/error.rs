@@ -31,7 +31,10 @@ pub enum ConfigError {
 impl ConfigError {
     pub(crate) fn from_toml(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
         let span = error.span();
-        let key = span.as_ref().map(|s| locate::key_at(text, s.start)).unwrap_or_default();
+        let key = span
+            .as_ref()
+            .map(|s| locate::key_at(text, s.start))
+            .unwrap_or_default();
         ConfigError::Invalid {
             path: path.to_path_buf(),
             line: span.map(|s| locate::line_of(text, s.start)),
@@ -54,9 +57,18 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Read { path, reason } => {
-                write!(f, "cannot read {}: {reason} (pass --config to use another file)", path.display())
+                write!(
+                    f,
+                    "cannot read {}: {reason} (pass --config to use another file)",
+                    path.display()
+                )
             }
-            ConfigError::Invalid { path, line, key, reason } => {
+            ConfigError::Invalid {
+                path,
+                line,
+                key,
+                reason,
+            } => {
                 write!(f, "{}", path.display())?;
                 if let Some(line) = line {
                     write!(f, ":{line}")?;

@@ -178,7 +178,8 @@ impl Config {
 
     /// Parses and checks `text`; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
         config
             .check()
             .map_err(|(key, reason)| ConfigError::invalid(path, text, &key, reason))?;
@@ -199,13 +200,19 @@ impl Config {
         for (name, drive) in &self.drives {
             let key = |k: &str| vec!["drives".to_string(), name.to_string(), k.to_string()];
             if let Some(other) = uuids.insert(drive.uuid.normalized(), name) {
-                return Err((key("uuid"), format!("the same UUID is already enrolled as drive `{other}`")));
+                return Err((
+                    key("uuid"),
+                    format!("the same UUID is already enrolled as drive `{other}`"),
+                ));
             }
             let mountpoint = drive.mountpoint(name);
             if let Some(other) = mountpoints.insert(mountpoint.clone(), name) {
                 return Err((
                     key("mountpoint"),
-                    format!("{} is already the mountpoint of drive `{other}`", mountpoint.display()),
+                    format!(
+                        "{} is already the mountpoint of drive `{other}`",
+                        mountpoint.display()
+                    ),
                 ));
             }
             let mut seen = BTreeSet::new();
@@ -217,27 +224,43 @@ impl Config {
                     ));
                 }
                 if !seen.insert(repository) {
-                    return Err((key("repositories"), format!("`{repository}` is listed twice")));
+                    return Err((
+                        key("repositories"),
+                        format!("`{repository}` is listed twice"),
+                    ));
                 }
             }
         }
         for (name, repository) in &self.repositories {
             if repository.passphrase_file.is_some() && repository.passcommand.is_some() {
                 return Err((
-                    vec!["repositories".into(), name.to_string(), "passcommand".into()],
+                    vec![
+                        "repositories".into(),
+                        name.to_string(),
+                        "passcommand".into(),
+                    ],
                     "give either passphrase-file or passcommand, not both".into(),
                 ));
             }
         }
         let led = |k: &str| vec!["led".to_string(), k.to_string()];
         if self.led.backend == LedBackend::File && self.led.file.is_none() {
-            return Err((led("backend"), "the file backend needs `file = \"/path\"` in [led]".into()));
+            return Err((
+                led("backend"),
+                "the file backend needs `file = \"/path\"` in [led]".into(),
+            ));
         }
         if !(1..=100).contains(&self.led.brightness_limit) {
-            return Err((led("brightness-limit"), "must be a percentage from 1 to 100".into()));
+            return Err((
+                led("brightness-limit"),
+                "must be a percentage from 1 to 100".into(),
+            ));
         }
         if self.led.channel > 2 {
-            return Err((led("channel"), "a BlinkStick Pro has channels 0, 1 and 2".into()));
+            return Err((
+                led("channel"),
+                "a BlinkStick Pro has channels 0, 1 and 2".into(),
+            ));
         }
         Ok(())
     }

@@ -9,7 +9,11 @@ use toml::Spanned;
 /// The 1-based line number of a byte offset.
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The dotted path of the innermost key whose key or value covers `offset`.
@@ -24,7 +28,12 @@ pub(crate) fn key_at(text: &str, offset: usize) -> String {
     best.join(".")
 }
 
-fn search_table(table: &DeTable<'_>, offset: usize, path: &mut Vec<String>, best: &mut Vec<String>) {
+fn search_table(
+    table: &DeTable<'_>,
+    offset: usize,
+    path: &mut Vec<String>,
+    best: &mut Vec<String>,
+) {
     for (key, value) in table {
         path.push(key.get_ref().to_string());
         search_value(value, key.span().contains(&offset), offset, path, best);
@@ -62,7 +71,9 @@ pub(crate) fn span_of(text: &str, path: &[String]) -> Option<Range<usize>> {
     let mut table = root.get_ref();
     let mut found = None;
     for part in path {
-        let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part.as_str())?;
+        let (key, value) = table
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == part.as_str())?;
         found = Some(key.span());
         match value.get_ref() {
             DeValue::Table(inner) => table = inner,

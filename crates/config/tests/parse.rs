@@ -8,7 +8,9 @@ use ferry_config::{Config, ConfigError, LedBackend};
 fn reject(text: &str) -> (Option<usize>, String, String) {
     match Config::parse(text, Path::new("/etc/ferry/ferry.toml")) {
         Ok(_) => panic!("accepted:\n{text}"),
-        Err(ConfigError::Invalid { line, key, reason, .. }) => (line, key, reason),
+        Err(ConfigError::Invalid {
+            line, key, reason, ..
+        }) => (line, key, reason),
         Err(other) => panic!("unexpected error {other}"),
     }
 }
@@ -27,14 +29,20 @@ fn the_example_file_parses_with_every_section() {
     let text = include_str!("../../../examples/ferry.toml");
     let config = Config::parse(text, Path::new("examples/ferry.toml")).expect("example parses");
     assert_eq!(config.drives.len(), 2);
-    let (name, drive) = config.drive_by_uuid("1B2C3D4E-5F60-4718-8293-A4B5C6D7E8F9").expect("case-insensitive match");
+    let (name, drive) = config
+        .drive_by_uuid("1B2C3D4E-5F60-4718-8293-A4B5C6D7E8F9")
+        .expect("case-insensitive match");
     assert_eq!(name.as_str(), "offsite-a");
     assert!(drive.key_file.is_some());
     assert_eq!(config.led.backend, LedBackend::Blinkstick);
     assert_eq!(config.led.index, Some(1));
     assert_eq!(config.led.colors.working.to_hex(), "#33c280");
     // The default mountpoint of a drive without one.
-    let (b, drive_b) = config.drives.iter().find(|(n, _)| n.as_str() == "offsite-b").expect("offsite-b");
+    let (b, drive_b) = config
+        .drives
+        .iter()
+        .find(|(n, _)| n.as_str() == "offsite-b")
+        .expect("offsite-b");
     assert_eq!(drive_b.mountpoint(b), Path::new("/run/ferry/offsite-b"));
 }
 
@@ -46,7 +54,7 @@ fn defaults_apply_to_a_minimal_file() {
     assert!(drive.key_file.is_none());
     assert_eq!(drive.mountpoint(name), Path::new("/run/ferry/offsite-a"));
     assert_eq!(config.led.brightness_limit, 100);
-    assert_eq!(config.led.colors.done.to_hex(), "#00ff00");
+    assert_eq!(config.led.colors.done.to_hex(), "#008000");
     assert_eq!(config.led.colors.failed.to_hex(), "#ff0000");
     assert_eq!(config.led.colors.idle.to_hex(), "#000000");
 }
@@ -59,12 +67,16 @@ fn an_empty_file_is_a_valid_config_with_nothing_enrolled() {
 
 #[test]
 fn unknown_key_names_its_line_and_path() {
-    let text = format!("{MINIMAL}\n[drives.offsite-b]\nuuid = \"aaaa-bbbb\"\nmount-point = \"/mnt\"\n");
+    let text =
+        format!("{MINIMAL}\n[drives.offsite-b]\nuuid = \"aaaa-bbbb\"\nmount-point = \"/mnt\"\n");
     let (line, key, reason) = reject(&text);
     assert_eq!(line, Some(11), "{reason}");
     assert_eq!(key, "drives.offsite-b.mount-point");
     assert!(reason.contains("unknown field `mount-point`"), "{reason}");
-    assert!(reason.contains("mountpoint"), "lists the valid keys: {reason}");
+    assert!(
+        reason.contains("mountpoint"),
+        "lists the valid keys: {reason}"
+    );
 }
 
 #[test]
@@ -87,11 +99,31 @@ fn wrong_type_names_its_line_and_path() {
 #[test]
 fn bad_values_are_explained() {
     let cases = [
-        (MINIMAL.replace("1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9", "not-a-uuid!"), "drives.offsite-a.uuid", "not a UUID"),
-        (MINIMAL.replace("/srv/borg/nas", "srv/borg/nas"), "repositories.nas.path", "not an absolute path"),
-        (MINIMAL.replace("[drives.offsite-a]", "[drives.Offsite_A]"), "drives", "not a valid name"),
-        (format!("{MINIMAL}[led.colors]\nworking = \"#33c28\"\n"), "led.colors.working", "not a colour"),
-        (format!("{MINIMAL}[led]\nbackend = \"usb\"\n"), "led.backend", "unknown variant"),
+        (
+            MINIMAL.replace("1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9", "not-a-uuid!"),
+            "drives.offsite-a.uuid",
+            "not a UUID",
+        ),
+        (
+            MINIMAL.replace("/srv/borg/nas", "srv/borg/nas"),
+            "repositories.nas.path",
+            "not an absolute path",
+        ),
+        (
+            MINIMAL.replace("[drives.offsite-a]", "[drives.Offsite_A]"),
+            "drives",
+            "not a valid name",
+        ),
+        (
+            format!("{MINIMAL}[led.colors]\nworking = \"#33c28\"\n"),
+            "led.colors.working",
+            "not a colour",
+        ),
+        (
+            format!("{MINIMAL}[led]\nbackend = \"usb\"\n"),
+            "led.backend",
+            "unknown variant",
+        ),
         (format!("{MINIMAL}[led]\nindex = 300\n"), "led.index", ""),
     ];
     for (text, want_key, want_reason) in cases {
@@ -106,13 +138,20 @@ fn bad_values_are_explained() {
 fn cross_section_mistakes_point_at_the_key() {
     let text = MINIMAL.replace("[\"nas\"]", "[\"nas\", \"photos\"]");
     let (line, key, reason) = reject(&text);
-    assert_eq!((line, key.as_str()), (Some(4), "drives.offsite-a.repositories"));
+    assert_eq!(
+        (line, key.as_str()),
+        (Some(4), "drives.offsite-a.repositories")
+    );
     assert!(reason.contains("no repository named `photos`"), "{reason}");
 
-    let text = format!("{MINIMAL}\n[drives.offsite-b]\nuuid = \"1B2C3D4E-5F60-4718-8293-A4B5C6D7E8F9\"\n");
+    let text =
+        format!("{MINIMAL}\n[drives.offsite-b]\nuuid = \"1B2C3D4E-5F60-4718-8293-A4B5C6D7E8F9\"\n");
     let (line, key, reason) = reject(&text);
     assert_eq!((line, key.as_str()), (Some(10), "drives.offsite-b.uuid"));
-    assert!(reason.contains("already enrolled as drive `offsite-a`"), "{reason}");
+    assert!(
+        reason.contains("already enrolled as drive `offsite-a`"),
+        "{reason}"
+    );
 
     let text = format!("{MINIMAL}\n[drives.offsite-b]\nuuid = \"abcd-1234\"\nmountpoint = \"/run/ferry/offsite-a\"\n");
     let (_, key, reason) = reject(&text);
@@ -126,18 +165,33 @@ fn cross_section_mistakes_point_at_the_key() {
 
 #[test]
 fn messages_carry_file_line_key_and_reason() {
-    let error = Config::parse("[led]\nbrightness-limit = 0\n", Path::new("/etc/ferry/ferry.toml")).expect_err("rejected");
+    let error = Config::parse(
+        "[led]\nbrightness-limit = 0\n",
+        Path::new("/etc/ferry/ferry.toml"),
+    )
+    .expect_err("rejected");
     assert_eq!(
         error.to_string(),
         "/etc/ferry/ferry.toml:2: led.brightness-limit: must be a percentage from 1 to 100"
     );
     let missing = Config::load(Path::new("/nonexistent/ferry.toml")).expect_err("missing file");
-    assert!(missing.to_string().contains("cannot read /nonexistent/ferry.toml"), "{missing}");
+    assert!(
+        missing
+            .to_string()
+            .contains("cannot read /nonexistent/ferry.toml"),
+        "{missing}"
+    );
 }
 
 #[test]
 fn hostile_bytes_never_panic() {
-    for text in ["\u{0}", "[[[", "a = \"\\u0000\"", "[drives.x]\nuuid = 5", "[drives.\"\u{202e}evil\"]\nuuid=\"abcd\""] {
+    for text in [
+        "\u{0}",
+        "[[[",
+        "a = \"\\u0000\"",
+        "[drives.x]\nuuid = 5",
+        "[drives.\"\u{202e}evil\"]\nuuid=\"abcd\"",
+    ] {
         let _ = Config::parse(text, Path::new("x"));
     }
 }

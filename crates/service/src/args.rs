@@ -32,7 +32,12 @@ impl Args {
                 }
                 other => match other.strip_prefix("--config=") {
                     Some(path) => config = PathBuf::from(path),
-                    None => return Err(usage(service, &format!("unknown argument `{}`", other.escape_debug()))),
+                    None => {
+                        return Err(usage(
+                            service,
+                            &format!("unknown argument `{}`", other.escape_debug()),
+                        ))
+                    }
                 },
             }
         }
@@ -62,9 +67,18 @@ mod tests {
 
     #[test]
     fn config_defaults_and_overrides() {
-        assert_eq!(parse(&[]).map(|a| a.config), Ok(PathBuf::from("/etc/ferry/ferry.toml")));
-        assert_eq!(parse(&["--config", "/x.toml"]).map(|a| a.config), Ok(PathBuf::from("/x.toml")));
-        assert_eq!(parse(&["--config=/y.toml"]).map(|a| a.config), Ok(PathBuf::from("/y.toml")));
+        assert_eq!(
+            parse(&[]).map(|a| a.config),
+            Ok(PathBuf::from("/etc/ferry/ferry.toml"))
+        );
+        assert_eq!(
+            parse(&["--config", "/x.toml"]).map(|a| a.config),
+            Ok(PathBuf::from("/x.toml"))
+        );
+        assert_eq!(
+            parse(&["--config=/y.toml"]).map(|a| a.config),
+            Ok(PathBuf::from("/y.toml"))
+        );
     }
 
     #[test]

@@ -41,7 +41,9 @@ pub enum ServiceError {
     #[error("D-Bus: {0}")]
     Bus(#[from] zbus::Error),
     /// Another program already owns the service's bus name.
-    #[error("{0} is already owned by another program on this bus; stop it first (busctl status {0})")]
+    #[error(
+        "{0} is already owned by another program on this bus; stop it first (busctl status {0})"
+    )]
     NameTaken(String),
     /// Anything else, already phrased for a person.
     #[error("{0}")]
@@ -57,12 +59,18 @@ impl From<zbus::fdo::Error> for ServiceError {
 /// Connects to the system bus (DBUS_SYSTEM_BUS_ADDRESS when set, so tests
 /// can point a service at a private daemon), with [`METHOD_TIMEOUT`] on every call.
 pub async fn connect_system_bus() -> Result<zbus::Connection, ServiceError> {
-    Ok(zbus::connection::Builder::system()?.method_timeout(METHOD_TIMEOUT).build().await?)
+    Ok(zbus::connection::Builder::system()?
+        .method_timeout(METHOD_TIMEOUT)
+        .build()
+        .await?)
 }
 
 /// Connects to the bus at `address` with [`METHOD_TIMEOUT`] on every call.
 pub async fn connect_address(address: &str) -> Result<zbus::Connection, ServiceError> {
-    Ok(zbus::connection::Builder::address(address)?.method_timeout(METHOD_TIMEOUT).build().await?)
+    Ok(zbus::connection::Builder::address(address)?
+        .method_timeout(METHOD_TIMEOUT)
+        .build()
+        .await?)
 }
 
 /// Requests the service's well-known name once its objects are served, so a
@@ -107,7 +115,10 @@ where
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("{service}: cannot start the async runtime: {e}");

@@ -16,10 +16,14 @@ pub fn init_logging(service: &'static str) {
     // systemd sets JOURNAL_STREAM when stderr is connected to the journal.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
-            let _ = registry.with(journald.with_syslog_identifier(service.to_string())).try_init();
+            let _ = registry
+                .with(journald.with_syslog_identifier(service.to_string()))
+                .try_init();
             return;
         }
     }
-    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
     let _ = registry.with(stderr).try_init();
 }

@@ -10,7 +10,10 @@ pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub fn shutdown_signal() -> Shutdown {
     Box::pin(async {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM: stopping"),

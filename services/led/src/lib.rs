@@ -1,2 +1,529 @@
-//! ferry-led: the status LED (org.ferry.Led1).
+//! ferry-led: one LED that tells a person what ferry is doing.
+//!
+//! It owns org.ferry.Led1. It listens to the other services' signals (by
+//! interface, never by sender, so any program speaking the contract works),
+//! keeps one state ([`state`]) and shows its colour through a backend
+//! ([`output`]). On start it asks the peers' properties what is going on
+//! instead of waiting for signals it missed. A BlinkStick that is missing or
+//! unplugged is logged and written again when udev says a hidraw device
+//! appeared: no polling.
+
 pub mod blinkstick;
+pub mod output;
+pub mod state;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_config::{Color, Config, LedColors};
+use ferry_interfaces::{borg, crypt, drive_watcher, led, sync, Error as FerryError};
+use ferry_service::{claim_name, subscribe, ServiceError, Shutdown};
+use futures_util::StreamExt;
+use output::Output;
+use state::{Event, Indicator, LedState};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use zbus::object_server::{InterfaceRef, SignalEmitter};
+
+/// How long each colour shows during Test.
+const TEST_STEP: Duration = Duration::from_millis(700);
+/// How long to wait for a peer's properties at start.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the properties show; written by the loop, read by the interface.
+#[derive(Debug, Clone)]
+struct View {
+    color: String,
+    state: String,
+    reason: String,
+    backend: &'static str,
+    device_present: bool,
+}
+
+enum Command {
+    Acknowledge,
+    Test(oneshot::Sender<Result<(), FerryError>>),
+}
+
+/// The org.ferry.Led1 object: thin; the loop owns the state and the device.
+pub struct LedInterface {
+    commands: mpsc::Sender<Command>,
+    view: Arc<Mutex<View>>,
+}
+
+impl LedInterface {
+    fn view(&self) -> Option<View> {
+        self.view.lock().ok().map(|v| v.clone())
+    }
+}
+
+fn stopping() -> FerryError {
+    FerryError::Failed("the LED service is shutting down".into())
+}
+
+#[zbus::interface(name = "org.ferry.Led1")]
+impl LedInterface {
+    /// A person has seen the failure: leave the failed state.
+    async fn acknowledge(&self) -> Result<(), FerryError> {
+        self.commands
+            .send(Command::Acknowledge)
+            .await
+            .map_err(|_| stopping())
+    }
+
+    /// Show each state's colour in turn, then the current state again.
+    async fn test(&self) -> Result<(), FerryError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Test(reply))
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())?
+    }
+
+    /// The colour shown now, #rrggbb.
+    #[zbus(property)]
+    async fn color(&self) -> String {
+        self.view().map(|v| v.color).unwrap_or_default()
+    }
+
+    /// idle, working, done or failed.
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.view().map(|v| v.state).unwrap_or_default()
+    }
+
+    /// Why the LED is in its state.
+    #[zbus(property)]
+    async fn reason(&self) -> String {
+        self.view().map(|v| v.reason).unwrap_or_default()
+    }
+
+    /// blinkstick, file or none.
+    #[zbus(property)]
+    async fn backend(&self) -> String {
+        self.view()
+            .map(|v| v.backend.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Whether the backend's device can be written now.
+    #[zbus(property)]
+    async fn device_present(&self) -> bool {
+        self.view().map(|v| v.device_present).unwrap_or(false)
+    }
+
+    /// The LED changed colour (the Rust name avoids a clash with the Color
+    /// property's own `color_changed`).
+    #[zbus(signal, name = "ColorChanged")]
+    async fn announce_color(
+        emitter: &SignalEmitter<'_>,
+        color: &str,
+        state: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// The service loop's own state.
+struct Lamp {
+    indicator: Indicator,
+    colors: LedColors,
+    output: Output,
+    view: Arc<Mutex<View>>,
+    object: InterfaceRef<LedInterface>,
+    /// The colour last written, with its label.
+    shown: Option<(Color, String)>,
+    /// Remaining Test colours and when the next one is due.
+    test: VecDeque<(Color, &'static str)>,
+    test_due: Option<Instant>,
+}
+
+impl Lamp {
+    fn color_of(&self, state: LedState) -> Color {
+        match state {
+            LedState::Idle => self.colors.idle,
+            LedState::Working => self.colors.working,
+            LedState::Done => self.colors.done,
+            LedState::Failed => self.colors.failed,
+        }
+    }
+
+    /// Shows the indicator's state, unless a test is running.
+    async fn refresh(&mut self) {
+        if self.test_due.is_some() {
+            return;
+        }
+        let state = self.indicator.state();
+        self.show(self.color_of(state), state.as_str(), false).await;
+    }
+
+    /// Writes a colour when it differs from what is shown (or `force`),
+    /// updates the properties and emits ColorChanged.
+    async fn show(&mut self, color: Color, label: &str, force: bool) {
+        let changed = self.shown.as_ref() != Some(&(color, label.to_string()));
+        if changed || force {
+            if let Err(e) = self.output.show(color, label) {
+                tracing::warn!(
+                    "LED: {e}; the state stays on the bus and is shown when the device is back"
+                );
+            }
+        }
+        let reason = self.indicator.reason();
+        let present = self.output.present();
+        if let Ok(mut view) = self.view.lock() {
+            view.color = color.to_hex();
+            view.state = if label == "test" {
+                view.state.clone()
+            } else {
+                label.to_string()
+            };
+            view.reason = reason;
+            view.device_present = present;
+        }
+        let emitter = self.object.signal_emitter();
+        let interface = self.object.get().await;
+        for sent in [
+            interface.color_changed(emitter).await,
+            interface.state_changed(emitter).await,
+            interface.reason_changed(emitter).await,
+            interface.device_present_changed(emitter).await,
+        ] {
+            if let Err(e) = sent {
+                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            }
+        }
+        if changed {
+            tracing::info!("LED {} ({label})", color.to_hex());
+            self.shown = Some((color, label.to_string()));
+            if let Err(e) = LedInterface::announce_color(emitter, &color.to_hex(), label).await {
+                tracing::warn!("cannot emit ColorChanged: {e}");
+            }
+        }
+    }
+
+    fn start_test(&mut self) -> Result<(), FerryError> {
+        if self.test_due.is_some() {
+            return Err(FerryError::Busy(
+                "a test is already running; wait a few seconds".into(),
+            ));
+        }
+        self.test = VecDeque::from([
+            (self.colors.working, "test"),
+            (self.colors.done, "test"),
+            (self.colors.failed, "test"),
+            (self.colors.idle, "test"),
+        ]);
+        self.test_due = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn test_step(&mut self) {
+        match self.test.pop_front() {
+            Some((color, label)) => {
+                self.test_due = Some(Instant::now() + TEST_STEP);
+                self.show(color, label, false).await;
+            }
+            None => {
+                self.test_due = None;
+                self.refresh().await;
+            }
+        }
+    }
+}
+
+/// Runs the LED service on `connection` until `shutdown` resolves.
+pub async fn run(
+    connection: zbus::Connection,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+) -> Result<(), ServiceError> {
+    let output = Output::from_config(&config.led);
+    let view = Arc::new(Mutex::new(View {
+        color: config.led.colors.idle.to_hex(),
+        state: LedState::Idle.as_str().into(),
+        reason: String::new(),
+        backend: output.name(),
+        device_present: output.present(),
+    }));
+    let (commands, mut requests) = mpsc::channel(8);
+    connection
+        .object_server()
+        .at(
+            led::OBJECT_PATH,
+            LedInterface {
+                commands,
+                view: view.clone(),
+            },
+        )
+        .await?;
+    let object = connection
+        .object_server()
+        .interface::<_, LedInterface>(led::OBJECT_PATH)
+        .await?;
+
+    // Subscribe first, then read the peers: nothing falls between the two.
+    let mut signals = subscribe(
+        &connection,
+        &[
+            drive_watcher::INTERFACE,
+            crypt::INTERFACE,
+            sync::INTERFACE,
+            borg::INTERFACE,
+        ],
+    )
+    .await?;
+    let hotplug = match &output {
+        Output::BlinkStick(_) => hidraw_monitor(),
+        _ => None,
+    };
+    let mut lamp = Lamp {
+        indicator: Indicator::default(),
+        colors: config.led.colors.clone(),
+        output,
+        view,
+        object,
+        shown: None,
+        test: VecDeque::new(),
+        test_due: None,
+    };
+    for event in events_from_peers(&connection).await {
+        lamp.indicator.apply(event);
+    }
+    lamp.refresh().await;
+    claim_name(&connection, led::BUS_NAME).await?;
+
+    tokio::pin!(shutdown);
+    loop {
+        let test_due = lamp.test_due;
+        tokio::select! {
+            _ = &mut shutdown => break,
+            message = signals.next() => {
+                let Some(message) = message else {
+                    return Err(ServiceError::Other("the bus connection closed".into()));
+                };
+                if let Some(event) = message.ok().as_ref().and_then(event_of) {
+                    tracing::debug!("{event:?}");
+                    lamp.indicator.apply(event);
+                    lamp.refresh().await;
+                }
+            }
+            Some(command) = requests.recv() => match command {
+                Command::Acknowledge => {
+                    lamp.indicator.apply(Event::Acknowledge);
+                    lamp.refresh().await;
+                }
+                Command::Test(reply) => {
+                    let _ = reply.send(lamp.start_test());
+                }
+            },
+            _ = sleep_until(test_due), if test_due.is_some() => lamp.test_step().await,
+            added = hidraw_added(hotplug.as_ref()), if hotplug.is_some() => {
+                if added {
+                    tracing::info!("a hidraw device appeared; writing the LED again");
+                    if let Some((color, label)) = lamp.shown.clone() {
+                        lamp.show(color, &label, true).await;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    if let Some(due) = due {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+/// A udev monitor for hidraw devices, so a replugged BlinkStick is written
+/// again the moment it appears.
+fn hidraw_monitor() -> Option<AsyncFd<udev::MonitorSocket>> {
+    let socket = udev::MonitorBuilder::new()
+        .and_then(|b| b.match_subsystem("hidraw"))
+        .and_then(|b| b.listen());
+    match socket {
+        // SAFETY: the monitor owns its descriptor for as long as the AsyncFd owns the monitor.
+        Ok(socket) => {
+            match unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+            {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!("cannot watch udev for a replugged BlinkStick: {e}");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen to udev for a replugged BlinkStick: {e}");
+            None
+        }
+    }
+}
+
+/// Waits for hidraw events; true when a device was added.
+async fn hidraw_added(monitor: Option<&AsyncFd<udev::MonitorSocket>>) -> bool {
+    let Some(monitor) = monitor else {
+        return std::future::pending().await;
+    };
+    match monitor.readable().await {
+        Ok(mut guard) => {
+            let added = guard
+                .get_inner()
+                .iter()
+                .any(|e| e.event_type() == udev::EventType::Add);
+            guard.clear_ready();
+            added
+        }
+        Err(e) => {
+            tracing::warn!("udev hidraw socket: {e}");
+            std::future::pending().await
+        }
+    }
+}
+
+/// Translates a ferry signal into an LED event. Unknown members are ignored.
+fn event_of(message: &zbus::Message) -> Option<Event> {
+    let m = message.clone();
+    if let Some(s) = drive_watcher::DriveAttached::from_message(m.clone()) {
+        return s
+            .args()
+            .ok()
+            .map(|a| Event::DriveAttached(a.drive.to_string()));
+    }
+    if let Some(s) = drive_watcher::DriveDetached::from_message(m.clone()) {
+        return s
+            .args()
+            .ok()
+            .map(|a| Event::DriveDetached(a.drive.to_string()));
+    }
+    if let Some(s) = crypt::DriveOpened::from_message(m.clone()) {
+        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
+    }
+    if let Some(s) = crypt::DriveClosed::from_message(m.clone()) {
+        return s
+            .args()
+            .ok()
+            .map(|a| Event::DriveClosed(a.drive.to_string()));
+    }
+    if let Some(s) = crypt::DriveFailed::from_message(m.clone()) {
+        return s.args().ok().map(|a| {
+            Event::DriveFailed(a.drive.to_string(), format!("{}: {}", a.stage, a.message))
+        });
+    }
+    if let Some(s) = sync::SyncStarted::from_message(m.clone()) {
+        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
+    }
+    if let Some(s) = sync::SyncFailed::from_message(m.clone()) {
+        return s.args().ok().map(|a| {
+            Event::SyncFailed(
+                a.drive.to_string(),
+                format!("sync {}: {}", a.stage, a.message),
+            )
+        });
+    }
+    if let Some(s) = borg::BackupStarted::from_message(m.clone()) {
+        return s
+            .args()
+            .ok()
+            .map(|a| Event::BackupStarted(a.job.to_string()));
+    }
+    if let Some(s) = borg::BackupFinished::from_message(m.clone()) {
+        return s
+            .args()
+            .ok()
+            .map(|a| Event::BackupFinished(a.job.to_string()));
+    }
+    if let Some(s) = borg::BackupFailed::from_message(m.clone()) {
+        return s.args().ok().map(|a| {
+            Event::BackupFailed(
+                a.job.to_string(),
+                format!("{} {}: {}", a.profile, a.stage, a.message),
+            )
+        });
+    }
+    if let Some(s) = borg::BackupSkipped::from_message(m) {
+        return s
+            .args()
+            .ok()
+            .map(|a| Event::BackupSkipped(a.job.to_string()));
+    }
+    None
+}
+
+/// What the peers' properties say is going on, as events. A peer that is
+/// not on the bus (or does not answer in time) contributes nothing.
+async fn events_from_peers(connection: &zbus::Connection) -> Vec<Event> {
+    let mut events = Vec::new();
+    let crypt_drives = match crypt::CryptProxy::builder(connection)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+    {
+        Ok(proxy) => peer(proxy.drives()).await,
+        Err(_) => None,
+    };
+    match crypt_drives {
+        Some(drives) => {
+            for d in drives {
+                match d.state.as_str() {
+                    "opening" | "open" | "closing" => events.push(Event::DriveBusy(d.name)),
+                    "closed" => events
+                        .extend([Event::DriveBusy(d.name.clone()), Event::DriveClosed(d.name)]),
+                    "failed" => events.push(Event::DriveFailed(d.name, d.message)),
+                    _ => {}
+                }
+            }
+        }
+        None => {
+            // Without the crypt manager, an attached drive is what DriveAttached would have said.
+            if let Ok(proxy) = drive_watcher::DriveWatcherProxy::builder(connection)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+            {
+                for d in peer(proxy.drives()).await.unwrap_or_default() {
+                    if d.attached {
+                        events.push(Event::DriveAttached(d.name));
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(proxy) = sync::SyncProxy::builder(connection)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+    {
+        for job in peer(proxy.running()).await.unwrap_or_default() {
+            events.push(Event::DriveBusy(job.drive));
+        }
+    }
+    if let Ok(proxy) = borg::BorgProxy::builder(connection)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+    {
+        for job in peer(proxy.jobs()).await.unwrap_or_default() {
+            events.push(Event::BackupStarted(job.job));
+        }
+    }
+    events
+}
+
+async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {
+    match tokio::time::timeout(PEER_TIMEOUT, call).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            tracing::debug!("peer not available: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "a peer did not answer within {PEER_TIMEOUT:?}; starting without its state"
+            );
+            None
+        }
+    }
+}
