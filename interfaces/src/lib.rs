@@ -47,7 +47,8 @@ pub mod drive_watcher {
         fn drive_attached(&self, drive: &str, device: &str, uuid: &str) -> zbus::Result<()>;
         /// An enrolled drive went away.
         #[zbus(signal)]
-        fn drive_detached(&self, drive: &str, uuid: &str) -> zbus::Result<()>;}
+        fn drive_detached(&self, drive: &str, uuid: &str) -> zbus::Result<()>;
+    }
 }
 
 /// org.ferry.Crypt1: unlock, mount, prove identity, unmount, lock.
@@ -88,7 +89,8 @@ pub mod crypt {
         fn drive_closed(&self, drive: &str) -> zbus::Result<()>;
         /// Opening or closing a drive failed.
         #[zbus(signal)]
-        fn drive_failed(&self, drive: &str, stage: &str, message: &str) -> zbus::Result<()>;}
+        fn drive_failed(&self, drive: &str, stage: &str, message: &str) -> zbus::Result<()>;
+    }
 }
 
 /// org.ferry.Sync1: copy borg repositories onto an opened drive.
@@ -135,7 +137,8 @@ pub mod sync {
         fn sync_finished(&self, drive: &str, bytes: u64, seconds: f64) -> zbus::Result<()>;
         /// The sync stopped; the previous copy stands.
         #[zbus(signal)]
-        fn sync_failed(&self, drive: &str, stage: &str, message: &str) -> zbus::Result<()>;}
+        fn sync_failed(&self, drive: &str, stage: &str, message: &str) -> zbus::Result<()>;
+    }
 }
 
 /// org.ferry.Borg1: run borg backups.
@@ -190,11 +193,17 @@ pub mod borg {
         fn backup_finished(&self, job: &str, profile: &str, archive: &str) -> zbus::Result<()>;
         /// A job failed.
         #[zbus(signal)]
-        fn backup_failed(&self, job: &str, profile: &str, stage: &str, message: &str)
-            -> zbus::Result<()>;
+        fn backup_failed(
+            &self,
+            job: &str,
+            profile: &str,
+            stage: &str,
+            message: &str,
+        ) -> zbus::Result<()>;
         /// A job was skipped, not failed.
         #[zbus(signal)]
-        fn backup_skipped(&self, job: &str, profile: &str, reason: &str) -> zbus::Result<()>;}
+        fn backup_skipped(&self, job: &str, profile: &str, reason: &str) -> zbus::Result<()>;
+    }
 }
 
 /// org.ferry.Led1: the status LED.
@@ -239,7 +248,8 @@ pub mod led {
         fn device_present(&self) -> zbus::Result<bool>;
         /// The LED changed colour.
         #[zbus(signal)]
-        fn color_changed(&self, color: &str, state: &str) -> zbus::Result<()>;}
+        fn color_changed(&self, color: &str, state: &str) -> zbus::Result<()>;
+    }
 }
 
 /// org.ferry.Notifier1: mail a person.
@@ -282,12 +292,17 @@ pub mod notifier {
         fn notification_sent(&self, id: &str, subject: &str) -> zbus::Result<()>;
         /// A message was written to the outbox.
         #[zbus(signal)]
-        fn notification_queued(&self, id: &str, reason: &str) -> zbus::Result<()>;}
+        fn notification_queued(&self, id: &str, reason: &str) -> zbus::Result<()>;
+    }
 }
 
 /// Every interface of the contract, as (interface name, object path, XML).
 pub const ALL: [(&str, &str, &str); 6] = [
-    (drive_watcher::INTERFACE, drive_watcher::OBJECT_PATH, drive_watcher::XML),
+    (
+        drive_watcher::INTERFACE,
+        drive_watcher::OBJECT_PATH,
+        drive_watcher::XML,
+    ),
     (crypt::INTERFACE, crypt::OBJECT_PATH, crypt::XML),
     (sync::INTERFACE, sync::OBJECT_PATH, sync::XML),
     (borg::INTERFACE, borg::OBJECT_PATH, borg::XML),

@@ -76,7 +76,17 @@ pub async fn connect_address(address: &str) -> Result<zbus::Connection, ServiceE
 /// Requests the service's well-known name once its objects are served, so a
 /// call by name can never reach a missing object, then tells systemd the
 /// service is ready. Fails if another program owns the name.
-pub async fn claim_name(connection: &zbus::Connection, name: &str) -> Result<(), ServiceError> {
+///
+/// `object_path` is an object the service serves. zbus starts its object
+/// server lazily on a connection it did not build, and a call that arrives
+/// before that task listens is dropped; so first the service calls itself
+/// (Peer.Ping on `object_path`) until the object server answers.
+pub async fn claim_name(
+    connection: &zbus::Connection,
+    name: &str,
+    object_path: &str,
+) -> Result<(), ServiceError> {
+    wait_for_object_server(connection, object_path).await?;
     let well_known = WellKnownName::try_from(name).map_err(zbus::Error::from)?;
     let reply = zbus::fdo::DBusProxy::new(connection)
         .await?
@@ -90,6 +100,31 @@ pub async fn claim_name(connection: &zbus::Connection, name: &str) -> Result<(),
         }
         _ => Err(ServiceError::NameTaken(name.to_string())),
     }
+}
+
+async fn wait_for_object_server(
+    connection: &zbus::Connection,
+    object_path: &str,
+) -> Result<(), ServiceError> {
+    let me = connection
+        .unique_name()
+        .ok_or_else(|| ServiceError::Other("the bus gave this connection no name".into()))?
+        .to_owned();
+    for _ in 0..100 {
+        let ping = connection.call_method(
+            Some(me.as_ref()),
+            object_path,
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        );
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), ping).await {
+            return Ok(());
+        }
+    }
+    Err(ServiceError::Other(format!(
+        "the object server never answered on {object_path}"
+    )))
 }
 
 /// The whole of a service binary's `main`: arguments, logging, config, the

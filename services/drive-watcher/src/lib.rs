@@ -42,7 +42,10 @@ impl DriveWatcherInterface {
     async fn rescan(&self) -> Result<u32, FerryError> {
         let (reply, answer) = oneshot::channel();
         let unavailable = || FerryError::Failed("the drive watcher is shutting down".into());
-        self.commands.send(Command::Rescan(reply)).await.map_err(|_| unavailable())?;
+        self.commands
+            .send(Command::Rescan(reply))
+            .await
+            .map_err(|_| unavailable())?;
         answer.await.map_err(|_| unavailable())
     }
 
@@ -54,33 +57,58 @@ impl DriveWatcherInterface {
 
     /// An enrolled drive appeared.
     #[zbus(signal)]
-    async fn drive_attached(emitter: &SignalEmitter<'_>, drive: &str, device: &str, uuid: &str) -> zbus::Result<()>;
+    async fn drive_attached(
+        emitter: &SignalEmitter<'_>,
+        drive: &str,
+        device: &str,
+        uuid: &str,
+    ) -> zbus::Result<()>;
 
     /// An enrolled drive went away.
     #[zbus(signal)]
-    async fn drive_detached(emitter: &SignalEmitter<'_>, drive: &str, uuid: &str) -> zbus::Result<()>;
+    async fn drive_detached(
+        emitter: &SignalEmitter<'_>,
+        drive: &str,
+        uuid: &str,
+    ) -> zbus::Result<()>;
 }
 
 /// Runs the drive watcher on `connection` until `shutdown` resolves.
-pub async fn run(connection: zbus::Connection, config: Arc<Config>, shutdown: Shutdown) -> Result<(), ServiceError> {
+pub async fn run(
+    connection: zbus::Connection,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+) -> Result<(), ServiceError> {
     let (commands, mut requests) = mpsc::channel(8);
     let mut tracker = Tracker::new(&config);
     // Monitor first, then enumerate: nothing falls between the two.
-    let monitor = open_monitor().map_err(|e| ServiceError::Other(format!("cannot listen to udev: {e}")))?;
+    let monitor =
+        open_monitor().map_err(|e| ServiceError::Other(format!("cannot listen to udev: {e}")))?;
     let interest = tokio::io::Interest::READABLE;
     // SAFETY: the monitor socket owns its descriptor; it stays open and the
     // same for as long as the AsyncFd owns the monitor.
-    let monitor = unsafe { AsyncFd::register_with_interest(monitor, interest) }
+    let mut monitor = unsafe { AsyncFd::register_with_interest(monitor, interest) }
         .map_err(|e| ServiceError::Other(format!("cannot watch the udev socket: {e}")))?;
 
     let drives = Arc::new(Mutex::new(tracker.snapshot()));
-    let interface = DriveWatcherInterface { commands, drives: drives.clone() };
-    connection.object_server().at(drive_watcher::OBJECT_PATH, interface).await?;
+    let interface = DriveWatcherInterface {
+        commands,
+        drives: drives.clone(),
+    };
+    connection
+        .object_server()
+        .at(drive_watcher::OBJECT_PATH, interface)
+        .await?;
     let object = connection
         .object_server()
         .interface::<_, DriveWatcherInterface>(drive_watcher::OBJECT_PATH)
         .await?;
-    claim_name(&connection, drive_watcher::BUS_NAME).await?;
+    claim_name(
+        &connection,
+        drive_watcher::BUS_NAME,
+        drive_watcher::OBJECT_PATH,
+    )
+    .await?;
     if config.drives.is_empty() {
         tracing::warn!("no drives are enrolled in the configuration; nothing will be announced");
     }
@@ -92,13 +120,14 @@ pub async fn run(connection: zbus::Connection, config: Arc<Config>, shutdown: Sh
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            ready = monitor.readable() => {
+            ready = monitor.readable_mut() => {
                 let mut guard = match ready {
                     Ok(guard) => guard,
                     Err(e) => return Err(ServiceError::Other(format!("udev socket failed: {e}"))),
                 };
                 let mut changes = Vec::new();
                 for event in guard.get_inner().iter() {
+                    tracing::debug!("udev {:?} {:?}", event.event_type(), event.syspath());
                     changes.extend(tracker.observe(observation(&event, event.event_type() == udev::EventType::Remove), unix_now()));
                 }
                 guard.clear_ready();
@@ -115,7 +144,9 @@ pub async fn run(connection: zbus::Connection, config: Arc<Config>, shutdown: Sh
 }
 
 fn open_monitor() -> std::io::Result<udev::MonitorSocket> {
-    udev::MonitorBuilder::new()?.match_subsystem("block")?.listen()
+    udev::MonitorBuilder::new()?
+        .match_subsystem("block")?
+        .listen()
 }
 
 /// Every block device udev knows now. A failed enumeration is logged and
@@ -125,7 +156,10 @@ fn enumerate() -> Vec<Observation> {
     let scan = || -> std::io::Result<Vec<Observation>> {
         let mut enumerator = udev::Enumerator::new()?;
         enumerator.match_subsystem("block")?;
-        Ok(enumerator.scan_devices()?.map(|d| observation(&d, false)).collect())
+        Ok(enumerator
+            .scan_devices()?
+            .map(|d| observation(&d, false))
+            .collect())
     };
     scan().unwrap_or_else(|e| {
         tracing::error!("cannot enumerate block devices: {e}");
@@ -138,8 +172,14 @@ fn enumerate() -> Vec<Observation> {
 fn observation(device: &udev::Device, removed: bool) -> Observation {
     Observation {
         syspath: device.syspath().to_string_lossy().into_owned(),
-        device: device.devnode().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
-        uuid: device.property_value("ID_FS_UUID").and_then(|v| v.to_str()).map(str::to_string),
+        device: device
+            .devnode()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        uuid: device
+            .property_value("ID_FS_UUID")
+            .and_then(|v| v.to_str())
+            .map(str::to_string),
         removed,
     }
 }
@@ -164,7 +204,11 @@ async fn publish(
     }
     for change in changes {
         let sent = match &change {
-            Change::Attached { drive, device, uuid } => {
+            Change::Attached {
+                drive,
+                device,
+                uuid,
+            } => {
                 tracing::info!("{drive} attached as {device:?} (UUID {uuid})");
                 DriveWatcherInterface::drive_attached(emitter, drive, device, uuid).await
             }

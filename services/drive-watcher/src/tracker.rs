@@ -29,7 +29,11 @@ pub struct Observation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// DriveAttached(drive, device, uuid).
-    Attached { drive: String, device: String, uuid: String },
+    Attached {
+        drive: String,
+        device: String,
+        uuid: String,
+    },
     /// DriveDetached(drive, uuid).
     Detached { drive: String, uuid: String },
 }
@@ -53,31 +57,52 @@ pub struct Tracker {
 impl Tracker {
     /// Tracks the drives enrolled in `config`.
     pub fn new(config: &Config) -> Tracker {
-        let enrolled = config.drives.iter().map(|(name, d)| (name.clone(), d.uuid.to_string())).collect();
-        Tracker { enrolled, present: BTreeMap::new() }
+        let enrolled = config
+            .drives
+            .iter()
+            .map(|(name, d)| (name.clone(), d.uuid.to_string()))
+            .collect();
+        Tracker {
+            enrolled,
+            present: BTreeMap::new(),
+        }
     }
 
     fn enrolled_drive(&self, uuid: &str) -> Option<&Name> {
-        self.enrolled.iter().find(|(_, u)| u.eq_ignore_ascii_case(uuid)).map(|(n, _)| n)
+        self.enrolled
+            .iter()
+            .find(|(_, u)| u.eq_ignore_ascii_case(uuid))
+            .map(|(n, _)| n)
     }
 
     fn holder_of(&self, drive: &str) -> Option<&str> {
-        self.present.iter().find(|(_, p)| p.drive == drive).map(|(s, _)| s.as_str())
+        self.present
+            .iter()
+            .find(|(_, p)| p.drive == drive)
+            .map(|(s, _)| s.as_str())
     }
 
     /// Applies one udev event; returns what to announce.
     pub fn observe(&mut self, observation: Observation, now: u64) -> Vec<Change> {
         let mut changes = Vec::new();
         let matched = match (&observation.uuid, observation.removed) {
-            (Some(uuid), false) => self.enrolled_drive(uuid).map(|n| (n.to_string(), uuid.clone())),
+            (Some(uuid), false) => self
+                .enrolled_drive(uuid)
+                .map(|n| (n.to_string(), uuid.clone())),
             _ => None,
         };
         if let Some(previous) = self.present.get(&observation.syspath) {
-            if matched.as_ref().is_some_and(|(drive, _)| *drive == previous.drive) {
+            if matched
+                .as_ref()
+                .is_some_and(|(drive, _)| *drive == previous.drive)
+            {
                 return changes; // a repeated change event for a known drive
             }
             if let Some(gone) = self.present.remove(&observation.syspath) {
-                changes.push(Change::Detached { drive: gone.drive, uuid: gone.uuid });
+                changes.push(Change::Detached {
+                    drive: gone.drive,
+                    uuid: gone.uuid,
+                });
             }
         }
         if let Some((drive, uuid)) = matched {
@@ -88,8 +113,20 @@ impl Tracker {
                 );
                 return changes;
             }
-            changes.push(Change::Attached { drive: drive.clone(), device: observation.device.clone(), uuid: uuid.clone() });
-            self.present.insert(observation.syspath, Present { drive, uuid, device: observation.device, since: now });
+            changes.push(Change::Attached {
+                drive: drive.clone(),
+                device: observation.device.clone(),
+                uuid: uuid.clone(),
+            });
+            self.present.insert(
+                observation.syspath,
+                Present {
+                    drive,
+                    uuid,
+                    device: observation.device,
+                    since: now,
+                },
+            );
         }
         changes
     }
@@ -104,10 +141,18 @@ impl Tracker {
             .filter(|o| self.matches_as_before(o))
             .map(|o| o.syspath.clone())
             .collect();
-        let gone: Vec<String> = self.present.keys().filter(|s| !still_there.contains(s)).cloned().collect();
+        let gone: Vec<String> = self
+            .present
+            .keys()
+            .filter(|s| !still_there.contains(s))
+            .cloned()
+            .collect();
         for syspath in gone {
             if let Some(p) = self.present.remove(&syspath) {
-                changes.push(Change::Detached { drive: p.drive, uuid: p.uuid });
+                changes.push(Change::Detached {
+                    drive: p.drive,
+                    uuid: p.uuid,
+                });
             }
         }
         for device in devices {
@@ -125,7 +170,11 @@ impl Tracker {
             .collect();
         for p in self.present.values() {
             if !announced.contains(&p.drive) {
-                changes.push(Change::Attached { drive: p.drive.clone(), device: p.device.clone(), uuid: p.uuid.clone() });
+                changes.push(Change::Attached {
+                    drive: p.drive.clone(),
+                    device: p.device.clone(),
+                    uuid: p.uuid.clone(),
+                });
             }
         }
         changes
@@ -135,7 +184,12 @@ impl Tracker {
         let Some(present) = self.present.get(&observation.syspath) else {
             return false;
         };
-        !observation.removed && observation.uuid.as_deref().and_then(|u| self.enrolled_drive(u)).is_some_and(|n| n.as_str() == present.drive)
+        !observation.removed
+            && observation
+                .uuid
+                .as_deref()
+                .and_then(|u| self.enrolled_drive(u))
+                .is_some_and(|n| n.as_str() == present.drive)
     }
 
     /// How many enrolled drives are present.
@@ -151,7 +205,9 @@ impl Tracker {
                 let present = self.present.values().find(|p| p.drive == name.as_str());
                 WatchedDrive {
                     name: name.to_string(),
-                    uuid: present.map(|p| p.uuid.clone()).unwrap_or_else(|| uuid.clone()),
+                    uuid: present
+                        .map(|p| p.uuid.clone())
+                        .unwrap_or_else(|| uuid.clone()),
                     attached: present.is_some(),
                     device: present.map(|p| p.device.clone()).unwrap_or_default(),
                     since: present.map(|p| p.since).unwrap_or(0),
@@ -170,29 +226,61 @@ mod tests {
     const B: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
     fn tracker() -> Tracker {
-        let text = format!("[drives.offsite-a]\nuuid = \"{A}\"\n[drives.offsite-b]\nuuid = \"{B}\"\n");
+        let text =
+            format!("[drives.offsite-a]\nuuid = \"{A}\"\n[drives.offsite-b]\nuuid = \"{B}\"\n");
         Tracker::new(&Config::parse(&text, Path::new("t")).expect("config"))
     }
 
     fn seen(syspath: &str, device: &str, uuid: Option<&str>) -> Observation {
-        Observation { syspath: syspath.into(), device: device.into(), uuid: uuid.map(str::to_string), removed: false }
+        Observation {
+            syspath: syspath.into(),
+            device: device.into(),
+            uuid: uuid.map(str::to_string),
+            removed: false,
+        }
     }
 
     fn attached(drive: &str, device: &str, uuid: &str) -> Change {
-        Change::Attached { drive: drive.into(), device: device.into(), uuid: uuid.into() }
+        Change::Attached {
+            drive: drive.into(),
+            device: device.into(),
+            uuid: uuid.into(),
+        }
     }
 
     fn detached(drive: &str, uuid: &str) -> Change {
-        Change::Detached { drive: drive.into(), uuid: uuid.into() }
+        Change::Detached {
+            drive: drive.into(),
+            uuid: uuid.into(),
+        }
     }
 
     #[test]
     fn enrolled_uuid_attaches_once_and_detaches_when_the_uuid_goes() {
         let mut t = tracker();
-        assert_eq!(t.observe(seen("/sys/loop0", "/dev/loop0", Some(A)), 5), vec![attached("offsite-a", "/dev/loop0", A)]);
-        assert_eq!(t.observe(seen("/sys/loop0", "/dev/loop0", Some(A)), 6), vec![], "repeated change event");
-        assert_eq!(t.snapshot()[0], WatchedDrive { name: "offsite-a".into(), uuid: A.into(), attached: true, device: "/dev/loop0".into(), since: 5 });
-        assert_eq!(t.observe(seen("/sys/loop0", "/dev/loop0", None), 7), vec![detached("offsite-a", A)]);
+        assert_eq!(
+            t.observe(seen("/sys/loop0", "/dev/loop0", Some(A)), 5),
+            vec![attached("offsite-a", "/dev/loop0", A)]
+        );
+        assert_eq!(
+            t.observe(seen("/sys/loop0", "/dev/loop0", Some(A)), 6),
+            vec![],
+            "repeated change event"
+        );
+        assert_eq!(
+            t.snapshot()[0],
+            WatchedDrive {
+                name: "offsite-a".into(),
+                uuid: A.into(),
+                attached: true,
+                device: "/dev/loop0".into(),
+                since: 5
+            }
+        );
+        assert_eq!(
+            t.observe(seen("/sys/loop0", "/dev/loop0", None), 7),
+            vec![detached("offsite-a", A)]
+        );
         assert_eq!(t.observe(seen("/sys/loop0", "/dev/loop0", None), 8), vec![]);
         assert!(!t.snapshot()[0].attached);
     }
@@ -201,14 +289,23 @@ mod tests {
     fn uuid_case_is_ignored_and_reported_as_udev_gave_it() {
         let mut t = tracker();
         let upper = A.to_uppercase();
-        assert_eq!(t.observe(seen("/sys/sdb1", "/dev/sdb1", Some(&upper)), 1), vec![attached("offsite-a", "/dev/sdb1", &upper)]);
+        assert_eq!(
+            t.observe(seen("/sys/sdb1", "/dev/sdb1", Some(&upper)), 1),
+            vec![attached("offsite-a", "/dev/sdb1", &upper)]
+        );
     }
 
     #[test]
     fn unknown_and_hostile_devices_produce_nothing() {
         let mut t = tracker();
         let long = "f".repeat(1 << 16);
-        for uuid in [Some("99999999-0000-0000-0000-000000000000"), None, Some(""), Some(long.as_str()), Some("\u{0}\n' ; rm -rf /")] {
+        for uuid in [
+            Some("99999999-0000-0000-0000-000000000000"),
+            None,
+            Some(""),
+            Some(long.as_str()),
+            Some("\u{0}\n' ; rm -rf /"),
+        ] {
             assert_eq!(t.observe(seen("/sys/sdc1", "/dev/sdc1", uuid), 1), vec![]);
         }
         assert_eq!(t.present_count(), 0);
@@ -227,7 +324,10 @@ mod tests {
     fn a_second_device_with_the_same_uuid_is_ignored() {
         let mut t = tracker();
         t.observe(seen("/sys/sdb1", "/dev/sdb1", Some(A)), 1);
-        assert_eq!(t.observe(seen("/sys/sdc1", "/dev/sdc1", Some(A)), 2), vec![]);
+        assert_eq!(
+            t.observe(seen("/sys/sdc1", "/dev/sdc1", Some(A)), 2),
+            vec![]
+        );
         assert_eq!(t.snapshot()[0].device, "/dev/sdb1");
     }
 
@@ -237,7 +337,10 @@ mod tests {
         t.observe(seen("/sys/loop0", "/dev/loop0", Some(A)), 1);
         assert_eq!(
             t.observe(seen("/sys/loop0", "/dev/loop0", Some(B)), 2),
-            vec![detached("offsite-a", A), attached("offsite-b", "/dev/loop0", B)]
+            vec![
+                detached("offsite-a", A),
+                attached("offsite-b", "/dev/loop0", B)
+            ]
         );
     }
 
@@ -246,11 +349,35 @@ mod tests {
         let mut t = tracker();
         t.observe(seen("/sys/loop0", "/dev/loop0", Some(A)), 1);
         t.observe(seen("/sys/loop1", "/dev/loop1", Some(B)), 1);
-        let changes = t.rescan(vec![seen("/sys/loop0", "/dev/loop0", Some(A)), seen("/sys/loop2", "/dev/loop2", None)], 3);
-        assert_eq!(changes, vec![detached("offsite-b", B), attached("offsite-a", "/dev/loop0", A)]);
+        let changes = t.rescan(
+            vec![
+                seen("/sys/loop0", "/dev/loop0", Some(A)),
+                seen("/sys/loop2", "/dev/loop2", None),
+            ],
+            3,
+        );
+        assert_eq!(
+            changes,
+            vec![
+                detached("offsite-b", B),
+                attached("offsite-a", "/dev/loop0", A)
+            ]
+        );
         assert_eq!(t.present_count(), 1);
         // A drive found only by the rescan is announced once.
-        let changes = t.rescan(vec![seen("/sys/loop0", "/dev/loop0", Some(A)), seen("/sys/loop3", "/dev/loop3", Some(B))], 4);
-        assert_eq!(changes, vec![attached("offsite-b", "/dev/loop3", B), attached("offsite-a", "/dev/loop0", A)]);
+        let changes = t.rescan(
+            vec![
+                seen("/sys/loop0", "/dev/loop0", Some(A)),
+                seen("/sys/loop3", "/dev/loop3", Some(B)),
+            ],
+            4,
+        );
+        assert_eq!(
+            changes,
+            vec![
+                attached("offsite-b", "/dev/loop3", B),
+                attached("offsite-a", "/dev/loop0", A)
+            ]
+        );
     }
 }

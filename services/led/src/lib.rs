@@ -273,7 +273,7 @@ pub async fn run(
         ],
     )
     .await?;
-    let hotplug = match &output {
+    let mut hotplug = match &output {
         Output::BlinkStick(_) => hidraw_monitor(),
         _ => None,
     };
@@ -291,7 +291,7 @@ pub async fn run(
         lamp.indicator.apply(event);
     }
     lamp.refresh().await;
-    claim_name(&connection, led::BUS_NAME).await?;
+    claim_name(&connection, led::BUS_NAME, led::OBJECT_PATH).await?;
 
     tokio::pin!(shutdown);
     loop {
@@ -318,7 +318,7 @@ pub async fn run(
                 }
             },
             _ = sleep_until(test_due), if test_due.is_some() => lamp.test_step().await,
-            added = hidraw_added(hotplug.as_ref()), if hotplug.is_some() => {
+            added = hidraw_added(hotplug.as_mut()), if hotplug.is_some() => {
                 if added {
                     tracing::info!("a hidraw device appeared; writing the LED again");
                     if let Some((color, label)) = lamp.shown.clone() {
@@ -363,11 +363,11 @@ fn hidraw_monitor() -> Option<AsyncFd<udev::MonitorSocket>> {
 }
 
 /// Waits for hidraw events; true when a device was added.
-async fn hidraw_added(monitor: Option<&AsyncFd<udev::MonitorSocket>>) -> bool {
+async fn hidraw_added(monitor: Option<&mut AsyncFd<udev::MonitorSocket>>) -> bool {
     let Some(monitor) = monitor else {
         return std::future::pending().await;
     };
-    match monitor.readable().await {
+    match monitor.readable_mut().await {
         Ok(mut guard) => {
             let added = guard
                 .get_inner()

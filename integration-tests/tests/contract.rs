@@ -1,0 +1,36 @@
+//! Each running service's introspection matches its XML in interfaces/.
+//! Add a service here as soon as its binary exists.
+
+mod common;
+
+use common::*;
+use ferry_integration_tests::introspection::assert_matches_contract;
+use ferry_integration_tests::{random_uuid, TestBus};
+use ferry_interfaces::{drive_watcher, led};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn running_services_match_their_xml() {
+    let bus = TestBus::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{}{}",
+            drive_section("offsite-a", &random_uuid()),
+            led_file_section(&dir.path().join("led"))
+        ),
+    );
+    let config = config.to_string_lossy().into_owned();
+    let conn = bus.connect().await;
+    let services = [
+        ("ferry-drive-watcher", drive_watcher::INTERFACE),
+        ("ferry-led", led::INTERFACE),
+    ];
+    let mut running = Vec::new();
+    for (binary, interface) in services {
+        let process = bus.spawn(binary, &["--config", &config], &[]);
+        process.wait_for_name(&conn, interface, WAIT).await;
+        assert_matches_contract(&conn, interface).await;
+        running.push(process);
+    }
+}
