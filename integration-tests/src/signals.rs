@@ -93,6 +93,16 @@ impl SignalRecorder {
         }
     }
 
+    /// A receiver that wakes on every new record (for printing them live).
+    pub fn watch(&self) -> watch::Receiver<Vec<Recorded>> {
+        self.log.subscribe()
+    }
+
+    /// When recording started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Everything recorded so far, oldest first.
     pub fn all(&self) -> Vec<Recorded> {
         self.log.borrow().clone()

@@ -207,7 +207,7 @@ mod tests {
         i.apply(DriveAttached("b".into()));
         i.apply(DriveClosed("b".into()));
         assert_eq!(i.state(), LedState::Done);
-        let mut i = run(vec![
+        let i = run(vec![
             BackupFailed("1".into(), "x".into()),
             BackupStarted("2".into()),
             BackupFinished("2".into()),
