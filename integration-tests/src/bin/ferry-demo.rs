@@ -8,14 +8,19 @@
 use std::time::{Duration, Instant};
 
 use ferry_integration_tests::{
-    have_loop_devices, have_root, have_udevd, random_uuid, LoopImage, Recorded, SignalRecorder, TestBus,
+    have_loop_devices, have_root, have_udevd, random_uuid, LoopImage, Recorded, SignalRecorder,
+    TestBus,
 };
 use ferry_interfaces::{drive_watcher, led};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("ferry-demo: cannot start the async runtime: {e}");
@@ -52,13 +57,21 @@ async fn demo() -> std::process::ExitCode {
         eprintln!("cannot write {}: {e}", config.display());
         return std::process::ExitCode::FAILURE;
     }
-    println!("private bus: {}\nconfiguration ({}):\n{}", bus.address(), config.display(), indent(&text));
+    println!(
+        "private bus: {}\nconfiguration ({}):\n{}",
+        bus.address(),
+        config.display(),
+        indent(&text)
+    );
 
     let conn = bus.connect().await;
     let signals = SignalRecorder::new(&conn).await;
     let printer = tokio::spawn(print_live(signals.watch(), signals.started()));
     let config_arg = config.to_string_lossy().into_owned();
-    let services = [("ferry-drive-watcher", drive_watcher::BUS_NAME), ("ferry-led", led::BUS_NAME)];
+    let services = [
+        ("ferry-drive-watcher", drive_watcher::BUS_NAME),
+        ("ferry-led", led::BUS_NAME),
+    ];
     let mut running = Vec::new();
     for (binary, name) in services {
         let process = bus.spawn(binary, &["--config", &config_arg], &[("RUST_LOG", "info")]);
@@ -71,22 +84,41 @@ async fn demo() -> std::process::ExitCode {
     let mut drive = LoopImage::ext4(&work, 32, &uuid, "demo-offsite");
     let device = drive.attach();
     println!("attached {} as {device}", drive.path().display());
-    signals.wait_for("DriveAttached", |s| s.args[0] == "demo-offsite", WAIT).await;
-    signals.wait_for("ColorChanged", |s| s.args[1] == "working", WAIT).await;
+    signals
+        .wait_for("DriveAttached", |s| s.args[0] == "demo-offsite", WAIT)
+        .await;
+    signals
+        .wait_for("ColorChanged", |s| s.args[1] == "working", WAIT)
+        .await;
 
     println!("\n--- unplugging it ---");
     drive.detach();
-    signals.wait_for("DriveDetached", |s| s.args[0] == "demo-offsite", WAIT).await;
-    signals.wait_for("ColorChanged", |s| s.args[1] == "idle", WAIT).await;
+    signals
+        .wait_for("DriveDetached", |s| s.args[0] == "demo-offsite", WAIT)
+        .await;
+    signals
+        .wait_for("ColorChanged", |s| s.args[1] == "idle", WAIT)
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     printer.abort();
 
-    let ferry_signals: Vec<Recorded> = signals.all().into_iter().filter(|s| s.interface.starts_with("org.ferry.")).collect();
+    let ferry_signals: Vec<Recorded> = signals
+        .all()
+        .into_iter()
+        .filter(|s| s.interface.starts_with("org.ferry."))
+        .collect();
     let led_colours = std::fs::read_to_string(&led_file).unwrap_or_default();
     println!("\n--- summary ---");
     println!("ferry signals seen: {}", ferry_signals.len());
-    println!("LED colours written (file backend):\n{}", indent(&led_colours));
-    println!("took {:.1} s; the bus, the services, the loop device and {} are removed now", started.elapsed().as_secs_f64(), work.display());
+    println!(
+        "LED colours written (file backend):\n{}",
+        indent(&led_colours)
+    );
+    println!(
+        "took {:.1} s; the bus, the services, the loop device and {} are removed now",
+        started.elapsed().as_secs_f64(),
+        work.display()
+    );
     drop(drive);
     drop(running);
     drop(bus);
@@ -98,9 +130,18 @@ async fn print_live(mut records: tokio::sync::watch::Receiver<Vec<Recorded>>, st
     let mut printed = 0;
     while records.changed().await.is_ok() {
         let all = records.borrow_and_update().clone();
-        for record in all.iter().skip(printed).filter(|r| r.interface.starts_with("org.ferry.")) {
+        for record in all
+            .iter()
+            .skip(printed)
+            .filter(|r| r.interface.starts_with("org.ferry."))
+        {
             let short = record.interface.trim_start_matches("org.ferry.");
-            println!("  {:>7.3}s  {short}.{}({})", record.at.duration_since(started).as_secs_f64(), record.member, record.args.join(", "));
+            println!(
+                "  {:>7.3}s  {short}.{}({})",
+                record.at.duration_since(started).as_secs_f64(),
+                record.member,
+                record.args.join(", ")
+            );
         }
         printed = all.len();
     }
