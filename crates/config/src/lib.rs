@@ -6,8 +6,12 @@
 //! key and the reason. Keys are kebab-case. Every service reads the same
 //! schema, so a file one service accepts is accepted by all of them.
 
+mod borg;
+mod crypt;
 mod error;
 mod locate;
+mod notify;
+mod sync;
 mod values;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,16 +19,24 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use borg::{BorgSettings, Profile};
+pub use crypt::CryptSettings;
 pub use error::ConfigError;
+pub use notify::{Mail, NotifySettings};
+pub use sync::SyncSettings;
 pub use values::{AbsolutePath, Color, FsUuid, Name};
 
 /// Where the services look for their configuration unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/ferry/ferry.toml";
 
 /// The whole of ferry.toml.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
+    /// Where services keep state that outlives them (ledgers, last
+    /// results, the mail outbox). Default /var/lib/ferry.
+    #[serde(default = "default_state_directory")]
+    pub state_directory: AbsolutePath,
     /// Enrolled drives, by name.
     #[serde(default)]
     pub drives: BTreeMap<Name, Drive>,
@@ -34,6 +46,44 @@ pub struct Config {
     /// The status LED.
     #[serde(default)]
     pub led: Led,
+    /// The crypt/mount manager.
+    #[serde(default)]
+    pub crypt: CryptSettings,
+    /// The sync worker.
+    #[serde(default)]
+    pub sync: SyncSettings,
+    /// The borg runner's shared settings.
+    #[serde(default)]
+    pub borg: BorgSettings,
+    /// Backup profiles, by name.
+    #[serde(default)]
+    pub profiles: BTreeMap<Name, Profile>,
+    /// How mail is sent; without it nothing is mailed.
+    pub mail: Option<Mail>,
+    /// What is mailed and when.
+    #[serde(default)]
+    pub notify: NotifySettings,
+}
+
+fn default_state_directory() -> AbsolutePath {
+    AbsolutePath::from_static("/var/lib/ferry")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_directory: default_state_directory(),
+            drives: BTreeMap::new(),
+            repositories: BTreeMap::new(),
+            led: Led::default(),
+            crypt: CryptSettings::default(),
+            sync: SyncSettings::default(),
+            borg: BorgSettings::default(),
+            profiles: BTreeMap::new(),
+            mail: None,
+            notify: NotifySettings::default(),
+        }
+    }
 }
 
 /// `[drives.<name>]`: an external drive enrolled with ferry.
@@ -54,6 +104,9 @@ pub struct Drive {
     /// Open (unlock and mount) the drive as soon as it is plugged in.
     #[serde(default = "yes")]
     pub open_on_attach: bool,
+    /// Power the drive off (spin down, detach from USB) after it is closed.
+    #[serde(default)]
+    pub power_off: bool,
 }
 
 /// `[repositories.<name>]`: a local borg repository.
@@ -262,6 +315,9 @@ impl Config {
                 "a BlinkStick Pro has channels 0, 1 and 2".into(),
             ));
         }
-        Ok(())
+        crypt::check(self)?;
+        sync::check(self)?;
+        borg::check(self)?;
+        notify::check(self)
     }
 }

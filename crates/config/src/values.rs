@@ -127,6 +127,14 @@ impl TryFrom<PathBuf> for AbsolutePath {
     }
 }
 
+impl AbsolutePath {
+    /// A default path written in the code; it must be absolute.
+    pub(crate) fn from_static(path: &'static str) -> AbsolutePath {
+        debug_assert!(path.starts_with('/'));
+        AbsolutePath(PathBuf::from(path))
+    }
+}
+
 impl Deref for AbsolutePath {
     type Target = Path;
     fn deref(&self) -> &Path {

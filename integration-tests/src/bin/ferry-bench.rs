@@ -37,9 +37,11 @@ fn options() -> Result<Options, String> {
         match arg.as_str() {
             "--attaches" => options.attaches = value("--attaches")? as usize,
             "--idle-seconds" => options.idle_seconds = value("--idle-seconds")?,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown argument {other}; usage: ferry-bench [--attaches N] [--idle-seconds S]"
-            )),
+            ))
+            }
         }
     }
     Ok(options)
