@@ -7,6 +7,7 @@
 //! shutdown future, or run the binary; both paths go through this crate.
 
 mod args;
+pub mod caller;
 pub mod durable;
 mod logging;
 pub mod notify;

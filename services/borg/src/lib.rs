@@ -1,0 +1,1 @@
+//! ferry-borg (to be written)

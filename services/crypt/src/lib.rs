@@ -1,0 +1,1 @@
+//! ferry-crypt (to be written)

@@ -1,0 +1,1 @@
+//! ferry-notifier (to be written)
