@@ -36,7 +36,37 @@ pub struct TestBus {
     spawned: AtomicUsize,
 }
 
-fn config_xml(socket: &Path) -> String {
+/// Anyone may do anything: for tests of behaviour, not of policy.
+const PERMISSIVE_POLICY: &str = r#"  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow receive_sender="*"/>
+    <allow eavesdrop="true"/>
+  </policy>"#;
+
+/// The default policy of Debian's system bus (/usr/share/dbus-1/system.conf):
+/// deny owning names and calling methods unless a policy file allows it.
+const SYSTEM_POLICY: &str = r#"  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Debug.Stats"/>
+  </policy>"#;
+
+fn config_xml(socket: &Path, policy: &str) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -44,13 +74,7 @@ fn config_xml(socket: &Path) -> String {
   <type>system</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow receive_sender="*"/>
-    <allow eavesdrop="true"/>
-  </policy>
+{policy}
 </busconfig>
 "#,
         socket.display()
@@ -61,12 +85,38 @@ impl TestBus {
     /// Start the daemon; returns once it accepts connections. Panics if
     /// `dbus-daemon` is missing or does not come up within 10 s.
     pub fn start() -> TestBus {
+        TestBus::start_with_policy(PERMISSIVE_POLICY.to_string(), false)
+    }
+
+    /// The permissive bus of [`TestBus::start`], reachable by unprivileged
+    /// users too: for testing the checks services make themselves.
+    pub fn start_open_to_everyone() -> TestBus {
+        TestBus::start_with_policy(PERMISSIVE_POLICY.to_string(), true)
+    }
+
+    /// A bus configured like the system bus (deny by default, as Debian's
+    /// system.conf) that includes the policy file `policy_file`, reachable by
+    /// unprivileged users too: for testing ferry's own policy file.
+    pub fn start_system_like(policy_file: &Path) -> TestBus {
+        let policy = format!(
+            "{SYSTEM_POLICY}\n  <include>{}</include>",
+            policy_file.display()
+        );
+        TestBus::start_with_policy(policy, true)
+    }
+
+    fn start_with_policy(policy: String, open_to_everyone: bool) -> TestBus {
         let dir = tempfile::Builder::new()
             .prefix("ferry-test-")
             .tempdir()
             .expect("create a temp dir for the test bus");
+        if open_to_everyone {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+                .expect("open the bus dir");
+        }
         let config = dir.path().join("bus.conf");
-        fs::write(&config, config_xml(&dir.path().join("bus"))).expect("write bus.conf");
+        fs::write(&config, config_xml(&dir.path().join("bus"), &policy)).expect("write bus.conf");
         let log_path = dir.path().join("dbus-daemon.log");
         let log = fs::File::create(&log_path).expect("create dbus-daemon.log");
         let mut daemon =

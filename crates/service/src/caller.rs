@@ -9,7 +9,8 @@ use zbus::message::Header;
 /// The group whose members may trigger and change things besides root.
 pub const FERRY_GROUP: &str = "ferry";
 
-/// Allows the call when the sender is root or in the `ferry` group.
+/// Allows the call when the sender is root or in the `ferry` group (its
+/// primary or a supplementary group, as the bus saw it when it connected).
 pub async fn authorize(
     connection: &zbus::Connection,
     header: &Header<'_>,
@@ -25,56 +26,75 @@ pub async fn authorize(
     let dbus = zbus::fdo::DBusProxy::new(connection)
         .await
         .map_err(|_| denied("the bus cannot be asked who the caller is"))?;
-    let uid = dbus
-        .get_connection_unix_user(sender.clone().into())
+    let credentials = dbus
+        .get_connection_credentials(sender.clone().into())
         .await
-        .map_err(|_| denied("the caller's user cannot be determined"))?;
-    if uid == 0 || in_ferry_group(uid) {
+        .map_err(|_| denied("the caller's credentials cannot be determined"))?;
+    let uid = credentials
+        .unix_user_id()
+        .ok_or_else(|| denied("the bus does not know the caller's user"))?;
+    if uid == 0 {
+        return Ok(());
+    }
+    let Some(ferry_gid) = group_id(FERRY_GROUP) else {
+        return Err(denied(&format!(
+            "user {uid} is not root and there is no `{FERRY_GROUP}` group"
+        )));
+    };
+    let in_group = match credentials.unix_group_ids() {
+        Some(groups) => groups.contains(&ferry_gid),
+        None => listed_member(uid, ferry_gid),
+    };
+    if in_group {
         Ok(())
     } else {
-        Err(denied(&format!("user {uid} is not allowed")))
+        Err(denied(&format!(
+            "user {uid} is not in the `{FERRY_GROUP}` group"
+        )))
     }
 }
 
-/// Whether `uid` is a member of the ferry group (primary or supplementary).
-fn in_ferry_group(uid: u32) -> bool {
-    let Ok(groups) = std::fs::read_to_string("/etc/group") else {
-        return false;
-    };
-    let Some(line) = groups
-        .lines()
-        .find(|l| l.split(':').next() == Some(FERRY_GROUP))
-    else {
-        return false;
-    };
-    let fields: Vec<&str> = line.split(':').collect();
-    let gid = fields.get(2).and_then(|g| g.parse::<u32>().ok());
-    let members: Vec<&str> = fields
-        .get(3)
-        .map(|m| m.split(',').collect())
-        .unwrap_or_default();
-    let Some(user) = user_of(uid) else {
-        return false;
-    };
-    members.contains(&user.name.as_str()) || Some(user.gid) == gid
+/// The gid of a group in /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name)
+            .then(|| fields.nth(1)?.parse().ok())
+            .flatten()
+    })
 }
 
-struct User {
-    name: String,
-    gid: u32,
-}
-
-fn user_of(uid: u32) -> Option<User> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
+/// For a bus that does not report group ids: whether /etc/passwd and
+/// /etc/group make `uid` a member of `gid`.
+fn listed_member(uid: u32, gid: u32) -> bool {
+    let Ok(passwd) = std::fs::read_to_string("/etc/passwd") else {
+        return false;
+    };
+    let Some((name, primary)) = passwd.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
         (fields.get(2)?.parse::<u32>().ok()? == uid)
             .then(|| {
-                Some(User {
-                    name: fields.first()?.to_string(),
-                    gid: fields.get(3)?.parse().ok()?,
-                })
+                Some((
+                    fields.first()?.to_string(),
+                    fields.get(3)?.parse::<u32>().ok()?,
+                ))
             })
             .flatten()
+    }) else {
+        return false;
+    };
+    if primary == gid {
+        return true;
+    }
+    let Ok(groups) = std::fs::read_to_string("/etc/group") else {
+        return false;
+    };
+    groups.lines().any(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(gid)
+            && fields
+                .get(3)
+                .is_some_and(|members| members.split(',').any(|m| m == name))
     })
 }

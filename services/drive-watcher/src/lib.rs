@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_config::Config;
 use ferry_interfaces::{drive_watcher, Error as FerryError, WatchedDrive};
+use ferry_service::caller::authorize;
 use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
@@ -39,7 +40,12 @@ pub struct DriveWatcherInterface {
 impl DriveWatcherInterface {
     /// Enumerate block devices again and re-announce every present drive.
     #[zbus(out_args("present"))]
-    async fn rescan(&self) -> Result<u32, FerryError> {
+    async fn rescan(
+        &self,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<u32, FerryError> {
+        authorize(connection, &header).await?;
         let (reply, answer) = oneshot::channel();
         let unavailable = || FerryError::Failed("the drive watcher is shutting down".into());
         self.commands

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use ferry_config::{Color, Config, LedColors};
 use ferry_interfaces::{borg, crypt, drive_watcher, led, sync, Error as FerryError};
+use ferry_service::caller::authorize;
 use ferry_service::{claim_name, subscribe, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use output::Output;
@@ -66,7 +67,12 @@ fn stopping() -> FerryError {
 #[zbus::interface(name = "org.ferry.Led1")]
 impl LedInterface {
     /// A person has seen the failure: leave the failed state.
-    async fn acknowledge(&self) -> Result<(), FerryError> {
+    async fn acknowledge(
+        &self,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<(), FerryError> {
+        authorize(connection, &header).await?;
         self.commands
             .send(Command::Acknowledge)
             .await
@@ -74,7 +80,12 @@ impl LedInterface {
     }
 
     /// Show each state's colour in turn, then the current state again.
-    async fn test(&self) -> Result<(), FerryError> {
+    async fn test(
+        &self,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<(), FerryError> {
+        authorize(connection, &header).await?;
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Test(reply))
