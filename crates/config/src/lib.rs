@@ -22,7 +22,7 @@ use serde::Deserialize;
 pub use borg::{BorgSettings, Profile};
 pub use crypt::CryptSettings;
 pub use error::ConfigError;
-pub use notify::{Mail, NotifySettings};
+pub use notify::{Mail, MailTransport, NotifySettings, SmtpSecurity};
 pub use sync::SyncSettings;
 pub use values::{AbsolutePath, Color, FsUuid, Name};
 

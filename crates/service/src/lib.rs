@@ -198,24 +198,38 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A stream of every signal of the given ferry interfaces, whoever sends it.
+/// A stream of every signal of the given ferry interfaces, whoever sends it,
+/// in the order the bus delivered them.
 ///
 /// Subscribers match on interface (and then member), never on the sender,
-/// so a replacement program owning the same bus name works. The match rules
-/// are registered before this returns: no signal sent afterwards is missed.
-/// The stream must be read continuously; a stalled stream stalls the bus
-/// connection.
+/// so a replacement program owning the same bus name works. One match rule
+/// (every signal under /org/ferry) feeds one stream, so signals of different
+/// interfaces keep their order: SyncFailed is seen before the DriveClosed
+/// that follows it. The match rule is registered before this returns: no
+/// signal sent afterwards is missed. The stream must be read continuously;
+/// a stalled stream stalls the bus connection.
 pub async fn subscribe(
     connection: &zbus::Connection,
     interfaces: &[&'static str],
-) -> Result<futures_util::stream::SelectAll<zbus::MessageStream>, ServiceError> {
-    let mut streams = Vec::new();
-    for interface in interfaces {
-        let rule = zbus::MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .interface(*interface)?
-            .build();
-        streams.push(zbus::MessageStream::for_match_rule(rule, connection, Some(1024)).await?);
-    }
-    Ok(futures_util::stream::select_all(streams))
+) -> Result<
+    impl futures_util::Stream<Item = zbus::Result<zbus::Message>> + Unpin + Send + 'static,
+    ServiceError,
+> {
+    use futures_util::StreamExt;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .path_namespace("/org/ferry")?
+        .build();
+    let stream = zbus::MessageStream::for_match_rule(rule, connection, Some(1024)).await?;
+    let wanted: Vec<&'static str> = interfaces.to_vec();
+    Ok(stream.filter(move |message| {
+        let keep = match message {
+            Ok(message) => message
+                .header()
+                .interface()
+                .is_some_and(|i| wanted.contains(&i.as_str())),
+            Err(_) => true,
+        };
+        std::future::ready(keep)
+    }))
 }

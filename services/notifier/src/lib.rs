@@ -1,1 +1,699 @@
-//! ferry-notifier (to be written)
+//! ferry-notifier: every failure reaches a person by mail, even when the
+//! mail server is down at the time, and stale drives are noticed.
+//!
+//! It owns org.ferry.Notifier1. It listens to the peers' failure and
+//! success signals (by interface, never by sender), and at start asks their
+//! LastFailures for what happened while it was not running ([`ledger`]
+//! remembers what was mailed). Mails are written by [`events`] and
+//! [`compose`], spooled durably by [`outbox`] before any attempt, and sent
+//! by [`deliver`] with retries. Staleness of drives and profiles and the
+//! grouping and hourly limit are timers: the loop sleeps until the next due
+//! moment ([`clock`] lets tests choose "now").
+
+pub mod clock;
+pub mod compose;
+pub mod deliver;
+pub mod events;
+pub mod journal;
+pub mod ledger;
+pub mod outbox;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clock::Clock;
+use compose::Draft;
+use deliver::{Deliverer, Report};
+use events::{Event, Failure, Source};
+use ferry_config::{Config, Mail};
+use ferry_interfaces::{borg, crypt, notifier, sync, Error as FerryError};
+use ferry_service::{caller, claim_name, ServiceError, Shutdown};
+use futures_util::StreamExt;
+use ledger::{Ledger, ProfileSeen, Staleness, DAY, HOUR};
+use outbox::Outbox;
+use tokio::sync::{mpsc, oneshot};
+use zbus::object_server::{InterfaceRef, SignalEmitter};
+
+/// How long to wait for a peer's properties.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the properties show; written by the loop, read by the interface.
+#[derive(Debug, Clone, Default)]
+struct View {
+    pending: u32,
+    dead_letters: u32,
+    last_error: String,
+}
+
+type Reply = oneshot::Sender<Result<String, FerryError>>;
+
+enum Command {
+    Test(Reply),
+    UnitFailed {
+        unit: String,
+        journal: String,
+        reply: Reply,
+    },
+    Flush,
+}
+
+/// The org.ferry.Notifier1 object: checks arguments and callers, hands the
+/// work to the loop.
+pub struct NotifierInterface {
+    commands: mpsc::Sender<Command>,
+    view: Arc<Mutex<View>>,
+}
+
+fn stopping() -> FerryError {
+    FerryError::Failed("the notifier is shutting down".into())
+}
+
+impl NotifierInterface {
+    fn view(&self) -> View {
+        self.view.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<String, FerryError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())?
+    }
+}
+
+#[zbus::interface(name = "org.ferry.Notifier1")]
+impl NotifierInterface {
+    /// Queue a test message; returns its event id.
+    #[zbus(out_args("id"))]
+    async fn send_test(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, FerryError> {
+        caller::authorize(conn, &header).await?;
+        self.ask(Command::Test).await
+    }
+
+    /// A systemd unit failed; mail it with its journal lines.
+    #[zbus(out_args("id"))]
+    async fn unit_failed(
+        &self,
+        unit: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, FerryError> {
+        journal::check_unit_name(unit).map_err(FerryError::InvalidArgument)?;
+        caller::authorize(conn, &header).await?;
+        let journal = journal::recent_lines(unit).await;
+        let unit = unit.to_string();
+        self.ask(|reply| Command::UnitFailed {
+            unit,
+            journal,
+            reply,
+        })
+        .await
+    }
+
+    /// Try every pending message now.
+    async fn flush(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<(), FerryError> {
+        caller::authorize(conn, &header).await?;
+        self.commands
+            .send(Command::Flush)
+            .await
+            .map_err(|_| stopping())
+    }
+
+    /// Messages waiting in the outbox.
+    #[zbus(property)]
+    async fn pending(&self) -> u32 {
+        self.view().pending
+    }
+
+    /// Messages refused for good.
+    #[zbus(property)]
+    async fn dead_letters(&self) -> u32 {
+        self.view().dead_letters
+    }
+
+    /// The last delivery error, empty after a success.
+    #[zbus(property)]
+    async fn last_error(&self) -> String {
+        self.view().last_error
+    }
+
+    /// The server accepted a message.
+    #[zbus(signal)]
+    async fn notification_sent(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        subject: &str,
+    ) -> zbus::Result<()>;
+
+    /// A message was written to the outbox.
+    #[zbus(signal)]
+    async fn notification_queued(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// The service loop's state.
+struct Notifier {
+    config: Arc<Config>,
+    connection: zbus::Connection,
+    clock: Clock,
+    host: String,
+    outbox: Outbox,
+    deliverer: Option<Deliverer>,
+    ledger: Ledger,
+    ledger_path: PathBuf,
+    view: Arc<Mutex<View>>,
+    object: InterfaceRef<NotifierInterface>,
+    /// Drives whose sync finished and that are not closed yet (for the
+    /// success summary): bytes and seconds.
+    synced: BTreeMap<String, (u64, f64)>,
+    drives: Vec<String>,
+}
+
+impl Notifier {
+    fn mail(&self) -> Option<&Mail> {
+        self.config.mail.as_ref()
+    }
+
+    fn staleness(&self) -> Staleness {
+        Staleness {
+            drive_age: u64::from(self.config.notify.drive_stale_days) * DAY,
+            profile_grace: u64::from(self.config.notify.profile_grace_hours) * HOUR,
+        }
+    }
+
+    fn window(&self) -> u64 {
+        u64::from(self.config.notify.repeat_window_minutes) * 60
+    }
+
+    fn save(&self) {
+        match serde_json::to_vec_pretty(&self.ledger) {
+            Ok(bytes) => {
+                if let Err(e) =
+                    ferry_service::durable::write_atomically(&self.ledger_path, &bytes, 0o600)
+                {
+                    tracing::error!("cannot write {}: {e}", self.ledger_path.display());
+                }
+            }
+            Err(e) => tracing::error!("cannot encode the ledger: {e}"),
+        }
+    }
+
+    /// Spools a message and tells the deliverer; returns its event id.
+    async fn queue(&mut self, draft: Draft, covers: Vec<(String, u64)>) -> Result<String, String> {
+        let Some(mail) = self.mail() else {
+            tracing::warn!(
+                "not mailed (no [mail] section in ferry.toml): {}: {}",
+                draft.reason,
+                compose::one_line(&draft.subject, 160)
+            );
+            return Err(
+                "nothing can be mailed: ferry.toml has no [mail] section; add one with from and to"
+                    .into(),
+            );
+        };
+        let now = self.clock.now();
+        let id = compose::new_event_id(now);
+        let spooled = compose::build(&draft, mail, &id, now, covers)?;
+        self.outbox.put(&spooled).map_err(|e| {
+            let error = format!(
+                "cannot write to the outbox {}: {e}",
+                self.outbox.queue_dir().display()
+            );
+            tracing::error!("{error}; NOT QUEUED: {}", spooled.subject);
+            error
+        })?;
+        tracing::info!("queued mail {id}: {}", spooled.subject);
+        self.refresh_view(None).await;
+        let emitter = self.object.signal_emitter();
+        if let Err(e) = NotifierInterface::notification_queued(emitter, &id, &spooled.reason).await
+        {
+            tracing::warn!("cannot emit NotificationQueued: {e}");
+        }
+        if let Some(deliverer) = &self.deliverer {
+            deliverer.queued();
+        }
+        Ok(id)
+    }
+
+    /// Queues a draft unless the hourly limit holds it for the digest.
+    async fn queue_limited(&mut self, draft: Draft, covers: Vec<(String, u64)>) {
+        let now = self.clock.now();
+        let max = self.config.notify.max_per_hour;
+        match self.ledger.rate_limit(draft, now, max) {
+            Some(draft) => {
+                let _ = self.queue(draft, covers).await;
+            }
+            None => tracing::info!("hourly mail limit reached; held for the next digest"),
+        }
+    }
+
+    /// A failure from a signal (`late` false, `when` now) or from a peer's
+    /// LastFailures at start.
+    async fn failure(&mut self, failure: Failure, when: u64, late: bool) {
+        tracing::info!(
+            "{} {} failed at {}: {}",
+            failure.source.key(),
+            failure.subject,
+            failure.stage,
+            failure.message
+        );
+        let now = self.clock.now();
+        let draft = failure.draft(when, late, &self.host);
+        let key = failure.ledger_key();
+        let window = self.window();
+        if let Some(draft) = self
+            .ledger
+            .admit_failure(&failure.group_key(), draft, now, window)
+        {
+            self.queue_limited(draft, vec![(key.clone(), when)]).await;
+        } else {
+            tracing::info!("an identical failure was mailed recently; counted for the follow-up");
+        }
+        self.ledger.mark_mailed(&key, when);
+        self.save();
+    }
+
+    async fn handle(&mut self, event: Event) {
+        let now = self.clock.now();
+        match event {
+            Event::Failed(failure) => {
+                let refresh = failure.source == Source::Borg;
+                self.failure(failure, now, false).await;
+                if refresh {
+                    self.refresh_profiles().await;
+                }
+            }
+            Event::SyncFinished {
+                drive,
+                bytes,
+                seconds,
+            } => {
+                let last = self.ledger.last_sync.entry(drive.clone()).or_insert(0);
+                *last = (*last).max(now);
+                self.save();
+                if self.config.notify.sync_success {
+                    self.synced.insert(drive, (bytes, seconds));
+                }
+            }
+            Event::DriveClosed(drive) => {
+                if let Some((bytes, seconds)) = self.synced.remove(&drive) {
+                    let record = self
+                        .last_syncs()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .find(|r| r.drive == drive);
+                    let draft = events::sync_success_draft(
+                        &drive,
+                        bytes,
+                        seconds,
+                        record.as_ref(),
+                        &self.host,
+                    );
+                    self.queue_limited(draft, Vec::new()).await;
+                    self.save();
+                }
+            }
+            Event::BackupFinished {
+                job,
+                profile,
+                archive,
+            } => {
+                let entry = self.ledger.profiles.entry(profile.clone()).or_default();
+                entry.last_success = entry.last_success.max(now);
+                let results = self.refresh_profiles().await;
+                if self.config.notify.backup_success {
+                    let result = results.iter().find(|r| r.profile == profile);
+                    let draft =
+                        events::backup_success_draft(&job, &profile, &archive, result, &self.host);
+                    self.queue_limited(draft, Vec::new()).await;
+                }
+                self.save();
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Test(reply) => {
+                let draft = events::test_draft(self.clock.now(), &self.host);
+                let result = self.queue(draft, Vec::new()).await;
+                let _ = reply.send(result.map_err(FerryError::Failed));
+            }
+            Command::UnitFailed {
+                unit,
+                journal,
+                reply,
+            } => {
+                let now = self.clock.now();
+                if self.mail().is_none() {
+                    let _ = reply.send(Err(FerryError::Failed(
+                        "nothing can be mailed: ferry.toml has no [mail] section; add one with from and to".into(),
+                    )));
+                    return;
+                }
+                let draft = events::unit_failed_draft(&unit, &journal, now, &self.host);
+                let window = self.window();
+                let max = self.config.notify.max_per_hour;
+                let admitted = self
+                    .ledger
+                    .admit_failure(&format!("unit/{unit}"), draft, now, window)
+                    .and_then(|d| self.ledger.rate_limit(d, now, max));
+                let result = match admitted {
+                    Some(draft) => self
+                        .queue(draft, Vec::new())
+                        .await
+                        .map_err(FerryError::Failed),
+                    None => Ok(String::new()),
+                };
+                self.save();
+                let _ = reply.send(result);
+            }
+            Command::Flush => {
+                if let Some(deliverer) = &self.deliverer {
+                    deliverer.flush();
+                }
+            }
+        }
+    }
+
+    /// Mails whatever is due: follow-ups of grouped failures, the digest,
+    /// stale drives and profiles.
+    async fn tick(&mut self) {
+        let now = self.clock.now();
+        let window = self.window();
+        let max = self.config.notify.max_per_hour;
+        for draft in self.ledger.close_groups(now, window) {
+            self.queue_limited(draft, Vec::new()).await;
+        }
+        if let Some(digest) = self.ledger.release_held(now, max) {
+            let _ = self.queue(digest, Vec::new()).await;
+        }
+        let s = self.staleness();
+        let drives = self.drives.clone();
+        for (drive, last) in self.ledger.stale_drives(&drives, now, s) {
+            let draft = events::stale_drive_draft(
+                &drive,
+                last,
+                now,
+                self.config.notify.drive_stale_days,
+                &self.host,
+            );
+            self.queue_limited(draft, Vec::new()).await;
+        }
+        for (profile, seen) in self.ledger.stale_profiles(now, s) {
+            let draft = events::stale_profile_draft(&profile, seen, now, &self.host);
+            self.queue_limited(draft, Vec::new()).await;
+        }
+        self.save();
+    }
+
+    /// When [`tick`](Self::tick) next has something to do.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        let due = self
+            .ledger
+            .next_due(&self.drives, self.staleness(), self.window())?;
+        let wait = due.saturating_sub(self.clock.now()).max(1);
+        Some(tokio::time::Instant::now() + Duration::from_secs(wait))
+    }
+
+    async fn last_syncs(&self) -> Option<Vec<ferry_interfaces::SyncRecord>> {
+        let proxy = sync::SyncProxy::builder(&self.connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        peer(proxy.last_syncs()).await
+    }
+
+    /// Learns each drive's last sync from Sync1.
+    async fn refresh_syncs(&mut self) {
+        for record in self.last_syncs().await.unwrap_or_default() {
+            let last = self.ledger.last_sync.entry(record.drive).or_insert(0);
+            *last = (*last).max(record.time);
+        }
+    }
+
+    /// Learns each profile's schedule and last success from Borg1; returns
+    /// its LastResults.
+    async fn refresh_profiles(&mut self) -> Vec<ferry_interfaces::BackupResult> {
+        let Ok(proxy) = borg::BorgProxy::builder(&self.connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+        else {
+            return Vec::new();
+        };
+        let results = peer(proxy.last_results()).await.unwrap_or_default();
+        for entry in peer(proxy.schedule()).await.unwrap_or_default() {
+            self.ledger.profiles.entry(entry.profile).or_default().due = entry.due;
+        }
+        for result in &results {
+            if result.outcome == "finished" {
+                let seen: &mut ProfileSeen = self
+                    .ledger
+                    .profiles
+                    .entry(result.profile.clone())
+                    .or_default();
+                seen.last_success = seen.last_success.max(result.time);
+            }
+        }
+        results
+    }
+
+    /// Mails the failures the peers report that were not mailed before.
+    async fn missed_failures(&mut self) {
+        let mut found = Vec::new();
+        macro_rules! ask {
+            ($proxy:ty, $source:expr) => {
+                if let Ok(proxy) = <$proxy>::builder(&self.connection)
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+                {
+                    for f in peer(proxy.last_failures()).await.unwrap_or_default() {
+                        found.push(($source, f));
+                    }
+                }
+            };
+        }
+        ask!(crypt::CryptProxy<'_>, Source::Crypt);
+        ask!(sync::SyncProxy<'_>, Source::Sync);
+        ask!(borg::BorgProxy<'_>, Source::Borg);
+        for (source, f) in found {
+            let failure = Failure {
+                source,
+                subject: f.subject,
+                stage: f.stage,
+                message: f.message,
+                job: None,
+            };
+            if self.ledger.is_new_failure(&failure.ledger_key(), f.time) {
+                self.failure(failure, f.time, true).await;
+            }
+        }
+    }
+
+    /// Recounts the outbox, updates the properties and emits their changes.
+    async fn refresh_view(&self, last_error: Option<String>) {
+        let pending = self.outbox.pending_count();
+        let dead = self.outbox.dead_count();
+        if let Ok(mut view) = self.view.lock() {
+            view.pending = pending;
+            view.dead_letters = dead;
+            if let Some(e) = last_error {
+                view.last_error = e;
+            }
+        }
+        let emitter = self.object.signal_emitter();
+        let interface = self.object.get().await;
+        for sent in [
+            interface.pending_changed(emitter).await,
+            interface.dead_letters_changed(emitter).await,
+            interface.last_error_changed(emitter).await,
+        ] {
+            if let Err(e) = sent {
+                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            }
+        }
+    }
+
+    async fn report(&mut self, report: Report) {
+        match report {
+            Report::Sent { id, subject } => {
+                self.refresh_view(Some(String::new())).await;
+                let emitter = self.object.signal_emitter();
+                if let Err(e) = NotifierInterface::notification_sent(emitter, &id, &subject).await {
+                    tracing::warn!("cannot emit NotificationSent: {e}");
+                }
+            }
+            Report::Dead { id, error } => {
+                self.refresh_view(Some(format!("{id} refused: {error}")))
+                    .await;
+            }
+            Report::Deferred { error, .. } => self.refresh_view(Some(error)).await,
+        }
+    }
+}
+
+/// Runs the notifier on `connection` until `shutdown` resolves.
+pub async fn run(
+    connection: zbus::Connection,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+) -> Result<(), ServiceError> {
+    let clock = Clock::from_env().map_err(ServiceError::Other)?;
+    let dir = config.state_directory.join("notifier");
+    let outbox = Outbox::open(&dir).map_err(|e| {
+        ServiceError::Other(format!(
+            "cannot create the mail outbox under {}: {e}; check state-directory in ferry.toml and its permissions",
+            dir.display()
+        ))
+    })?;
+    let ledger_path = dir.join("ledger.json");
+    let mut ledger = Ledger::load(&ledger_path);
+    // A message spooled just before a crash covers its failures even if the
+    // ledger was not written after it.
+    for spooled in outbox.all() {
+        for (key, time) in &spooled.covers {
+            ledger.mark_mailed(key, *time);
+        }
+    }
+    let now = clock.now();
+    let drives: Vec<String> = config.drives.keys().map(|n| n.to_string()).collect();
+    for drive in &drives {
+        ledger.first_seen.entry(drive.clone()).or_insert(now);
+    }
+    if config.mail.is_none() {
+        tracing::warn!("ferry.toml has no [mail] section: failures are logged but not mailed");
+    }
+
+    let view = Arc::new(Mutex::new(View::default()));
+    let (commands, mut requests) = mpsc::channel(16);
+    connection
+        .object_server()
+        .at(
+            notifier::OBJECT_PATH,
+            NotifierInterface {
+                commands,
+                view: view.clone(),
+            },
+        )
+        .await?;
+    let object = connection
+        .object_server()
+        .interface::<_, NotifierInterface>(notifier::OBJECT_PATH)
+        .await?;
+
+    let (report_tx, mut reports) = mpsc::channel(64);
+    let (deliverer, delivery_task) = match &config.mail {
+        Some(mail) => {
+            let (d, t) = deliver::spawn(mail.clone(), outbox.clone(), report_tx);
+            (Some(d), Some(t))
+        }
+        None => (None, None),
+    };
+
+    // Subscribe first, then read the peers: nothing falls between the two.
+    let mut signals = ordered_signals(&connection).await?;
+    let mut notifier = Notifier {
+        config: config.clone(),
+        connection: connection.clone(),
+        clock,
+        host: compose::hostname(),
+        outbox,
+        deliverer,
+        ledger,
+        ledger_path,
+        view,
+        object,
+        synced: BTreeMap::new(),
+        drives,
+    };
+    notifier.refresh_syncs().await;
+    notifier.refresh_profiles().await;
+    notifier.missed_failures().await;
+    notifier.tick().await;
+    notifier.refresh_view(None).await;
+    if let Some(deliverer) = &notifier.deliverer {
+        // Whatever a previous run left in the outbox goes now.
+        deliverer.queued();
+    }
+    claim_name(&connection, notifier::BUS_NAME, notifier::OBJECT_PATH).await?;
+
+    tokio::pin!(shutdown);
+    let result = loop {
+        let due = notifier.next_due();
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            message = signals.next() => {
+                let Some(message) = message else {
+                    break Err(ServiceError::Other("the bus connection closed".into()));
+                };
+                if let Some(event) = message.ok().as_ref().and_then(events::event_of) {
+                    tracing::debug!("{event:?}");
+                    notifier.handle(event).await;
+                }
+            }
+            Some(command) = requests.recv() => notifier.command(command).await,
+            Some(report) = reports.recv() => notifier.report(report).await,
+            _ = sleep_until(due), if due.is_some() => notifier.tick().await,
+        }
+    };
+    if let Some(task) = delivery_task {
+        task.abort();
+    }
+    result
+}
+
+/// Every signal under /org/ferry, in the order the bus delivered them.
+///
+/// `ferry_service::subscribe` merges one stream per interface, which can
+/// reorder signals of different interfaces; the success summary needs
+/// SyncFinished (Sync1) before DriveClosed (Crypt1), so the notifier reads
+/// one stream and picks its members by interface and member (never by
+/// sender) in [`events::event_of`].
+async fn ordered_signals(
+    connection: &zbus::Connection,
+) -> Result<zbus::MessageStream, ServiceError> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .path_namespace("/org/ferry")?
+        .build();
+    Ok(zbus::MessageStream::for_match_rule(rule, connection, Some(1024)).await?)
+}
+
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    if let Some(due) = due {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {
+    match tokio::time::timeout(PEER_TIMEOUT, call).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            tracing::debug!("peer not available: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("a peer did not answer within {PEER_TIMEOUT:?}; going on without it");
+            None
+        }
+    }
+}

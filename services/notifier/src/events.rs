@@ -1,0 +1,390 @@
+//! What the notifier hears on the bus, and the words it mails about it.
+//!
+//! Signals are matched by interface and member (never by sender) and parsed
+//! with the contract's generated types. Each kind of event has one function
+//! that writes its mail: what failed, where (drive or profile, stage), when,
+//! the service's own message verbatim in the body, and what to look at next.
+
+use ferry_interfaces::{borg, crypt, sync, BackupResult, SyncRecord};
+
+use crate::compose::{human_bytes, human_duration, one_line, utc, Draft};
+use crate::ledger::ProfileSeen;
+
+/// Which service reported a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// org.ferry.Crypt1 (DriveFailed).
+    Crypt,
+    /// org.ferry.Sync1 (SyncFailed).
+    Sync,
+    /// org.ferry.Borg1 (BackupFailed).
+    Borg,
+}
+
+impl Source {
+    /// The short interface name used in ledger keys.
+    pub fn key(self) -> &'static str {
+        match self {
+            Source::Crypt => "Crypt1",
+            Source::Sync => "Sync1",
+            Source::Borg => "Borg1",
+        }
+    }
+
+    fn signal(self) -> &'static str {
+        match self {
+            Source::Crypt => "DriveFailed",
+            Source::Sync => "SyncFailed",
+            Source::Borg => "BackupFailed",
+        }
+    }
+
+    fn interface(self) -> &'static str {
+        match self {
+            Source::Crypt => crypt::INTERFACE,
+            Source::Sync => sync::INTERFACE,
+            Source::Borg => borg::INTERFACE,
+        }
+    }
+}
+
+/// A failure reported by a peer, by signal or from its LastFailures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Who reported it.
+    pub source: Source,
+    /// The drive or profile.
+    pub subject: String,
+    /// The stage that failed.
+    pub stage: String,
+    /// The service's (or borg's, or the hook's) message.
+    pub message: String,
+    /// The job id, for borg.
+    pub job: Option<String>,
+}
+
+impl Failure {
+    /// `Sync1/offsite-a`: one entry per drive or profile and service.
+    pub fn ledger_key(&self) -> String {
+        format!("{}/{}", self.source.key(), self.subject)
+    }
+
+    /// What makes two failures "identical" for grouping.
+    pub fn group_key(&self) -> String {
+        format!(
+            "{}\u{1f}{}\u{1f}{}\u{1f}{}",
+            self.source.key(),
+            self.subject,
+            self.stage,
+            self.message
+        )
+    }
+
+    /// The mail. `when` is the failure's time; `late` says it happened
+    /// while the notifier was not running.
+    pub fn draft(&self, when: u64, late: bool, host: &str) -> Draft {
+        let name = one_line(&self.subject, 64);
+        let stage = one_line(&self.stage, 32);
+        let (what, subject, advice) = match self.source {
+            Source::Crypt => (
+                "opening or closing a drive",
+                format!("drive {name} failed at {stage}"),
+                "The drive is left unmounted and locked wherever that was possible.\n\
+                 State: busctl get-property org.ferry.Crypt1 /org/ferry/Crypt1 org.ferry.Crypt1 Drives",
+            ),
+            Source::Sync => (
+                "copying the repositories onto a drive",
+                format!("sync of drive {name} failed at {stage}"),
+                "The copy on the drive is the previous complete one.\n\
+                 Try again: busctl call org.ferry.Sync1 /org/ferry/Sync1 org.ferry.Sync1 Start s DRIVE",
+            ),
+            Source::Borg => (
+                "a borg backup",
+                format!("backup {name} failed at {stage}"),
+                "Run it again: busctl call org.ferry.Borg1 /org/ferry/Borg1 org.ferry.Borg1 Start s PROFILE",
+            ),
+        };
+        let place = match self.source {
+            Source::Borg => "profile",
+            _ => "drive",
+        };
+        let mut body = format!("ferry on {host}: {what} failed.\n\n");
+        body.push_str(&format!(
+            "What:  {} ({})\n",
+            self.source.signal(),
+            self.source.interface()
+        ));
+        body.push_str(&format!(
+            "Where: {place} {}, stage {}\n",
+            self.subject, self.stage
+        ));
+        if let Some(job) = &self.job {
+            body.push_str(&format!("Job:   {job}\n"));
+        }
+        body.push_str(&format!("When:  {}\n", utc(when)));
+        if late {
+            body.push_str(
+                "\nThis happened while ferry-notifier was not running; it was found in the \
+                 service's LastFailures when the notifier started.\n",
+            );
+        }
+        body.push_str(&format!(
+            "\nThe service's own message:\n\n{}\n\n{advice}\n",
+            self.message
+        ));
+        Draft::new(format!("{} {}", self.source.signal(), name), subject, body)
+    }
+}
+
+/// A signal the notifier acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// DriveFailed, SyncFailed or BackupFailed.
+    Failed(Failure),
+    /// SyncFinished(drive, bytes, seconds).
+    SyncFinished {
+        /// The drive.
+        drive: String,
+        /// Bytes copied.
+        bytes: u64,
+        /// Duration.
+        seconds: f64,
+    },
+    /// DriveClosed(drive): safe to remove.
+    DriveClosed(String),
+    /// BackupFinished(job, profile, archive).
+    BackupFinished {
+        /// Job id.
+        job: String,
+        /// Profile.
+        profile: String,
+        /// The archive made.
+        archive: String,
+    },
+}
+
+/// Parses a signal; None for members the notifier does not care about.
+pub fn event_of(message: &zbus::Message) -> Option<Event> {
+    let m = message.clone();
+    let failure = |source, subject: &str, stage: &str, message: &str, job: Option<&str>| {
+        Event::Failed(Failure {
+            source,
+            subject: subject.to_string(),
+            stage: stage.to_string(),
+            message: message.to_string(),
+            job: job.map(str::to_string),
+        })
+    };
+    if let Some(s) = crypt::DriveFailed::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(failure(Source::Crypt, a.drive, a.stage, a.message, None));
+    }
+    if let Some(s) = sync::SyncFailed::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(failure(Source::Sync, a.drive, a.stage, a.message, None));
+    }
+    if let Some(s) = borg::BackupFailed::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(failure(
+            Source::Borg,
+            a.profile,
+            a.stage,
+            a.message,
+            Some(a.job),
+        ));
+    }
+    if let Some(s) = sync::SyncFinished::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(Event::SyncFinished {
+            drive: a.drive.to_string(),
+            bytes: a.bytes,
+            seconds: a.seconds,
+        });
+    }
+    if let Some(s) = crypt::DriveClosed::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(Event::DriveClosed(a.drive.to_string()));
+    }
+    if let Some(s) = borg::BackupFinished::from_message(m) {
+        let a = s.args().ok()?;
+        return Some(Event::BackupFinished {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+            archive: a.archive.to_string(),
+        });
+    }
+    None
+}
+
+/// "offsite-a is safe to remove: 1.2 GiB copied in 3 min, newest archive …".
+/// `record` is Sync1's LastSyncs entry for the drive, when it answered.
+pub fn sync_success_draft(
+    drive: &str,
+    bytes: u64,
+    seconds: f64,
+    record: Option<&SyncRecord>,
+    host: &str,
+) -> Draft {
+    let name = one_line(drive, 64);
+    let mut summary = format!(
+        "{name} is safe to remove: {} copied in {}",
+        human_bytes(bytes),
+        human_duration(seconds)
+    );
+    let mut body = format!("ferry on {host} brought drive {drive} up to date and closed it.\n\n");
+    body.push_str(&format!("Copied:   {}\n", human_bytes(bytes)));
+    body.push_str(&format!("Took:     {}\n", human_duration(seconds)));
+    if let Some(r) = record {
+        if !r.archive.is_empty() {
+            summary.push_str(&format!(", newest archive {}", one_line(&r.archive, 80)));
+            body.push_str(&format!("Newest archive on the drive: {}\n", r.archive));
+        }
+        body.push_str(&format!("Free on the drive: {}\n", human_bytes(r.free)));
+    }
+    body.push_str("\nThe drive is unmounted and locked: it can be unplugged and taken away.\n");
+    Draft::new(format!("SyncFinished {name}"), summary, body)
+}
+
+/// A successful backup.
+pub fn backup_success_draft(
+    job: &str,
+    profile: &str,
+    archive: &str,
+    result: Option<&BackupResult>,
+    host: &str,
+) -> Draft {
+    let name = one_line(profile, 64);
+    let mut body = format!(
+        "ferry on {host} finished backup profile {profile} (job {job}).\n\nArchive: {archive}\n"
+    );
+    if let Some(r) = result {
+        body.push_str(&format!("Took:    {}\n", human_duration(r.seconds)));
+    }
+    Draft::new(
+        format!("BackupFinished {name}"),
+        format!("backup {name} finished: {}", one_line(archive, 80)),
+        body,
+    )
+}
+
+/// "offsite-b was last synced 35 days ago".
+pub fn stale_drive_draft(
+    drive: &str,
+    last: Option<u64>,
+    now: u64,
+    age_days: u32,
+    host: &str,
+) -> Draft {
+    let name = one_line(drive, 64);
+    let (subject, since) = match last {
+        Some(t) => (
+            format!(
+                "{name} was last synced {} ago",
+                human_duration(now.saturating_sub(t) as f64)
+            ),
+            format!("Its last successful sync finished at {}.", utc(t)),
+        ),
+        None => (
+            format!("{name} has never been synced"),
+            "ferry has no record of a successful sync of it.".to_string(),
+        ),
+    };
+    let body = format!(
+        "ferry on {host}: the off-site drive {drive} is out of date.\n\n{since}\n\
+         The configured limit is {age_days} days ([notify] drive-stale-days).\n\n\
+         Plug it in to bring it up to date; this reminder comes at most once a day.\n"
+    );
+    Draft::new(format!("stale drive {name}"), subject, body)
+}
+
+/// A backup profile without success in its interval.
+pub fn stale_profile_draft(profile: &str, seen: ProfileSeen, now: u64, host: &str) -> Draft {
+    let name = one_line(profile, 64);
+    let last = if seen.last_success == 0 {
+        "It has never finished successfully.".to_string()
+    } else {
+        format!(
+            "Its last successful run finished at {} ({} ago).",
+            utc(seen.last_success),
+            human_duration(now.saturating_sub(seen.last_success) as f64)
+        )
+    };
+    Draft::new(
+        format!("stale profile {name}"),
+        format!("backup {name} has not succeeded since it was due"),
+        format!(
+            "ferry on {host}: backup profile {profile} was due at {} and has not finished \
+             successfully since.\n{last}\n\nLook at: busctl get-property org.ferry.Borg1 \
+             /org/ferry/Borg1 org.ferry.Borg1 Schedule\nThis reminder comes at most once a day.\n",
+            utc(seen.due)
+        ),
+    )
+}
+
+/// A ferry unit failed (OnFailure=).
+pub fn unit_failed_draft(unit: &str, journal: &str, now: u64, host: &str) -> Draft {
+    Draft::new(
+        format!("UnitFailed {unit}"),
+        format!("unit {unit} failed"),
+        format!(
+            "ferry on {host}: the systemd unit {unit} failed at {}.\n\n\
+             Status: systemctl status {unit}\n\n{journal}\n",
+            utc(now)
+        ),
+    )
+}
+
+/// The SendTest message.
+pub fn test_draft(now: u64, host: &str) -> Draft {
+    Draft::new(
+        "test",
+        format!("test message from {host}"),
+        format!(
+            "This is a test message from ferry on {host}, queued at {}.\n\
+             If you read this, failures will reach you too.\n",
+            utc(now)
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_mail_says_what_where_and_the_message() {
+        let f = Failure {
+            source: Source::Sync,
+            subject: "offsite-a".into(),
+            stage: "space".into(),
+            message: "need 900 MiB, drive has 12 MiB".into(),
+            job: None,
+        };
+        let d = f.draft(1_700_000_000, true, "nas");
+        assert_eq!(d.subject, "sync of drive offsite-a failed at space");
+        assert_eq!(d.reason, "SyncFailed offsite-a");
+        assert!(d.body.contains("need 900 MiB, drive has 12 MiB"));
+        assert!(d.body.contains("Where: drive offsite-a, stage space"));
+        assert!(d.body.contains("not running"));
+        assert_eq!(f.ledger_key(), "Sync1/offsite-a");
+    }
+
+    #[test]
+    fn success_and_staleness_wording() {
+        let record = SyncRecord {
+            drive: "offsite-a".into(),
+            time: 1,
+            bytes: 1,
+            seconds: 1.0,
+            archive: "nas-2024-05-01".into(),
+            free: 1 << 30,
+        };
+        let d = sync_success_draft("offsite-a", 1_288_490_189, 180.0, Some(&record), "nas");
+        assert_eq!(
+            d.subject,
+            "offsite-a is safe to remove: 1.2 GiB copied in 3 min, newest archive nas-2024-05-01"
+        );
+        let s = stale_drive_draft("offsite-b", Some(0), 35 * 86_400, 30, "nas");
+        assert_eq!(s.subject, "offsite-b was last synced 35 days ago");
+    }
+}

@@ -1,0 +1,410 @@
+//! What the notifier remembers across restarts, and the rules that keep it
+//! quiet without losing anything.
+//!
+//! - which failures were mailed (so peers' LastFailures at start mail only
+//!   what is new),
+//! - the last known sync per drive and schedule per profile (so staleness
+//!   is still noticed while the sync or borg service is down),
+//! - grouping: an identical failure within the repeat window of the first is
+//!   counted, and one follow-up mail says how often it happened,
+//! - the hourly limit: mails beyond it wait and leave together as a digest.
+//!
+//! Everything here is plain data and arithmetic on unix times, so it is
+//! tested without a clock; the service persists it with
+//! `write_atomically` after every change.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compose::{utc, Draft};
+
+/// Seconds in an hour and a day.
+pub const HOUR: u64 = 3600;
+/// See [`HOUR`].
+pub const DAY: u64 = 86_400;
+
+/// A failure already mailed once, whose repeats are being counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// When the first one was mailed.
+    pub first: u64,
+    /// Identical failures since, not mailed yet.
+    pub repeats: u32,
+    /// When the last repeat happened.
+    pub last: u64,
+    /// The first one's mail, to base the follow-up on.
+    pub draft: Draft,
+}
+
+/// A backup profile as last seen on Borg1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileSeen {
+    /// When it is next due (0: no interval, never stale).
+    pub due: u64,
+    /// When it last finished successfully (0: never).
+    pub last_success: u64,
+}
+
+/// The persisted state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Ledger {
+    /// `Crypt1/offsite-a` → time of the newest failure already mailed.
+    pub mailed: BTreeMap<String, u64>,
+    /// `drive/offsite-a`, `profile/home` → when staleness was last mailed.
+    pub stale_mailed: BTreeMap<String, u64>,
+    /// Drive → time of its last successful sync.
+    pub last_sync: BTreeMap<String, u64>,
+    /// Drive → when the notifier first knew of it (a never-synced drive
+    /// becomes stale counting from here).
+    pub first_seen: BTreeMap<String, u64>,
+    /// Profile → its schedule and last success.
+    pub profiles: BTreeMap<String, ProfileSeen>,
+    /// When mails were queued within the last hour (the hourly limit).
+    pub recent: Vec<u64>,
+    /// Failure key → repeats being counted.
+    pub groups: BTreeMap<String, Group>,
+    /// Mails held back by the hourly limit, oldest first.
+    pub held: Vec<Draft>,
+}
+
+/// Staleness settings in seconds; 0 turns a kind off.
+#[derive(Debug, Clone, Copy)]
+pub struct Staleness {
+    /// A drive is stale this long after its last sync.
+    pub drive_age: u64,
+    /// A profile is stale this long after it was due without success.
+    pub profile_grace: u64,
+}
+
+impl Ledger {
+    /// Reads the ledger; a missing file is an empty ledger, an unreadable
+    /// one is logged and replaced (it only makes mail more likely, never less).
+    pub fn load(path: &Path) -> Ledger {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{} is not a notifier ledger ({e}); starting a new one",
+                    path.display()
+                );
+                Ledger::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::default(),
+            Err(e) => {
+                tracing::warn!("cannot read {}: {e}; starting a new ledger", path.display());
+                Ledger::default()
+            }
+        }
+    }
+
+    /// Whether a failure at `time` of `key` is newer than what was mailed.
+    pub fn is_new_failure(&self, key: &str, time: u64) -> bool {
+        self.mailed.get(key).is_none_or(|mailed| time > *mailed)
+    }
+
+    /// Records that the failure `key` at `time` is dealt with.
+    pub fn mark_mailed(&mut self, key: &str, time: u64) {
+        let entry = self.mailed.entry(key.to_string()).or_insert(0);
+        *entry = (*entry).max(time);
+    }
+
+    /// A failure happened: returns the draft if it should be mailed now,
+    /// or None when it repeats one mailed within `window` seconds (then it
+    /// is counted for the follow-up).
+    pub fn admit_failure(
+        &mut self,
+        group_key: &str,
+        draft: Draft,
+        now: u64,
+        window: u64,
+    ) -> Option<Draft> {
+        if let Some(group) = self.groups.get_mut(group_key) {
+            if now < group.first + window {
+                group.repeats += 1;
+                group.last = now;
+                return None;
+            }
+        }
+        if window > 0 {
+            self.groups.insert(
+                group_key.to_string(),
+                Group {
+                    first: now,
+                    repeats: 0,
+                    last: now,
+                    draft: draft.clone(),
+                },
+            );
+        }
+        Some(draft)
+    }
+
+    /// Groups whose window ended: follow-up drafts for those that repeated.
+    pub fn close_groups(&mut self, now: u64, window: u64) -> Vec<Draft> {
+        let ended: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| now >= g.first + window)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut drafts = Vec::new();
+        for key in ended {
+            if let Some(group) = self.groups.remove(&key) {
+                if group.repeats > 0 {
+                    let times = if group.repeats == 1 { "time" } else { "times" };
+                    drafts.push(Draft::new(
+                        format!("{} (repeated)", group.draft.reason),
+                        format!(
+                            "{} (again, {} more {times})",
+                            group.draft.subject, group.repeats
+                        ),
+                        format!(
+                            "The failure below happened {} more {times} between {} and {}.\n\
+                             Identical failures are grouped so a person is not flooded; the \
+                             first one was mailed when it happened.\n\n{}",
+                            group.repeats,
+                            utc(group.first),
+                            utc(group.last),
+                            group.draft.body
+                        ),
+                    ));
+                }
+            }
+        }
+        drafts
+    }
+
+    /// Applies the hourly limit: Some(draft) to queue now, or None when it
+    /// is held for the next digest.
+    pub fn rate_limit(&mut self, draft: Draft, now: u64, max_per_hour: u32) -> Option<Draft> {
+        self.recent.retain(|t| now < t + HOUR);
+        if self.recent.len() >= max_per_hour as usize || !self.held.is_empty() {
+            self.held.push(draft);
+            return None;
+        }
+        self.recent.push(now);
+        Some(draft)
+    }
+
+    /// One digest of every held mail, once the hourly limit allows.
+    pub fn release_held(&mut self, now: u64, max_per_hour: u32) -> Option<Draft> {
+        self.recent.retain(|t| now < t + HOUR);
+        if self.held.is_empty() || self.recent.len() >= max_per_hour as usize {
+            return None;
+        }
+        let held = std::mem::take(&mut self.held);
+        self.recent.push(now);
+        if held.len() == 1 {
+            return held.into_iter().next();
+        }
+        let mut body = format!(
+            "More than the configured limit of mails per hour wanted to go out; these {} \
+             were held back and are sent together.\n",
+            held.len()
+        );
+        for (n, draft) in held.iter().enumerate() {
+            body.push_str(&format!(
+                "\n===== {} of {}: {} =====\n\n{}\n",
+                n + 1,
+                held.len(),
+                crate::compose::one_line(&draft.subject, 160),
+                draft.body
+            ));
+        }
+        Some(Draft::new(
+            format!("digest of {}", held.len()),
+            format!("{} notifications held back by the hourly limit", held.len()),
+            body,
+        ))
+    }
+
+    /// Drives that are stale now and were not told about today: (drive,
+    /// the last sync or None if never synced). Marks them mailed.
+    pub fn stale_drives(
+        &mut self,
+        drives: &[String],
+        now: u64,
+        s: Staleness,
+    ) -> Vec<(String, Option<u64>)> {
+        if s.drive_age == 0 {
+            return Vec::new();
+        }
+        let mut stale = Vec::new();
+        for drive in drives {
+            if let Some(due) = self.drive_due(drive, s) {
+                if now >= due {
+                    stale.push((drive.clone(), self.last_sync.get(drive).copied()));
+                    self.stale_mailed.insert(format!("drive/{drive}"), now);
+                }
+            }
+        }
+        stale
+    }
+
+    /// Profiles that had no success `profile_grace` after they were due and
+    /// were not told about today: (profile, seen). Marks them mailed.
+    pub fn stale_profiles(&mut self, now: u64, s: Staleness) -> Vec<(String, ProfileSeen)> {
+        let due: Vec<(String, ProfileSeen)> = self
+            .profiles
+            .iter()
+            .filter(|(name, _)| self.profile_due(name, s).is_some_and(|d| now >= d))
+            .map(|(n, p)| (n.clone(), *p))
+            .collect();
+        for (name, _) in &due {
+            self.stale_mailed.insert(format!("profile/{name}"), now);
+        }
+        due
+    }
+
+    fn drive_due(&self, drive: &str, s: Staleness) -> Option<u64> {
+        if s.drive_age == 0 {
+            return None;
+        }
+        let since = self
+            .last_sync
+            .get(drive)
+            .or_else(|| self.first_seen.get(drive))?;
+        let told = self
+            .stale_mailed
+            .get(&format!("drive/{drive}"))
+            .map_or(0, |t| t + DAY);
+        Some((since + s.drive_age).max(told))
+    }
+
+    fn profile_due(&self, profile: &str, s: Staleness) -> Option<u64> {
+        let seen = self.profiles.get(profile)?;
+        if s.profile_grace == 0 || seen.due == 0 || seen.last_success >= seen.due {
+            return None;
+        }
+        let told = self
+            .stale_mailed
+            .get(&format!("profile/{profile}"))
+            .map_or(0, |t| t + DAY);
+        Some((seen.due + s.profile_grace).max(told))
+    }
+
+    /// The next moment something here is due: a group closes, the digest
+    /// may go, a drive or profile turns stale.
+    pub fn next_due(&self, drives: &[String], s: Staleness, window: u64) -> Option<u64> {
+        let groups = self.groups.values().map(|g| g.first + window);
+        let digest =
+            (!self.held.is_empty()).then(|| self.recent.iter().min().map_or(0, |t| t + HOUR));
+        let drives = drives.iter().filter_map(|d| self.drive_due(d, s));
+        let profiles = self.profiles.keys().filter_map(|p| self.profile_due(p, s));
+        groups.chain(digest).chain(drives).chain(profiles).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft(n: &str) -> Draft {
+        Draft::new(n, format!("subject {n}"), format!("body {n}"))
+    }
+
+    const S: Staleness = Staleness {
+        drive_age: 30 * DAY,
+        profile_grace: DAY,
+    };
+
+    #[test]
+    fn identical_failures_are_grouped_then_followed_up() {
+        let mut l = Ledger::default();
+        assert!(l.admit_failure("k", draft("a"), 100, HOUR).is_some());
+        assert!(l.admit_failure("k", draft("a"), 200, HOUR).is_none());
+        assert!(l.admit_failure("k", draft("a"), 300, HOUR).is_none());
+        assert!(l.admit_failure("other", draft("b"), 300, HOUR).is_some());
+        assert_eq!(l.next_due(&[], S, HOUR), Some(100 + HOUR));
+        assert!(l.close_groups(100 + HOUR - 1, HOUR).is_empty());
+        let follow = l.close_groups(100 + HOUR, HOUR);
+        assert_eq!(follow.len(), 1);
+        assert!(
+            follow[0].subject.contains("2 more times"),
+            "{:?}",
+            follow[0]
+        );
+        assert!(follow[0].body.contains("body a"));
+        // After the window a new identical failure is mailed again.
+        assert!(l
+            .admit_failure("k", draft("a"), 100 + HOUR + 5, HOUR)
+            .is_some());
+    }
+
+    #[test]
+    fn the_hourly_limit_holds_and_releases_a_digest() {
+        let mut l = Ledger::default();
+        assert!(l.rate_limit(draft("1"), 0, 2).is_some());
+        assert!(l.rate_limit(draft("2"), 10, 2).is_some());
+        assert!(l.rate_limit(draft("3"), 20, 2).is_none());
+        assert!(l.rate_limit(draft("4"), 30, 2).is_none());
+        assert_eq!(l.next_due(&[], S, HOUR), Some(HOUR));
+        assert!(l.release_held(HOUR - 1, 2).is_none());
+        let digest = l.release_held(HOUR, 2).expect("digest");
+        assert!(digest.body.contains("body 3") && digest.body.contains("body 4"));
+        assert!(l.held.is_empty());
+    }
+
+    #[test]
+    fn failures_at_start_are_new_only_once() {
+        let mut l = Ledger::default();
+        assert!(l.is_new_failure("Sync1/a", 50));
+        l.mark_mailed("Sync1/a", 50);
+        assert!(!l.is_new_failure("Sync1/a", 50));
+        l.mark_mailed("Sync1/a", 10);
+        assert!(!l.is_new_failure("Sync1/a", 40));
+        assert!(l.is_new_failure("Sync1/a", 51));
+    }
+
+    #[test]
+    fn a_stale_drive_is_mailed_once_a_day() {
+        let mut l = Ledger::default();
+        let drives = vec!["a".to_string(), "b".to_string()];
+        l.last_sync.insert("a".into(), 1000);
+        l.first_seen.insert("b".into(), 5000);
+        assert_eq!(l.next_due(&drives, S, HOUR), Some(1000 + 30 * DAY));
+        assert!(l.stale_drives(&drives, 1000 + 30 * DAY - 1, S).is_empty());
+        let stale = l.stale_drives(&drives, 1000 + 30 * DAY, S);
+        assert_eq!(stale, vec![("a".to_string(), Some(1000))]);
+        assert!(l.stale_drives(&drives, 1000 + 30 * DAY + 10, S).is_empty());
+        assert_eq!(
+            l.next_due(&drives, S, HOUR),
+            Some(5000 + 30 * DAY),
+            "b is next"
+        );
+        let later = l.stale_drives(&drives, 1000 + 31 * DAY + 5000, S);
+        assert_eq!(later.len(), 2, "{later:?}");
+        // A sync makes it fresh again.
+        l.last_sync.insert("a".into(), 1000 + 32 * DAY);
+        assert!(l
+            .stale_drives(&drives, 1000 + 33 * DAY, S)
+            .iter()
+            .all(|(d, _)| d != "a"));
+    }
+
+    #[test]
+    fn a_profile_is_stale_after_its_due_time_and_grace() {
+        let mut l = Ledger::default();
+        l.profiles.insert(
+            "home".into(),
+            ProfileSeen {
+                due: 10 * DAY,
+                last_success: 9 * DAY,
+            },
+        );
+        l.profiles.insert(
+            "manual".into(),
+            ProfileSeen {
+                due: 0,
+                last_success: 0,
+            },
+        );
+        assert_eq!(l.next_due(&[], S, HOUR), Some(11 * DAY));
+        assert!(l.stale_profiles(11 * DAY - 1, S).is_empty());
+        assert_eq!(l.stale_profiles(11 * DAY, S).len(), 1);
+        assert!(l.stale_profiles(11 * DAY + 1, S).is_empty());
+        assert_eq!(l.stale_profiles(12 * DAY, S).len(), 1);
+    }
+}

@@ -1,0 +1,207 @@
+//! The durable outbox: a message is on disk before anyone tries to send it,
+//! and leaves the disk only after the server accepted it.
+//!
+//! `outbox/<id>.json` holds the envelope and the formatted message, written
+//! with `ferry_service::durable::write_atomically` (temp, fsync, rename,
+//! fsync the directory). A message the server refuses for good is moved to
+//! `dead/` with the reason beside it (`<id>.reason`) for a person to read.
+//! File names sort by time, so the oldest message goes first.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use ferry_service::durable::{sync_directory, write_atomically};
+
+use crate::compose::Spooled;
+
+/// The outbox and dead-letter folders under the state directory.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    queue: PathBuf,
+    dead: PathBuf,
+}
+
+/// A message file that could not be read back.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+impl Outbox {
+    /// Opens (creating, mode 0700) `<dir>/outbox` and `<dir>/dead`.
+    pub fn open(dir: &Path) -> io::Result<Outbox> {
+        let outbox = Outbox {
+            queue: dir.join("outbox"),
+            dead: dir.join("dead"),
+        };
+        for d in [&outbox.queue, &outbox.dead] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
+        }
+        Ok(outbox)
+    }
+
+    /// The outbox folder.
+    pub fn queue_dir(&self) -> &Path {
+        &self.queue
+    }
+
+    /// The dead-letter folder.
+    pub fn dead_dir(&self) -> &Path {
+        &self.dead
+    }
+
+    /// Writes `message` durably; when this returns Ok, a crash cannot lose it.
+    pub fn put(&self, message: &Spooled) -> io::Result<()> {
+        let bytes = serde_json::to_vec(message).map_err(io::Error::other)?;
+        write_atomically(&self.file(&message.id), &bytes, 0o600)
+    }
+
+    /// The queued message files, oldest first.
+    pub fn pending(&self) -> io::Result<Vec<PathBuf>> {
+        list(&self.queue, "json")
+    }
+
+    /// How many messages wait.
+    pub fn pending_count(&self) -> u32 {
+        self.pending().map(|p| p.len() as u32).unwrap_or(0)
+    }
+
+    /// How many messages were refused for good.
+    pub fn dead_count(&self) -> u32 {
+        list(&self.dead, "json")
+            .map(|p| p.len() as u32)
+            .unwrap_or(0)
+    }
+
+    /// Reads a queued message back.
+    pub fn load(path: &Path) -> Result<Spooled, Unreadable> {
+        let unreadable = |reason: String| Unreadable {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = fs::read(path).map_err(|e| unreadable(e.to_string()))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| unreadable(format!("not a spooled message: {e}")))
+    }
+
+    /// Every message still queued (for rebuilding state at start);
+    /// unreadable files are skipped here and dealt with by delivery.
+    pub fn all(&self) -> Vec<Spooled> {
+        self.pending()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| Outbox::load(p).ok())
+            .collect()
+    }
+
+    /// Removes a delivered message, durably.
+    pub fn delete(&self, id: &str) -> io::Result<()> {
+        match fs::remove_file(self.file(id)) {
+            Ok(()) => sync_directory(&self.queue),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves the file at `path` to the dead-letter folder with `reason`
+    /// beside it.
+    pub fn bury(&self, path: &Path, reason: &str) -> io::Result<PathBuf> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?;
+        let target = self.dead.join(name);
+        let stem = Path::new(name)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        write_atomically(
+            &self.dead.join(format!("{stem}.reason")),
+            format!("{reason}\n").as_bytes(),
+            0o600,
+        )?;
+        fs::rename(path, &target)?;
+        sync_directory(&self.dead)?;
+        sync_directory(&self.queue)?;
+        Ok(target)
+    }
+
+    fn file(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}.json"))
+    }
+}
+
+/// Files in `dir` ending in `.ext`, not hidden (temp files start with a
+/// dot), sorted by name.
+fn list(dir: &Path, ext: &str) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == ext)
+                && p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: &str) -> Spooled {
+        Spooled {
+            id: id.into(),
+            subject: "s".into(),
+            reason: "r".into(),
+            from: "a@b".into(),
+            to: vec!["c@d".into()],
+            created: 1,
+            covers: vec![("Sync1/x".into(), 5)],
+            message: "Subject: s\r\n\r\nbody".into(),
+        }
+    }
+
+    #[test]
+    fn put_list_load_delete_bury() {
+        let dir = tempfile::tempdir().expect("dir");
+        let outbox = Outbox::open(dir.path()).expect("open");
+        outbox.put(&message("ferry-2")).expect("put");
+        outbox.put(&message("ferry-1")).expect("put");
+        fs::write(outbox.queue_dir().join(".ferry-3.json.tmp.1"), "x").expect("temp");
+        let pending = outbox.pending().expect("list");
+        assert_eq!(pending.len(), 2);
+        assert!(pending[0].ends_with("ferry-1.json"));
+        assert_eq!(Outbox::load(&pending[0]).expect("load"), message("ferry-1"));
+        outbox.delete("ferry-1").expect("delete");
+        outbox.delete("ferry-1").expect("deleting twice is fine");
+        assert_eq!(outbox.pending_count(), 1);
+        let buried = outbox
+            .bury(&outbox.pending().expect("list")[0], "550 no")
+            .expect("bury");
+        assert!(buried.starts_with(outbox.dead_dir()));
+        assert_eq!(outbox.pending_count(), 0);
+        assert_eq!(outbox.dead_count(), 1);
+        let reason = fs::read_to_string(outbox.dead_dir().join("ferry-2.reason")).expect("reason");
+        assert_eq!(reason, "550 no\n");
+    }
+
+    #[test]
+    fn a_corrupt_file_is_reported_not_a_panic() {
+        let dir = tempfile::tempdir().expect("dir");
+        let outbox = Outbox::open(dir.path()).expect("open");
+        let path = outbox.queue_dir().join("ferry-9.json");
+        fs::write(&path, "{ half").expect("write");
+        assert!(Outbox::load(&path).is_err());
+        assert!(outbox.all().is_empty());
+    }
+}
