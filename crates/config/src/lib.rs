@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use borg::{BorgSettings, Profile};
+pub use borg::{BorgSettings, Checks, Frequency, Hooks, Preconditions, Profile, Retention, Span};
 pub use crypt::CryptSettings;
 pub use error::ConfigError;
 pub use notify::{Mail, MailTransport, NotifySettings, SmtpSecurity};

@@ -1,1 +1,632 @@
-//! ferry-borg (to be written)
+//! ferry-borg: scheduled, observable borg backups on the bus.
+//!
+//! It owns org.ferry.Borg1. `Start(profile)` (from a systemd timer or
+//! busctl) returns a job id at once; the job ([`job`]) runs as a task the
+//! service loop owns and reports through events, from which the loop keeps
+//! the properties (Jobs, LastResults, LastFailures, Schedule), persists the
+//! results ([`state`]) and emits BackupStarted / BackupProgress /
+//! BackupFinished / BackupFailed / BackupSkipped. Profiles come from
+//! ferry.toml or from a borgmatic file ([`borgmatic`]); both become one
+//! [`plan::Plan`]. Borg and hooks run under [`process`] supervision;
+//! preconditions, the host id and logind's inhibitor are in [`system`].
+
+pub mod borgmatic;
+pub mod job;
+pub mod plan;
+pub mod process;
+pub mod state;
+pub mod system;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_config::{Config, Name};
+use ferry_interfaces::{
+    borg, BackupJob, BackupResult, Error as FerryError, Failure, ScheduleEntry,
+};
+use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
+use job::{End, Event, Job, RepositoryLocks};
+use state::Stored;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use zbus::object_server::{InterfaceRef, SignalEmitter};
+
+/// How long shutdown waits for cancelled jobs beyond borg's cancel timeout.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
+
+/// What the properties show; the loop writes it, the interface reads it.
+#[derive(Debug, Default)]
+struct Shared {
+    jobs: Vec<BackupJob>,
+    stored: Stored,
+}
+
+enum Command {
+    Start(Name, oneshot::Sender<String>),
+    Cancel(String, oneshot::Sender<Result<(), FerryError>>),
+}
+
+/// The org.ferry.Borg1 object: validates, authorizes and hands over to the loop.
+pub struct BorgInterface {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Mutex<Shared>>,
+    config: Arc<Config>,
+    /// When the service started: a profile that never ran is due since then.
+    started: u64,
+}
+
+fn stopping() -> FerryError {
+    FerryError::Failed("ferry-borg is shutting down".into())
+}
+
+impl BorgInterface {
+    fn shared<T>(&self, read: impl FnOnce(&Shared) -> T) -> T {
+        match self.shared.lock() {
+            Ok(shared) => read(&shared),
+            Err(poisoned) => read(&poisoned.into_inner()),
+        }
+    }
+
+    fn profile(&self, profile: &str) -> Result<Name, FerryError> {
+        Name::new(profile)
+            .ok()
+            .filter(|name| self.config.profiles.contains_key(name))
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.config.profiles.keys().map(Name::as_str).collect();
+                FerryError::UnknownProfile(format!(
+                    "no profile named `{profile}` in the configuration; configured: {}",
+                    if known.is_empty() {
+                        "none (add a [profiles.<name>] section)".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })
+    }
+}
+
+#[zbus::interface(name = "org.ferry.Borg1")]
+impl BorgInterface {
+    /// Runs a profile now; returns its job id (the running one's if it runs).
+    #[zbus(out_args("job"))]
+    async fn start(
+        &self,
+        profile: &str,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<String, FerryError> {
+        ferry_service::caller::authorize(connection, &header).await?;
+        let name = self.profile(profile)?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Start(name, reply))
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())
+    }
+
+    /// Stops a running job; BackupFailed(…, "cancelled", …) follows.
+    async fn cancel(
+        &self,
+        job: &str,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<(), FerryError> {
+        ferry_service::caller::authorize(connection, &header).await?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Cancel(job.to_string(), reply))
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())?
+    }
+
+    /// borg create's JSON statistics of the profile's last successful run.
+    #[zbus(out_args("stats"))]
+    async fn get_stats(&self, profile: &str) -> Result<String, FerryError> {
+        let name = self.profile(profile)?;
+        self.shared(|s| {
+            s.stored
+                .profiles
+                .get(name.as_str())
+                .and_then(|r| r.stats.clone())
+        })
+        .ok_or_else(|| {
+            FerryError::NotFound(format!(
+                "profile `{profile}` has no successful run yet; start one with Start(\"{profile}\")"
+            ))
+        })
+    }
+
+    /// Every configured profile, sorted.
+    #[zbus(property)]
+    async fn profiles(&self) -> Vec<String> {
+        self.config.profiles.keys().map(|n| n.to_string()).collect()
+    }
+
+    /// The running jobs with their progress.
+    #[zbus(property)]
+    async fn jobs(&self) -> Vec<BackupJob> {
+        self.shared(|s| s.jobs.clone())
+    }
+
+    /// The last result per profile.
+    #[zbus(property)]
+    async fn last_results(&self) -> Vec<BackupResult> {
+        self.shared(|s| {
+            s.stored
+                .profiles
+                .values()
+                .filter_map(|r| r.last_result.clone())
+                .collect()
+        })
+    }
+
+    /// When each profile is next due, and what blocks it now.
+    #[zbus(property)]
+    async fn schedule(&self) -> Vec<ScheduleEntry> {
+        let last_success: BTreeMap<String, Option<u64>> = self.shared(|s| {
+            s.stored
+                .profiles
+                .iter()
+                .map(|(name, r)| (name.clone(), r.last_success))
+                .collect()
+        });
+        self.config
+            .profiles
+            .iter()
+            .map(|(name, profile)| {
+                let due = match profile.interval {
+                    None => 0,
+                    Some(interval) => match last_success.get(name.as_str()).copied().flatten() {
+                        Some(last) => last.saturating_add(interval.as_secs()),
+                        None => self.started,
+                    },
+                };
+                let pre = &profile.preconditions;
+                ScheduleEntry {
+                    profile: name.to_string(),
+                    due,
+                    blocked: system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power)
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// The most recent failure per profile.
+    #[zbus(property)]
+    async fn last_failures(&self) -> Vec<Failure> {
+        self.shared(|s| {
+            s.stored
+                .profiles
+                .values()
+                .filter_map(|r| r.last_failure.clone())
+                .collect()
+        })
+    }
+
+    /// A job began.
+    #[zbus(signal)]
+    async fn backup_started(
+        emitter: &SignalEmitter<'_>,
+        job: &str,
+        profile: &str,
+    ) -> zbus::Result<()>;
+
+    /// borg create's progress.
+    #[zbus(signal)]
+    async fn backup_progress(
+        emitter: &SignalEmitter<'_>,
+        job: &str,
+        bytes: u64,
+        files: u64,
+    ) -> zbus::Result<()>;
+
+    /// Every stage succeeded.
+    #[zbus(signal)]
+    async fn backup_finished(
+        emitter: &SignalEmitter<'_>,
+        job: &str,
+        profile: &str,
+        archive: &str,
+    ) -> zbus::Result<()>;
+
+    /// A stage failed or the job was cancelled.
+    #[zbus(signal)]
+    async fn backup_failed(
+        emitter: &SignalEmitter<'_>,
+        job: &str,
+        profile: &str,
+        stage: &str,
+        message: &str,
+    ) -> zbus::Result<()>;
+
+    /// Not run, and not a failure.
+    #[zbus(signal)]
+    async fn backup_skipped(
+        emitter: &SignalEmitter<'_>,
+        job: &str,
+        profile: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// A job the loop is running.
+struct Running {
+    profile: Name,
+    cancel: watch::Sender<bool>,
+    started: Instant,
+}
+
+/// The service loop's own state.
+struct Service {
+    config: Arc<Config>,
+    connection: zbus::Connection,
+    shared: Arc<Mutex<Shared>>,
+    object: InterfaceRef<BorgInterface>,
+    state_path: PathBuf,
+    host_id: String,
+    locks: RepositoryLocks,
+    events: mpsc::Sender<(String, Event)>,
+    running: BTreeMap<String, Running>,
+    tasks: JoinSet<End>,
+    task_jobs: HashMap<tokio::task::Id, String>,
+    counter: u64,
+}
+
+impl Service {
+    fn with_shared<T>(&self, change: impl FnOnce(&mut Shared) -> T) -> T {
+        match self.shared.lock() {
+            Ok(mut shared) => change(&mut shared),
+            Err(poisoned) => change(&mut poisoned.into_inner()),
+        }
+    }
+
+    fn start(&mut self, profile: Name) -> String {
+        if let Some((id, _)) = self.running.iter().find(|(_, r)| r.profile == profile) {
+            return id.clone();
+        }
+        self.counter += 1;
+        let id = format!("{profile}-{}", self.counter);
+        let (cancel, cancelled) = watch::channel(false);
+        let checks_last = self.with_shared(|s| {
+            s.stored
+                .profiles
+                .get(profile.as_str())
+                .map(|r| r.checks.clone())
+                .unwrap_or_default()
+        });
+        let job = Job {
+            id: id.clone(),
+            profile: profile.clone(),
+            config: self.config.clone(),
+            connection: self.connection.clone(),
+            events: self.events.clone(),
+            cancel: cancelled,
+            locks: self.locks.clone(),
+            checks_last,
+            host_id: self.host_id.clone(),
+        };
+        let handle = self.tasks.spawn(job.run());
+        self.task_jobs.insert(handle.id(), id.clone());
+        self.running.insert(
+            id.clone(),
+            Running {
+                profile: profile.clone(),
+                cancel,
+                started: Instant::now(),
+            },
+        );
+        self.with_shared(|s| {
+            s.jobs.push(BackupJob {
+                job: id.clone(),
+                profile: profile.to_string(),
+                stage: "waiting".into(),
+                bytes: 0,
+                files: 0,
+            })
+        });
+        tracing::info!("job {id}: profile {profile} started");
+        id
+    }
+
+    fn cancel(&self, job: &str) -> Result<(), FerryError> {
+        match self.running.get(job) {
+            Some(running) => {
+                tracing::info!("job {job}: cancel requested");
+                running.cancel.send_replace(true);
+                Ok(())
+            }
+            None => Err(FerryError::UnknownJob(format!(
+                "no running job `{job}`; running: {}",
+                if self.running.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.running.keys().cloned().collect::<Vec<_>>().join(", ")
+                }
+            ))),
+        }
+    }
+
+    async fn event(&self, job: String, event: Event) {
+        let changed = self.with_shared(|s| {
+            let Some(entry) = s.jobs.iter_mut().find(|j| j.job == job) else {
+                return false;
+            };
+            match &event {
+                Event::Stage(stage) => entry.stage = stage.to_string(),
+                Event::Progress { bytes, files } => {
+                    entry.bytes = *bytes;
+                    entry.files = *files;
+                }
+            }
+            true
+        });
+        if !changed {
+            return;
+        }
+        let emitter = self.object.signal_emitter();
+        let interface = self.object.get().await;
+        if let Err(e) = interface.jobs_changed(emitter).await {
+            tracing::warn!("cannot emit PropertiesChanged: {e}");
+        }
+        if let Event::Progress { bytes, files } = event {
+            if let Err(e) = BorgInterface::backup_progress(emitter, &job, bytes, files).await {
+                tracing::warn!("cannot emit BackupProgress: {e}");
+            }
+        }
+    }
+
+    async fn announce_start(&self, job: &str, profile: &str) {
+        let emitter = self.object.signal_emitter();
+        let interface = self.object.get().await;
+        if let Err(e) = interface.jobs_changed(emitter).await {
+            tracing::warn!("cannot emit PropertiesChanged: {e}");
+        }
+        if let Err(e) = BorgInterface::backup_started(emitter, job, profile).await {
+            tracing::warn!("cannot emit BackupStarted: {e}");
+        }
+    }
+
+    /// Records a job's end, persists it, updates the properties, then signals.
+    async fn finish(&mut self, job: String, end: End) {
+        let Some(running) = self.running.remove(&job) else {
+            return;
+        };
+        let profile = running.profile.to_string();
+        let seconds = running.started.elapsed().as_secs_f64();
+        let now = unix_now();
+        let (outcome, archive, message) = match &end {
+            End::Finished { archive, .. } => ("finished", archive.clone(), String::new()),
+            End::Failed { stage, message } => {
+                ("failed", String::new(), format!("{stage}: {message}"))
+            }
+            End::Skipped { reason } => ("skipped", String::new(), reason.clone()),
+        };
+        match &end {
+            End::Finished { archive, .. } => {
+                tracing::info!("job {job}: profile {profile} finished in {seconds:.1}s: {archive}")
+            }
+            End::Failed { stage, message } => {
+                tracing::warn!("job {job}: profile {profile} failed at {stage}: {message}")
+            }
+            End::Skipped { reason } => {
+                tracing::info!("job {job}: profile {profile} skipped: {reason}")
+            }
+        }
+        let stored = self.with_shared(|s| {
+            s.jobs.retain(|j| j.job != job);
+            let record = s.stored.profile(&profile);
+            record.last_result = Some(BackupResult {
+                profile: profile.clone(),
+                outcome: outcome.into(),
+                time: now,
+                archive: archive.clone(),
+                seconds,
+                message: message.clone(),
+            });
+            match &end {
+                End::Finished { stats, checks, .. } => {
+                    record.last_success = Some(now);
+                    record.stats = Some(stats.clone());
+                    for kind in checks {
+                        record.checks.insert(kind.to_string(), now);
+                    }
+                }
+                End::Failed { stage, message } => {
+                    record.last_failure = Some(Failure {
+                        subject: profile.clone(),
+                        time: now,
+                        stage: stage.clone(),
+                        message: message.clone(),
+                    })
+                }
+                End::Skipped { .. } => {}
+            }
+            s.stored.clone()
+        });
+        if let Err(e) = stored.save(&self.state_path) {
+            tracing::error!(
+                "cannot write {}: {e}; the result is on the bus but will not survive a restart",
+                self.state_path.display()
+            );
+        }
+        let emitter = self.object.signal_emitter();
+        let interface = self.object.get().await;
+        for sent in [
+            interface.jobs_changed(emitter).await,
+            interface.last_results_changed(emitter).await,
+            interface.last_failures_changed(emitter).await,
+            interface.schedule_changed(emitter).await,
+        ] {
+            if let Err(e) = sent {
+                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            }
+        }
+        let sent = match &end {
+            End::Finished { archive, .. } => {
+                BorgInterface::backup_finished(emitter, &job, &profile, archive).await
+            }
+            End::Failed { stage, message } => {
+                BorgInterface::backup_failed(emitter, &job, &profile, stage, message).await
+            }
+            End::Skipped { reason } => {
+                BorgInterface::backup_skipped(emitter, &job, &profile, reason).await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!("cannot emit the end of job {job}: {e}");
+        }
+    }
+
+    /// A finished task: its job id and how it ended (a panic is a failure).
+    fn joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, End), tokio::task::JoinError>,
+    ) -> Option<(String, End)> {
+        match joined {
+            Ok((id, end)) => self.task_jobs.remove(&id).map(|job| (job, end)),
+            Err(e) => {
+                let job = self.task_jobs.remove(&e.id())?;
+                Some((
+                    job,
+                    End::Failed {
+                        stage: "internal".into(),
+                        message: format!("the job stopped unexpectedly: {e}"),
+                    },
+                ))
+            }
+        }
+    }
+}
+
+/// Logs, once at start, what is wrong with borgmatic files that can be read
+/// now; a file that is not there yet (seed 000's ~/Private) is read at run time.
+fn check_borgmatic_files(config: &Config) {
+    for (name, profile) in &config.profiles {
+        let Some(path) = &profile.borgmatic_config else {
+            continue;
+        };
+        if !path.exists() {
+            tracing::info!(
+                "profile {name}: {} is not there now; it is read when the profile runs",
+                path.display()
+            );
+            continue;
+        }
+        match borgmatic::load(config, name, profile) {
+            Ok(plan) => {
+                for warning in plan.warnings {
+                    tracing::warn!("profile {name}: {warning}");
+                }
+            }
+            Err(e) => tracing::error!(
+                "profile {name}: {e}; runs of this profile will fail until it is fixed"
+            ),
+        }
+    }
+}
+
+/// Runs the borg service on `connection` until `shutdown` resolves.
+pub async fn run(
+    connection: zbus::Connection,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+) -> Result<(), ServiceError> {
+    let state_path = config.state_directory.join(state::FILE_NAME);
+    let shared = Arc::new(Mutex::new(Shared {
+        jobs: Vec::new(),
+        stored: Stored::load(&state_path),
+    }));
+    check_borgmatic_files(&config);
+    let host_id = system::host_id(&config.borg);
+    tracing::info!("BORG_HOST_ID is {host_id}");
+
+    let (commands, mut requests) = mpsc::channel(16);
+    connection
+        .object_server()
+        .at(
+            borg::OBJECT_PATH,
+            BorgInterface {
+                commands,
+                shared: shared.clone(),
+                config: config.clone(),
+                started: unix_now(),
+            },
+        )
+        .await?;
+    let object = connection
+        .object_server()
+        .interface::<_, BorgInterface>(borg::OBJECT_PATH)
+        .await?;
+    let (events, mut job_events) = mpsc::channel(256);
+    let mut service = Service {
+        config: config.clone(),
+        connection: connection.clone(),
+        shared,
+        object,
+        state_path,
+        host_id,
+        locks: RepositoryLocks::default(),
+        events,
+        running: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        task_jobs: HashMap::new(),
+        counter: 0,
+    };
+    claim_name(&connection, borg::BUS_NAME, borg::OBJECT_PATH).await?;
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(command) = requests.recv() => match command {
+                Command::Start(profile, reply) => {
+                    let already = service.running.values().any(|r| r.profile == profile);
+                    let id = service.start(profile.clone());
+                    let _ = reply.send(id.clone());
+                    if !already {
+                        service.announce_start(&id, profile.as_str()).await;
+                    }
+                }
+                Command::Cancel(job, reply) => {
+                    let _ = reply.send(service.cancel(&job));
+                }
+            },
+            Some((job, event)) = job_events.recv() => service.event(job, event).await,
+            Some(joined) = service.tasks.join_next_with_id(), if !service.tasks.is_empty() => {
+                // Events the job sent before it ended come before its end.
+                while let Ok((job, event)) = job_events.try_recv() {
+                    service.event(job, event).await;
+                }
+                if let Some((job, end)) = service.joined(joined) {
+                    service.finish(job, end).await;
+                }
+            }
+        }
+    }
+
+    // Stop: cancel every job (borg checkpoints and releases its lock), record them.
+    if !service.running.is_empty() {
+        tracing::info!("stopping: cancelling {} job(s)", service.running.len());
+        for running in service.running.values() {
+            running.cancel.send_replace(true);
+        }
+        let bound = config.borg.cancel_timeout.duration() + SHUTDOWN_SLACK;
+        let drained = tokio::time::timeout(bound, async {
+            while let Some(joined) = service.tasks.join_next_with_id().await {
+                if let Some((job, end)) = service.joined(joined) {
+                    service.finish(job, end).await;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("jobs did not stop within {bound:?}; leaving them to be killed");
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,4 @@
-fn main() {}
+//! The ferry-borg binary: ferry's shared main around [`ferry_borg::run`].
+fn main() -> std::process::ExitCode {
+    ferry_service::main("ferry-borg", ferry_borg::run)
+}

@@ -1,0 +1,722 @@
+//! One job: a profile run from Start to its end, as a task the service loop
+//! owns. It checks the preconditions, resolves the plan (reading a borgmatic
+//! file if the profile has one), waits its turn on the repository, holds a
+//! logind inhibitor, runs the before hooks, borg create → prune → compact →
+//! check as the plan says, the after (or on-error) hooks, and returns how it
+//! ended. Progress and stage changes go to the loop as events; the loop owns
+//! the properties and the signals.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_config::{Config, Name};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use crate::plan::{Passphrase, Plan, CHECK_KINDS};
+use crate::process::{self, Limits, Stop};
+use crate::{borgmatic, system};
+
+/// The least time between two progress reports of one job.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// A before hook exiting with this skips the run (borgmatic's soft failure).
+const SKIP_EXIT_CODE: i32 = 75;
+/// borg's msgid when `--lock-wait` ran out.
+const LOCK_TIMEOUT: &str = "LockTimeout";
+/// How many of borg's error lines a failure message carries.
+const MESSAGE_LINES: usize = 5;
+
+/// What a running job tells the loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The job entered a stage (waiting, hook, create, prune, compact, check).
+    Stage(&'static str),
+    /// borg create's progress.
+    Progress {
+        /// Original bytes read.
+        bytes: u64,
+        /// Files processed.
+        files: u64,
+    },
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Every stage succeeded.
+    Finished {
+        /// The archive made.
+        archive: String,
+        /// borg create --json.
+        stats: String,
+        /// The check kinds that ran.
+        checks: Vec<&'static str>,
+    },
+    /// A stage failed, or the job was cancelled (stage "cancelled").
+    Failed {
+        /// hook, config, create, prune, compact, check or cancelled.
+        stage: String,
+        /// What went wrong, in borg's or the hook's words.
+        message: String,
+    },
+    /// Not run, and that is fine.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One repository, one job: a per-repository async lock shared by all jobs.
+#[derive(Clone, Default)]
+pub struct RepositoryLocks(Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl RepositoryLocks {
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = match self.0.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(key.to_string()).or_default().clone()
+    }
+}
+
+/// Everything a job needs, given by the loop.
+pub struct Job {
+    /// The job id.
+    pub id: String,
+    /// The profile.
+    pub profile: Name,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// For logind.
+    pub connection: zbus::Connection,
+    /// Events to the loop.
+    pub events: mpsc::Sender<(String, Event)>,
+    /// True once Cancel (or shutdown) asked the job to stop.
+    pub cancel: watch::Receiver<bool>,
+    /// The per-repository turn.
+    pub locks: RepositoryLocks,
+    /// When each check kind last ran for this profile.
+    pub checks_last: BTreeMap<String, u64>,
+    /// BORG_HOST_ID.
+    pub host_id: String,
+}
+
+/// A failure on the way: the stage and the message.
+struct Fail {
+    stage: String,
+    message: String,
+}
+
+impl Fail {
+    fn new(stage: &str, message: impl Into<String>) -> Fail {
+        Fail {
+            stage: stage.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn cancelled(stage: &str) -> Fail {
+        Fail::new("cancelled", format!("cancelled during {stage}"))
+    }
+}
+
+/// How one step ended short of success.
+enum Stopped {
+    Skip(String),
+    Fail(Fail),
+}
+
+impl From<Fail> for Stopped {
+    fn from(f: Fail) -> Self {
+        Stopped::Fail(f)
+    }
+}
+
+/// What one borg run produced.
+struct BorgOutput {
+    stdout: Vec<u8>,
+}
+
+impl Job {
+    /// Runs the job to its end.
+    pub async fn run(mut self) -> End {
+        let profile_name = self.profile.clone();
+        let Some(profile) = self.config.profiles.get(&profile_name).cloned() else {
+            return End::Failed {
+                stage: "config".into(),
+                message: format!("profile `{profile_name}` is no longer configured"),
+            };
+        };
+        self.stage("waiting").await;
+        let pre = &profile.preconditions;
+        if let Some(reason) = system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power) {
+            return End::Skipped { reason };
+        }
+        let plan = match profile.borgmatic_config {
+            Some(_) => borgmatic::load(&self.config, &profile_name, &profile),
+            None => Plan::from_profile(&self.config, &profile_name, &profile),
+        }
+        .and_then(|plan| plan.check_not_on_a_drive(&self.config).map(|()| plan));
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(message) => {
+                return End::Failed {
+                    stage: "config".into(),
+                    message,
+                }
+            }
+        };
+        for warning in &plan.warnings {
+            tracing::warn!("profile {profile_name}: {warning}");
+        }
+
+        // One job per repository: wait for the turn, cancellable.
+        let turn = self.locks.lock_for(&plan.repository_key());
+        let _turn = tokio::select! {
+            guard = turn.lock_owned() => guard,
+            _ = cancelled(&mut self.cancel) => return Fail::cancelled("waiting").into_end(),
+        };
+        let _inhibitor = system::inhibit(
+            &self.connection,
+            &format!("borg backup of profile {profile_name}"),
+        )
+        .await;
+
+        match self.stages(&plan).await {
+            Ok(end) => end,
+            Err(Stopped::Skip(reason)) => End::Skipped { reason },
+            Err(Stopped::Fail(fail)) => {
+                if fail.stage != "cancelled" && !plan.hooks.on_error.is_empty() {
+                    let error = format!("{}: {}", fail.stage, fail.message);
+                    if let Err(Stopped::Fail(hook)) = self
+                        .hooks(&plan, "on-error", &plan.hooks.on_error, Some(&error))
+                        .await
+                    {
+                        tracing::warn!("on-error hook failed too: {}", hook.message);
+                    }
+                }
+                fail.into_end()
+            }
+        }
+    }
+
+    /// The stages after the turn is ours.
+    async fn stages(&mut self, plan: &Plan) -> Result<End, Stopped> {
+        self.hooks(plan, "before", &plan.hooks.before, None).await?;
+
+        self.stage("create").await;
+        let mut args: Vec<String> = vec![
+            "create".into(),
+            "--log-json".into(),
+            "--progress".into(),
+            "--json".into(),
+            lock_wait(plan),
+        ];
+        args.extend(plan.create_options.iter().cloned());
+        args.push("--".into());
+        args.push(format!("{}::{}", plan.repository, plan.archive_name_format));
+        args.extend(plan.sources.iter().cloned());
+        let created = self.borg(plan, "create", &args).await?;
+        let stats = String::from_utf8_lossy(&created.stdout).into_owned();
+        let parsed: Value = serde_json::from_str(&stats).map_err(|e| {
+            Fail::new(
+                "create",
+                format!("borg create printed no JSON statistics ({e})"),
+            )
+        })?;
+        let archive = parsed["archive"]["name"]
+            .as_str()
+            .ok_or_else(|| Fail::new("create", "borg create's statistics name no archive"))?
+            .to_string();
+        let totals = &parsed["archive"]["stats"];
+        self.progress(
+            totals["original_size"].as_u64().unwrap_or(0),
+            totals["nfiles"].as_u64().unwrap_or(0),
+        )
+        .await;
+        tracing::info!("created archive {archive}");
+
+        if !plan.retention.is_empty() {
+            self.stage("prune").await;
+            let mut args = vec![
+                "prune".to_string(),
+                "--log-json".into(),
+                lock_wait(plan),
+                format!("--glob-archives={}", plan.prune_glob),
+            ];
+            args.extend(plan.retention.iter().cloned());
+            args.extend(["--".into(), plan.repository.clone()]);
+            self.borg(plan, "prune", &args).await?;
+            if plan.compact {
+                self.stage("compact").await;
+                let args = [
+                    "compact".to_string(),
+                    "--log-json".into(),
+                    lock_wait(plan),
+                    "--".into(),
+                    plan.repository.clone(),
+                ];
+                self.borg(plan, "compact", &args).await?;
+            }
+        }
+
+        let checks = self.checks(plan).await?;
+        self.hooks(plan, "after", &plan.hooks.after, None).await?;
+        Ok(End::Finished {
+            archive,
+            stats,
+            checks,
+        })
+    }
+
+    /// Runs the checks that are due; returns the kinds that ran.
+    async fn checks(&mut self, plan: &Plan) -> Result<Vec<&'static str>, Stopped> {
+        let now = ferry_service::unix_now();
+        let due = |kind: &str| {
+            plan.checks
+                .of(kind)
+                .is_some_and(|d| d.due(self.checks_last.get(kind).copied(), now))
+        };
+        let (repository, archives, data) = (due("repository"), due("archives"), due("data"));
+        let mut runs: Vec<Vec<String>> = Vec::new();
+        let archive_flags = |args: &mut Vec<String>| {
+            if data {
+                args.push("--verify-data".into());
+            }
+            if let Some(last) = plan.checks.last {
+                args.push(format!("--last={last}"));
+            }
+        };
+        match (repository, archives || data, plan.checks.max_duration) {
+            (false, false, _) => {}
+            (true, other, Some(max)) => {
+                runs.push(vec![
+                    "--repository-only".into(),
+                    format!("--max-duration={}", max.as_secs().max(1)),
+                ]);
+                if other {
+                    let mut args = vec!["--archives-only".to_string()];
+                    archive_flags(&mut args);
+                    runs.push(args);
+                }
+            }
+            (true, false, None) => runs.push(vec!["--repository-only".into()]),
+            (false, true, _) => {
+                let mut args = vec!["--archives-only".to_string()];
+                archive_flags(&mut args);
+                runs.push(args);
+            }
+            (true, true, None) => {
+                let mut args = Vec::new();
+                archive_flags(&mut args);
+                runs.push(args);
+            }
+        }
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stage("check").await;
+        for flags in runs {
+            let mut args = vec!["check".to_string(), "--log-json".into(), lock_wait(plan)];
+            args.extend(flags);
+            args.extend(["--".into(), plan.repository.clone()]);
+            self.borg(plan, "check", &args).await?;
+        }
+        Ok(CHECK_KINDS
+            .into_iter()
+            .filter(|kind| match *kind {
+                "repository" => repository,
+                "archives" => archives || data,
+                _ => data,
+            })
+            .collect())
+    }
+
+    /// Runs borg, retrying while the repository stays locked by someone else.
+    async fn borg(
+        &mut self,
+        plan: &Plan,
+        stage: &'static str,
+        args: &[String],
+    ) -> Result<BorgOutput, Fail> {
+        let config = self.config.clone();
+        let settings = &config.borg;
+        let mut delay = settings.busy_retry_delay.duration();
+        let mut attempt = 0;
+        loop {
+            match self.borg_once(plan, stage, args).await {
+                Attempt::Done(output) => return Ok(output),
+                Attempt::Failed(fail) => return Err(fail),
+                Attempt::Busy(message) if attempt < settings.busy_retries => {
+                    attempt += 1;
+                    tracing::info!(
+                        "repository busy ({message}); trying {stage} again in {}s ({attempt} of {})",
+                        delay.as_secs(),
+                        settings.busy_retries
+                    );
+                    self.stage("waiting").await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting")),
+                    }
+                    delay = delay.saturating_mul(2);
+                    self.stage(stage).await;
+                }
+                Attempt::Busy(message) => {
+                    return Err(Fail::new(
+                        stage,
+                        format!(
+                        "the repository stayed locked by another borg through {} tries: {message}",
+                        attempt + 1
+                    ),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn borg_once(&mut self, plan: &Plan, stage: &'static str, args: &[String]) -> Attempt {
+        let settings = self.config.borg.clone();
+        let mut command = process::command(&settings.program, args);
+        for name in [
+            "BORG_PASSPHRASE",
+            "BORG_PASSCOMMAND",
+            "BORG_PASSPHRASE_FD",
+            "BORG_NEW_PASSPHRASE",
+            "BORG_REPO",
+            "BORG_RSH",
+        ] {
+            command.env_remove(name);
+        }
+        command
+            .env("BORG_HOST_ID", &self.host_id)
+            .env("BORG_HOSTNAME_IS_UNIQUE", "yes")
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "no")
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "no")
+            .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
+            .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
+            .env("BORG_DISPLAY_PASSPHRASE", "no");
+        if let Some(rsh) = &plan.rsh {
+            command.env("BORG_RSH", rsh);
+        }
+        let secret = match &plan.passphrase {
+            Passphrase::None => None,
+            Passphrase::Command(passcommand) => {
+                command.env("BORG_PASSCOMMAND", passcommand);
+                None
+            }
+            Passphrase::File(path) => match std::fs::read(path) {
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    return Attempt::Failed(Fail::new(
+                        "config",
+                        format!("cannot read the passphrase file {}: {e}", path.display()),
+                    ))
+                }
+            },
+            Passphrase::Inline(secret) => Some(secret.expose().as_bytes().to_vec()),
+        };
+        let pipe = match secret.as_deref().map(process::secret_pipe).transpose() {
+            Ok(pipe) => pipe,
+            Err(e) => {
+                return Attempt::Failed(Fail::new(
+                    stage,
+                    format!("cannot hand borg the passphrase: {e}"),
+                ))
+            }
+        };
+        if let Some(fd) = &pipe {
+            use std::os::fd::AsRawFd;
+            command.env(
+                "BORG_PASSPHRASE_FD",
+                OsString::from(fd.as_raw_fd().to_string()),
+            );
+        }
+        process::prepare(&mut command, pipe.as_ref(), libc::SIGINT);
+        tracing::debug!("running borg {}", args.join(" "));
+
+        let mut log = BorgLog::default();
+        let mut last_progress: Option<Instant> = None;
+        let events = self.events.clone();
+        let id = self.id.clone();
+        let limits = Limits {
+            cancel: &mut self.cancel,
+            timeout: settings.command_timeout.duration(),
+            first_signal: libc::SIGINT,
+            grace: settings.cancel_timeout.duration(),
+        };
+        let ended = process::supervise(command, pipe, limits, |line| {
+            if let Some((bytes, files)) = log.line(line) {
+                if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
+                    last_progress = Some(Instant::now());
+                    // Progress is best effort: a full queue drops a report, never blocks borg.
+                    let _ = events.try_send((id.clone(), Event::Progress { bytes, files }));
+                }
+            }
+        })
+        .await;
+        let ended = match ended {
+            Ok(ended) => ended,
+            Err(e) => {
+                return Attempt::Failed(Fail::new(
+                    stage,
+                    format!(
+                        "cannot run {}: {e} (is borgbackup installed?)",
+                        settings.program
+                    ),
+                ))
+            }
+        };
+        match ended.stopped {
+            Some(Stop::Cancelled) => return Attempt::Failed(Fail::cancelled(stage)),
+            Some(Stop::TimedOut) => {
+                return Attempt::Failed(Fail::new(
+                    stage,
+                    format!(
+                        "borg {stage} ran longer than {}s (command-timeout) and was stopped",
+                        settings.command_timeout.as_secs()
+                    ),
+                ))
+            }
+            None => {}
+        }
+        for warning in &log.warnings {
+            tracing::warn!("borg {stage}: {warning}");
+        }
+        match ended.status.code() {
+            // 1: warnings only (a file vanished, a permission): the archive is good.
+            Some(0) | Some(1) => Attempt::Done(BorgOutput {
+                stdout: ended.stdout,
+            }),
+            _ if log.busy => Attempt::Busy(log.message(ended.status)),
+            _ => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
+        }
+    }
+
+    /// Runs hook commands in order. A before hook exiting 75 skips the run.
+    async fn hooks(
+        &mut self,
+        plan: &Plan,
+        which: &'static str,
+        commands: &[String],
+        error: Option<&str>,
+    ) -> Result<(), Stopped> {
+        if commands.is_empty() {
+            return Ok(());
+        }
+        self.stage("hook").await;
+        let settings = self.config.borg.clone();
+        for hook in commands {
+            let mut command = process::command("/bin/sh", &["-c", hook.as_str()]);
+            command
+                .env("FERRY_PROFILE", self.profile.as_str())
+                .env("FERRY_REPOSITORY", &plan.repository)
+                .env("FERRY_JOB", &self.id)
+                .env_remove("FERRY_ERROR");
+            if let Some(error) = error {
+                command.env("FERRY_ERROR", error);
+            }
+            process::prepare(&mut command, None, libc::SIGTERM);
+            let mut output = Vec::new();
+            let limits = Limits {
+                cancel: &mut self.cancel,
+                timeout: settings.hook_timeout.duration(),
+                first_signal: libc::SIGTERM,
+                grace: Duration::from_secs(5),
+            };
+            let ended = process::supervise(command, None, limits, |line| {
+                tracing::info!("{which} hook: {line}");
+                if output.len() < MESSAGE_LINES {
+                    output.push(line.to_string());
+                }
+            })
+            .await
+            .map_err(|e| Fail::new("hook", format!("cannot run the {which} hook `{hook}`: {e}")))?;
+            for line in String::from_utf8_lossy(&ended.stdout).lines() {
+                tracing::info!("{which} hook: {line}");
+            }
+            match (ended.stopped, ended.status.code()) {
+                (Some(Stop::Cancelled), _) => return Err(Fail::cancelled("hook").into()),
+                (Some(Stop::TimedOut), _) => {
+                    return Err(Fail::new(
+                        "hook",
+                        format!(
+                            "the {which} hook `{hook}` ran longer than {}s (hook-timeout)",
+                            settings.hook_timeout.as_secs()
+                        ),
+                    )
+                    .into())
+                }
+                (None, Some(0)) => {}
+                (None, Some(SKIP_EXIT_CODE)) if which == "before" => {
+                    return Err(Stopped::Skip(format!(
+                        "the before hook `{hook}` exited {SKIP_EXIT_CODE} (skip this run)"
+                    )))
+                }
+                (None, Some(SKIP_EXIT_CODE)) if which == "after" => {}
+                (None, code) => {
+                    let how = code.map_or("was killed by a signal".to_string(), |c| {
+                        format!("exited {c}")
+                    });
+                    let said = if output.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", output.join(" / "))
+                    };
+                    return Err(Fail::new(
+                        "hook",
+                        format!("the {which} hook `{hook}` {how}{said}"),
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn stage(&self, stage: &'static str) {
+        let _ = self
+            .events
+            .send((self.id.clone(), Event::Stage(stage)))
+            .await;
+    }
+
+    async fn progress(&self, bytes: u64, files: u64) {
+        let _ = self
+            .events
+            .send((self.id.clone(), Event::Progress { bytes, files }))
+            .await;
+    }
+}
+
+impl Fail {
+    fn into_end(self) -> End {
+        End::Failed {
+            stage: self.stage,
+            message: self.message,
+        }
+    }
+}
+
+enum Attempt {
+    Done(BorgOutput),
+    Busy(String),
+    Failed(Fail),
+}
+
+fn lock_wait(plan: &Plan) -> String {
+    format!("--lock-wait={}", plan.lock_wait.as_secs())
+}
+
+/// Resolves once the job is cancelled (never if the sender is gone).
+async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+    if cancel.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// What borg said on stderr with --log-json.
+#[derive(Default)]
+pub struct BorgLog {
+    /// ERROR and CRITICAL messages.
+    pub errors: Vec<String>,
+    /// WARNING messages.
+    pub warnings: Vec<String>,
+    /// Lines that were not JSON (a Python traceback).
+    pub other: Vec<String>,
+    /// borg gave up waiting for a lock.
+    pub busy: bool,
+}
+
+impl BorgLog {
+    /// Takes one stderr line; returns progress (bytes, files) if it was one.
+    pub fn line(&mut self, line: &str) -> Option<(u64, u64)> {
+        let Ok(value) = serde_json::from_str::<Value>(line) else {
+            if !line.trim().is_empty() {
+                keep_last(&mut self.other, line.trim().to_string());
+            }
+            return None;
+        };
+        match value["type"].as_str() {
+            Some("archive_progress") => {
+                Some((value["original_size"].as_u64()?, value["nfiles"].as_u64()?))
+            }
+            Some("log_message") => {
+                let message = value["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                match value["levelname"].as_str() {
+                    Some("ERROR") | Some("CRITICAL") => {
+                        if value["msgid"].as_str() == Some(LOCK_TIMEOUT) {
+                            self.busy = true;
+                        }
+                        keep_last(&mut self.errors, message);
+                    }
+                    Some("WARNING") => keep_last(&mut self.warnings, message),
+                    _ => tracing::debug!("borg: {message}"),
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The failure message: borg's own errors, else its other output, else the status.
+    pub fn message(&self, status: std::process::ExitStatus) -> String {
+        let lines = if self.errors.is_empty() {
+            &self.other
+        } else {
+            &self.errors
+        };
+        if lines.is_empty() {
+            format!("borg failed ({status}) without saying why")
+        } else {
+            lines.join("; ")
+        }
+    }
+}
+
+fn keep_last(lines: &mut Vec<String>, line: String) {
+    if lines.len() == MESSAGE_LINES {
+        lines.remove(0);
+    }
+    lines.push(line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn borg_log_lines() {
+        let mut log = BorgLog::default();
+        assert_eq!(
+            log.line(r#"{"original_size": 11326322, "compressed_size": 1, "deduplicated_size": 1, "nfiles": 3, "path": "src/a", "time": 1.0, "type": "archive_progress", "finished": false}"#),
+            Some((11326322, 3))
+        );
+        assert_eq!(
+            log.line(r#"{"time": 1.0, "type": "archive_progress", "finished": true}"#),
+            None
+        );
+        log.line(r#"{"type": "log_message", "time": 1.0, "message": "passphrase supplied in BORG_PASSPHRASE, by BORG_PASSCOMMAND or via BORG_PASSPHRASE_FD is incorrect.", "levelname": "ERROR", "name": "borg.archiver", "msgid": "PassphraseWrong"}"#);
+        assert!(!log.busy);
+        assert_eq!(
+            log.message(std::process::ExitStatus::from_raw(2 << 8)),
+            "passphrase supplied in BORG_PASSPHRASE, by BORG_PASSCOMMAND or via BORG_PASSPHRASE_FD is incorrect."
+        );
+        log.line(r#"{"type": "log_message", "time": 1.0, "message": "Failed to create/acquire the lock /r/lock.exclusive (timeout).", "levelname": "ERROR", "name": "borg.archiver", "msgid": "LockTimeout"}"#);
+        assert!(log.busy);
+        let mut traceback = BorgLog::default();
+        traceback.line("Traceback (most recent call last):");
+        traceback.line("OSError: [Errno 28] No space left on device");
+        assert!(traceback
+            .message(std::process::ExitStatus::from_raw(2 << 8))
+            .ends_with("No space left on device"));
+    }
+}

@@ -1,0 +1,237 @@
+//! Running one child (borg or a hook) under supervision: its own session,
+//! a passphrase pipe it alone inherits, stderr read line by line as it
+//! comes, a time limit, and a stop that asks nicely first.
+//!
+//! Borg and hooks are stopped the same way, so one piece of code does it:
+//! the first signal (SIGINT for borg, which then writes a checkpoint and
+//! releases its lock; SIGTERM for a hook) goes to the child's process group,
+//! then SIGTERM and SIGKILL follow after bounded waits.
+
+use std::ffi::OsStr;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The most of a child's stdout kept (borg create --json is a few KiB).
+const STDOUT_LIMIT: u64 = 16 << 20;
+/// How long output is still read after the child exited (a grandchild may
+/// hold the pipes open).
+const DRAIN: Duration = Duration::from_secs(2);
+/// The wait between SIGTERM and SIGKILL.
+const KILL_AFTER: Duration = Duration::from_secs(5);
+/// The longest passphrase that fits a pipe without blocking.
+const PASSPHRASE_LIMIT: usize = 60_000;
+
+/// Why a child was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Cancel or shutdown asked for it.
+    Cancelled,
+    /// It ran past its time limit.
+    TimedOut,
+}
+
+/// How a supervised child ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// What it wrote on stdout (bounded).
+    pub stdout: Vec<u8>,
+    /// Set when ferry stopped it.
+    pub stopped: Option<Stop>,
+}
+
+/// How to stop a child.
+pub struct Limits<'a> {
+    /// Becomes true when the job is cancelled.
+    pub cancel: &'a mut watch::Receiver<bool>,
+    /// The longest it may run.
+    pub timeout: Duration,
+    /// The signal that asks it to stop.
+    pub first_signal: libc::c_int,
+    /// How long it gets after the first signal before SIGTERM.
+    pub grace: Duration,
+}
+
+/// A pipe holding `secret`, written and closed: the read end, close-on-exec
+/// in this process, for exactly one child to inherit as BORG_PASSPHRASE_FD.
+pub fn secret_pipe(secret: &[u8]) -> io::Result<OwnedFd> {
+    if secret.len() > PASSPHRASE_LIMIT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the passphrase is longer than 60000 bytes",
+        ));
+    }
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 returns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    std::fs::File::from(write).write_all(secret)?;
+    Ok(read)
+}
+
+/// Prepares `command` to run supervised: no stdin, piped output, its own
+/// session (no terminal to prompt on; its group can be signalled), stopped
+/// with `death_signal` if this process dies, and `inherit` (if any) left
+/// open across exec.
+pub fn prepare(command: &mut Command, inherit: Option<&OwnedFd>, death_signal: libc::c_int) {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let keep = inherit.map(|fd| fd.as_raw_fd());
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Spawns a prepared `command` and supervises it until it exits, giving
+/// each stderr line to `on_line`. `inherit` is closed here once the child
+/// has its copy.
+pub async fn supervise(
+    mut command: Command,
+    inherit: Option<OwnedFd>,
+    limits: Limits<'_>,
+    mut on_line: impl FnMut(&str),
+) -> io::Result<Ended> {
+    let mut child = command.spawn()?;
+    drop(inherit);
+    let pid = child.id().map(|p| p as libc::pid_t);
+    let stdout = child.stdout.take();
+    let reader = tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        if let Some(out) = stdout {
+            let _ = out.take(STDOUT_LIMIT).read_to_end(&mut bytes).await;
+        }
+        bytes
+    });
+    let mut lines = child.stderr.take().map(|e| BufReader::new(e).lines());
+    let deadline = tokio::time::sleep(limits.timeout);
+    tokio::pin!(deadline);
+    let mut stopped = None;
+    // The signals still to send once stopping, each with the wait after it.
+    let mut ladder: Vec<(libc::c_int, Duration)> = Vec::new();
+    let mut next_signal: Option<Instant> = None;
+    let cancel = limits.cancel;
+    let mut cancel_open = true;
+    if *cancel.borrow() {
+        stopped = Some(Stop::Cancelled);
+        next_signal = Some(Instant::now());
+    }
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            line = next_line(&mut lines) => match line {
+                Some(line) => on_line(&line),
+                None => lines = None,
+            },
+            changed = cancel.changed(), if cancel_open && stopped.is_none() => match changed {
+                Ok(()) if *cancel.borrow() => {
+                    stopped = Some(Stop::Cancelled);
+                    next_signal = Some(Instant::now());
+                }
+                Ok(()) => {}
+                Err(_) => cancel_open = false,
+            },
+            _ = &mut deadline, if stopped.is_none() => {
+                stopped = Some(Stop::TimedOut);
+                next_signal = Some(Instant::now());
+            }
+            _ = sleep_until(next_signal), if next_signal.is_some() => {
+                if ladder.is_empty() {
+                    ladder = escalation(limits.first_signal, limits.grace);
+                }
+                let (signal, wait) = ladder.remove(0);
+                if let Some(pid) = pid {
+                    tracing::debug!("sending signal {signal} to process group {pid}");
+                    // SAFETY: signalling the child's own process group (setsid made it leader).
+                    unsafe { libc::kill(-pid, signal) };
+                }
+                next_signal = (!ladder.is_empty()).then(|| Instant::now() + wait);
+            }
+        }
+    };
+    // Read what is left, but do not wait on a grandchild holding the pipes.
+    if let Some(lines) = lines.as_mut() {
+        let _ = tokio::time::timeout(DRAIN, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                on_line(&line);
+            }
+        })
+        .await;
+    }
+    let stdout = match tokio::time::timeout(DRAIN, reader).await {
+        Ok(Ok(bytes)) => bytes,
+        _ => Vec::new(),
+    };
+    Ok(Ended {
+        status,
+        stdout,
+        stopped,
+    })
+}
+
+/// The signals to stop a child with: the first one, then SIGTERM, then SIGKILL.
+fn escalation(first: libc::c_int, grace: Duration) -> Vec<(libc::c_int, Duration)> {
+    let mut ladder = vec![(first, grace)];
+    if first != libc::SIGTERM {
+        ladder.push((libc::SIGTERM, KILL_AFTER));
+    }
+    ladder.push((libc::SIGKILL, KILL_AFTER));
+    ladder
+}
+
+async fn next_line(
+    lines: &mut Option<tokio::io::Lines<BufReader<tokio::process::ChildStderr>>>,
+) -> Option<String> {
+    match lines {
+        Some(lines) => lines.next_line().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(when: Option<Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A command for `program` with `args`.
+pub fn command<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
+    let mut command = Command::new(program);
+    command.args(args);
+    command
+}

@@ -1,0 +1,125 @@
+//! What ferry-borg remembers across restarts, per profile: the last result,
+//! the last failure, the last success with borg's statistics, and when each
+//! check last ran (checks run by frequency). Kept as JSON in
+//! `<state-directory>/borg.json`, replaced atomically after every job.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ferry_interfaces::{BackupResult, Failure};
+use serde::{Deserialize, Serialize};
+
+/// The state file's name under the state directory.
+pub const FILE_NAME: &str = "borg.json";
+
+/// One profile's memory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    /// The last job's result.
+    pub last_result: Option<BackupResult>,
+    /// The last failed job.
+    pub last_failure: Option<Failure>,
+    /// Unix time of the last success.
+    pub last_success: Option<u64>,
+    /// borg create --json of the last success.
+    pub stats: Option<String>,
+    /// Unix time each check kind last ran.
+    #[serde(default)]
+    pub checks: BTreeMap<String, u64>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stored {
+    /// By profile name.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileRecord>,
+}
+
+impl Stored {
+    /// Reads the state at `path`. A missing file is a fresh start; a
+    /// damaged one is moved aside (kept for a person to look at) and logged.
+    pub fn load(path: &Path) -> Stored {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Stored::default(),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {}: {e}; starting without past results",
+                    path.display()
+                );
+                return Stored::default();
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(stored) => stored,
+            Err(e) => {
+                let aside = PathBuf::from(format!(
+                    "{}.damaged-{}",
+                    path.display(),
+                    ferry_service::unix_now()
+                ));
+                let moved = std::fs::rename(path, &aside).is_ok();
+                tracing::warn!(
+                    "{} is damaged ({e}); {} and starting without past results",
+                    path.display(),
+                    if moved {
+                        format!("kept it as {}", aside.display())
+                    } else {
+                        "left it in place".to_string()
+                    }
+                );
+                Stored::default()
+            }
+        }
+    }
+
+    /// Writes the state durably and atomically (creating the directory).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        ferry_service::durable::write_atomically(path, &json, 0o600)
+    }
+
+    /// The record of `profile`, created empty when absent.
+    pub fn profile(&mut self, profile: &str) -> &mut ProfileRecord {
+        self.profiles.entry(profile.to_string()).or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_a_damaged_file_is_kept_aside() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("state").join(FILE_NAME);
+        assert!(Stored::load(&path).profiles.is_empty());
+        let mut stored = Stored::default();
+        stored.profile("home").last_success = Some(42);
+        stored
+            .profile("home")
+            .checks
+            .insert("repository".into(), 41);
+        stored.save(&path).expect("save");
+        let loaded = Stored::load(&path);
+        assert_eq!(loaded.profiles["home"].last_success, Some(42));
+        assert_eq!(loaded.profiles["home"].checks["repository"], 41);
+
+        std::fs::write(&path, b"{ torn").expect("damage");
+        assert!(Stored::load(&path).profiles.is_empty());
+        let names: Vec<String> = std::fs::read_dir(path.parent().expect("parent"))
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("borg.json.damaged-")),
+            "{names:?}"
+        );
+    }
+}
