@@ -1,6 +1,8 @@
 //! `[crypt]`: how ferry-crypt opens and closes drives, and where enrolment
 //! puts new key files. Owned by the crypt manager's issue.
 
+use std::path::Path;
+
 use serde::Deserialize;
 
 use crate::{AbsolutePath, Config};
@@ -9,24 +11,137 @@ use crate::{AbsolutePath, Config};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CryptSettings {
-    /// Where `ferry-crypt enroll` writes new key files and LUKS header backups.
+    /// Where `ferry-crypt enroll` writes new key files and LUKS header
+    /// backups, and where each drive's identity token (`<drive>.token`) lives.
     #[serde(default = "default_key_directory")]
     pub key_directory: AbsolutePath,
+    /// Seconds a busy filesystem is retried before closing fails (the
+    /// processes holding it are named in the failure). Default 30.
+    #[serde(default = "default_close_timeout")]
+    pub close_timeout: u64,
+    /// Seconds one cryptsetup, mount or umount run may take before it is
+    /// killed and the stage fails. Default 120.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout: u64,
 }
 
 fn default_key_directory() -> AbsolutePath {
     AbsolutePath::from_static("/etc/ferry/keys")
 }
 
+fn default_close_timeout() -> u64 {
+    30
+}
+
+fn default_command_timeout() -> u64 {
+    120
+}
+
 impl Default for CryptSettings {
     fn default() -> Self {
         CryptSettings {
             key_directory: default_key_directory(),
+            close_timeout: default_close_timeout(),
+            command_timeout: default_command_timeout(),
         }
     }
 }
 
+impl CryptSettings {
+    /// Where the host's half of a drive's identity token is kept.
+    pub fn token_path(&self, drive: &str) -> std::path::PathBuf {
+        self.key_directory.join(format!("{drive}.token"))
+    }
+}
+
+/// Directories a drive must never be mounted over: the machine would lose
+/// its own files under the drive's.
+const SYSTEM_DIRECTORIES: [&str; 14] = [
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/root", "/run", "/sbin",
+    "/sys", "/usr", "/var",
+];
+
 /// Checks that need the whole configuration.
-pub(crate) fn check(_config: &Config) -> Result<(), (Vec<String>, String)> {
+pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
+    let crypt = |k: &str| vec!["crypt".to_string(), k.to_string()];
+    if !(1..=3600).contains(&config.crypt.close_timeout) {
+        return Err((
+            crypt("close-timeout"),
+            "must be from 1 to 3600 seconds".into(),
+        ));
+    }
+    if !(5..=3600).contains(&config.crypt.command_timeout) {
+        return Err((
+            crypt("command-timeout"),
+            "must be from 5 to 3600 seconds".into(),
+        ));
+    }
+    for (name, drive) in &config.drives {
+        let mountpoint = drive.mountpoint(name);
+        if SYSTEM_DIRECTORIES
+            .iter()
+            .any(|d| Path::new(d) == mountpoint)
+        {
+            return Err((
+                vec!["drives".into(), name.to_string(), "mountpoint".into()],
+                format!(
+                    "{} is a system directory; mounting a drive over it would hide the machine's own files: use a directory of its own such as /run/ferry/{name}",
+                    mountpoint.display()
+                ),
+            ));
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::Config;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("ferry.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse("").expect("empty file");
+        assert_eq!(&*config.crypt.key_directory, Path::new("/etc/ferry/keys"));
+        assert_eq!(config.crypt.close_timeout, 30);
+        assert_eq!(config.crypt.command_timeout, 120);
+        assert_eq!(
+            config.crypt.token_path("offsite-a"),
+            Path::new("/etc/ferry/keys/offsite-a.token")
+        );
+    }
+
+    #[test]
+    fn settings_are_read_and_checked() {
+        let config =
+            parse("[crypt]\nkey-directory = \"/k\"\nclose-timeout = 5\ncommand-timeout = 60\n")
+                .expect("valid");
+        assert_eq!(config.crypt.close_timeout, 5);
+        assert_eq!(config.crypt.command_timeout, 60);
+        let err = parse("[crypt]\nclose-timeout = 0\n").expect_err("zero");
+        assert!(
+            err.contains("crypt.close-timeout") && err.contains("1 to 3600"),
+            "{err}"
+        );
+        let err = parse("[crypt]\ncommand-timeout = 1\n").expect_err("too short");
+        assert!(err.contains("crypt.command-timeout"), "{err}");
+        let err = parse("[crypt]\nclose-timeuot = 5\n").expect_err("misspelt");
+        assert!(err.contains("close-timeuot"), "{err}");
+    }
+
+    #[test]
+    fn a_drive_is_never_mounted_over_a_system_directory() {
+        let err =
+            parse("[drives.a]\nuuid = \"abcd-1234\"\nmountpoint = \"/etc\"\n").expect_err("/etc");
+        assert!(
+            err.contains("drives.a.mountpoint") && err.contains("system directory"),
+            "{err}"
+        );
+        parse("[drives.a]\nuuid = \"abcd-1234\"\nmountpoint = \"/mnt/a\"\n").expect("/mnt/a");
+    }
 }

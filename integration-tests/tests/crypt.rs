@@ -1,0 +1,1134 @@
+//! ferry-crypt with the real drive watcher, real udev, real loop devices,
+//! real mounts and real cryptsetup on a private bus. Drives are prepared
+//! with the real `ferry-crypt enroll`. Mapping a LUKS device needs
+//! device-mapper, which this kernel may lack: those steps skip with that
+//! reason, everything before and after them runs.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use ferry_integration_tests::introspection::assert_matches_contract;
+use ferry_integration_tests::{
+    binary_path, random_uuid, require_device_mapper, run, udev_property, LoopImage, Recorded,
+    ServiceProcess, SignalRecorder, TestBus,
+};
+use ferry_interfaces::crypt::{self, CryptProxy};
+use ferry_interfaces::{drive_watcher, CryptDrive};
+
+/// The `[crypt]` section every test uses: keys in the test's dir, a short
+/// busy timeout.
+fn crypt_section(dir: &Path) -> String {
+    format!(
+        "[crypt]\nkey-directory = \"{}\"\nclose-timeout = 2\n\n",
+        dir.join("keys").display()
+    )
+}
+
+/// The kernel has device-mapper (as `require_device_mapper` decides;
+/// cryptsetup itself may create /dev/mapper/control without it).
+fn have_device_mapper() -> bool {
+    Path::new("/sys/class/misc/device-mapper").exists()
+}
+
+/// Where a test mounts drive `name`.
+fn mountpoint(dir: &Path, name: &str) -> PathBuf {
+    dir.join("mnt").join(name)
+}
+
+/// The mount options at `point` if something is mounted there (this test
+/// process shares the host's mount namespace with the services).
+fn mounted_at(point: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let point = point.to_string_lossy();
+    info.lines()
+        .rev()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[4] == point)
+        .map(|f| f[5].to_string())
+}
+
+/// Whether anything is mounted from `device`.
+fn device_mounted(device: &str) -> bool {
+    let majmin = std::fs::read_to_string(format!(
+        "/sys/class/block/{}/dev",
+        device.trim_start_matches("/dev/")
+    ))
+    .unwrap_or_default();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .any(|l| l.split(' ').nth(2) == Some(majmin.trim()))
+}
+
+/// Runs `ferry-crypt enroll ARGS`; (exit code, stdout, stderr).
+fn enroll(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(binary_path("ferry-crypt"))
+        .arg("enroll")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry-crypt enroll");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A drive enrolled in plain mode by the real command: its image (detached
+/// again) and the configuration section it printed.
+struct Enrolled {
+    image: LoopImage,
+    section: String,
+    uuid: String,
+}
+
+fn enroll_plain(dir: &Path, config: &Path, name: &str) -> Enrolled {
+    let mut image = LoopImage::blank(dir, 16);
+    let device = image.attach();
+    let (code, section, stderr) = enroll(&[
+        "--drive",
+        name,
+        "--plain",
+        "--config",
+        &config.to_string_lossy(),
+        "--yes-destroy-all-data-on",
+        &device,
+        &device,
+    ]);
+    assert_eq!(code, Some(0), "enroll failed:\n{stderr}");
+    let uuid = section
+        .lines()
+        .find_map(|l| l.strip_prefix("uuid = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("the section has a uuid")
+        .to_string();
+    image.detach();
+    Enrolled {
+        image,
+        section,
+        uuid,
+    }
+}
+
+/// Writes ferry.toml: the crypt section, then each drive's section from
+/// enrolment with its test mountpoint and any extra lines.
+fn configure(dir: &Path, drives: &[(&str, &Enrolled, &str)]) -> PathBuf {
+    let mut text = crypt_section(dir);
+    for (name, enrolled, extra) in drives {
+        text.push_str(&format!(
+            "{}mountpoint = \"{}\"\n{extra}\n",
+            enrolled.section,
+            mountpoint(dir, name).display()
+        ));
+    }
+    write_config(dir, &text)
+}
+
+/// The watcher and ferry-crypt, both up.
+async fn services(bus: &TestBus, config: &Path) -> (ServiceProcess, ServiceProcess) {
+    let conn = bus.connect().await;
+    let config = config.to_string_lossy().into_owned();
+    let watcher = bus.spawn("ferry-drive-watcher", &["--config", &config], &[]);
+    watcher
+        .wait_for_name(&conn, drive_watcher::BUS_NAME, WAIT)
+        .await;
+    let crypt = start_crypt(bus, &config).await;
+    (watcher, crypt)
+}
+
+async fn start_crypt(bus: &TestBus, config: &str) -> ServiceProcess {
+    let conn = bus.connect().await;
+    let crypt = bus.spawn("ferry-crypt", &["--config", config], &[]);
+    crypt.wait_for_name(&conn, crypt::BUS_NAME, WAIT).await;
+    crypt
+}
+
+async fn drive_state(conn: &zbus::Connection, name: &str) -> CryptDrive {
+    let proxy: CryptProxy = uncached(conn).await;
+    proxy
+        .drives()
+        .await
+        .expect("Drives")
+        .into_iter()
+        .find(|d| d.name == name)
+        .expect("the drive is listed")
+}
+
+fn named(name: &'static str) -> impl Fn(&Recorded) -> bool {
+    move |s| s.args[0] == name
+}
+
+/// Mounts `device` at a fresh directory by hand, runs `f` on it, unmounts.
+fn by_hand(dir: &Path, device: &str, f: impl FnOnce(&Path)) {
+    let point = tempfile::tempdir_in(dir).expect("hand mountpoint");
+    run("mount", &[device, &point.path().to_string_lossy()]);
+    f(point.path());
+    run("umount", &[point.path()]);
+}
+
+/// A child process whose working directory is `dir` (so it holds the mount).
+struct Holder(Child);
+
+impl Holder {
+    fn start(dir: &Path) -> Holder {
+        Holder(
+            Command::new("sleep")
+                .arg("120")
+                .current_dir(dir)
+                .spawn()
+                .expect("start sleep"),
+        )
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Unmounts `point` on drop (a test's own mount).
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+async fn emit(
+    conn: &zbus::Connection,
+    member: &str,
+    args: &(impl serde::Serialize + zbus::zvariant::DynamicType),
+) {
+    conn.emit_signal(
+        None::<()>,
+        "/org/ferry/Sync1",
+        "org.ferry.Sync1",
+        member,
+        args,
+    )
+    .await
+    .expect("emit signal");
+}
+
+fn method_error(result: zbus::Result<()>) -> (String, String) {
+    match result {
+        Err(zbus::Error::MethodError(name, message, _)) => {
+            (name.to_string(), message.unwrap_or_default())
+        }
+        other => panic!("expected a D-Bus error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_drive_opens_on_attach_is_visible_to_others_and_closes() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    let point = mountpoint(dir.path(), "offsite-a");
+
+    let device = a.image.attach();
+    let attached = signals
+        .wait_for("DriveAttached", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(
+        attached.args[2], a.uuid,
+        "udev reports the UUID enrolment printed"
+    );
+    let opened = signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(opened.args[1], point.to_string_lossy());
+    let options = mounted_at(&point).expect("mounted");
+    for option in ["rw", "nosuid", "nodev", "noexec"] {
+        assert!(
+            options.split(',').any(|o| o == option),
+            "{option} in {options}"
+        );
+    }
+    // Another process writes and reads there: the mount is in the host's namespace.
+    let probe = point.join("probe");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo ferry > '{0}' && cat '{0}'", probe.display()))
+        .output()
+        .expect("sh");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ferry\n", "{out:?}");
+    let state = drive_state(&conn, "offsite-a").await;
+    assert_eq!(
+        (state.state.as_str(), state.device.as_str()),
+        ("open", device.as_str())
+    );
+
+    let proxy: CryptProxy = uncached(&conn).await;
+    proxy.close("offsite-a").await.expect("Close");
+    signals
+        .wait_for("DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(mounted_at(&point), None);
+    assert!(!device_mounted(&device));
+    assert!(!point.exists(), "the empty mountpoint is removed");
+    assert_eq!(drive_state(&conn, "offsite-a").await.state, "closed");
+
+    // A repeated announcement (Rescan) does not reopen a drive that is safe to remove.
+    let before = signals.len();
+    let watcher: drive_watcher::DriveWatcherProxy = uncached(&conn).await;
+    watcher.rescan().await.expect("Rescan");
+    signals
+        .expect_none_from(before, "DriveOpened", |_| true, QUIET)
+        .await;
+
+    // Open by method, then the sync's result closes it; the file is still there.
+    proxy.open("offsite-a").await.expect("Open");
+    signals
+        .wait_for_from(before, "DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(std::fs::read_to_string(&probe).expect("probe"), "ferry\n");
+    emit(&conn, "SyncFinished", &("offsite-a", 10u64, 1.5f64)).await;
+    signals
+        .wait_for_from(before, "DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(mounted_at(&point), None);
+    assert_eq!(
+        signals.count("DriveFailed", |_| true),
+        0,
+        "{}",
+        signals.listing()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_drive_names_its_holder_refuses_a_second_request_and_closes_later() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    let point = mountpoint(dir.path(), "offsite-a");
+    a.image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+
+    let holder = Holder::start(&point);
+    let proxy: CryptProxy = uncached(&conn).await;
+    proxy.close("offsite-a").await.expect("Close");
+    let (name, message) = method_error(proxy.open("offsite-a").await);
+    assert_eq!(name, "org.ferry.Error.Busy", "{message}");
+    let failed = signals
+        .wait_for("DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "close");
+    assert!(
+        failed.args[2].contains(&format!("pid {} (sleep, working directory)", holder.pid())),
+        "{}",
+        failed.args[2]
+    );
+    assert!(
+        mounted_at(&point).is_some(),
+        "still mounted: never closed while busy"
+    );
+    assert_eq!(signals.count("DriveClosed", |_| true), 0);
+    let state = drive_state(&conn, "offsite-a").await;
+    assert_eq!(state.state, "failed");
+    assert_eq!(state.message, failed.args[2]);
+
+    drop(holder);
+    proxy.close("offsite-a").await.expect("Close again");
+    signals
+        .wait_for("DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(mounted_at(&point), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_wrong_or_linked_identity_token_fails_and_writes_nothing() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let mut b = enroll_plain(dir.path(), &base, "offsite-b");
+    let host_token = dir.path().join("keys/offsite-a.token");
+    let token_a = std::fs::read(&host_token).expect("host token");
+    let b_device = b.image.attach();
+    let mut token_b = Vec::new();
+    by_hand(dir.path(), &b_device, |root| {
+        token_b = std::fs::read(root.join(".ferry-identity")).expect("b's token")
+    });
+    b.image.detach();
+    let config = configure(
+        dir.path(),
+        &[
+            ("offsite-a", &a, "open-on-attach = false"),
+            ("offsite-b", &b, ""),
+        ],
+    );
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    let proxy: CryptProxy = uncached(&conn).await;
+    let point = mountpoint(dir.path(), "offsite-a");
+    let device = a.image.attach();
+    signals
+        .wait_for("DriveAttached", named("offsite-a"), WAIT)
+        .await;
+
+    type Tamper = Box<dyn Fn(&Path)>;
+    let host = host_token.clone();
+    let cases: Vec<(&str, Tamper, &str)> = vec![
+        (
+            "missing",
+            Box::new(|root: &Path| std::fs::remove_file(root.join(".ferry-identity")).expect("rm")),
+            "carries no ferry identity token",
+        ),
+        (
+            "another drive's",
+            Box::new(move |root: &Path| {
+                std::fs::write(root.join(".ferry-identity"), &token_b).expect("write")
+            }),
+            "identity of drive offsite-b",
+        ),
+        (
+            "a link to the host's",
+            Box::new(move |root: &Path| {
+                let _ = std::fs::remove_file(root.join(".ferry-identity"));
+                std::os::unix::fs::symlink(&host, root.join(".ferry-identity")).expect("symlink")
+            }),
+            "symbolic link",
+        ),
+    ];
+    for (what, tamper, expected) in cases {
+        by_hand(dir.path(), &device, |root| tamper(root));
+        let image_before = std::fs::read(a.image.path()).expect("image");
+        let before = signals.len();
+        proxy.open("offsite-a").await.expect("Open");
+        let failed = signals
+            .wait_for_from(before, "DriveFailed", named("offsite-a"), WAIT)
+            .await;
+        assert_eq!(failed.args[1], "identity", "{what}: {failed}");
+        assert!(
+            failed.args[2].contains(expected),
+            "{what}: {}",
+            failed.args[2]
+        );
+        assert!(
+            failed.args[2].contains("enroll"),
+            "{what} says what to do: {}",
+            failed.args[2]
+        );
+        assert_eq!(mounted_at(&point), None, "{what}: nothing left mounted");
+        assert!(!device_mounted(&device), "{what}");
+        assert!(
+            std::fs::read(a.image.path()).expect("image") == image_before,
+            "{what}: the drive was written to"
+        );
+        assert_eq!(signals.count("DriveOpened", |_| true), 0, "{what}");
+    }
+
+    // The host's token missing: the message says where it should be.
+    by_hand(dir.path(), &device, |root| {
+        let _ = std::fs::remove_file(root.join(".ferry-identity"));
+        std::fs::write(root.join(".ferry-identity"), &token_a).expect("restore the drive's token")
+    });
+    std::fs::rename(&host_token, dir.path().join("moved")).expect("move the host token");
+    let before = signals.len();
+    proxy.open("offsite-a").await.expect("Open");
+    let failed = signals
+        .wait_for_from(before, "DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert!(
+        failed.args[2].contains("this host has no identity token"),
+        "{}",
+        failed.args[2]
+    );
+
+    // Both halves back: it opens.
+    std::fs::rename(dir.path().join("moved"), &host_token).expect("restore the host token");
+    proxy.open("offsite-a").await.expect("Open");
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    let failures = proxy.last_failures().await.expect("LastFailures");
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(
+        (failures[0].subject.as_str(), failures[0].stage.as_str()),
+        ("offsite-a", "identity")
+    );
+    assert!(failures[0].time > 0);
+}
+
+/// A LUKS image made by the test with `key`; returns it attached.
+fn luks_image(dir: &Path, uuid: &str, key: &Path) -> (LoopImage, String) {
+    let mut image = LoopImage::blank(dir, 32);
+    let device = image.attach();
+    run(
+        "cryptsetup",
+        &[
+            "luksFormat".as_ref(),
+            "--type".as_ref(),
+            "luks2".as_ref(),
+            "--batch-mode".as_ref(),
+            "--pbkdf".as_ref(),
+            "pbkdf2".as_ref(),
+            "--pbkdf-force-iterations".as_ref(),
+            "1000".as_ref(),
+            "--uuid".as_ref(),
+            uuid.as_ref(),
+            "--key-file".as_ref(),
+            key.as_os_str(),
+            std::ffi::OsStr::new(&device),
+        ],
+    );
+    (image, device)
+}
+
+fn write_key(path: &Path, bytes: &[u8], mode: u32) {
+    std::fs::write(path, bytes).expect("key");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn luks_wrong_key_and_loose_key_file_fail_at_unlock_and_the_right_key_reaches_the_mapping() {
+    if !(udev_and_loop()
+        && ferry_integration_tests::require_command("cryptsetup", "cryptsetup-bin"))
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let uuid = random_uuid();
+    let (right, key) = (
+        dir.path().join("right.key"),
+        dir.path().join("offsite-a.key"),
+    );
+    write_key(&right, b"the right key, not on any command line", 0o600);
+    let (_image, device) = luks_image(dir.path(), &uuid, &right);
+    write_key(&key, b"some other key", 0o600);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{}[drives.offsite-a]\nuuid = \"{uuid}\"\nkey-file = \"{}\"\nmountpoint = \"{}\"\n",
+            crypt_section(dir.path()),
+            key.display(),
+            mountpoint(dir.path(), "offsite-a").display()
+        ),
+    );
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    // The drive is already plugged in: the watcher's coldplug announces it.
+    let (_watcher, crypt) = services(&bus, &config).await;
+    let failed = signals
+        .wait_for("DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "unlock");
+    assert!(
+        failed.args[2].contains("does not unlock"),
+        "{}",
+        failed.args[2]
+    );
+    assert_eq!(drive_state(&conn, "offsite-a").await.device, device);
+
+    let proxy: CryptProxy = uncached(&conn).await;
+    write_key(&key, &std::fs::read(&right).expect("right key"), 0o644);
+    let before = signals.len();
+    proxy.open("offsite-a").await.expect("Open");
+    let failed = signals
+        .wait_for_from(before, "DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "unlock");
+    assert!(
+        failed.args[2].contains("mode 0644") && failed.args[2].contains("chmod 600"),
+        "{}",
+        failed.args[2]
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let before = signals.len();
+    proxy.open("offsite-a").await.expect("Open");
+    let has_mapper = have_device_mapper();
+    if has_mapper {
+        // The key is right, but this drive was never given a filesystem and token.
+        let failed = signals
+            .wait_for_from(before, "DriveFailed", named("offsite-a"), WAIT)
+            .await;
+        assert_eq!(failed.args[1], "mount", "{failed}");
+    } else {
+        let failed = signals
+            .wait_for_from(before, "DriveFailed", named("offsite-a"), WAIT)
+            .await;
+        assert_eq!(failed.args[1], "unlock");
+        assert!(
+            failed.args[2].contains("the key is right") && failed.args[2].contains("device-mapper"),
+            "{}",
+            failed.args[2]
+        );
+        require_device_mapper();
+    }
+    let log = crypt.log();
+    assert!(
+        !log.contains("the right key, not on any command line"),
+        "the key reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mountpoint_in_use_is_refused_and_left_alone() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
+    let point = mountpoint(dir.path(), "offsite-a");
+    std::fs::create_dir_all(&point).expect("mountpoint");
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "squatter",
+            &point.to_string_lossy(),
+        ],
+    );
+    let _squatter = MountGuard(point.clone());
+    std::fs::write(point.join("theirs"), "untouched").expect("write");
+
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    let device = a.image.attach();
+    let failed = signals
+        .wait_for("DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "mount");
+    assert!(
+        failed.args[2].contains("already mounted") && failed.args[2].contains("squatter"),
+        "{}",
+        failed.args[2]
+    );
+    assert!(!device_mounted(&device));
+    assert_eq!(
+        std::fs::read_to_string(point.join("theirs")).expect("still there"),
+        "untouched"
+    );
+
+    // Close leaves a mount that is not the drive's alone, and says closed.
+    let proxy: CryptProxy = uncached(&conn).await;
+    proxy.close("offsite-a").await.expect("Close");
+    signals
+        .wait_for("DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    assert!(mounted_at(&point).is_some(), "the tmpfs is still mounted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drive_pulled_out_while_open_is_unmounted_and_reported() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    let point = mountpoint(dir.path(), "offsite-a");
+    let device = a.image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    let holder = Holder::start(&point);
+
+    // The medium vanishes: the image shrinks to nothing and the loop device
+    // reports size 0, so udev loses its UUID, as with a yanked disk.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.image.path())
+        .and_then(|f| f.set_len(0))
+        .expect("truncate the image");
+    run("losetup", &["-c", device.as_str()]);
+    signals
+        .wait_for("DriveDetached", named("offsite-a"), WAIT)
+        .await;
+    let failed = signals
+        .wait_for("DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "removed");
+    assert!(
+        failed.args[2].contains("was removed while it was open"),
+        "{}",
+        failed.args[2]
+    );
+    assert!(
+        failed.args[2].contains(&format!("pid {} (sleep", holder.pid())),
+        "{}",
+        failed.args[2]
+    );
+    assert_eq!(mounted_at(&point), None, "lazily unmounted");
+    let state = drive_state(&conn, "offsite-a").await;
+    assert_eq!(
+        (state.state.as_str(), state.device.as_str()),
+        ("failed", "")
+    );
+    assert_eq!(
+        signals.count("DriveClosed", |_| true),
+        0,
+        "never 'safe to remove' after a yank"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_and_restarted_it_adopts_an_open_drive_and_closes_a_stray_mount() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let mut b = enroll_plain(dir.path(), &base, "offsite-b");
+    let config = configure(
+        dir.path(),
+        &[
+            ("offsite-a", &a, ""),
+            ("offsite-b", &b, "open-on-attach = false"),
+        ],
+    );
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, crypt) = services(&bus, &config).await;
+    let (point_a, point_b) = (
+        mountpoint(dir.path(), "offsite-a"),
+        mountpoint(dir.path(), "offsite-b"),
+    );
+    a.image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    std::fs::write(point_a.join("kept"), "still here").expect("write");
+    // offsite-b is mounted by hand at its mountpoint, without ferry's options.
+    let device_b = b.image.attach();
+    signals
+        .wait_for("DriveAttached", named("offsite-b"), WAIT)
+        .await;
+    std::fs::create_dir_all(&point_b).expect("mkdir");
+    run("mount", &[device_b.as_str(), &point_b.to_string_lossy()]);
+
+    crypt.signal(libc::SIGKILL);
+    crypt.wait_exit(WAIT).await.expect("killed");
+    assert!(mounted_at(&point_a).is_some(), "a SIGKILL leaves the mount");
+    let before = signals.len();
+    let crypt = start_crypt(&bus, &config.to_string_lossy()).await;
+    signals
+        .wait_for_from(before, "DriveClosed", named("offsite-b"), WAIT)
+        .await;
+    assert_eq!(mounted_at(&point_b), None);
+    let log = crypt.log();
+    assert!(
+        log.contains("offsite-a: found open") && log.contains("adopted"),
+        "{log}"
+    );
+    assert!(
+        log.contains("offsite-b: found left behind") && log.contains("closing it"),
+        "{log}"
+    );
+    assert_eq!(drive_state(&conn, "offsite-a").await.state, "open");
+    assert_eq!(
+        std::fs::read_to_string(point_a.join("kept")).expect("kept"),
+        "still here"
+    );
+    signals
+        .expect_none_from(
+            before,
+            "DriveOpened",
+            named("offsite-a"),
+            Duration::from_millis(500),
+        )
+        .await;
+
+    // The adopted drive closes like any other.
+    emit(&conn, "SyncFailed", &("offsite-a", "copy", "disk full")).await;
+    signals
+        .wait_for_from(before, "DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(mounted_at(&point_a), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_drives_plugged_in_together_open_and_close_independently() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let mut b = enroll_plain(dir.path(), &base, "offsite-b");
+    let config = configure(dir.path(), &[("offsite-a", &a, ""), ("offsite-b", &b, "")]);
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    a.image.attach();
+    b.image.attach();
+    for name in ["offsite-a", "offsite-b"] {
+        let opened = signals
+            .wait_for("DriveOpened", move |s| s.args[0] == name, WAIT)
+            .await;
+        assert_eq!(
+            opened.args[1],
+            mountpoint(dir.path(), name).to_string_lossy()
+        );
+        assert!(mounted_at(&mountpoint(dir.path(), name)).is_some());
+    }
+    emit(&conn, "SyncFinished", &("offsite-b", 1u64, 0.5f64)).await;
+    signals
+        .wait_for("DriveClosed", named("offsite-b"), WAIT)
+        .await;
+    assert!(
+        mounted_at(&mountpoint(dir.path(), "offsite-a")).is_some(),
+        "a is still open"
+    );
+    assert_eq!(drive_state(&conn, "offsite-a").await.state, "open");
+    emit(&conn, "SyncFinished", &("offsite-a", 1u64, 0.5f64)).await;
+    signals
+        .wait_for("DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    for name in ["offsite-a", "offsite-b"] {
+        assert_eq!(mounted_at(&mountpoint(dir.path(), name)), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_enrolment_refuses_until_confirmed_and_prepares_a_drive_that_opens() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let base_arg = base.to_string_lossy().into_owned();
+    let mut image = LoopImage::ext4(dir.path(), 16, &random_uuid(), "precious");
+    let device = image.attach();
+    let common = [
+        "--drive",
+        "offsite-a",
+        "--plain",
+        "--config",
+        base_arg.as_str(),
+    ];
+
+    let (code, _, stderr) = enroll(&[&common[..], &[device.as_str()]].concat());
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains(&format!("--yes-destroy-all-data-on {device}")),
+        "{stderr}"
+    );
+    let (code, _, stderr) = enroll(
+        &[
+            &common[..],
+            &[
+                "--yes-destroy-all-data-on",
+                "/dev/loop-other",
+                device.as_str(),
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("nothing was erased"), "{stderr}");
+    let point = dir.path().join("busy");
+    std::fs::create_dir(&point).expect("mkdir");
+    run("mount", &[device.as_str(), &point.to_string_lossy()]);
+    let guard = MountGuard(point.clone());
+    let confirmed = [
+        &common[..],
+        &[
+            "--yes-destroy-all-data-on",
+            device.as_str(),
+            device.as_str(),
+        ],
+    ]
+    .concat();
+    let (code, _, stderr) = enroll(&confirmed);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("is mounted at"), "{stderr}");
+    drop(guard);
+    ferry_integration_tests::udev_settle();
+    assert_eq!(
+        udev_property(&device, "ID_FS_LABEL").as_deref(),
+        Some("precious"),
+        "nothing was erased"
+    );
+
+    let (code, section, stderr) = enroll(&confirmed);
+    assert_eq!(code, Some(0), "{stderr}");
+    let uuid = section
+        .lines()
+        .find_map(|l| l.strip_prefix("uuid = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("uuid")
+        .to_string();
+    ferry_integration_tests::udev_settle();
+    assert_eq!(
+        udev_property(&device, "ID_FS_UUID").as_deref(),
+        Some(uuid.as_str())
+    );
+    assert_eq!(
+        udev_property(&device, "ID_FS_LABEL").as_deref(),
+        Some("offsite-a")
+    );
+    let token = dir.path().join("keys/offsite-a.token");
+    assert_eq!(
+        std::fs::metadata(&token)
+            .expect("token")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    by_hand(dir.path(), &device, |root| {
+        let on_drive = root.join(".ferry-identity");
+        assert_eq!(
+            std::fs::read(&on_drive).expect("drive token"),
+            std::fs::read(&token).expect("host token")
+        );
+        assert_eq!(
+            std::fs::metadata(&on_drive)
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    });
+    let (code, _, stderr) = enroll(&confirmed);
+    assert_eq!(code, Some(1), "a second enrolment under the same name");
+    assert!(stderr.contains("already exists"), "{stderr}");
+    image.detach();
+
+    // The printed section, pasted into ferry.toml, is all the service needs.
+    let enrolled = Enrolled {
+        image,
+        section,
+        uuid,
+    };
+    let config = configure(dir.path(), &[("offsite-a", &enrolled, "")]);
+    let mut image = enrolled.image;
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_without_device_mapper(
+) {
+    if !(udev_and_loop()
+        && ferry_integration_tests::require_command("cryptsetup", "cryptsetup-bin"))
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut image = LoopImage::blank(dir.path(), 32);
+    let device = image.attach();
+    let (code, section, stderr) = enroll(&[
+        "--drive",
+        "offsite-a",
+        "--config",
+        &base.to_string_lossy(),
+        "--yes-destroy-all-data-on",
+        &device,
+        &device,
+    ]);
+    let keys = dir.path().join("keys");
+    let (key, header) = (keys.join("offsite-a.key"), keys.join("offsite-a.header"));
+    assert_eq!(
+        std::fs::metadata(&key)
+            .expect("key file")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(std::fs::metadata(&key).expect("key").len(), 64);
+    assert!(header.is_file(), "header backup beside the key");
+    let luks_uuid = run("cryptsetup", &["luksUUID", device.as_str()])
+        .trim()
+        .to_string();
+    let has_mapper = have_device_mapper();
+    if has_mapper {
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            section.contains(&format!("uuid = \"{luks_uuid}\"")),
+            "{section}"
+        );
+        assert!(
+            section.contains(&format!("key-file = \"{}\"", key.display())),
+            "{section}"
+        );
+    } else {
+        assert_eq!(code, Some(1));
+        assert!(
+            stderr.contains("no device-mapper")
+                && stderr.contains(&key.to_string_lossy().into_owned()),
+            "{stderr}"
+        );
+    }
+    let test_key = || {
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(&key)
+            .arg(&device)
+            .stderr(Stdio::null())
+            .status()
+            .expect("cryptsetup")
+            .success()
+    };
+    assert!(test_key(), "the new key file unlocks the drive");
+    ferry_integration_tests::udev_settle();
+    assert_eq!(
+        udev_property(&device, "ID_FS_UUID").as_deref(),
+        Some(luks_uuid.as_str())
+    );
+
+    // Zero the header: the drive is lost; restore it from the backup: it is back.
+    {
+        use std::io::Write;
+        let mut disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&device)
+            .expect("open device");
+        disk.write_all(&vec![0u8; 16 * 1024 * 1024])
+            .expect("zero the header");
+        disk.sync_all().expect("sync");
+    }
+    assert!(!test_key(), "a zeroed header opens with nothing");
+    run(
+        "cryptsetup",
+        &[
+            "luksHeaderRestore".as_ref(),
+            "--batch-mode".as_ref(),
+            std::ffi::OsStr::new(&device),
+            "--header-backup-file".as_ref(),
+            header.as_os_str(),
+        ],
+    );
+    assert!(test_key(), "the restored header opens with the key");
+    assert_eq!(
+        run("cryptsetup", &["luksUUID", device.as_str()]).trim(),
+        luks_uuid
+    );
+
+    if !require_device_mapper() {
+        return;
+    }
+    image.detach();
+    let bus = TestBus::start();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{}{section}mountpoint = \"{}\"\n",
+            crypt_section(dir.path()),
+            mountpoint(dir.path(), "offsite-a").display()
+        ),
+    );
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    let proxy: CryptProxy = uncached(&conn).await;
+    proxy.close("offsite-a").await.expect("Close");
+    signals
+        .wait_for("DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    assert!(!Path::new("/dev/mapper/ferry-offsite-a").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_interface_matches_its_xml_and_refuses_unknown_and_absent_drives() {
+    let bus = TestBus::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{}{}\nmountpoint = \"{}\"\n",
+            crypt_section(dir.path()),
+            drive_section("offsite-a", &random_uuid()).trim_end(),
+            mountpoint(dir.path(), "offsite-a").display()
+        ),
+    );
+    let conn = bus.connect().await;
+    let _crypt = start_crypt(&bus, &config.to_string_lossy()).await;
+    assert_matches_contract(&conn, crypt::INTERFACE).await;
+
+    let proxy: CryptProxy = uncached(&conn).await;
+    let (name, message) = method_error(proxy.open("nope").await);
+    assert_eq!(name, "org.ferry.Error.UnknownDrive");
+    assert!(
+        message.contains("\"nope\"") && message.contains("offsite-a"),
+        "{message}"
+    );
+    let (name, message) = method_error(proxy.close("../etc").await);
+    assert_eq!(name, "org.ferry.Error.UnknownDrive", "{message}");
+    let (name, message) = method_error(proxy.open("offsite-a").await);
+    assert_eq!(name, "org.ferry.Error.NotAttached");
+    assert!(message.contains("not plugged in"), "{message}");
+    let drives = proxy.drives().await.expect("Drives");
+    assert_eq!(
+        drives,
+        vec![CryptDrive {
+            name: "offsite-a".into(),
+            state: "absent".into(),
+            mountpoint: mountpoint(dir.path(), "offsite-a")
+                .to_string_lossy()
+                .into_owned(),
+            device: String::new(),
+            message: String::new(),
+        }]
+    );
+    assert!(proxy
+        .last_failures()
+        .await
+        .expect("LastFailures")
+        .is_empty());
+}

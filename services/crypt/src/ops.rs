@@ -1,0 +1,537 @@
+//! The operations on one drive: open (unlock, mount read-only, prove
+//! identity, remount read-write), close (unmount, lock, power off), remove
+//! (the drive was pulled out: lazy unmount, deferred lock) and, on start,
+//! inspect (what a crashed predecessor left behind).
+//!
+//! Each runs to completion in a task the service loop owns and reports a
+//! [`Failed`] with the stage and a sentence a person can act on. A failure
+//! undoes what the operation did, so a drive that failed to open is left
+//! unmounted and locked. The identity check happens on a read-only mount:
+//! a drive that is not ours gets nothing written to it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_config::{CryptSettings, Drive, Name};
+
+use crate::command::{self, Arg, CommandError};
+use crate::identity::{self, TOKEN_FILE};
+use crate::mounts::{self, Mount};
+use crate::secrets;
+
+/// The options every ferry mount has: the drive's files can never become
+/// setuid programs, device nodes or executables on this machine.
+pub const MOUNT_OPTIONS: &str = "nosuid,nodev,noexec";
+
+/// How long to wait between attempts to unmount a busy filesystem.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// Everything an operation on one drive needs, taken from the configuration
+/// and the service's view of the drive.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The enrolled name.
+    pub name: Name,
+    /// The block device the drive was last seen as (kept after removal, to
+    /// recognise its mount).
+    pub device: Option<PathBuf>,
+    /// The LUKS key file; `None` for a plain drive.
+    pub key_file: Option<PathBuf>,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// This host's half of the identity token.
+    pub host_token: PathBuf,
+    /// Power the drive off after closing.
+    pub power_off: bool,
+    /// How long a busy filesystem is retried.
+    pub close_timeout: Duration,
+    /// How long one helper program may run.
+    pub command_timeout: Duration,
+}
+
+/// An operation failed at `stage` (unlock, mount, identity, close, removed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    /// Where it failed.
+    pub stage: &'static str,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl Failed {
+    fn new(stage: &'static str, message: impl Into<String>) -> Failed {
+        Failed {
+            stage,
+            message: message.into(),
+        }
+    }
+}
+
+impl Plan {
+    /// The plan for drive `name` as configured.
+    pub fn new(name: &Name, drive: &Drive, settings: &CryptSettings) -> Plan {
+        Plan {
+            name: name.clone(),
+            device: None,
+            key_file: drive.key_file.as_ref().map(|k| k.to_path_buf()),
+            mountpoint: canonical(&drive.mountpoint(name)),
+            host_token: settings.token_path(name.as_str()),
+            power_off: drive.power_off,
+            close_timeout: Duration::from_secs(settings.close_timeout),
+            command_timeout: Duration::from_secs(settings.command_timeout),
+        }
+    }
+
+    /// The device-mapper name of the unlocked drive.
+    pub fn mapping_name(&self) -> String {
+        format!("ferry-{}", self.name)
+    }
+
+    /// The device node of the unlocked drive.
+    pub fn mapping_path(&self) -> PathBuf {
+        Path::new("/dev/mapper").join(self.mapping_name())
+    }
+
+    /// Whether the unlocked mapping exists now.
+    fn mapped(&self) -> bool {
+        self.key_file.is_some() && self.mapping_path().exists()
+    }
+
+    /// What the filesystem is mounted from: the mapping or the device.
+    fn source(&self) -> Option<PathBuf> {
+        match self.key_file {
+            Some(_) => Some(self.mapping_path()),
+            None => self.device.clone(),
+        }
+    }
+
+    /// The mount at the mountpoint if it is this drive's: its source is the
+    /// drive's mapping or device (by path, or by device number while the
+    /// node exists). Anything else mounted there is left alone.
+    pub fn our_mount(&self) -> Option<Mount> {
+        let mount = mounts::at(&self.mountpoint)?;
+        let source = self.source()?;
+        let same_path = Path::new(&mount.source) == source;
+        let same_device = mounts::device_number(&source).is_some_and(|d| d == mount.majmin);
+        (same_path || same_device).then_some(mount)
+    }
+
+    async fn run(&self, program: &str, args: &[Arg<'_>]) -> Result<String, CommandError> {
+        command::run(program, args, self.command_timeout).await
+    }
+}
+
+/// `path` with symlinks in its existing part resolved, as the kernel shows
+/// mountpoints in mountinfo.
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(resolved) = path.canonicalize() {
+        return resolved;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => canonical(parent).join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Opens the drive on `device`: unlock, mount, prove identity. Everything it
+/// did is undone when it fails.
+pub async fn open(plan: &Plan, device: &Path) -> Result<(), Failed> {
+    let source = match &plan.key_file {
+        Some(key) => {
+            unlock(plan, device, key).await?;
+            plan.mapping_path()
+        }
+        None => device.to_path_buf(),
+    };
+    let mounted = mount_and_prove(plan, &source).await;
+    if mounted.is_err() && plan.key_file.is_some() {
+        if let Err(e) = lock(plan, false).await {
+            tracing::error!("{}: {}", plan.name, e.message);
+        }
+    }
+    mounted
+}
+
+/// Checks the key file, then the key against the LUKS header (no mapping
+/// needed), then maps the unlocked drive.
+async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
+    let fail = |m: String| Failed::new("unlock", m);
+    secrets::check_key_file(key).map_err(fail)?;
+    let test = plan
+        .run(
+            "cryptsetup",
+            &[
+                &"open",
+                &"--test-passphrase",
+                &"--type",
+                &"luks",
+                &"--key-file",
+                &key,
+                &device,
+            ],
+        )
+        .await;
+    match test {
+        Ok(_) => {}
+        // cryptsetup's exit code 2: no key slot opens with this key.
+        Err(e) if e.code() == Some(2) => {
+            return Err(fail(format!(
+                "the key file {} does not unlock {}: this is not the drive enrolled as {}, or the key file was replaced; plug in the right drive, or restore the drive's key from your backup of the keys",
+                key.display(),
+                device.display(),
+                plan.name
+            )))
+        }
+        Err(e) => {
+            return Err(fail(format!(
+                "{} cannot be checked as a LUKS drive: {e}",
+                device.display()
+            )))
+        }
+    }
+    let mapping = plan.mapping_name();
+    let opened = plan
+        .run(
+            "cryptsetup",
+            &[
+                &"open",
+                &"--type",
+                &"luks",
+                &"--key-file",
+                &key,
+                &device,
+                &mapping,
+            ],
+        )
+        .await;
+    opened.map(drop).map_err(|e| {
+        if e.output().contains("device-mapper") {
+            fail(format!(
+                "the key is right, but {} cannot be mapped: this kernel has no device-mapper (load dm_crypt: modprobe dm_crypt); {e}",
+                device.display()
+            ))
+        } else {
+            fail(format!("cannot unlock {}: {e}", device.display()))
+        }
+    })
+}
+
+/// Mounts `source` read-only, checks the identity token, then remounts it
+/// read-write. Unmounts again on any failure.
+async fn mount_and_prove(plan: &Plan, source: &Path) -> Result<(), Failed> {
+    let mountpoint = &plan.mountpoint;
+    prepare_mountpoint(plan, source)?;
+    let read_only = format!("ro,{MOUNT_OPTIONS}");
+    let mounted = plan
+        .run("mount", &[&"-o", &read_only, &source, &mountpoint])
+        .await;
+    if let Err(e) = mounted {
+        remove_mountpoint(mountpoint);
+        return Err(Failed::new(
+            "mount",
+            format!(
+                "cannot mount {} at {}: {e}",
+                source.display(),
+                mountpoint.display()
+            ),
+        ));
+    }
+    let proven = identity::verify(&plan.name, &plan.host_token, &mountpoint.join(TOKEN_FILE))
+        .map_err(|m| Failed::new("identity", m));
+    let result = match proven {
+        Ok(()) => {
+            let read_write = format!("remount,rw,{MOUNT_OPTIONS}");
+            plan.run("mount", &[&"-o", &read_write, &mountpoint])
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    Failed::new(
+                        "mount",
+                        format!("cannot remount {} read-write: {e}", mountpoint.display()),
+                    )
+                })
+        }
+        Err(failed) => Err(failed),
+    };
+    if result.is_err() {
+        if let Err(e) = unmount(plan, false).await {
+            tracing::error!("{}: cannot undo the mount: {}", plan.name, e.message);
+        }
+    }
+    result
+}
+
+/// Refuses a mountpoint that something else is mounted on, and a source
+/// that is already mounted elsewhere; creates the mountpoint.
+fn prepare_mountpoint(plan: &Plan, source: &Path) -> Result<(), Failed> {
+    let mountpoint = &plan.mountpoint;
+    let fail = |m: String| Failed::new("mount", m);
+    if let Some(other) = mounts::at(mountpoint) {
+        return Err(fail(format!(
+            "something else is already mounted at {} ({}); ferry never mounts over it: unmount it, or give drive {} another mountpoint in ferry.toml",
+            mountpoint.display(),
+            other.source.escape_debug(),
+            plan.name
+        )));
+    }
+    if let Some(majmin) = mounts::device_number(source) {
+        if let Some(elsewhere) = mounts::of_device(&majmin).first() {
+            return Err(fail(format!(
+                "{} is already mounted at {} by something else (a desktop automounter?); unmount it there first",
+                source.display(),
+                elsewhere.point.display()
+            )));
+        }
+    }
+    create_directories(mountpoint).map_err(|e| {
+        fail(format!(
+            "cannot create the mountpoint {}: {e}",
+            mountpoint.display()
+        ))
+    })?;
+    if std::fs::read_dir(mountpoint).is_ok_and(|mut d| d.next().is_some()) {
+        tracing::warn!(
+            "{}: {} is not empty; its files are hidden while the drive is mounted over them",
+            plan.name,
+            mountpoint.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents, each 0755 whatever the umask
+/// (the service's is 0077): other services must reach the mounted drive.
+fn create_directories(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_directories(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the (empty) mountpoint directory, so nothing writes into the
+/// root filesystem believing it writes to the drive.
+fn remove_mountpoint(mountpoint: &Path) {
+    if mounts::at(mountpoint).is_none() {
+        let _ = std::fs::remove_dir(mountpoint);
+    }
+}
+
+/// Unmounts this drive's mount (if there is one). `lazy` detaches it at
+/// once even while busy (umount -l). Busy otherwise: retries until the
+/// close timeout, naming the processes that hold it.
+async fn unmount(plan: &Plan, lazy: bool) -> Result<(), Failed> {
+    let mountpoint = &plan.mountpoint;
+    let started = Instant::now();
+    let mut named = String::new();
+    while plan.our_mount().is_some() {
+        if started.elapsed() > plan.close_timeout + plan.command_timeout {
+            return Err(Failed::new(
+                "close",
+                format!(
+                    "{} stays mounted although umount succeeds; see `findmnt {}`",
+                    plan.name,
+                    mountpoint.display()
+                ),
+            ));
+        }
+        let args: Vec<Arg<'_>> = if lazy {
+            vec![&"-l", &mountpoint]
+        } else {
+            vec![&mountpoint]
+        };
+        match plan.run("umount", &args).await {
+            Ok(_) => {}
+            Err(e) if e.output().contains("busy") => {
+                let holders = mounts::describe(&mounts::holders(mountpoint));
+                if started.elapsed() >= plan.close_timeout {
+                    return Err(Failed::new(
+                        "close",
+                        format!(
+                            "{} is still busy after {}s, so the drive stays mounted: held by {holders}; stop them, then close it again (busctl call org.ferry.Crypt1 /org/ferry/Crypt1 org.ferry.Crypt1 Close s {})",
+                            mountpoint.display(),
+                            plan.close_timeout.as_secs(),
+                            plan.name
+                        ),
+                    ));
+                }
+                if holders != named {
+                    tracing::warn!(
+                        "{}: {} is busy, held by {holders}; retrying for up to {}s",
+                        plan.name,
+                        mountpoint.display(),
+                        plan.close_timeout.as_secs()
+                    );
+                    named = holders;
+                }
+                tokio::time::sleep(BUSY_RETRY).await;
+            }
+            Err(e) => {
+                return Err(Failed::new(
+                    "close",
+                    format!("cannot unmount {}: {e}", mountpoint.display()),
+                ))
+            }
+        }
+    }
+    remove_mountpoint(mountpoint);
+    Ok(())
+}
+
+/// Closes the LUKS mapping if it exists. `deferred` lets the kernel remove
+/// it once the last user (a lazily unmounted filesystem) lets go.
+async fn lock(plan: &Plan, deferred: bool) -> Result<(), Failed> {
+    if !plan.mapped() {
+        return Ok(());
+    }
+    let mapping = plan.mapping_name();
+    let mut args: Vec<Arg<'_>> = vec![&"close"];
+    if deferred {
+        args.push(&"--deferred");
+    }
+    args.push(&mapping);
+    plan.run("cryptsetup", &args)
+        .await
+        .map(drop)
+        .map_err(|e| Failed::new("close", format!("cannot lock {mapping}: {e}")))
+}
+
+/// Closes the drive: unmount (retrying while busy), lock, verify that
+/// nothing of it is left, power it off if configured.
+pub async fn close(plan: &Plan) -> Result<(), Failed> {
+    if let Some(other) = mounts::at(&plan.mountpoint).filter(|_| plan.our_mount().is_none()) {
+        tracing::warn!(
+            "{}: {} is mounted at {}, which is not this drive; leaving it alone",
+            plan.name,
+            other.source.escape_debug(),
+            plan.mountpoint.display()
+        );
+    }
+    unmount(plan, false).await?;
+    lock(plan, false).await?;
+    if plan.our_mount().is_some() || plan.mapped() {
+        return Err(Failed::new(
+            "close",
+            format!(
+                "{} is still mounted or unlocked after closing; see `findmnt {}`",
+                plan.name,
+                plan.mountpoint.display()
+            ),
+        ));
+    }
+    if plan.power_off {
+        power_off(plan);
+    }
+    Ok(())
+}
+
+/// The drive was pulled out while open: detach the mount lazily, have the
+/// mapping removed once unused, and say what that means.
+pub async fn remove(plan: &Plan) -> Failed {
+    let holders = mounts::holders(&plan.mountpoint);
+    let mut problems = Vec::new();
+    if let Err(e) = unmount(plan, true).await {
+        problems.push(e.message);
+    }
+    if let Err(e) = lock(plan, true).await {
+        problems.push(e.message);
+    }
+    let mut message = format!(
+        "drive {} was removed while it was open: it was unmounted and locked, and whatever had not reached it yet is lost; plug it in again to check and update it",
+        plan.name
+    );
+    if !holders.is_empty() {
+        message.push_str(&format!(
+            "; processes that were using it: {}",
+            mounts::describe(&holders)
+        ));
+    }
+    for problem in problems {
+        message.push_str(&format!("; {problem}"));
+    }
+    Failed::new("removed", message)
+}
+
+/// What a predecessor left behind for a drive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leftover {
+    /// Nothing: the drive is closed.
+    Nothing,
+    /// Mounted, ours, proven and usable: keep it open.
+    Adopt,
+    /// Unlocked or mounted but not usable as it is: close it (the reason).
+    Close(String),
+}
+
+/// Looks at what is mounted and unlocked for the drive (after a crash).
+pub fn inspect(plan: &Plan) -> Leftover {
+    let mapped = plan.mapped();
+    let Some(mount) = plan.our_mount() else {
+        return match mapped {
+            true => Leftover::Close(format!(
+                "{} is unlocked but not mounted",
+                plan.mapping_name()
+            )),
+            false => Leftover::Nothing,
+        };
+    };
+    let attached = plan.device.as_deref().is_some_and(Path::exists);
+    if !attached {
+        return Leftover::Close("it is mounted but no longer attached".into());
+    }
+    if mount.has_option("ro") || !MOUNT_OPTIONS.split(',').all(|o| mount.has_option(o)) {
+        return Leftover::Close(format!(
+            "it is mounted with options {} instead of rw,{MOUNT_OPTIONS}",
+            mount.options
+        ));
+    }
+    match identity::verify(
+        &plan.name,
+        &plan.host_token,
+        &plan.mountpoint.join(TOKEN_FILE),
+    ) {
+        Ok(()) => Leftover::Adopt,
+        Err(message) => Leftover::Close(message),
+    }
+}
+
+/// Powers a USB drive off by removing its USB device (as udisks does); a
+/// drive that is not on USB (a loop device, a SATA disk) is left running.
+fn power_off(plan: &Plan) {
+    let Some(device) = plan.device.as_deref() else {
+        return;
+    };
+    let Some(block) = device
+        .file_name()
+        .map(|n| Path::new("/sys/class/block").join(n))
+    else {
+        return;
+    };
+    let usb = block.canonicalize().ok().and_then(|path| {
+        path.ancestors()
+            .find(|a| {
+                a.join("remove").is_file()
+                    && a.join("idVendor").is_file()
+                    && a.to_string_lossy().contains("/usb")
+            })
+            .map(Path::to_path_buf)
+    });
+    match usb {
+        Some(usb) => match std::fs::write(usb.join("remove"), "1") {
+            Ok(()) => tracing::info!("{}: powered off ({})", plan.name, usb.display()),
+            Err(e) => tracing::warn!("{}: cannot power off {}: {e}", plan.name, usb.display()),
+        },
+        None => tracing::info!(
+            "{}: power-off: {} is not a USB drive; nothing to power off",
+            plan.name,
+            device.display()
+        ),
+    }
+}
