@@ -33,6 +33,7 @@ mod loopdev;
 mod prereq;
 mod process;
 mod signals;
+pub mod smtp;
 
 pub use bus::{bin_dir, binary_path, wait_for_name, ServiceProcess, TestBus, METHOD_TIMEOUT};
 pub use loopdev::{udev_property, udev_settle, LoopImage};
