@@ -1,21 +1,36 @@
-//! The README's main job: ferry's services on a private bus, a demo drive
-//! plugged in and out, every signal printed as it happens.
+//! The README's main job: the whole of ferry on one machine.
 //!
-//! Nothing is configured by hand: the demo writes its own ferry.toml in a
-//! temporary directory, starts a private dbus-daemon, runs the real service
-//! binaries against it, and removes everything when it ends.
+//! A private bus; all six services as separate processes; a real borg
+//! repository made from sample data; a backup through Borg1.Start (what the
+//! timer does); a plug-in of an enrolled demo drive (a loop device) → open →
+//! sync → close → LED done; then a failure — a drive that carries the
+//! enrolled UUID but not ferry's identity token → LED failed and a mail to a
+//! local SMTP server. Every signal is printed as it happens, a summary at the
+//! end, and everything is removed. Nothing is configured by hand.
 
 use std::time::{Duration, Instant};
 
-use ferry_integration_tests::{
-    have_loop_devices, have_root, have_udevd, random_uuid, LoopImage, Recorded, SignalRecorder,
-    TestBus,
-};
-use ferry_interfaces::{drive_watcher, led};
+use ferry_integration_tests::system::{FerrySystem, Options, DRIVE, PROFILE};
+use ferry_integration_tests::{have_loop_devices, have_root, have_udevd, LoopImage, Recorded};
+use ferry_interfaces::borg::BorgProxy;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> std::process::ExitCode {
+    if !(have_root() && have_loop_devices() && have_udevd()) {
+        println!(
+            "ferry's demo plugs in a drive: it needs root, loop devices and a running udevd\n\
+             (start it with: /lib/systemd/systemd-udevd --daemon). Missing here:{}{}{}",
+            if have_root() { "" } else { " root" },
+            if have_loop_devices() {
+                ""
+            } else {
+                " loop-devices"
+            },
+            if have_udevd() { "" } else { " udevd" }
+        );
+        return std::process::ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -30,99 +45,138 @@ fn main() -> std::process::ExitCode {
     runtime.block_on(demo())
 }
 
+fn step(text: &str) {
+    println!("\n=== {text}");
+}
+
 async fn demo() -> std::process::ExitCode {
     let started = Instant::now();
-    println!("ferry demo: the drive watcher and the LED on a private bus\n");
-    if !(have_root() && have_loop_devices() && have_udevd()) {
-        println!(
-            "This demo plugs in a loop-device drive and needs root, loop devices and a running udevd\n\
-             (start it with: /lib/systemd/systemd-udevd --daemon). Missing here: {}{}{}",
-            if have_root() { "" } else { "root " },
-            if have_loop_devices() { "" } else { "loop devices " },
-            if have_udevd() { "" } else { "udevd" }
-        );
-        return std::process::ExitCode::from(2);
-    }
+    println!("ferry demo: the whole system on a private bus, nothing configured by hand");
+    step("setting up");
+    let options = Options {
+        log: "warn",
+        ..Options::default()
+    };
+    let mut system = FerrySystem::start(options, &|line| println!("  {line}")).await;
+    let printer = tokio::spawn(print_live(system.signals.watch(), system.signals.started()));
 
-    let bus = TestBus::start();
-    let work = bus.dir().to_path_buf();
-    let uuid = random_uuid();
-    let led_file = work.join("led");
-    let config = work.join("ferry.toml");
-    let text = format!(
-        "[drives.demo-offsite]\nuuid = \"{uuid}\"\n\n[led]\nbackend = \"file\"\nfile = \"{}\"\n",
-        led_file.display()
-    );
-    if let Err(e) = std::fs::write(&config, &text) {
-        eprintln!("cannot write {}: {e}", config.display());
-        return std::process::ExitCode::FAILURE;
-    }
+    step("a scheduled backup: Borg1.Start(\"demo\"), what ferry-backup@demo.timer does");
+    let borg: BorgProxy = match BorgProxy::new(&system.conn).await {
+        Ok(proxy) => proxy,
+        Err(e) => return fail(&format!("cannot reach org.ferry.Borg1: {e}")),
+    };
+    let job = match borg.start(PROFILE).await {
+        Ok(job) => job,
+        Err(e) => return fail(&format!("Borg1.Start failed: {e}")),
+    };
+    let finished = system
+        .signals
+        .wait_for("BackupFinished", |s| s.args[0] == job, WAIT)
+        .await;
+    let archive = finished.args[2].clone();
+
+    step(&format!("plugging in the enrolled drive {DRIVE}"));
+    let device = system.drive.attach();
+    println!("  {} attached as {device}", system.drive.path().display());
+    system
+        .signals
+        .wait_for("SyncFinished", |s| s.args[0] == DRIVE, WAIT)
+        .await;
+    system
+        .signals
+        .wait_for("DriveClosed", |s| s.args[0] == DRIVE, WAIT)
+        .await;
+    system
+        .signals
+        .wait_for("ColorChanged", |s| s.args[1] == "done", WAIT)
+        .await;
+    println!("  the LED is green: {DRIVE} may be pulled");
+
+    step("unplugging it");
+    let before = system.signals.len();
+    system.drive.detach();
+    system
+        .signals
+        .wait_for_from(before, "ColorChanged", |s| s.args[1] == "idle", WAIT)
+        .await;
+
+    step("a failure: a stranger's drive that copies the enrolled UUID but lacks ferry's identity token");
+    let mut stranger = LoopImage::ext4(system.work(), 32, &system.drive_uuid, DRIVE);
+    let before = system.signals.len();
+    stranger.attach();
+    let failed = system
+        .signals
+        .wait_for_from(before, "DriveFailed", |s| s.args[0] == DRIVE, WAIT)
+        .await;
+    system
+        .signals
+        .wait_for_from(before, "ColorChanged", |s| s.args[1] == "failed", WAIT)
+        .await;
+    let mails = system
+        .smtp
+        .wait_for(1, |m| m.body.contains(&failed.args[2]), WAIT)
+        .await;
     println!(
-        "private bus: {}\nconfiguration ({}):\n{}",
-        bus.address(),
-        config.display(),
-        indent(&text)
+        "  mail received by the SMTP server: {:?}",
+        mails[0].subject()
     );
-
-    let conn = bus.connect().await;
-    let signals = SignalRecorder::new(&conn).await;
-    let printer = tokio::spawn(print_live(signals.watch(), signals.started()));
-    let config_arg = config.to_string_lossy().into_owned();
-    let services = [
-        ("ferry-drive-watcher", drive_watcher::BUS_NAME),
-        ("ferry-led", led::BUS_NAME),
-    ];
-    let mut running = Vec::new();
-    for (binary, name) in services {
-        let process = bus.spawn(binary, &["--config", &config_arg], &[("RUST_LOG", "info")]);
-        process.wait_for_name(&conn, name, WAIT).await;
-        println!("started {binary} (pid {}), owns {name}", process.pid());
-        running.push(process);
-    }
-
-    println!("\n--- plugging in the demo drive (a 32 MiB ext4 image on a loop device) ---");
-    let mut drive = LoopImage::ext4(&work, 32, &uuid, "demo-offsite");
-    let device = drive.attach();
-    println!("attached {} as {device}", drive.path().display());
-    signals
-        .wait_for("DriveAttached", |s| s.args[0] == "demo-offsite", WAIT)
-        .await;
-    signals
-        .wait_for("ColorChanged", |s| s.args[1] == "working", WAIT)
-        .await;
-
-    println!("\n--- unplugging it ---");
-    drive.detach();
-    signals
-        .wait_for("DriveDetached", |s| s.args[0] == "demo-offsite", WAIT)
-        .await;
-    signals
-        .wait_for("ColorChanged", |s| s.args[1] == "idle", WAIT)
-        .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    stranger.detach();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     printer.abort();
 
-    let ferry_signals: Vec<Recorded> = signals
+    step("summary");
+    let ferry_signals = system
+        .signals
         .all()
         .into_iter()
         .filter(|s| s.interface.starts_with("org.ferry."))
-        .collect();
-    let led_colours = std::fs::read_to_string(&led_file).unwrap_or_default();
-    println!("\n--- summary ---");
-    println!("ferry signals seen: {}", ferry_signals.len());
+        .count();
     println!(
-        "LED colours written (file backend):\n{}",
-        indent(&led_colours)
+        "  backup: archive {archive} in {}",
+        system.repository.display()
     );
     println!(
-        "took {:.1} s; the bus, the services, the loop device and {} are removed now",
-        started.elapsed().as_secs_f64(),
-        work.display()
+        "  archives in the repository now: {}",
+        system.archives().join(", ")
     );
-    drop(drive);
-    drop(running);
-    drop(bus);
+    println!(
+        "  drive copy: SyncFinished then DriveClosed; mounted now: {}",
+        system.drive_mounted()
+    );
+    println!(
+        "  the stranger's drive: DriveFailed at stage {:?}: {}",
+        failed.args[1], failed.args[2]
+    );
+    println!(
+        "  mails delivered: {}",
+        system
+            .smtp
+            .mails()
+            .iter()
+            .map(|m| format!("{:?}", m.subject()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  LED colours, in order: {}",
+        system.led_colours().join(" → ")
+    );
+    println!(
+        "  ferry signals: {ferry_signals}; took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  removing the services, the bus, the loop devices and {}",
+        system.work().display()
+    );
+    drop(stranger);
+    drop(system);
     std::process::ExitCode::SUCCESS
+}
+
+fn fail(message: &str) -> std::process::ExitCode {
+    eprintln!("ferry-demo: {message}");
+    std::process::ExitCode::FAILURE
 }
 
 /// Prints each ferry signal as it is recorded, with its time since start.
@@ -130,11 +184,11 @@ async fn print_live(mut records: tokio::sync::watch::Receiver<Vec<Recorded>>, st
     let mut printed = 0;
     while records.changed().await.is_ok() {
         let all = records.borrow_and_update().clone();
-        for record in all
-            .iter()
-            .skip(printed)
-            .filter(|r| r.interface.starts_with("org.ferry."))
-        {
+        for record in all.iter().skip(printed).filter(|r| {
+            r.interface.starts_with("org.ferry.")
+                && r.member != "SyncProgress"
+                && r.member != "BackupProgress"
+        }) {
             let short = record.interface.trim_start_matches("org.ferry.");
             println!(
                 "  {:>7.3}s  {short}.{}({})",
@@ -145,8 +199,4 @@ async fn print_live(mut records: tokio::sync::watch::Receiver<Vec<Recorded>>, st
         }
         printed = all.len();
     }
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
 }
