@@ -1,9 +1,13 @@
-//! Benchmarks of the foundation, printed side by side with what a person
+//! ferry's whole-system benchmarks, printed side by side with what a person
 //! would use instead: udev event → DriveAttached latency beside the moment
-//! `udevadm monitor` sees the same event, and each service's idle footprint
-//! (RSS, CPU, wake-ups) after a quiet minute.
+//! `udevadm monitor` sees the same event; plug-in → DriveOpened →
+//! SyncFinished → DriveClosed through all six services; signal fan-out
+//! throughput through ferry's subscribers against the bare bus; and each
+//! service's idle footprint (RSS, CPU, wake-ups) after a quiet minute.
+//! (scripts/bench also runs the per-service benchmarks: sync against cp and
+//! rsync, a borg job against borg and borgmatic, open against mount.)
 //!
-//! Usage: ferry-bench [--attaches N] [--idle-seconds S]   (see scripts/bench)
+//! Usage: ferry-bench [--attaches N] [--plugins N] [--idle-seconds S]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -19,12 +23,14 @@ const WAIT: Duration = Duration::from_secs(20);
 
 struct Options {
     attaches: usize,
+    plugins: usize,
     idle_seconds: u64,
 }
 
 fn options() -> Result<Options, String> {
     let mut options = Options {
         attaches: 50,
+        plugins: 10,
         idle_seconds: 60,
     };
     let mut args = std::env::args().skip(1);
@@ -36,10 +42,11 @@ fn options() -> Result<Options, String> {
         };
         match arg.as_str() {
             "--attaches" => options.attaches = value("--attaches")? as usize,
+            "--plugins" => options.plugins = value("--plugins")? as usize,
             "--idle-seconds" => options.idle_seconds = value("--idle-seconds")?,
             other => {
                 return Err(format!(
-                "unknown argument {other}; usage: ferry-bench [--attaches N] [--idle-seconds S]"
+                "unknown argument {other}; usage: ferry-bench [--attaches N] [--plugins N] [--idle-seconds S]"
             ))
             }
         }
@@ -174,18 +181,117 @@ async fn bench(options: Options) {
         pct(&extra, 99)
     );
 
+    drop(image);
+    drop(services);
+    drop(bus);
+    whole_system(&options).await;
+}
+
+/// Plug-in latencies, fan-out and idle footprint with all six services.
+async fn whole_system(options: &Options) {
+    use ferry_integration_tests::system::{
+        FerrySystem, Options as SystemOptions, DRIVE, PROFILE, SERVICES,
+    };
+    let system_options = SystemOptions {
+        log: "warn",
+        sample_files: 200,
+        sample_kib: 256,
+        drive_mib: 256,
+        ..SystemOptions::default()
+    };
+    let mut system = FerrySystem::start(system_options, &|_| {}).await;
+    let borg = ferry_interfaces::borg::BorgProxy::new(&system.conn)
+        .await
+        .expect("Borg1");
+    let job = borg.start(PROFILE).await.expect("Borg1.Start");
+    system
+        .signals
+        .wait_for(
+            "BackupFinished",
+            |s| s.args[0] == job,
+            Duration::from_secs(120),
+        )
+        .await;
+
+    let (mut opened, mut synced, mut closed) = (Vec::new(), Vec::new(), Vec::new());
+    print!(
+        "\nplugging the enrolled drive in {} times ",
+        options.plugins
+    );
+    for _ in 0..options.plugins {
+        let before = system.signals.len();
+        let start = Instant::now();
+        system.drive.attach();
+        let o = system
+            .signals
+            .wait_for_from(before, "DriveOpened", |s| s.args[0] == DRIVE, WAIT)
+            .await;
+        let f = system
+            .signals
+            .wait_for_from(before, "SyncFinished", |s| s.args[0] == DRIVE, WAIT)
+            .await;
+        let c = system
+            .signals
+            .wait_for_from(before, "DriveClosed", |s| s.args[0] == DRIVE, WAIT)
+            .await;
+        opened.push(o.at.duration_since(start));
+        synced.push(f.at.duration_since(start));
+        closed.push(c.at.duration_since(start));
+        let before = system.signals.len();
+        system.drive.detach();
+        system
+            .signals
+            .wait_for_from(before, "DriveDetached", |s| s.args[0] == DRIVE, WAIT)
+            .await;
+        print!(".");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    println!();
     println!(
-        "\n## idle footprint after {} s with nothing happening",
+        "\n## plug-in of an enrolled plain drive through all six services ({} plug-ins; the first copies the {} MiB repository, the rest find the copy up to date)",
+        options.plugins,
+        dir_size(&system.repository) / (1 << 20)
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9}",
+        "from losetup to", "first ms", "p50 ms", "p99 ms"
+    );
+    for (label, samples) in [
+        ("DriveOpened", &opened),
+        ("SyncFinished", &synced),
+        ("DriveClosed (safe to remove)", &closed),
+    ] {
+        let rest = &samples[1.min(samples.len())..];
+        println!(
+            "{:<44} {:>9.1} {:>9.1} {:>9.1}",
+            label,
+            samples[0].as_secs_f64() * 1000.0,
+            pct(rest, 50),
+            pct(rest, 99)
+        );
+    }
+
+    fan_out(&system).await;
+    // Let the subscribers finish the fan-out's backlog before the quiet minute.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    println!(
+        "\n## idle footprint after {} s with nothing happening (all six services)",
         options.idle_seconds
     );
-    let before: Vec<Footprint> = services.iter().map(|(_, p)| footprint(p.pid())).collect();
+    let pids: Vec<(&str, u32)> = SERVICES
+        .iter()
+        .map(|(binary, _)| (*binary, system.services[binary].pid()))
+        .collect();
+    let before: Vec<Footprint> = pids.iter().map(|(_, pid)| footprint(*pid)).collect();
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
     println!(
         "{:<22} {:>9} {:>12} {:>14} {:>8}",
         "service", "RSS KiB", "CPU ms", "wake-ups/s", "threads"
     );
-    for ((binary, process), start) in services.iter().zip(before) {
-        let end = footprint(process.pid());
+    for ((binary, pid), start) in pids.iter().zip(before) {
+        let end = footprint(*pid);
         let wakeups =
             end.switches.saturating_sub(start.switches) as f64 / options.idle_seconds as f64;
         println!(
@@ -197,12 +303,85 @@ async fn bench(options: Options) {
             end.threads
         );
     }
-    let daemon = footprint(bus.daemon_pid());
+    let daemon = footprint(system.bus.daemon_pid());
     println!(
         "{:<22} {:>9} {:>12} {:>14} {:>8}",
         "(dbus-daemon, for scale)", daemon.rss_kib, "", "", daemon.threads
     );
-    drop(image);
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        total += if path.is_dir() {
+            dir_size(&path)
+        } else {
+            entry.metadata().map(|m| m.len()).unwrap_or(0)
+        };
+    }
+    total
+}
+
+/// Signals per second from one emitter to one receiver, first on a bare bus
+/// (only the receiver listens), then on ferry's bus, where the LED, the
+/// notifier, the crypt manager and the sync worker receive every
+/// /org/ferry signal too.
+async fn fan_out(system: &ferry_integration_tests::system::FerrySystem) {
+    const N: usize = 20_000;
+    async fn throughput(bus: &TestBus) -> f64 {
+        use futures_util::StreamExt;
+        let emitter = bus.connect().await;
+        let receiver = bus.connect().await;
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface(ferry_interfaces::borg::INTERFACE)
+            .expect("rule")
+            .member("BackupProgress")
+            .expect("rule")
+            .build();
+        let mut stream = zbus::MessageStream::for_match_rule(rule, &receiver, Some(N + 16))
+            .await
+            .expect("stream");
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            for i in 0..N as u64 {
+                let _ = emitter
+                    .emit_signal(
+                        None::<()>,
+                        ferry_interfaces::borg::OBJECT_PATH,
+                        ferry_interfaces::borg::INTERFACE,
+                        "BackupProgress",
+                        &("bench", i, i),
+                    )
+                    .await;
+            }
+            emitter
+        });
+        let mut received = 0;
+        while received < N {
+            match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+                Ok(Some(_)) => received += 1,
+                _ => break,
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let _ = sender.await;
+        received as f64 / elapsed
+    }
+    let bare_bus = TestBus::start();
+    let bare = throughput(&bare_bus).await;
+    let ferry = throughput(&system.bus).await;
+    println!("\n## signal fan-out: {N} BackupProgress signals, one emitter, one receiver");
+    println!("{:<60} {:>12}", "", "signals/s");
+    println!(
+        "{:<60} {:>12.0}",
+        "bare bus (dbus-daemon, nobody else listening)", bare
+    );
+    println!(
+        "{:<60} {:>12.0}",
+        "ferry's bus (LED, notifier, crypt, sync receive them too)", ferry
+    );
 }
 
 fn pct(samples: &[Duration], p: usize) -> f64 {
