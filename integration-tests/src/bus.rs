@@ -281,7 +281,7 @@ pub fn bin_dir() -> PathBuf {
         .parent()
         .expect("test executable has a directory")
         .to_path_buf();
-    if dir.file_name().is_some_and(|n| n == "deps") {
+    if dir.file_name().is_some_and(|n| n == "deps" || n == "examples") {
         dir.pop();
     }
     dir
