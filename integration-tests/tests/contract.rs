@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use ferry_integration_tests::introspection::assert_matches_contract;
 use ferry_integration_tests::{random_uuid, TestBus};
-use ferry_interfaces::{borg, crypt, drive_watcher, led, notifier};
+use ferry_interfaces::{borg, crypt, drive_watcher, led, notifier, sync};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn running_services_match_their_xml() {
@@ -28,6 +28,7 @@ async fn running_services_match_their_xml() {
         ("ferry-notifier", notifier::INTERFACE),
         ("ferry-borg", borg::INTERFACE),
         ("ferry-crypt", crypt::INTERFACE),
+        ("ferry-sync", sync::INTERFACE),
     ];
     let mut running = Vec::new();
     for (binary, interface) in services {

@@ -1,0 +1,405 @@
+//! borg, as ferry-sync uses it: its lock, held for an instant, and checks
+//! and listings of a copy that never touch borg's records of the real
+//! repository.
+//!
+//! The lock is taken by borg's own locking code (`borg.locking.Lock`, run
+//! by borg's Python interpreter), exactly as `borg create` takes it, and is
+//! held by a helper process until ferry-sync closes the helper's stdin, or
+//! dies: either way the helper releases the lock itself. `borg with-lock`
+//! is not used because it commits a transaction of its own to the
+//! repository; ferry-sync never writes to the source.
+//!
+//! Every borg run gets a throwaway `BORG_BASE_DIR` (a copy must not enter
+//! borg's security and cache records) and `BORG_HOST_ID`, so that a lock
+//! left by a killed helper is recognised as stale by borg on this machine.
+//! Passphrases reach borg only through `BORG_PASSPHRASE_FD` (a file) or
+//! `BORG_PASSCOMMAND`, never through argv or a log line.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use ferry_config::{BorgSettings, Repository};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::job::{Failure, Stage, Stop};
+
+/// How long a helper gets to let go of the lock and exit.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Takes borg's exclusive lock with borg's own code, waiting up to
+/// argv[2] seconds (in short rounds so a stop is noticed), prints
+/// `locked`, and holds the lock until stdin closes. SIGTERM releases too.
+const LOCK_SCRIPT: &str = r#"
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+from borg.locking import Lock, LockTimeout
+path, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        lock = Lock(path + "/lock", exclusive=True, timeout=1.0).acquire()
+        break
+    except LockTimeout:
+        if time.monotonic() >= deadline:
+            print("timeout", flush=True)
+            sys.exit(2)
+try:
+    print("locked", flush=True)
+    sys.stdin.read()
+finally:
+    lock.release()
+"#;
+
+/// How ferry-sync runs borg.
+#[derive(Debug, Clone)]
+pub struct Borg {
+    program: PathBuf,
+    host_id: String,
+}
+
+/// borg's lock on a repository, held by a helper process. Released by
+/// [`RepoLock::release`], or when dropped (the helper sees its stdin close).
+pub struct RepoLock {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl RepoLock {
+    /// Lets go of the lock and waits for the helper to exit.
+    pub async fn release(mut self) {
+        drop(self.stdin.take());
+        if tokio::time::timeout(RELEASE_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the borg lock helper did not exit; terminating it");
+            terminate(&mut self.child).await;
+        }
+    }
+}
+
+/// SIGTERM (the helper releases what it holds), then SIGKILL after a while.
+async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: the pid is our unreaped child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(RELEASE_TIMEOUT, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+/// The last few lines of what borg printed, for a message.
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" / ")
+}
+
+/// Finds `name` in PATH (a path with a `/` is taken as it is).
+fn find_program(name: &str) -> PathBuf {
+    if name.contains('/') {
+        return PathBuf::from(name);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The host id borg records in its locks, the same one ferry-borg uses:
+/// `[borg] host-id`, else /etc/machine-id followed by `@ferry` (stable
+/// across private network namespaces, so a lock left by a killed helper is
+/// recognised as stale by the next borg on this machine).
+fn host_id(settings: &BorgSettings) -> String {
+    if let Some(id) = &settings.host_id {
+        return id.clone();
+    }
+    let machine = [
+        "/etc/machine-id",
+        "/var/lib/dbus/machine-id",
+        "/proc/sys/kernel/hostname",
+    ]
+    .iter()
+    .find_map(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .unwrap_or_else(|| "localhost".into());
+    format!("{machine}@ferry")
+}
+
+impl Borg {
+    /// borg as `[borg]` in ferry.toml names it (program and host id).
+    pub fn new(settings: &BorgSettings) -> Borg {
+        Borg {
+            program: find_program(&settings.program),
+            host_id: host_id(settings),
+        }
+    }
+
+    /// A borg-related command with a clean environment: no passphrase or
+    /// repository variables inherited, the host id, and `base_dir` as
+    /// BORG_BASE_DIR.
+    fn command(&self, program: &Path, base_dir: &Path) -> Command {
+        let mut command = Command::new(program);
+        for inherited in [
+            "BORG_PASSPHRASE",
+            "BORG_PASSCOMMAND",
+            "BORG_PASSPHRASE_FD",
+            "BORG_REPO",
+            "BORG_KEYS_DIR",
+            "BORG_SECURITY_DIR",
+            "BORG_CACHE_DIR",
+            "BORG_CONFIG_DIR",
+        ] {
+            command.env_remove(inherited);
+        }
+        command
+            .env("BORG_HOST_ID", &self.host_id)
+            .env("BORG_BASE_DIR", base_dir)
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
+            .env("BORG_DISPLAY_PASSPHRASE", "no")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// The Python interpreter borg runs on (from its `#!` line).
+    fn interpreter(&self) -> Result<(PathBuf, Vec<String>), String> {
+        let not_python = || {
+            format!(
+                "{} is not borg's Python script, so borg's own locking code cannot be used; install the distribution's borgbackup package",
+                self.program.display()
+            )
+        };
+        let text = std::fs::read(&self.program)
+            .map_err(|e| format!("cannot read {}: {e}", self.program.display()))?;
+        let first = text.split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(first);
+        let shebang = line.strip_prefix("#!").ok_or_else(not_python)?;
+        let mut words = shebang.split_whitespace().map(str::to_string);
+        let program = words.next().ok_or_else(not_python)?;
+        if !program.contains("python") && !program.ends_with("/env") {
+            return Err(not_python());
+        }
+        Ok((PathBuf::from(program), words.collect()))
+    }
+
+    /// Takes borg's exclusive lock on `repo`, waiting up to `wait` while a
+    /// backup holds it.
+    pub async fn lock(
+        &self,
+        repo: &Path,
+        wait: Duration,
+        stop: &mut Stop,
+    ) -> Result<RepoLock, Failure> {
+        let failed = |message: String| Failure::new(Stage::Lock, message);
+        let (python, args) = self.interpreter().map_err(failed)?;
+        let base =
+            tempfile::tempdir().map_err(|e| failed(format!("cannot make a temp dir: {e}")))?;
+        let mut command = self.command(&python, base.path());
+        command
+            .args(args)
+            .arg("-c")
+            .arg(LOCK_SCRIPT)
+            .arg(repo)
+            .arg(wait.as_secs().to_string())
+            .stdin(Stdio::piped())
+            .kill_on_drop(false);
+        let mut child = command
+            .spawn()
+            .map_err(|e| failed(format!("cannot run {}: {e}", python.display())))?;
+        let stdin = child.stdin.take();
+        let Some(stdout) = child.stdout.take() else {
+            return Err(failed("the lock helper has no stdout".into()));
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            reason = stop.wait() => {
+                terminate(&mut child).await;
+                return Err(Failure::stopped(reason));
+            }
+        };
+        match line {
+            Ok(Some(line)) if line == "locked" => Ok(RepoLock { child, stdin }),
+            Ok(Some(line)) if line == "timeout" => {
+                let _ = child.wait().await;
+                Err(failed(format!(
+                    "borg's lock on {} was not free within {} s: a backup or another borg command holds it; sync again when it is done, or raise lock-wait in [sync]",
+                    repo.display(),
+                    wait.as_secs()
+                )))
+            }
+            _ => {
+                drop(stdin);
+                let output = tokio::time::timeout(RELEASE_TIMEOUT, child.wait_with_output()).await;
+                let detail = match output {
+                    Ok(Ok(output)) => tail(&output.stderr),
+                    _ => "the helper did not say why".into(),
+                };
+                Err(failed(format!(
+                    "cannot take borg's lock on {}: {detail}",
+                    repo.display()
+                )))
+            }
+        }
+    }
+
+    /// Runs borg with `args` on a copy; its output, or why it failed.
+    async fn run(
+        &self,
+        args: &[&str],
+        repo: &Path,
+        passphrase: Passphrase,
+        stop: &mut Stop,
+    ) -> Result<Result<String, String>, Failure> {
+        let base = tempfile::tempdir()
+            .map_err(|e| Failure::new(Stage::Verify, format!("cannot make a temp dir: {e}")))?;
+        let mut command = self.command(&self.program, base.path());
+        command.args(args).arg(repo);
+        let _keep_open = passphrase.apply(&mut command);
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "cannot run {}: {e} (apt-get install borgbackup)",
+                    self.program.display()
+                )))
+            }
+        };
+        tokio::select! {
+            output = child.wait_with_output() => Ok(match output {
+                Ok(output) if output.status.success() => {
+                    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+                }
+                Ok(output) => Err(format!("{} ({})", tail(&output.stderr), output.status)),
+                Err(e) => Err(e.to_string()),
+            }),
+            reason = stop.wait() => Err(Failure::stopped(reason)),
+        }
+    }
+
+    /// `borg check --repository-only` on a copy: every segment's checksums
+    /// and the index. Needs no passphrase.
+    pub async fn check(&self, repo: &Path, stop: &mut Stop) -> Result<(), Failure> {
+        self.run(
+            &["check", "--repository-only"],
+            repo,
+            Passphrase::None,
+            stop,
+        )
+        .await?
+        .map(|_| ())
+        .map_err(|detail| {
+            Failure::new(
+                Stage::Verify,
+                format!("borg check found the new copy damaged, so the previous copy was kept; check the drive for errors: {detail}"),
+            )
+        })
+    }
+
+    /// The newest archive in a copy, or "" when it cannot be listed (an
+    /// encrypted repository without a passphrase in ferry.toml, a wrong
+    /// passphrase): the copy is still good, so this is only logged.
+    pub async fn newest_archive(
+        &self,
+        repo: &Path,
+        repository: &Repository,
+        stop: &mut Stop,
+    ) -> Result<String, Failure> {
+        let passphrase = match Passphrase::of(repository) {
+            Ok(passphrase) => passphrase,
+            Err(e) => {
+                tracing::warn!("cannot list the archives of the copy: {e}");
+                return Ok(String::new());
+            }
+        };
+        let listed = self
+            .run(
+                &["list", "--last", "1", "--format", "{archive}{NL}"],
+                repo,
+                passphrase,
+                stop,
+            )
+            .await?;
+        Ok(match listed {
+            Ok(text) => text.lines().last().unwrap_or_default().trim().to_string(),
+            Err(detail) => {
+                tracing::warn!(
+                    "cannot list the archives of the copy {} (without a passphrase-file or passcommand an encrypted repository cannot be listed): {detail}",
+                    repo.display()
+                );
+                String::new()
+            }
+        })
+    }
+}
+
+/// How borg gets a repository's passphrase.
+enum Passphrase {
+    /// None configured: borg gets an empty one, enough for unencrypted
+    /// repositories and a quick refusal for encrypted ones (no prompt).
+    None,
+    /// Read by borg from this open file (BORG_PASSPHRASE_FD).
+    File(std::fs::File),
+    /// borg runs this (BORG_PASSCOMMAND).
+    Command(String),
+}
+
+impl Passphrase {
+    fn of(repository: &Repository) -> Result<Passphrase, String> {
+        if let Some(path) = &repository.passphrase_file {
+            return std::fs::File::open(path.as_ref() as &Path)
+                .map(Passphrase::File)
+                .map_err(|e| format!("cannot open the passphrase file {}: {e}", path.display()));
+        }
+        if let Some(command) = &repository.passcommand {
+            return Ok(Passphrase::Command(command.clone()));
+        }
+        Ok(Passphrase::None)
+    }
+
+    /// Sets up `command`; returns what must stay open until it has started.
+    fn apply(self, command: &mut Command) -> Option<std::fs::File> {
+        match self {
+            Passphrase::None => {
+                command.env("BORG_PASSPHRASE", "");
+                None
+            }
+            Passphrase::Command(passcommand) => {
+                command.env("BORG_PASSCOMMAND", passcommand);
+                None
+            }
+            Passphrase::File(file) => {
+                let fd = file.as_raw_fd();
+                command.env("BORG_PASSPHRASE_FD", fd.to_string());
+                // SAFETY: only async-signal-safe fcntl between fork and exec;
+                // the descriptor stays open in the parent until spawn returns.
+                unsafe {
+                    command.pre_exec(move || {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(file)
+            }
+        }
+    }
+}

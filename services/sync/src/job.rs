@@ -1,0 +1,586 @@
+//! One sync job: every repository assigned to a drive, copied onto it.
+//!
+//! The job runs in a task the service loop owns (file work in
+//! `spawn_blocking`), never inside a method call. In order: for each
+//! repository take borg's lock, hard-link a snapshot, let go of the lock
+//! and plan the new generation against the current one; check the drive's
+//! free space for all of them at once; then for each repository build the
+//! new generation, make it durable, verify it and swap it in. Whatever
+//! happens, the snapshots are removed and (unless the drive is gone) the
+//! half-built generations too, before the job reports SyncFinished or
+//! SyncFailed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_config::{Config, Repository};
+use tokio::sync::watch;
+
+use crate::borg::Borg;
+use crate::generation::{self, BuildError, Layout, Plan};
+use crate::mounts;
+use crate::snapshot::{self, Snapshot};
+use crate::Reporter;
+
+/// At most this often a SyncProgress signal.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Why a job is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Cancel was called.
+    Cancelled,
+    /// The drive watcher says the drive is gone.
+    Removed,
+    /// ferry-sync is stopping.
+    Shutdown,
+}
+
+/// The job's side of its stop request: checked between chunks by file
+/// work, awaited by waits.
+#[derive(Debug, Clone)]
+pub struct Stop(watch::Receiver<Option<StopReason>>);
+
+impl Stop {
+    /// A stop handle and the sender that raises it.
+    pub fn new() -> (watch::Sender<Option<StopReason>>, Stop) {
+        let (tx, rx) = watch::channel(None);
+        (tx, Stop(rx))
+    }
+
+    /// The reason, once a stop was asked for.
+    pub fn reason(&self) -> Option<StopReason> {
+        *self.0.borrow()
+    }
+
+    /// Resolves when a stop is asked for (or the sender is gone).
+    pub async fn wait(&mut self) -> StopReason {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(reason) => reason.unwrap_or(StopReason::Shutdown),
+            Err(_) => StopReason::Shutdown,
+        }
+    }
+}
+
+/// The stage a job failed in, as SyncFailed names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Taking borg's lock.
+    Lock,
+    /// Hard-linking the snapshot.
+    Snapshot,
+    /// Not enough free space on the drive.
+    Space,
+    /// Building the new generation.
+    Copy,
+    /// borg check of the new generation.
+    Verify,
+    /// Swapping it in.
+    Swap,
+    /// The drive was removed.
+    Removed,
+    /// Cancelled (or ferry-sync stopping).
+    Cancelled,
+}
+
+impl Stage {
+    /// The stage's name on the bus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Lock => "lock",
+            Stage::Snapshot => "snapshot",
+            Stage::Space => "space",
+            Stage::Copy => "copy",
+            Stage::Verify => "verify",
+            Stage::Swap => "swap",
+            Stage::Removed => "removed",
+            Stage::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Why a job failed, phrased for a person.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Where it failed.
+    pub stage: Stage,
+    /// What to do about it.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure in `stage`.
+    pub fn new(stage: Stage, message: String) -> Failure {
+        Failure { stage, message }
+    }
+
+    /// The failure a stop request turns into.
+    pub fn stopped(reason: StopReason) -> Failure {
+        let kept = "the copy on the drive is the previous complete one";
+        match reason {
+            StopReason::Removed => Failure::new(
+                Stage::Removed,
+                format!("the drive was removed during the sync; {kept}; plug it in again to sync"),
+            ),
+            StopReason::Cancelled => {
+                Failure::new(Stage::Cancelled, format!("the sync was cancelled; {kept}"))
+            }
+            StopReason::Shutdown => Failure::new(
+                Stage::Cancelled,
+                format!("ferry-sync stopped during the sync; {kept}; start the sync again"),
+            ),
+        }
+    }
+}
+
+/// What a job is asked to do.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// The drive name.
+    pub drive: String,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// The repositories assigned to it, in ferry.toml's order.
+    pub repositories: Vec<(String, Repository)>,
+}
+
+impl JobSpec {
+    /// The job for drive `drive` as ferry.toml describes it; `None` for an
+    /// unknown drive.
+    pub fn of(config: &Config, drive: &str) -> Option<JobSpec> {
+        let (name, settings) = config.drives.iter().find(|(n, _)| n.as_str() == drive)?;
+        let repositories = settings
+            .repositories
+            .iter()
+            .filter_map(|r| {
+                let repository = config.repositories.get(r)?;
+                Some((r.to_string(), repository.clone()))
+            })
+            .collect();
+        Some(JobSpec {
+            drive: drive.to_string(),
+            mountpoint: settings.mountpoint(name),
+            repositories,
+        })
+    }
+}
+
+/// What a successful job reports.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Free bytes left on the drive.
+    pub free: u64,
+    /// Newest archive per repository ("" when unknown).
+    pub archives: BTreeMap<String, String>,
+}
+
+/// What the job holds that must be let go of whatever happens.
+#[derive(Default)]
+struct Held {
+    snapshots: Vec<Snapshot>,
+    layouts: Vec<Layout>,
+}
+
+impl Held {
+    /// Removes the snapshots and, unless the drive is gone, every
+    /// half-built generation.
+    fn release(self, drive_gone: bool) {
+        for snapshot in &self.snapshots {
+            snapshot.release();
+        }
+        if !drive_gone {
+            for layout in &self.layouts {
+                if let Err(e) = layout.remove_leftovers() {
+                    tracing::warn!("cannot clean up beside {}: {e}", layout.current.display());
+                }
+            }
+        }
+    }
+}
+
+/// Shared by every job.
+pub struct Context {
+    /// ferry.toml.
+    pub config: Arc<Config>,
+    /// How borg is run.
+    pub borg: Borg,
+    /// Where progress and results go.
+    pub reporter: Reporter,
+}
+
+/// Runs the job to its end and reports it.
+pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
+    let started = Instant::now();
+    let mut held = Held::default();
+    let result = sync_drive(&spec, &context, &mut stop, &mut held).await;
+    let result = match (result, stop.reason()) {
+        // A stop asked for while a stage was failing anyway: say the why.
+        (Err(_), Some(reason)) => Err(Failure::stopped(reason)),
+        (result, _) => result,
+    };
+    let drive_gone = matches!(&result, Err(f) if f.stage == Stage::Removed);
+    if let Err(e) = tokio::task::spawn_blocking(move || held.release(drive_gone)).await {
+        tracing::error!("cleaning up after the sync of {} failed: {e}", spec.drive);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(summary) => {
+            tracing::info!(
+                "{}: synced {} bytes in {seconds:.1} s",
+                spec.drive,
+                summary.bytes
+            );
+            context
+                .reporter
+                .finished(&spec.drive, summary, seconds)
+                .await;
+        }
+        Err(failure) => {
+            tracing::warn!(
+                "{}: sync failed at {}: {}",
+                spec.drive,
+                failure.stage.as_str(),
+                failure.message
+            );
+            context.reporter.failed(&spec.drive, &failure).await;
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool; an error becomes a failure of `stage`.
+async fn blocking<T: Send + 'static>(
+    stage: Stage,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|m| Failure::new(stage, m)),
+        Err(e) => Err(Failure::new(stage, format!("internal error: {e}"))),
+    }
+}
+
+/// One repository, from snapshot to swap.
+struct Prepared {
+    name: String,
+    repository: Repository,
+    layout: Layout,
+    plan: Arc<Plan>,
+    /// None when the drive already has the committed state.
+    snapshot_dir: Option<PathBuf>,
+}
+
+async fn sync_drive(
+    spec: &JobSpec,
+    context: &Context,
+    stop: &mut Stop,
+    held: &mut Held,
+) -> Result<Summary, Failure> {
+    let settings = &context.config.sync;
+    if !mounts::is_mounted(&spec.mountpoint) {
+        return Err(Failure::new(
+            Stage::Copy,
+            format!(
+                "nothing is mounted at {}: open the drive first",
+                spec.mountpoint.display()
+            ),
+        ));
+    }
+    let drive_dir = settings.drive_directory(&spec.mountpoint);
+    let layouts: Vec<Layout> = spec
+        .repositories
+        .iter()
+        .map(|(name, _)| Layout::new(&drive_dir, name))
+        .collect();
+    {
+        let (dir, layouts) = (drive_dir.clone(), layouts.clone());
+        blocking(Stage::Copy, move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {} on the drive: {e}", dir.display()))?;
+            for layout in &layouts {
+                layout
+                    .remove_leftovers()
+                    .map_err(|e| format!("cannot clean up {}: {e}", layout.dir.display()))?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    held.layouts = layouts.clone();
+
+    // Snapshots: borg's lock for an instant each, and not at all for a
+    // repository whose committed state the drive already has.
+    let mut prepared = Vec::new();
+    for ((name, repository), layout) in spec.repositories.iter().zip(layouts) {
+        if let Some(reason) = stop.reason() {
+            return Err(Failure::stopped(reason));
+        }
+        let (repo, current) = (repository.path.to_path_buf(), layout.clone());
+        let unchanged = blocking(Stage::Snapshot, move || {
+            Ok(snapshot::observe(&repo).map(|entries| generation::plan(&entries, &current)))
+        })
+        .await?;
+        match &unchanged {
+            Ok(plan) if !plan.unchanged => {
+                let first = plan
+                    .items
+                    .iter()
+                    .find(|(_, a)| *a == generation::Action::Copy);
+                tracing::debug!(
+                    "{}: {name} has {} new or changed files (first: {:?})",
+                    spec.drive,
+                    plan.copy_files,
+                    first.map(|(e, _)| &e.rel)
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(
+                "{}: {name} cannot be compared without the lock: {e}",
+                spec.drive
+            ),
+        }
+        if let Some(plan) = unchanged.ok().filter(|p| p.unchanged) {
+            prepared.push(Prepared {
+                name: name.clone(),
+                repository: repository.clone(),
+                layout,
+                plan: Arc::new(plan),
+                snapshot_dir: None,
+            });
+            continue;
+        }
+        let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
+        let wait = Duration::from_secs(settings.lock_wait);
+        let lock = context.borg.lock(&repository.path, wait, stop).await?;
+        let (repo, dir) = (repository.path.to_path_buf(), snapshot_dir.clone());
+        let taken = blocking(Stage::Snapshot, move || snapshot::take(&repo, &dir)).await;
+        lock.release().await;
+        let snapshot = taken?;
+        tracing::info!(
+            "{}: snapshot of {name} ({} files)",
+            spec.drive,
+            snapshot.entries.len()
+        );
+        let entries = snapshot.entries.clone();
+        let plan_layout = layout.clone();
+        held.snapshots.push(snapshot);
+        let plan = blocking(Stage::Snapshot, move || {
+            Ok(generation::plan(&entries, &plan_layout))
+        })
+        .await?;
+        prepared.push(Prepared {
+            name: name.clone(),
+            repository: repository.clone(),
+            layout,
+            plan: Arc::new(plan),
+            snapshot_dir: Some(snapshot_dir),
+        });
+    }
+
+    // Space, for all of them, before anything is written.
+    let total: u64 = prepared.iter().map(|p| p.plan.copy_bytes).sum();
+    let blocks: u64 = prepared
+        .iter()
+        .map(|p| p.plan.copy_files * 4096 + p.plan.items.len() as u64 * 256)
+        .sum();
+    let need = total + blocks + settings.reserve_mib * MIB;
+    let free = free_bytes(&drive_dir).map_err(|e| Failure::new(Stage::Space, e))?;
+    if need > free {
+        return Err(Failure::new(
+            Stage::Space,
+            format!(
+                "need {} MiB, drive has {} MiB free (the copy on it is unchanged); use a bigger drive, or remove what else is on it",
+                need.div_ceil(MIB),
+                free / MIB
+            ),
+        ));
+    }
+
+    let previous = context.reporter.archives(&spec.drive);
+    let mut summary = Summary::default();
+    let mut done_before = 0;
+    for item in prepared {
+        context
+            .reporter
+            .started(&spec.drive, &item.name, done_before, total)
+            .await;
+        let known = previous.get(&item.name).filter(|a| !a.is_empty());
+        let archive = match (item.plan.unchanged, known) {
+            (true, Some(archive)) => {
+                tracing::info!("{}: {} is unchanged", spec.drive, item.name);
+                archive.clone()
+            }
+            (true, None) => {
+                let current = item.layout.current.clone();
+                inspect(
+                    context,
+                    &item.layout,
+                    &item.repository,
+                    &current,
+                    false,
+                    stop,
+                )
+                .await?
+            }
+            (false, _) => {
+                let archive = copy_one(spec, context, &item, done_before, total, stop).await?;
+                done_before += item.plan.copy_bytes;
+                archive
+            }
+        };
+        summary.archives.insert(item.name.clone(), archive);
+        // This repository is done: let go of its snapshot now.
+        if let Some(dir) = item.snapshot_dir.clone() {
+            let _ = blocking(Stage::Copy, move || {
+                snapshot::remove_tree(&dir).map_err(|e| e.to_string())
+            })
+            .await;
+        }
+    }
+    summary.bytes = done_before;
+    summary.free = free_bytes(&drive_dir).unwrap_or(0);
+    Ok(summary)
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// Free bytes for an unprivileged writer... and root (f_bavail).
+fn free_bytes(path: &Path) -> Result<u64, String> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } != 0 {
+        return Err(format!(
+            "cannot read the free space of {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// Builds, verifies and swaps in one repository's new generation; returns
+/// its newest archive.
+async fn copy_one(
+    spec: &JobSpec,
+    context: &Context,
+    item: &Prepared,
+    done_before: u64,
+    total: u64,
+    stop: &mut Stop,
+) -> Result<String, Failure> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let build = {
+        let Some(snapshot_dir) = item.snapshot_dir.clone() else {
+            return Err(Failure::new(
+                Stage::Copy,
+                "internal error: no snapshot to copy from".into(),
+            ));
+        };
+        let (plan, layout) = (item.plan.clone(), item.layout.clone());
+        let (progress, stop) = (progress.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            generation::build(&plan, &snapshot_dir, &layout, &progress, &|| {
+                stop.reason().is_some()
+            })
+        })
+    };
+    tokio::pin!(build);
+    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut shown = u64::MAX;
+    let built = loop {
+        tokio::select! {
+            built = &mut build => break built,
+            _ = ticker.tick() => {
+                let done = done_before + progress.load(Ordering::Relaxed);
+                if done != shown {
+                    shown = done;
+                    context.reporter.progress(&spec.drive, done, total).await;
+                }
+            }
+        }
+    };
+    match built {
+        Ok(Ok(())) => {}
+        Ok(Err(BuildError::Stopped)) => {
+            return Err(Failure::stopped(
+                stop.reason().unwrap_or(StopReason::Shutdown),
+            ))
+        }
+        Ok(Err(BuildError::Io(message))) => {
+            return Err(Failure::new(
+                Stage::Copy,
+                format!("{message}; the copy on the drive is the previous complete one"),
+            ))
+        }
+        Err(e) => return Err(Failure::new(Stage::Copy, format!("internal error: {e}"))),
+    }
+    context
+        .reporter
+        .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
+        .await;
+
+    let new = item.layout.new.clone();
+    let archive = inspect(context, &item.layout, &item.repository, &new, true, stop).await?;
+    if let Some(reason) = stop.reason() {
+        return Err(Failure::stopped(reason));
+    }
+
+    let layout = item.layout.clone();
+    blocking(Stage::Swap, move || {
+        generation::swap(&layout).map_err(|e| {
+            format!(
+                "cannot put the new copy in place at {}: {e}; the previous copy is kept",
+                layout.current.display()
+            )
+        })
+    })
+    .await?;
+    Ok(archive)
+}
+
+/// Runs borg on a generation through hard links in `layout.verify`, so
+/// borg never writes to the generation itself (its lock files and config
+/// rewrite land in the mirror): `borg check --repository-only` when
+/// `check`, then the newest archive.
+async fn inspect(
+    context: &Context,
+    layout: &Layout,
+    repository: &Repository,
+    generation: &Path,
+    check: bool,
+    stop: &mut Stop,
+) -> Result<String, Failure> {
+    let (from, mirror) = (generation.to_path_buf(), layout.verify.clone());
+    blocking(Stage::Verify, move || {
+        generation::mirror_links(&from, &mirror)
+            .map_err(|e| format!("cannot prepare {} for borg: {e}", mirror.display()))
+    })
+    .await?;
+    let mut result = Ok(String::new());
+    if check {
+        result = context
+            .borg
+            .check(&layout.verify, stop)
+            .await
+            .map(|()| String::new());
+    }
+    if result.is_ok() {
+        result = context
+            .borg
+            .newest_archive(&layout.verify, repository, stop)
+            .await;
+    }
+    let mirror = layout.verify.clone();
+    blocking(Stage::Verify, move || {
+        snapshot::remove_tree(&mirror)
+            .map_err(|e| format!("cannot remove {}: {e}", mirror.display()))
+    })
+    .await?;
+    result
+}
