@@ -103,9 +103,15 @@ async fn plugged_in_drive_lights_the_led_through_the_whole_flow() {
         "safe to remove: offsite-a"
     );
 
+    let before_detach = signals.len();
     image.detach();
     signals
-        .wait_for("ColorChanged", |s| s.args == ["#000000", "idle"], WAIT)
+        .wait_for_from(
+            before_detach,
+            "ColorChanged",
+            |s| s.args == ["#000000", "idle"],
+            WAIT,
+        )
         .await;
 
     // A failure from any service turns it red until acknowledged.
@@ -154,9 +160,15 @@ async fn plugged_in_drive_lights_the_led_through_the_whole_flow() {
         "failed",
         "failed holds past close and detach"
     );
+    let before_acknowledge = signals.len();
     led_proxy.acknowledge().await.expect("Acknowledge");
     signals
-        .wait_for_from(n, "ColorChanged", |s| s.args == ["#000000", "idle"], WAIT)
+        .wait_for_from(
+            before_acknowledge,
+            "ColorChanged",
+            |s| s.args == ["#000000", "idle"],
+            WAIT,
+        )
         .await;
 
     let colors = written(&led_file);
