@@ -401,7 +401,7 @@ async fn services_check_the_caller_themselves_when_the_policy_lets_anyone_throug
     let config = config_for(dir.path());
     let conn = bus.connect().await;
     for offer in offers() {
-        let (name, path) = (offer.name, offer.path);
+        let name = offer.name;
         let service = bus.spawn(offer.binary, &["--config", &config.to_string_lossy()], &[]);
         service.wait_for_name(&conn, name, WAIT).await;
         for (method, argument) in &offer.mutating {
