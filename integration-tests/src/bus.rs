@@ -281,7 +281,10 @@ pub fn bin_dir() -> PathBuf {
         .parent()
         .expect("test executable has a directory")
         .to_path_buf();
-    if dir.file_name().is_some_and(|n| n == "deps" || n == "examples") {
+    if dir
+        .file_name()
+        .is_some_and(|n| n == "deps" || n == "examples")
+    {
         dir.pop();
     }
     dir

@@ -279,4 +279,3 @@ impl Received {
         self.header("X-Ferry-Event-Id").unwrap_or("")
     }
 }
-
