@@ -233,3 +233,25 @@ pub async fn subscribe(
         std::future::ready(keep)
     }))
 }
+
+/// Hands a request from a D-Bus method to the service's own loop and waits
+/// for the loop's answer: the interface object stays thin, the loop owns
+/// the state. `make` builds the command around the reply channel. When the
+/// loop is gone (the service is stopping) the caller is told so.
+pub async fn ask_loop<Command, Answer>(
+    loop_commands: &tokio::sync::mpsc::Sender<Command>,
+    service: &str,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<Answer, ferry_interfaces::Error>>) -> Command,
+) -> Result<Answer, ferry_interfaces::Error> {
+    let stopping = || {
+        ferry_interfaces::Error::Failed(format!(
+            "{service} is shutting down; try again when it is back"
+        ))
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    loop_commands
+        .send(make(reply))
+        .await
+        .map_err(|_| stopping())?;
+    answer.await.map_err(|_| stopping())?
+}

@@ -100,17 +100,12 @@ pub struct CryptInterface {
 
 impl CryptInterface {
     async fn request(&self, request: Request, drive: &str) -> Result<(), FerryError> {
-        let stopping = || FerryError::Failed("ferry-crypt is shutting down".into());
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command {
-                request,
-                drive: drive.to_string(),
-                reply,
-            })
-            .await
-            .map_err(|_| stopping())?;
-        answer.await.map_err(|_| stopping())?
+        ferry_service::ask_loop(&self.commands, "ferry-crypt", |reply| Command {
+            request,
+            drive: drive.to_string(),
+            reply,
+        })
+        .await
     }
 }
 

@@ -86,12 +86,7 @@ impl LedInterface {
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<(), FerryError> {
         authorize(connection, &header).await?;
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Test(reply))
-            .await
-            .map_err(|_| stopping())?;
-        answer.await.map_err(|_| stopping())?
+        ferry_service::ask_loop(&self.commands, "ferry-led", Command::Test).await
     }
 
     /// The colour shown now, #rrggbb.

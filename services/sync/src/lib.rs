@@ -96,13 +96,7 @@ impl SyncInterface {
         &self,
         command: impl FnOnce(oneshot::Sender<Result<(), FerryError>>) -> Command,
     ) -> Result<(), FerryError> {
-        let stopping = || FerryError::Failed("ferry-sync is shutting down".into());
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| stopping())?;
-        answer.await.map_err(|_| stopping())?
+        ferry_service::ask_loop(&self.commands, "ferry-sync", command).await
     }
 }
 
