@@ -323,3 +323,51 @@ async fn runs_in_process_and_test_cycles_the_colours() {
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// When a peer restarts, the LED asks it again instead of holding on to what
+/// it said before: a job its new instance does not run is no longer working.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_peer_is_asked_again() {
+    struct FakeBorg;
+    #[zbus::interface(name = "org.ferry.Borg1")]
+    impl FakeBorg {
+        #[zbus(property)]
+        fn jobs(&self) -> Vec<ferry_interfaces::BackupJob> {
+            Vec::new()
+        }
+    }
+
+    let bus = TestBus::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &led_file_section(&dir.path().join("led")));
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let process = bus.spawn("ferry-led", &["--config", &config.to_string_lossy()], &[]);
+    process.wait_for_name(&conn, led::BUS_NAME, WAIT).await;
+
+    emit(
+        &conn,
+        ferry_interfaces::borg::OBJECT_PATH,
+        ferry_interfaces::borg::INTERFACE,
+        "BackupStarted",
+        &("nas-7", "nas"),
+    )
+    .await;
+    signals
+        .wait_for("ColorChanged", |s| s.args[1] == "working", WAIT)
+        .await;
+    // ferry-borg "restarts": a new owner of org.ferry.Borg1 that runs no job.
+    let before = signals.len();
+    let _borg = zbus::connection::Builder::address(bus.address())
+        .expect("address")
+        .name(ferry_interfaces::borg::BUS_NAME)
+        .expect("name")
+        .serve_at(ferry_interfaces::borg::OBJECT_PATH, FakeBorg)
+        .expect("serve")
+        .build()
+        .await
+        .expect("fake borg");
+    signals
+        .wait_for_from(before, "ColorChanged", |s| s.args[1] == "idle", WAIT)
+        .await;
+}

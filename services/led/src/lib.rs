@@ -299,11 +299,24 @@ pub async fn run(
     lamp.refresh().await;
     claim_name(&connection, led::BUS_NAME, led::OBJECT_PATH).await?;
 
+    let mut peers_restarting = peer_owner_changes(&connection).await?;
     tokio::pin!(shutdown);
     loop {
         let test_due = lamp.test_due;
         tokio::select! {
             _ = &mut shutdown => break,
+            change = peers_restarting.next() => {
+                let Some(change) = change else {
+                    return Err(ServiceError::Other("the bus connection closed".into()));
+                };
+                if let Some(peer) = change.ok().as_ref().and_then(peer_that_started) {
+                    // A peer (re)started: what it was doing before is gone or
+                    // in its properties now; ask instead of guessing.
+                    tracing::info!("{peer} has a new owner; reading the peers' state again");
+                    lamp.indicator = lamp.indicator.rebuilt(events_from_peers(&connection).await);
+                    lamp.refresh().await;
+                }
+            }
             message = signals.next() => {
                 let Some(message) = message else {
                     return Err(ServiceError::Other("the bus connection closed".into()));
@@ -456,6 +469,27 @@ fn event_of(message: &zbus::Message) -> Option<Event> {
             .map(|a| Event::BackupSkipped(a.job.to_string()));
     }
     None
+}
+
+/// NameOwnerChanged for every org.ferry name: a peer started or went away.
+async fn peer_owner_changes(
+    connection: &zbus::Connection,
+) -> Result<zbus::MessageStream, ServiceError> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.freedesktop.DBus")?
+        .interface("org.freedesktop.DBus")?
+        .member("NameOwnerChanged")?
+        .arg0ns("org.ferry")?
+        .build();
+    Ok(zbus::MessageStream::for_match_rule(rule, connection, Some(64)).await?)
+}
+
+/// The peer's bus name when a NameOwnerChanged says a peer (not this LED)
+/// got a new owner.
+fn peer_that_started(message: &zbus::Message) -> Option<String> {
+    let (name, _old, new): (String, String, String) = message.body().deserialize().ok()?;
+    (!new.is_empty() && name != led::BUS_NAME).then_some(name)
 }
 
 /// What the peers' properties say is going on, as events. A peer that is

@@ -121,6 +121,20 @@ impl Indicator {
         }
     }
 
+    /// A fresh view from what the peers say now (after one of them
+    /// restarted), keeping the failure: a restart is not a good flow, so
+    /// red still holds until acknowledged or until a flow ends well.
+    pub fn rebuilt(&self, from_peers: Vec<Event>) -> Indicator {
+        let mut fresh = Indicator::default();
+        for event in from_peers {
+            fresh.apply(event);
+        }
+        if self.failure.is_some() {
+            fresh.failure = self.failure.clone();
+        }
+        fresh
+    }
+
     /// The state shown now.
     pub fn state(&self) -> LedState {
         if self.failure.is_some() {
@@ -245,6 +259,26 @@ mod tests {
             i.state(),
             LedState::Idle,
             "nothing is still working after the failure"
+        );
+    }
+
+    #[test]
+    fn a_rebuild_forgets_lost_jobs_but_keeps_the_failure() {
+        let i = run(vec![
+            BackupStarted("1".into()),
+            SyncFailed("a".into(), "space".into()),
+        ]);
+        let fresh = i.rebuilt(vec![DriveBusy("a".into()), DriveClosed("a".into())]);
+        assert_eq!(
+            fresh.state(),
+            LedState::Failed,
+            "red holds across a peer's restart"
+        );
+        let i = run(vec![BackupStarted("lost".into())]);
+        assert_eq!(
+            i.rebuilt(vec![]).state(),
+            LedState::Idle,
+            "a job its service no longer runs is gone"
         );
     }
 
