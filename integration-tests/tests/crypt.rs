@@ -9,7 +9,6 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 use ferry_integration_tests::introspection::assert_matches_contract;
@@ -201,7 +200,11 @@ struct MountGuard(PathBuf);
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -711,7 +714,7 @@ async fn a_drive_pulled_out_while_open_is_unmounted_and_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn killed_and_restarted_it_adopts_an_open_drive_and_closes_a_stray_mount() {
+async fn killed_and_restarted_it_adopts_and_announces_an_open_drive_and_closes_a_stray_mount() {
     if !udev_and_loop() {
         return;
     }
@@ -770,13 +773,9 @@ async fn killed_and_restarted_it_adopts_an_open_drive_and_closes_a_stray_mount()
         std::fs::read_to_string(point_a.join("kept")).expect("kept"),
         "still here"
     );
+    // Announced again, so the flow (sync, then close) goes on.
     signals
-        .expect_none_from(
-            before,
-            "DriveOpened",
-            named("offsite-a"),
-            Duration::from_millis(500),
-        )
+        .wait_for_from(before, "DriveOpened", named("offsite-a"), WAIT)
         .await;
 
     // The adopted drive closes like any other.
@@ -785,6 +784,109 @@ async fn killed_and_restarted_it_adopts_an_open_drive_and_closes_a_stray_mount()
         .wait_for_from(before, "DriveClosed", named("offsite-a"), WAIT)
         .await;
     assert_eq!(mounted_at(&point_a), None);
+}
+
+/// Kills ferry-crypt (if given), runs `meanwhile`, and leaves `device` as
+/// if ferry-crypt had been killed in the middle of opening it: mounted
+/// read-only at its mountpoint `point`.
+async fn kill_mid_open(
+    crypt: Option<ServiceProcess>,
+    device: &str,
+    point: &Path,
+    meanwhile: impl FnOnce(),
+) -> MountGuard {
+    if let Some(crypt) = crypt {
+        crypt.signal(libc::SIGKILL);
+        crypt.wait_exit(WAIT).await.expect("killed");
+    }
+    let _ = Command::new("umount")
+        .arg(point)
+        .stderr(Stdio::null())
+        .status();
+    meanwhile();
+    std::fs::create_dir_all(point).expect("mkdir");
+    run(
+        "mount",
+        &[
+            "-o",
+            "ro,nosuid,nodev,noexec",
+            device,
+            &point.to_string_lossy(),
+        ],
+    );
+    MountGuard(point.to_path_buf())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_mid_open_it_opens_again_proving_identity_and_adopts_a_late_mount() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, crypt) = services(&bus, &config).await;
+    let point = mountpoint(dir.path(), "offsite-a");
+    let device = a.image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    let rw = || mounted_at(&point).is_some_and(|o| o.split(',').any(|o| o == "rw"));
+
+    // Half open, ours: opened again from scratch, never "closed".
+    let _guard = kill_mid_open(Some(crypt), &device, &point, || {}).await;
+    let before = signals.len();
+    let crypt = start_crypt(&bus, &config.to_string_lossy()).await;
+    signals
+        .wait_for_from(before, "DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    assert!(rw(), "{:?}", mounted_at(&point));
+    assert_eq!(drive_state(&conn, "offsite-a").await.state, "open");
+    assert!(crypt.log().contains("opening it again"), "{}", crypt.log());
+    assert_eq!(signals.count("DriveClosed", |_| true), 0);
+
+    // Half open, a stranger (no token): the identity is proven again.
+    let mut token = Vec::new();
+    let _guard = kill_mid_open(Some(crypt), &device, &point, || {
+        by_hand(dir.path(), &device, |root| {
+            token = std::fs::read(root.join(".ferry-identity")).expect("token");
+            std::fs::remove_file(root.join(".ferry-identity")).expect("rm token");
+        })
+    })
+    .await;
+    let before = signals.len();
+    let _crypt = start_crypt(&bus, &config.to_string_lossy()).await;
+    let failed = signals
+        .wait_for_from(before, "DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "identity", "{failed}");
+    assert_eq!(mounted_at(&point), None, "a stranger is left unmounted");
+    assert_eq!(signals.count("DriveClosed", |_| true), 0);
+
+    // A mount that finished late (a killed predecessor's `mount`): Open
+    // adopts it after checking the token, instead of failing at "mount".
+    let _guard = kill_mid_open(None, &device, &point, || {
+        by_hand(dir.path(), &device, |root| {
+            std::fs::write(root.join(".ferry-identity"), &token).expect("restore token")
+        })
+    })
+    .await;
+    let before = signals.len();
+    let proxy: CryptProxy = uncached(&conn).await;
+    proxy.open("offsite-a").await.expect("Open");
+    signals
+        .wait_for_from(before, "DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    assert!(rw(), "{:?}", mounted_at(&point));
+    emit(&conn, "SyncFinished", &("offsite-a", 0u64, 0.5f64)).await;
+    signals
+        .wait_for_from(before, "DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(mounted_at(&point), None);
 }
 
 #[tokio::test(flavor = "multi_thread")]

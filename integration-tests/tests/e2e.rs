@@ -631,20 +631,12 @@ async fn backup_outcome(
 }
 
 /// The services known not to bring an interrupted plug-in flow to a
-/// correct end by themselves (reported in issue 8). ferry-crypt, killed
-/// while opening a drive and restarted at once:
-/// - finds the drive mounted read-only (identity not yet proven), unmounts
-///   it and emits DriveClosed: no sync, no failure, no mail, and the LED
-///   turns green ("done, remove me") — even for a stranger's drive;
-/// - finds the finished mount, adopts it as open but emits no DriveOpened
-///   and does not ask Sync1, so nobody syncs it: open forever, LED working;
-/// - misses the mount its killed predecessor's `mount` child is still
-///   making, opens again, fails at "mount" ("already mounted") and leaves
-///   the drive mounted.
-///
-/// For these the test prints the finding and recovers through the busctl
-/// methods; any other service that does not recover fails the test.
-const PLUG_IN_NOT_RECOVERED: &[&str] = &["ferry-crypt"];
+/// correct end by themselves: none. (ferry-crypt was here until it learnt to
+/// reopen a half-open drive, announce an adopted mount and take over a late
+/// mount of its killed predecessor.) A service listed here has its finding
+/// printed and the flow recovered through the busctl methods; any other
+/// service that does not recover fails the test.
+const PLUG_IN_NOT_RECOVERED: &[&str] = &[];
 
 /// The end of a plug-in flow that `kill` may have interrupted. The flow
 /// should end by itself, in success or in a failure a person hears of; if

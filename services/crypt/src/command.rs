@@ -3,8 +3,10 @@
 //!
 //! One place decides how: the program is looked up in the sbin directories
 //! too (a service's PATH may lack them), the locale is C so messages are the
-//! ones this code expects, standard input is closed, and a run that takes
-//! longer than its timeout is killed. Arguments are plain paths and options:
+//! ones this code expects, standard input is closed, the child dies with
+//! ferry-crypt (so a killed service leaves no `mount` finishing behind its
+//! successor's back), and a run that takes longer than its timeout is
+//! killed with its whole process group. Arguments are plain paths and options:
 //! callers pass secrets only as `--key-file PATH`, never as an argument.
 
 use std::ffi::OsStr;
@@ -124,18 +126,35 @@ pub async fn run<S: AsRef<OsStr>>(
     let path = program_path(program).ok_or_else(|| CommandError::NotFound {
         program: program.to_string(),
     })?;
-    let child = tokio::process::Command::new(path)
+    let mut command = tokio::process::Command::new(path);
+    command
         .args(args)
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| CommandError::Start {
-            program: program.to_string(),
-            reason: e.to_string(),
-        })?;
+        .process_group(0)
+        .kill_on_drop(true);
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure calls only the
+    // async-signal-safe prctl, getppid and _exit.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|e| CommandError::Start {
+        program: program.to_string(),
+        reason: e.to_string(),
+    })?;
+    let group = child.id();
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(output)) => output,
         Ok(Err(e)) => {
@@ -144,12 +163,17 @@ pub async fn run<S: AsRef<OsStr>>(
                 reason: e.to_string(),
             })
         }
-        // Dropping the future drops the child, which kills it.
+        // Dropping the future drops the child, which kills it; its
+        // group (anything it started) goes too.
         Err(_) => {
+            if let Some(group) = group.and_then(|g| libc::pid_t::try_from(g).ok()) {
+                // SAFETY: kill(2) on the group ferry-crypt created for the child.
+                unsafe { libc::kill(-group, libc::SIGKILL) };
+            }
             return Err(CommandError::TimedOut {
                 program: program.to_string(),
                 after: timeout,
-            })
+            });
         }
     };
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

@@ -10,8 +10,11 @@
 //!
 //! On start it rebuilds its view from the system: which drives are attached
 //! (the watcher's Drives property, else udev), and what a crashed
-//! predecessor left mounted or unlocked ([`ops::inspect`]), which it adopts
-//! or closes, saying which in the log. `ferry-crypt enroll` is [`enroll`].
+//! predecessor left mounted or unlocked ([`ops::inspect`]): a proven open
+//! mount is adopted and announced with DriveOpened again (so the flow goes
+//! on); a half-open drive that is attached is opened again from scratch (or
+//! closed, if it does not open on attach); a detached one is cleaned up.
+//! The log says which. `ferry-crypt enroll` is [`enroll`].
 
 pub mod command;
 pub mod devices;
@@ -178,6 +181,8 @@ impl CryptInterface {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
     Open,
+    /// Undo a predecessor's half-done open, then open; ends like Open.
+    Reopen,
     Close,
     Remove,
 }
@@ -294,7 +299,7 @@ impl Service {
         };
         entry.running = true;
         entry.state = match operation {
-            Operation::Open => State::Opening,
+            Operation::Open | Operation::Reopen => State::Opening,
             Operation::Close | Operation::Remove => State::Closing,
         };
         if let Some(device) = &entry.device {
@@ -311,7 +316,8 @@ impl Service {
         tokio::spawn(async move {
             let result = match (operation, device) {
                 (Operation::Open, Some(device)) => ops::open(&plan, device.as_ref()).await,
-                (Operation::Open, None) => Err(Failed {
+                (Operation::Reopen, Some(device)) => ops::reopen(&plan, device.as_ref()).await,
+                (Operation::Open | Operation::Reopen, None) => Err(Failed {
                     stage: "unlock",
                     message: format!("drive {drive} is not plugged in"),
                 }),
@@ -327,6 +333,14 @@ impl Service {
                 .await;
         });
         self.publish().await;
+    }
+
+    /// Emits DriveOpened for `drive`.
+    async fn announce_opened(&self, drive: &Name, mountpoint: &str) {
+        let emitter = self.object.signal_emitter();
+        if let Err(e) = CryptInterface::drive_opened(emitter, drive.as_str(), mountpoint).await {
+            tracing::error!("cannot emit DriveOpened: {e}");
+        }
     }
 
     /// Records a failure, publishes it, and emits DriveFailed.
@@ -364,24 +378,19 @@ impl Service {
         let removed = std::mem::take(&mut entry.removed_meanwhile);
         let drive = done.drive;
         match (done.operation, done.result) {
-            (Operation::Open, Ok(())) if removed => {
+            (Operation::Open | Operation::Reopen, Ok(())) if removed => {
                 entry.in_use = true;
                 tracing::warn!("{drive}: removed while it was being opened");
                 return self.start(&drive, Operation::Remove).await;
             }
-            (Operation::Open, Ok(())) => {
+            (Operation::Open | Operation::Reopen, Ok(())) => {
                 entry.in_use = true;
                 entry.state = State::Open;
                 entry.message.clear();
                 let mountpoint = entry.plan.mountpoint.to_string_lossy().into_owned();
                 tracing::info!("{drive}: open at {mountpoint}");
                 self.publish().await;
-                let emitter = self.object.signal_emitter();
-                if let Err(e) =
-                    CryptInterface::drive_opened(emitter, drive.as_str(), &mountpoint).await
-                {
-                    tracing::error!("cannot emit DriveOpened: {e}");
-                }
+                self.announce_opened(&drive, &mountpoint).await;
             }
             (Operation::Close, Ok(())) => {
                 entry.in_use = false;
@@ -402,9 +411,10 @@ impl Service {
                 return self.start(&drive, Operation::Remove).await;
             }
             (operation, Err(failed)) => {
-                // A failed open undid itself; a failed close left the drive
-                // mounted (or unlocked); a removal detached everything.
-                entry.in_use = operation == Operation::Close;
+                // A failed open undid itself; a failed close (also the
+                // undoing part of a reopen) left the drive mounted (or
+                // unlocked); a removal detached everything.
+                entry.in_use = operation == Operation::Close || failed.stage == "close";
                 self.fail(&drive, failed).await;
             }
             (Operation::Remove, Ok(())) => {}
@@ -506,12 +516,7 @@ impl Service {
                 if entry.in_use && entry.state == State::Open {
                     // Already open: say so again for whoever asked.
                     let mountpoint = entry.plan.mountpoint.to_string_lossy().into_owned();
-                    let emitter = self.object.signal_emitter();
-                    if let Err(e) =
-                        CryptInterface::drive_opened(emitter, name.as_str(), &mountpoint).await
-                    {
-                        tracing::error!("cannot emit DriveOpened: {e}");
-                    }
+                    self.announce_opened(&name, &mountpoint).await;
                 } else if entry.in_use {
                     return Err(FerryError::Busy(format!(
                         "drive {name} is still mounted or unlocked after a failure; close it first"
@@ -598,6 +603,7 @@ pub async fn run(
         done,
     };
     let mut to_start = Vec::new();
+    let mut adopted = Vec::new();
     for (name, drive) in &config.drives {
         let mut plan = Plan::new(name, drive, &config.crypt);
         let device = attached.get(name.as_str()).cloned();
@@ -626,22 +632,32 @@ pub async fn run(
             }
             Leftover::Nothing => {}
             Leftover::Adopt => {
+                // inspect() proved the token again; announcing it lets the
+                // flow (sync, then close) go on.
                 tracing::info!(
-                    "{name}: found open at {} from before a restart; adopted it (it stays open)",
+                    "{name}: found open at {} from before a restart; adopted it (it stays open) and announcing it again",
                     entry.plan.mountpoint.display()
                 );
                 entry.state = State::Open;
                 entry.in_use = true;
+                adopted.push(name.clone());
             }
             Leftover::Close(reason) => {
-                tracing::warn!(
-                    "{name}: found left behind from before a restart ({reason}); closing it"
-                );
                 entry.in_use = true;
+                // Attached and opening on attach: its open was interrupted,
+                // so open it again from scratch, never report it closed.
                 let operation = match entry.device {
+                    Some(_) if entry.open_on_attach => Operation::Reopen,
                     Some(_) => Operation::Close,
                     None => Operation::Remove,
                 };
+                let action = match operation {
+                    Operation::Reopen => "opening it again from scratch",
+                    _ => "closing it",
+                };
+                tracing::warn!(
+                    "{name}: found left behind from before a restart ({reason}); {action}"
+                );
                 to_start.push((name.clone(), operation));
             }
         }
@@ -652,6 +668,12 @@ pub async fn run(
     }
     service.publish().await;
     claim_name(&connection, crypt::BUS_NAME, crypt::OBJECT_PATH).await?;
+    for name in adopted {
+        if let Some(entry) = service.entries.get(&name) {
+            let mountpoint = entry.plan.mountpoint.to_string_lossy().into_owned();
+            service.announce_opened(&name, &mountpoint).await;
+        }
+    }
     for (name, operation) in to_start {
         service.start(&name, operation).await;
     }

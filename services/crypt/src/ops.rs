@@ -152,6 +152,15 @@ pub async fn open(plan: &Plan, device: &Path) -> Result<(), Failed> {
     mounted
 }
 
+/// Opens again, from scratch, a drive a killed predecessor left half open
+/// (or half closed): unmount and lock what is there, then [`open`], which
+/// proves the identity again. Never powers the drive off.
+pub async fn reopen(plan: &Plan, device: &Path) -> Result<(), Failed> {
+    unmount(plan, false).await?;
+    lock(plan, false).await?;
+    open(plan, device).await
+}
+
 /// Checks the key file, then the key against the LUKS header (no mapping
 /// needed), then maps the unlocked drive.
 async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
@@ -190,6 +199,12 @@ async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
         }
     }
     let mapping = plan.mapping_name();
+    if plan.mapped() {
+        // A killed predecessor's `cryptsetup open` finished late; the key
+        // is proven above and the identity is proven after mounting.
+        tracing::warn!("{}: {mapping} is already unlocked; using it", plan.name);
+        return Ok(());
+    }
     let opened = plan
         .run(
             "cryptsetup",
@@ -220,11 +235,30 @@ async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
 /// read-write. Unmounts again on any failure.
 async fn mount_and_prove(plan: &Plan, source: &Path) -> Result<(), Failed> {
     let mountpoint = &plan.mountpoint;
-    prepare_mountpoint(plan, source)?;
-    let read_only = format!("ro,{MOUNT_OPTIONS}");
-    let mounted = plan
-        .run("mount", &[&"-o", &read_only, &source, &mountpoint])
-        .await;
+    // Already mounted there from this drive (a killed predecessor's `mount`
+    // finished late): adopt the mount, proving the token again below.
+    let mounted = match plan.our_mount() {
+        Some(_) => {
+            tracing::warn!(
+                "{}: already mounted at {}; checking and adopting that mount",
+                plan.name,
+                mountpoint.display()
+            );
+            Ok(String::new())
+        }
+        None => {
+            prepare_mountpoint(plan, source)?;
+            let read_only = format!("ro,{MOUNT_OPTIONS}");
+            plan.run("mount", &[&"-o", &read_only, &source, &mountpoint])
+                .await
+        }
+    };
+    // A mount that failed because the drive got mounted there meanwhile
+    // (that late `mount` again) adopts it too.
+    let mounted = mounted.or_else(|e| match plan.our_mount() {
+        Some(_) => Ok(String::new()),
+        None => Err(e),
+    });
     if let Err(e) = mounted {
         remove_mountpoint(mountpoint);
         return Err(Failed::new(
