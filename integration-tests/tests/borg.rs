@@ -546,10 +546,12 @@ fn borg_children(pid: u32) -> Vec<i32> {
 }
 
 /// ferry-borg and its borg die mid-create (a power cut, an OOM kill of the
-/// unit): the stale lock is recognised by the next run (same BORG_HOST_ID,
-/// dead pid) and the backup succeeds.
+/// unit): the restarted ferry-borg reports the job as failed at
+/// "interrupted" (BackupFailed, LastFailures, LastResults), the next job
+/// gets a new id, the stale lock is recognised by the next run (same
+/// BORG_HOST_ID, dead pid) and the backup succeeds.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_crash_mid_create_leaves_a_lock_the_next_run_clears() {
+async fn a_crash_mid_create_is_reported_and_the_next_run_clears_the_lock() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
     let slow = world.slow_source(2);
@@ -594,9 +596,57 @@ async fn a_crash_mid_create_leaves_a_lock_the_next_run_clears() {
     drop(service);
 
     let service = start_service(&bus, &world, &config).await;
-    let (_, finished) = service.run("home", "BackupFinished").await;
+    let failed = service.ended(&job).await;
+    assert_eq!(failed.member, "BackupFailed", "{failed:?}");
+    assert_eq!(failed.args[1], "home");
+    assert_eq!(failed.args[2], "interrupted");
+    assert!(
+        failed.args[3].contains("ferry-borg stopped during the job")
+            && failed.args[3].contains("stale lock"),
+        "{failed:?}"
+    );
+    let failures = service.proxy.last_failures().await.expect("LastFailures");
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.subject == "home" && f.stage == "interrupted"),
+        "{failures:?}"
+    );
+    let results = service.proxy.last_results().await.expect("LastResults");
+    assert!(
+        results
+            .iter()
+            .any(|r| r.profile == "home" && r.outcome == "failed"),
+        "{results:?}"
+    );
+    assert!(service.proxy.jobs().await.expect("Jobs").is_empty());
+
+    let (next, finished) = service.run("home", "BackupFinished").await;
+    assert_ne!(next, job, "a job id was reused after the restart");
     assert_eq!(world.archives(&repo).await, [finished.args[2].clone()]);
     assert!(!repo.join("lock.exclusive").exists());
+    drop(service);
+
+    // Reported once: a clean restart announces nothing more.
+    let service = start_service(&bus, &world, &config).await;
+    assert!(service.proxy.jobs().await.expect("Jobs").is_empty());
+    let results = service.proxy.last_results().await.expect("LastResults");
+    assert!(
+        results
+            .iter()
+            .any(|r| r.profile == "home" && r.outcome == "finished"),
+        "{results:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !service
+            .signals
+            .all()
+            .iter()
+            .any(|s| s.member == "BackupFailed"),
+        "{}",
+        service.signals.listing()
+    );
 }
 
 /// Cancel interrupts borg, which releases its lock; BackupFailed says

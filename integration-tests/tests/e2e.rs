@@ -446,8 +446,8 @@ async fn killed_mid_flow(binary: &'static str) {
     // And it works again: a backup and a second plug-in.
     let (job, archive) = backup(&system).await;
     if lost.as_deref() == Some(job.as_str()) {
-        // KNOWN BUG (reported in issue 8): job ids restart with the service.
-        known_bug(
+        // Was a bug (issue 8): job ids restarted with the service.
+        regression(
             "ferry-borg",
             &format!(
                 "after the restart the next job is {job} again, the id of the job it lost: \
@@ -607,20 +607,20 @@ async fn backup_outcome(
             None
         }
         None if kill.binary == "ferry-borg" => {
-            // KNOWN BUG (reported in issue 8): SIGKILL takes the job with
-            // it; the restarted ferry-borg knows nothing of it.
+            // Was a bug (issue 8): SIGKILL took the job with it and the
+            // restarted ferry-borg knew nothing of it; now it reports the
+            // job as failed at "interrupted".
             let borg = proxy::<BorgProxy>(&system.conn).await;
             let failures = borg.last_failures().await.unwrap_or_default();
             let results = borg.last_results().await.unwrap_or_default();
-            known_bug(
+            regression(
                 "ferry-borg",
                 &format!(
                     "killed during job {job}, restarted: the job never ends — no BackupFailed, \
                      LastFailures {failures:?}, LastResults {results:?}; nobody is told the \
                      backup was cut short"
                 ),
-            );
-            Some(job.to_string())
+            )
         }
         None => panic!(
             "backup job {job} did not end within {RECOVER:?} ({} was killed)\n{}",
@@ -763,7 +763,7 @@ async fn assert_end_state(
 /// job ferry-borg lost when it was killed (KNOWN BUG, reported in issue 8).
 fn stuck_on_lost_job(error: &str, lost: Option<&str>) {
     match lost {
-        Some(job) if error.contains(&format!("backup {job}")) => known_bug(
+        Some(job) if error.contains(&format!("backup {job}")) => regression(
             "ferry-led",
             &format!(
                 "ferry-borg was killed during job {job} and restarted: the LED stays \
@@ -1218,6 +1218,11 @@ async fn wait_for_no_owner(conn: &zbus::Connection, name: &str) {
 
 /// Something the design asks for that `service` does not do (reported as a
 /// finding): printed, and fatal under `FERRY_E2E_STRICT=1`.
+/// A bug that was found by these tests and fixed: fatal again if it returns.
+fn regression(service: &str, what: &str) -> ! {
+    panic!("{service} (fixed in issue 8, back again): {what}")
+}
+
 fn known_bug(service: &str, what: &str) {
     let text = format!("KNOWN BUG in {service}: {what}");
     if std::env::var("FERRY_E2E_STRICT").is_ok_and(|v| v == "1") {

@@ -623,6 +623,88 @@ async fn start_and_cancel_by_hand() {
     assert!(rig.snapshots_left().is_empty());
 }
 
+/// The live children of `pid` (a zombie counts as dead), as
+/// (pid, command line).
+fn live_children(pid: u32) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            let mut fields = stat.rsplit_once(") ")?.1.split(' ');
+            let state = fields.next()?;
+            let ppid: u32 = fields.next()?.parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (ppid == pid && state != "Z").then_some((child, cmdline))
+        })
+        .collect()
+}
+
+/// ferry-sync SIGKILLed while its lock helper waits for borg's lock (held
+/// by `borg with-lock`, as a long backup would): the helper dies with it
+/// at once instead of taking the lock behind the restarted ferry-sync's
+/// back, and the next sync completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_ferry_sync_takes_its_children_with_it() {
+    if !borg_ready() {
+        return;
+    }
+    let mut rig = Rig::new(&[("offsite-a", 64)], &[&NAS], "").await;
+    rig.add_archive(&NAS, "nas-1", 5, 3000);
+    let repo = rig.repo("nas");
+    let base = rig.base.clone();
+    let holder = std::thread::spawn(move || {
+        borg_output(
+            &base,
+            None,
+            &[os("with-lock"), repo.as_os_str(), os("sleep"), os("8")],
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = rig.service.as_ref().expect("ferry-sync runs").pid();
+    rig.proxy().await.start("offsite-a").await.expect("Start");
+    let deadline = Instant::now() + WAIT;
+    let children = loop {
+        let children = live_children(pid);
+        if !children.is_empty() {
+            break children;
+        }
+        assert!(Instant::now() < deadline, "ferry-sync started no child");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    rig.kill_service();
+    let killed = Instant::now();
+    let alive = |children: &[(u32, String)]| -> Vec<String> {
+        children
+            .iter()
+            .filter(|(child, _)| {
+                std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .ok()
+                    .and_then(|stat| Some(stat.rsplit_once(") ")?.1.starts_with('Z')))
+                    == Some(false)
+            })
+            .map(|(_, line)| line.clone())
+            .collect()
+    };
+    while !alive(&children).is_empty() && killed.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        alive(&children).is_empty(),
+        "still running 2 s after ferry-sync was killed: {:?}",
+        alive(&children)
+    );
+    assert!(holder.join().expect("holder").status.success());
+    rig.start_service().await;
+    rig.sync("offsite-a").await;
+    assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1"]);
+    assert!(rig.snapshots_left().is_empty());
+}
+
 /// The drive is too small: SyncFailed(space) with the numbers, and the
 /// copy on it is untouched.
 #[tokio::test(flavor = "multi_thread")]

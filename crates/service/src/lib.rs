@@ -198,6 +198,33 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Makes the child `command` will start die (SIGKILL) when this process
+/// dies, so a service killed outright leaves no child working on behind the
+/// back of its restarted successor. A parent already gone by the time the
+/// child gets there kills it too.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A stream of every signal of the given ferry interfaces, whoever sends it,
 /// in the order the bus delivered them.
 ///

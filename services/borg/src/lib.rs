@@ -28,7 +28,7 @@ use ferry_interfaces::{
 };
 use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
 use job::{End, Event, Job, RepositoryLocks};
-use state::Stored;
+use state::{RunningJob, Stored};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
@@ -274,7 +274,6 @@ struct Service {
     running: BTreeMap<String, Running>,
     tasks: JoinSet<End>,
     task_jobs: HashMap<tokio::task::Id, String>,
-    counter: u64,
 }
 
 impl Service {
@@ -289,16 +288,28 @@ impl Service {
         if let Some((id, _)) = self.running.iter().find(|(_, r)| r.profile == profile) {
             return id.clone();
         }
-        self.counter += 1;
-        let id = format!("{profile}-{}", self.counter);
-        let (cancel, cancelled) = watch::channel(false);
-        let checks_last = self.with_shared(|s| {
-            s.stored
+        // Recorded before it runs: if ferry-borg dies now, the next start
+        // reports the job as interrupted, and the number is never reused.
+        let (id, checks_last, stored) = self.with_shared(|s| {
+            s.stored.last_job += 1;
+            let id = format!("{profile}-{}", s.stored.last_job);
+            s.stored.running.insert(
+                id.clone(),
+                RunningJob {
+                    profile: profile.to_string(),
+                    started: unix_now(),
+                },
+            );
+            let checks = s
+                .stored
                 .profiles
                 .get(profile.as_str())
                 .map(|r| r.checks.clone())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            (id, checks, s.stored.clone())
         });
+        save(&stored, &self.state_path);
+        let (cancel, cancelled) = watch::channel(false);
         let job = Job {
             id: id.clone(),
             profile: profile.clone(),
@@ -398,14 +409,6 @@ impl Service {
         };
         let profile = running.profile.to_string();
         let seconds = running.started.elapsed().as_secs_f64();
-        let now = unix_now();
-        let (outcome, archive, message) = match &end {
-            End::Finished { archive, .. } => ("finished", archive.clone(), String::new()),
-            End::Failed { stage, message } => {
-                ("failed", String::new(), format!("{stage}: {message}"))
-            }
-            End::Skipped { reason } => ("skipped", String::new(), reason.clone()),
-        };
         match &end {
             End::Finished { archive, .. } => {
                 tracing::info!("job {job}: profile {profile} finished in {seconds:.1}s: {archive}")
@@ -419,41 +422,16 @@ impl Service {
         }
         let stored = self.with_shared(|s| {
             s.jobs.retain(|j| j.job != job);
-            let record = s.stored.profile(&profile);
-            record.last_result = Some(BackupResult {
-                profile: profile.clone(),
-                outcome: outcome.into(),
-                time: now,
-                archive: archive.clone(),
-                seconds,
-                message: message.clone(),
-            });
-            match &end {
-                End::Finished { stats, checks, .. } => {
-                    record.last_success = Some(now);
-                    record.stats = Some(stats.clone());
-                    for kind in checks {
-                        record.checks.insert(kind.to_string(), now);
-                    }
-                }
-                End::Failed { stage, message } => {
-                    record.last_failure = Some(Failure {
-                        subject: profile.clone(),
-                        time: now,
-                        stage: stage.clone(),
-                        message: message.clone(),
-                    })
-                }
-                End::Skipped { .. } => {}
-            }
+            s.stored.running.remove(&job);
+            record_end(&mut s.stored, &profile, &end, seconds);
             s.stored.clone()
         });
-        if let Err(e) = stored.save(&self.state_path) {
-            tracing::error!(
-                "cannot write {}: {e}; the result is on the bus but will not survive a restart",
-                self.state_path.display()
-            );
-        }
+        save(&stored, &self.state_path);
+        self.announce_end(&job, &profile, &end).await;
+    }
+
+    /// Tells the bus a job ended: the changed properties, then its signal.
+    async fn announce_end(&self, job: &str, profile: &str, end: &End) {
         let emitter = self.object.signal_emitter();
         let interface = self.object.get().await;
         for sent in [
@@ -466,15 +444,15 @@ impl Service {
                 tracing::warn!("cannot emit PropertiesChanged: {e}");
             }
         }
-        let sent = match &end {
+        let sent = match end {
             End::Finished { archive, .. } => {
-                BorgInterface::backup_finished(emitter, &job, &profile, archive).await
+                BorgInterface::backup_finished(emitter, job, profile, archive).await
             }
             End::Failed { stage, message } => {
-                BorgInterface::backup_failed(emitter, &job, &profile, stage, message).await
+                BorgInterface::backup_failed(emitter, job, profile, stage, message).await
             }
             End::Skipped { reason } => {
-                BorgInterface::backup_skipped(emitter, &job, &profile, reason).await
+                BorgInterface::backup_skipped(emitter, job, profile, reason).await
             }
         };
         if let Err(e) = sent {
@@ -501,6 +479,79 @@ impl Service {
             }
         }
     }
+}
+
+/// Writes the state; a failure is logged, and the service goes on.
+fn save(stored: &Stored, path: &std::path::Path) {
+    if let Err(e) = stored.save(path) {
+        tracing::error!(
+            "cannot write {}: {e}; the bus is right but this will not survive a restart",
+            path.display()
+        );
+    }
+}
+
+/// Records how a job of `profile` that ran `seconds` ended.
+fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
+    let now = unix_now();
+    let (outcome, archive, message) = match end {
+        End::Finished { archive, .. } => ("finished", archive.clone(), String::new()),
+        End::Failed { stage, message } => ("failed", String::new(), format!("{stage}: {message}")),
+        End::Skipped { reason } => ("skipped", String::new(), reason.clone()),
+    };
+    let record = stored.profile(profile);
+    record.last_result = Some(BackupResult {
+        profile: profile.to_string(),
+        outcome: outcome.into(),
+        time: now,
+        archive,
+        seconds,
+        message,
+    });
+    match end {
+        End::Finished { stats, checks, .. } => {
+            record.last_success = Some(now);
+            record.stats = Some(stats.clone());
+            for kind in checks {
+                record.checks.insert(kind.to_string(), now);
+            }
+        }
+        End::Failed { stage, message } => {
+            record.last_failure = Some(Failure {
+                subject: profile.to_string(),
+                time: now,
+                stage: stage.clone(),
+                message: message.clone(),
+            })
+        }
+        End::Skipped { .. } => {}
+    }
+}
+
+/// The jobs the state says were running: ferry-borg died during them (it
+/// records every end, even on shutdown). Each is recorded as failed at
+/// stage "interrupted" and returned as (job, profile, end) to announce.
+fn interrupted(stored: &mut Stored) -> Vec<(String, String, End)> {
+    let now = unix_now();
+    std::mem::take(&mut stored.running)
+        .into_iter()
+        .map(|(job, running)| {
+            let message = format!(
+                "ferry-borg stopped during the job (killed, crashed or the machine went down) \
+                 {} s after it started, so the backup did not complete; the next run will clean \
+                 up borg's stale lock",
+                now.saturating_sub(running.started)
+            );
+            tracing::warn!("job {job}: profile {}: {message}", running.profile);
+            let end = End::Failed {
+                stage: "interrupted".into(),
+                message,
+            };
+            let seconds = now.saturating_sub(running.started) as f64;
+            record_end(stored, &running.profile, &end, seconds);
+            (job, running.profile, end)
+        })
+        .collect()
 }
 
 /// Logs, once at start, what is wrong with borgmatic files that can be read
@@ -537,9 +588,14 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), ServiceError> {
     let state_path = config.state_directory.join(state::FILE_NAME);
+    let mut stored = Stored::load(&state_path);
+    let cut_short = interrupted(&mut stored);
+    if !cut_short.is_empty() {
+        save(&stored, &state_path);
+    }
     let shared = Arc::new(Mutex::new(Shared {
         jobs: Vec::new(),
-        stored: Stored::load(&state_path),
+        stored,
     }));
     check_borgmatic_files(&config);
     let host_id = system::host_id(&config.borg);
@@ -575,9 +631,11 @@ pub async fn run(
         running: BTreeMap::new(),
         tasks: JoinSet::new(),
         task_jobs: HashMap::new(),
-        counter: 0,
     };
     claim_name(&connection, borg::BUS_NAME, borg::OBJECT_PATH).await?;
+    for (job, profile, end) in &cut_short {
+        service.announce_end(job, profile, end).await;
+    }
 
     tokio::pin!(shutdown);
     loop {

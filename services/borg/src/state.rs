@@ -1,7 +1,10 @@
 //! What ferry-borg remembers across restarts, per profile: the last result,
 //! the last failure, the last success with borg's statistics, and when each
-//! check last ran (checks run by frequency). Kept as JSON in
-//! `<state-directory>/borg.json`, replaced atomically after every job.
+//! check last ran (checks run by frequency), plus the jobs running now and
+//! the last job number, so a job cut short by ferry-borg's own death is
+//! reported on the next start and job ids never repeat. Kept as JSON in
+//! `<state-directory>/borg.json`, replaced atomically when a job starts and
+//! when it ends.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,12 +31,27 @@ pub struct ProfileRecord {
     pub checks: BTreeMap<String, u64>,
 }
 
+/// A job that was running when the state was written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningJob {
+    /// Its profile.
+    pub profile: String,
+    /// Unix time it started.
+    pub started: u64,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Stored {
     /// By profile name.
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileRecord>,
+    /// The jobs running now, by job id; one found here at start was cut short.
+    #[serde(default)]
+    pub running: BTreeMap<String, RunningJob>,
+    /// The number of the last job started; ids go on from it after a restart.
+    #[serde(default)]
+    pub last_job: u64,
 }
 
 impl Stored {

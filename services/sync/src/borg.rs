@@ -149,8 +149,9 @@ impl Borg {
     }
 
     /// A borg-related command with a clean environment: no passphrase or
-    /// repository variables inherited, the host id, and `base_dir` as
-    /// BORG_BASE_DIR.
+    /// repository variables inherited, the host id, `base_dir` as
+    /// BORG_BASE_DIR, and killed if ferry-sync dies (a restarted ferry-sync
+    /// must not clean up a copy a surviving borg still reads).
     fn command(&self, program: &Path, base_dir: &Path) -> Command {
         let mut command = Command::new(program);
         for inherited in [
@@ -175,6 +176,7 @@ impl Borg {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        ferry_service::die_with_parent(&mut command);
         command
     }
 
