@@ -430,6 +430,7 @@ fn install_puts_every_file_in_place_and_uninstall_removes_them() {
             .env("DESTDIR", root.path())
             .env("PREFIX", "/usr/local")
             .env("BUILD", &profile)
+            .env("CARGO_TARGET_DIR", bin_dir().parent().expect("target dir"))
             .env("NO_BUILD", "1")
             .output()
             .expect("run scripts/install");
