@@ -282,3 +282,14 @@ pub async fn ask_loop<Command, Answer>(
         .map_err(|_| stopping())?;
     answer.await.map_err(|_| stopping())?
 }
+
+/// Serves `interface` at `path` on `connection` and returns the handle the
+/// service loop emits signals and property changes through.
+pub async fn serve<I: zbus::object_server::Interface>(
+    connection: &zbus::Connection,
+    path: &str,
+    interface: I,
+) -> Result<zbus::object_server::InterfaceRef<I>, ServiceError> {
+    connection.object_server().at(path, interface).await?;
+    Ok(connection.object_server().interface::<_, I>(path).await?)
+}

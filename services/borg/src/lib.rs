@@ -602,22 +602,17 @@ pub async fn run(
     tracing::info!("BORG_HOST_ID is {host_id}");
 
     let (commands, mut requests) = mpsc::channel(16);
-    connection
-        .object_server()
-        .at(
-            borg::OBJECT_PATH,
-            BorgInterface {
-                commands,
-                shared: shared.clone(),
-                config: config.clone(),
-                started: unix_now(),
-            },
-        )
-        .await?;
-    let object = connection
-        .object_server()
-        .interface::<_, BorgInterface>(borg::OBJECT_PATH)
-        .await?;
+    let object = ferry_service::serve(
+        &connection,
+        borg::OBJECT_PATH,
+        BorgInterface {
+            commands,
+            shared: shared.clone(),
+            config: config.clone(),
+            started: unix_now(),
+        },
+    )
+    .await?;
     let (events, mut job_events) = mpsc::channel(256);
     let mut service = Service {
         config: config.clone(),

@@ -575,20 +575,15 @@ pub async fn run(
 ) -> Result<(), ServiceError> {
     let view = Arc::new(Mutex::new(View::default()));
     let (commands, mut requests) = mpsc::channel(16);
-    connection
-        .object_server()
-        .at(
-            crypt::OBJECT_PATH,
-            CryptInterface {
-                commands,
-                view: view.clone(),
-            },
-        )
-        .await?;
-    let object = connection
-        .object_server()
-        .interface::<_, CryptInterface>(crypt::OBJECT_PATH)
-        .await?;
+    let object = ferry_service::serve(
+        &connection,
+        crypt::OBJECT_PATH,
+        CryptInterface {
+            commands,
+            view: view.clone(),
+        },
+    )
+    .await?;
 
     // Subscribe first, then read the system and the peers.
     let mut signals = subscribe(&connection, &[drive_watcher::INTERFACE, sync::INTERFACE]).await?;

@@ -101,14 +101,7 @@ pub async fn run(
         commands,
         drives: drives.clone(),
     };
-    connection
-        .object_server()
-        .at(drive_watcher::OBJECT_PATH, interface)
-        .await?;
-    let object = connection
-        .object_server()
-        .interface::<_, DriveWatcherInterface>(drive_watcher::OBJECT_PATH)
-        .await?;
+    let object = ferry_service::serve(&connection, drive_watcher::OBJECT_PATH, interface).await?;
     claim_name(
         &connection,
         drive_watcher::BUS_NAME,

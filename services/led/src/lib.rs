@@ -253,20 +253,15 @@ pub async fn run(
         device_present: output.present(),
     }));
     let (commands, mut requests) = mpsc::channel(8);
-    connection
-        .object_server()
-        .at(
-            led::OBJECT_PATH,
-            LedInterface {
-                commands,
-                view: view.clone(),
-            },
-        )
-        .await?;
-    let object = connection
-        .object_server()
-        .interface::<_, LedInterface>(led::OBJECT_PATH)
-        .await?;
+    let object = ferry_service::serve(
+        &connection,
+        led::OBJECT_PATH,
+        LedInterface {
+            commands,
+            view: view.clone(),
+        },
+    )
+    .await?;
 
     // Subscribe first, then read the peers: nothing falls between the two.
     let mut signals = subscribe(

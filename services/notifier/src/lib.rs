@@ -585,20 +585,15 @@ pub async fn run(
 
     let view = Arc::new(Mutex::new(View::default()));
     let (commands, mut requests) = mpsc::channel(16);
-    connection
-        .object_server()
-        .at(
-            notifier::OBJECT_PATH,
-            NotifierInterface {
-                commands,
-                view: view.clone(),
-            },
-        )
-        .await?;
-    let object = connection
-        .object_server()
-        .interface::<_, NotifierInterface>(notifier::OBJECT_PATH)
-        .await?;
+    let object = ferry_service::serve(
+        &connection,
+        notifier::OBJECT_PATH,
+        NotifierInterface {
+            commands,
+            view: view.clone(),
+        },
+    )
+    .await?;
 
     let (report_tx, mut reports) = mpsc::channel(64);
     let (deliverer, delivery_task) = match &config.mail {

@@ -504,21 +504,16 @@ pub async fn run(
         ledger,
     }));
     let (commands, mut requests) = mpsc::channel(8);
-    connection
-        .object_server()
-        .at(
-            sync::OBJECT_PATH,
-            SyncInterface {
-                config: config.clone(),
-                commands,
-                shared: shared.clone(),
-            },
-        )
-        .await?;
-    let object = connection
-        .object_server()
-        .interface::<_, SyncInterface>(sync::OBJECT_PATH)
-        .await?;
+    let object = ferry_service::serve(
+        &connection,
+        sync::OBJECT_PATH,
+        SyncInterface {
+            config: config.clone(),
+            commands,
+            shared: shared.clone(),
+        },
+    )
+    .await?;
     let context = Arc::new(Context {
         config: config.clone(),
         borg: borg::Borg::new(&config.borg),
