@@ -241,8 +241,58 @@ impl Entry {
     }
 }
 
+/// Drives closed after a flow and still plugged in ("safe to remove" was
+/// said), by name, with their device: kept on disk so that a restarted
+/// ferry-crypt does not take a drive a person was told to pull for a new
+/// plug-in and mount it again. Written durably; a drive leaves it when it is
+/// detached or plugged in anew.
+struct ClosedMarkers {
+    path: PathBuf,
+    drives: BTreeMap<String, String>,
+}
+
+impl ClosedMarkers {
+    fn load(config: &Config) -> ClosedMarkers {
+        let path = config.state_directory.join("crypt-closed.json");
+        let drives = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        ClosedMarkers { path, drives }
+    }
+
+    fn is_closed(&self, drive: &str, device: &str) -> bool {
+        self.drives.get(drive).is_some_and(|d| d == device)
+    }
+
+    fn set(&mut self, drive: &str, device: Option<&str>) {
+        let changed = match device {
+            Some(device) => {
+                self.drives
+                    .insert(drive.to_string(), device.to_string())
+                    .as_deref()
+                    != Some(device)
+            }
+            None => self.drives.remove(drive).is_some(),
+        };
+        if !changed {
+            return;
+        }
+        let written = serde_json::to_vec_pretty(&self.drives)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| ferry_service::durable::write_atomically(&self.path, &bytes, 0o600));
+        if let Err(e) = written {
+            tracing::warn!(
+                "cannot record which drives are closed in {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// The service loop's state.
 struct Service {
+    closed: ClosedMarkers,
     entries: BTreeMap<Name, Entry>,
     failures: BTreeMap<Name, Failure>,
     view: Arc<Mutex<View>>,
@@ -399,6 +449,7 @@ impl Service {
                     None => State::Absent,
                 };
                 entry.message.clear();
+                self.closed.set(drive.as_str(), entry.device.as_deref());
                 tracing::info!("{drive}: closed (unmounted and locked)");
                 self.publish().await;
                 let emitter = self.object.signal_emitter();
@@ -438,6 +489,9 @@ impl Service {
                     return;
                 }
                 let was_absent = entry.device.is_none();
+                if was_absent {
+                    self.closed.set(args.drive, None);
+                }
                 entry.device = Some(args.device.to_string());
                 if entry.state == State::Absent {
                     entry.state = State::Attached;
@@ -449,6 +503,7 @@ impl Service {
                     return;
                 };
                 entry.device = None;
+                self.closed.set(args.drive, None);
                 if entry.running {
                     entry.removed_meanwhile = true;
                 } else if !entry.in_use {
@@ -591,6 +646,7 @@ pub async fn run(
 
     let (done, mut finished) = mpsc::channel(16);
     let mut service = Service {
+        closed: ClosedMarkers::load(&config),
         entries: BTreeMap::new(),
         failures: BTreeMap::new(),
         view,
@@ -619,13 +675,26 @@ pub async fn run(
             plan,
         };
         match ops::inspect(&entry.plan) {
+            Leftover::Nothing
+                if entry
+                    .device
+                    .as_deref()
+                    .is_some_and(|d| service.closed.is_closed(name.as_str(), d)) =>
+            {
+                // Closed after its flow before the restart and still plugged
+                // in: "safe to remove" was said; never mount it again unasked.
+                tracing::info!(
+                    "{name}: closed before the restart and still attached; it stays closed"
+                );
+                entry.state = State::Closed;
+            }
             Leftover::Nothing if entry.device.is_some() => {
                 // Plugged in while nobody was listening: as if announced now.
                 if let Some(operation) = entry.reaction(Trigger::Attached { was_absent: true }) {
                     to_start.push((name.clone(), operation));
                 }
             }
-            Leftover::Nothing => {}
+            Leftover::Nothing => service.closed.set(name.as_str(), None),
             Leftover::Adopt => {
                 // inspect() proved the token again; announcing it lets the
                 // flow (sync, then close) go on.
