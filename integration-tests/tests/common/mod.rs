@@ -11,9 +11,18 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// How long "nothing happens" is watched for.
 pub const QUIET: Duration = Duration::from_secs(2);
 
-/// Writes `text` as ferry.toml in `dir` and returns its path.
+/// Writes `text` as ferry.toml in `dir` and returns its path. Unless the
+/// text sets its own, the state directory is `dir/state`: a test never
+/// writes to the machine's /var/lib/ferry.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("ferry.toml");
+    let text = if text.contains("state-directory") {
+        text.to_string()
+    } else {
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).expect("state directory");
+        format!("state-directory = \"{}\"\n{text}", state.display())
+    };
     std::fs::write(&path, text).expect("write ferry.toml");
     path
 }

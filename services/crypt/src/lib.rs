@@ -242,7 +242,7 @@ impl Entry {
 }
 
 /// Drives closed after a flow and still plugged in ("safe to remove" was
-/// said), by name, with their device: kept on disk so that a restarted
+/// said), by name, with their device and UUID: kept on disk so that a restarted
 /// ferry-crypt does not take a drive a person was told to pull for a new
 /// plug-in and mount it again. Written durably; a drive leaves it when it is
 /// detached or plugged in anew.
@@ -261,17 +261,23 @@ impl ClosedMarkers {
         ClosedMarkers { path, drives }
     }
 
-    fn is_closed(&self, drive: &str, device: &str) -> bool {
-        self.drives.get(drive).is_some_and(|d| d == device)
+    /// What identifies the drive that was closed: its device and UUID.
+    fn key(device: &str, uuid: &FsUuid) -> String {
+        format!("{device} {}", uuid.normalized())
     }
 
-    fn set(&mut self, drive: &str, device: Option<&str>) {
-        let changed = match device {
-            Some(device) => {
-                self.drives
-                    .insert(drive.to_string(), device.to_string())
-                    .as_deref()
-                    != Some(device)
+    fn is_closed(&self, drive: &str, device: &str, uuid: &FsUuid) -> bool {
+        self.drives
+            .get(drive)
+            .is_some_and(|d| *d == Self::key(device, uuid))
+    }
+
+    /// Records the drive as closed on `device`, or forgets it (None).
+    fn set(&mut self, drive: &str, closed_on: Option<(&str, &FsUuid)>) {
+        let changed = match closed_on {
+            Some((device, uuid)) => {
+                let key = Self::key(device, uuid);
+                self.drives.insert(drive.to_string(), key.clone()) != Some(key)
             }
             None => self.drives.remove(drive).is_some(),
         };
@@ -449,7 +455,8 @@ impl Service {
                     None => State::Absent,
                 };
                 entry.message.clear();
-                self.closed.set(drive.as_str(), entry.device.as_deref());
+                let closed_on = entry.device.as_deref().map(|device| (device, &entry.uuid));
+                self.closed.set(drive.as_str(), closed_on);
                 tracing::info!("{drive}: closed (unmounted and locked)");
                 self.publish().await;
                 let emitter = self.object.signal_emitter();
@@ -679,7 +686,7 @@ pub async fn run(
                 if entry
                     .device
                     .as_deref()
-                    .is_some_and(|d| service.closed.is_closed(name.as_str(), d)) =>
+                    .is_some_and(|d| service.closed.is_closed(name.as_str(), d, &entry.uuid)) =>
             {
                 // Closed after its flow before the restart and still plugged
                 // in: "safe to remove" was said; never mount it again unasked.
