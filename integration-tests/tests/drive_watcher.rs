@@ -168,7 +168,11 @@ async fn a_drive_present_before_start_is_announced_and_rescan_reannounces() {
 async fn a_bad_config_stops_the_service_with_line_key_and_reason() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = write_config(dir.path(), "[drives.offsite-a]\nuuid = \"zz-not-hex\"\n");
+    let text = format!(
+        "state-directory = \"{}\"\n[drives.offsite-a]\nuuid = \"zz-not-hex\"\n",
+        dir.path().display()
+    );
+    let config = write_config(dir.path(), &text);
     let process = bus.spawn(
         "ferry-drive-watcher",
         &["--config", &config.to_string_lossy()],
@@ -183,7 +187,7 @@ async fn a_bad_config_stops_the_service_with_line_key_and_reason() {
     );
     let log = process.log();
     assert!(
-        log.contains("ferry.toml:2: drives.offsite-a.uuid:") && log.contains("not a UUID"),
+        log.contains("ferry.toml:3: drives.offsite-a.uuid:") && log.contains("not a UUID"),
         "{log}"
     );
 }
