@@ -208,20 +208,20 @@ impl Drop for MountGuard {
     }
 }
 
-async fn emit(
+/// Emits a Sync1 signal on ferry-sync's behalf.
+async fn emit_sync(
     conn: &zbus::Connection,
     member: &str,
     args: &(impl serde::Serialize + zbus::zvariant::DynamicType),
 ) {
-    conn.emit_signal(
-        None::<()>,
-        "/org/ferry/Sync1",
-        "org.ferry.Sync1",
+    emit(
+        conn,
+        ferry_interfaces::sync::OBJECT_PATH,
+        ferry_interfaces::sync::INTERFACE,
         member,
         args,
     )
-    .await
-    .expect("emit signal");
+    .await;
 }
 
 fn method_error(result: zbus::Result<()>) -> (String, String) {
@@ -305,7 +305,7 @@ async fn plain_drive_opens_on_attach_is_visible_to_others_and_closes() {
         .wait_for_from(before, "DriveOpened", named("offsite-a"), WAIT)
         .await;
     assert_eq!(std::fs::read_to_string(&probe).expect("probe"), "ferry\n");
-    emit(&conn, "SyncFinished", &("offsite-a", 10u64, 1.5f64)).await;
+    emit_sync(&conn, "SyncFinished", &("offsite-a", 10u64, 1.5f64)).await;
     signals
         .wait_for_from(before, "DriveClosed", named("offsite-a"), WAIT)
         .await;
@@ -779,7 +779,7 @@ async fn killed_and_restarted_it_adopts_and_announces_an_open_drive_and_closes_a
         .await;
 
     // The adopted drive closes like any other.
-    emit(&conn, "SyncFailed", &("offsite-a", "copy", "disk full")).await;
+    emit_sync(&conn, "SyncFailed", &("offsite-a", "copy", "disk full")).await;
     signals
         .wait_for_from(before, "DriveClosed", named("offsite-a"), WAIT)
         .await;
@@ -882,7 +882,7 @@ async fn killed_mid_open_it_opens_again_proving_identity_and_adopts_a_late_mount
         .wait_for_from(before, "DriveOpened", named("offsite-a"), WAIT)
         .await;
     assert!(rw(), "{:?}", mounted_at(&point));
-    emit(&conn, "SyncFinished", &("offsite-a", 0u64, 0.5f64)).await;
+    emit_sync(&conn, "SyncFinished", &("offsite-a", 0u64, 0.5f64)).await;
     signals
         .wait_for_from(before, "DriveClosed", named("offsite-a"), WAIT)
         .await;
@@ -915,7 +915,7 @@ async fn two_drives_plugged_in_together_open_and_close_independently() {
         );
         assert!(mounted_at(&mountpoint(dir.path(), name)).is_some());
     }
-    emit(&conn, "SyncFinished", &("offsite-b", 1u64, 0.5f64)).await;
+    emit_sync(&conn, "SyncFinished", &("offsite-b", 1u64, 0.5f64)).await;
     signals
         .wait_for("DriveClosed", named("offsite-b"), WAIT)
         .await;
@@ -924,7 +924,7 @@ async fn two_drives_plugged_in_together_open_and_close_independently() {
         "a is still open"
     );
     assert_eq!(drive_state(&conn, "offsite-a").await.state, "open");
-    emit(&conn, "SyncFinished", &("offsite-a", 1u64, 0.5f64)).await;
+    emit_sync(&conn, "SyncFinished", &("offsite-a", 1u64, 0.5f64)).await;
     signals
         .wait_for("DriveClosed", named("offsite-a"), WAIT)
         .await;

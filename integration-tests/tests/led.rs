@@ -21,18 +21,6 @@ fn written(file: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-async fn emit(
-    conn: &zbus::Connection,
-    path: &str,
-    interface: &str,
-    member: &str,
-    args: &(impl serde::Serialize + zbus::zvariant::DynamicType),
-) {
-    conn.emit_signal(None::<()>, path, interface, member, args)
-        .await
-        .expect("emit signal");
-}
-
 /// The foundation's slice end to end: a real loop device plugged in makes the
 /// real watcher announce it and the real LED turn to working; the rest of the
 /// flow's signals are emitted by the test on the services' behalf.

@@ -51,18 +51,6 @@ async fn start(
     process
 }
 
-async fn emit(
-    conn: &zbus::Connection,
-    path: &str,
-    interface: &str,
-    member: &str,
-    args: &(impl serde::Serialize + zbus::zvariant::DynamicType),
-) {
-    conn.emit_signal(None::<()>, path, interface, member, args)
-        .await
-        .expect("emit signal");
-}
-
 async fn sync_failed(conn: &zbus::Connection, drive: &str, stage: &str, message: &str) {
     emit(
         conn,

@@ -60,3 +60,16 @@ where
         .await
         .expect("proxy")
 }
+
+/// Emits a signal on a service's behalf, as the service itself would.
+pub async fn emit(
+    conn: &zbus::Connection,
+    path: &str,
+    interface: &str,
+    member: &str,
+    args: &(impl serde::Serialize + zbus::zvariant::DynamicType),
+) {
+    conn.emit_signal(None::<()>, path, interface, member, args)
+        .await
+        .expect("emit signal");
+}
