@@ -16,7 +16,30 @@ use ferry_interfaces::borg::BorgProxy;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+const HELP: &str = "\
+usage: ferry-demo   (normally run through ./scripts/demo, which builds it first)
+
+ferry's main job end to end on this machine, as root: a private D-Bus, all six
+services as separate processes with a configuration written for the run, a
+borg repository made from sample data, a backup through Borg1.Start, an
+enrolled demo drive (a loop device) plugged in (open, sync, close, LED done),
+then a stranger's drive with the enrolled UUID but no identity token (LED
+red, a mail to a local SMTP server). Every signal is printed as it happens.
+Everything it made is removed at the end, also when it is interrupted
+(Ctrl-C or SIGTERM). Needs root, loop devices and a running systemd-udevd.";
+
 fn main() -> std::process::ExitCode {
+    match std::env::args().nth(1).as_deref() {
+        None => {}
+        Some("-h" | "--help") => {
+            println!("{HELP}");
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("ferry-demo: unknown argument `{other}`; it takes none (try --help)");
+            return std::process::ExitCode::from(64);
+        }
+    }
     if !(have_root() && have_loop_devices() && have_udevd()) {
         println!(
             "ferry's demo plugs in a drive: it needs root, loop devices and a running udevd\n\
@@ -42,7 +65,31 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(demo())
+    runtime.block_on(until_interrupted(demo()))
+}
+
+/// Runs the demo until it ends or the process is asked to stop (Ctrl-C,
+/// SIGTERM, a `timeout`). Stopping drops the demo's future, and with it the
+/// services, the bus, the loop drives, their mounts and the work directory:
+/// their `Drop`s remove what the demo made.
+async fn until_interrupted(
+    demo: impl std::future::Future<Output = std::process::ExitCode>,
+) -> std::process::ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        eprintln!("ferry-demo: cannot watch for SIGINT/SIGTERM; running without cleanup on interrupt");
+        return demo.await;
+    };
+    let stopped_by = tokio::select! {
+        code = demo => return code,
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    println!("\n=== interrupted by {stopped_by}: everything the demo made has been removed");
+    std::process::ExitCode::from(130)
 }
 
 fn step(text: &str) {
