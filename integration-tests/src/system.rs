@@ -47,6 +47,9 @@ pub struct Options {
     pub log: &'static str,
     /// Mount drives under the work directory instead of /run/ferry.
     pub private_mountpoint: bool,
+    /// Let unprivileged users connect to the bus too (for clients run as
+    /// `nobody`).
+    pub open_bus: bool,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             sample_kib: 64,
             log: "info",
             private_mountpoint: true,
+            open_bus: false,
         }
     }
 }
@@ -96,7 +100,11 @@ impl FerrySystem {
     /// Builds the sample data, repository, drive and configuration, and
     /// starts all six services. `say` receives a line per step.
     pub async fn start(options: Options, say: &dyn Fn(&str)) -> FerrySystem {
-        let bus = TestBus::start();
+        let bus = if options.open_bus {
+            TestBus::start_open_to_everyone()
+        } else {
+            TestBus::start()
+        };
         let work = bus.dir().to_path_buf();
         let data = work.join("data");
         say(&format!(

@@ -80,7 +80,9 @@ async fn until_interrupted(
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
     ) else {
-        eprintln!("ferry-demo: cannot watch for SIGINT/SIGTERM; running without cleanup on interrupt");
+        eprintln!(
+            "ferry-demo: cannot watch for SIGINT/SIGTERM; running without cleanup on interrupt"
+        );
         return demo.await;
     };
     let stopped_by = tokio::select! {

@@ -1,0 +1,383 @@
+//! ferryctl: ferry at a glance and at hand, in a person's words.
+//!
+//! A thin client of the six org.ferry interfaces: it keeps no state of its
+//! own, and everything it shows busctl can read too. It answers the questions
+//! people have — is my off-site copy current, when is the next backup, why
+//! did it fail — and triggers what they want to do, with exit statuses that
+//! scripts and systemd units can use.
+
+mod check;
+mod status;
+mod watch;
+mod words;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use ferry_interfaces::borg::BorgProxy;
+use ferry_interfaces::crypt::CryptProxy;
+use ferry_interfaces::led::LedProxy;
+use ferry_interfaces::sync::SyncProxy;
+use futures_util::StreamExt;
+
+/// Exit status of `backup --wait` when the job was skipped (a precondition
+/// did not hold, a hook asked to skip): EX_TEMPFAIL, "try again later".
+const EXIT_SKIPPED: u8 = 75;
+/// Exit status when the bus or a service cannot be reached.
+const EXIT_UNREACHABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(
+    name = "ferryctl",
+    version,
+    about = "ferry at a glance: drives, backups, the LED and mail, in a person's words",
+    long_about = "ferry at a glance: drives, backups, the LED and mail, in a person's words.\n\n\
+                  A client of ferry's D-Bus services (org.ferry.*); everything it shows, busctl can read too. \
+                  Reading and watching is open to everyone; starting backups and opening or closing drives \
+                  needs root or the group `ferry`."
+)]
+struct Cli {
+    /// The bus to talk to (a D-Bus address); default the system bus
+    /// (DBUS_SYSTEM_BUS_ADDRESS when set).
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    address: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drives, backups, the LED and mail: what is true now.
+    Status {
+        /// Print what the services report as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every ferry signal as a readable line, live (no root needed).
+    Watch,
+    /// Start a backup profile now.
+    Backup {
+        /// The profile, as named in ferry.toml.
+        profile: String,
+        /// Wait for the job to end; exit 0 when it finished, 1 when it failed,
+        /// 75 when it was skipped.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// Copy the repositories onto an open drive now.
+    Sync {
+        /// The drive, as named in ferry.toml.
+        drive: String,
+    },
+    /// Unlock and mount a drive (it is synced and closed again).
+    Open {
+        /// The drive, as named in ferry.toml.
+        drive: String,
+    },
+    /// Unmount and lock a drive.
+    Close {
+        /// The drive, as named in ferry.toml.
+        drive: String,
+    },
+    /// Clear the LED's failure after reading what failed.
+    Acknowledge,
+    /// Check ferry.toml and every file it names; report every problem.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(default_value = ferry_config::DEFAULT_PATH)]
+        file: PathBuf,
+    },
+    /// Print a shell completion script.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (ferryctl.1 and one per command) into a directory.
+    Man {
+        /// Where to write them.
+        directory: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => return check_config(&file),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ferryctl",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { directory } => return man_pages(&directory),
+        _ => {}
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ferryctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(on_the_bus(cli))
+}
+
+async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
+    let builder = match address {
+        Some(address) => zbus::connection::Builder::address(address)?,
+        None => zbus::connection::Builder::system()?,
+    };
+    builder
+        .method_timeout(Duration::from_secs(25))
+        .build()
+        .await
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn on_the_bus(cli: Cli) -> ExitCode {
+    let conn = match connect(cli.address.as_deref()).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            eprintln!("ferryctl: cannot connect to the bus: {e}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    let outcome: Result<ExitCode, zbus::Error> = async {
+        match cli.command {
+            Command::Status { json } => {
+                let status = status::gather(&conn, now()).await;
+                if json {
+                    match serde_json::to_string_pretty(&status) {
+                        Ok(text) => println!("{text}"),
+                        Err(e) => {
+                            eprintln!("ferryctl: cannot write JSON: {e}");
+                            return Ok(ExitCode::FAILURE);
+                        }
+                    }
+                } else {
+                    print!("{}", status::render(&status));
+                }
+                Ok(if status.unreachable.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_UNREACHABLE)
+                })
+            }
+            Command::Watch => {
+                watch::run(&conn, now).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Backup {
+                profile,
+                wait,
+                timeout,
+            } => backup(&conn, &profile, wait, Duration::from_secs(timeout)).await,
+            Command::Sync { drive } => {
+                SyncProxy::new(&conn).await?.start(&drive).await?;
+                println!("sync of {drive} started; `ferryctl watch` follows it");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Open { drive } => {
+                CryptProxy::new(&conn).await?.open(&drive).await?;
+                println!("opening {drive}; `ferryctl watch` follows it");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Close { drive } => {
+                CryptProxy::new(&conn).await?.close(&drive).await?;
+                println!("closing {drive}; `ferryctl watch` follows it");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Acknowledge => {
+                LedProxy::new(&conn).await?.acknowledge().await?;
+                println!("the LED's failure is acknowledged");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::CheckConfig { .. } | Command::Completions { .. } | Command::Man { .. } => {
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferryctl: {}", explain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A bus error as a sentence: ferry's own errors carry one already.
+fn explain(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, Some(text), _) => {
+            if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied" {
+                format!("{text} (starting and changing things needs root or the group `ferry`)")
+            } else {
+                text.clone()
+            }
+        }
+        zbus::Error::MethodError(name, None, _) => name.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `backup PROFILE [--wait]`: start the job; with --wait, follow it to its
+/// end (subscribed before Start, so its end cannot be missed) and exit with
+/// its outcome.
+async fn backup(
+    conn: &zbus::Connection,
+    profile: &str,
+    wait: bool,
+    timeout: Duration,
+) -> Result<ExitCode, zbus::Error> {
+    let mut signals = watch::signals(conn).await?;
+    let mut owners = zbus::fdo::DBusProxy::new(conn)
+        .await?
+        .receive_name_owner_changed_with_args(&[(0, ferry_interfaces::borg::BUS_NAME)])
+        .await?;
+    let job = BorgProxy::new(conn).await?.start(profile).await?;
+    println!("backup {profile} started as job {job}");
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            message = signals.next() => {
+                let Some(message) = message else {
+                    eprintln!("ferryctl: the bus connection ended before job {job} did");
+                    return Ok(ExitCode::FAILURE);
+                };
+                let message = message?;
+                let header = message.header();
+                let (Some(interface), Some(member)) = (header.interface(), header.member()) else {
+                    continue;
+                };
+                if interface.as_str() != ferry_interfaces::borg::INTERFACE {
+                    continue;
+                }
+                let args = watch::arguments(&message);
+                if args.first().map(String::as_str) != Some(job.as_str()) {
+                    continue;
+                }
+                let text = watch::describe(interface.as_str(), member.as_str(), &args)
+                    .unwrap_or_default();
+                match member.as_str() {
+                    "BackupFinished" => {
+                        println!("{text}");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    "BackupFailed" => {
+                        eprintln!("{text}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    "BackupSkipped" => {
+                        println!("{text}");
+                        return Ok(ExitCode::from(EXIT_SKIPPED));
+                    }
+                    _ => {}
+                }
+            }
+            change = owners.next() => {
+                if let Some(change) = change {
+                    if change.args().is_ok_and(|a| a.new_owner().is_none()) {
+                        eprintln!("ferryctl: ferry-borg stopped while job {job} ran; its restart reports the job as interrupted");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                eprintln!("ferryctl: job {job} did not end within {} s; it goes on (`ferryctl status`)", timeout.as_secs());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match check::check(file) {
+        Ok(summary) => {
+            println!(
+                "{}: fine — {} drive(s), {} repository(ies), {} profile(s), every file it names checked",
+                file.display(),
+                summary.drives,
+                summary.repositories,
+                summary.profiles
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            println!("{}: {} problem(s)", file.display(), problems.len());
+            for problem in &problems {
+                println!("  {}: {}", problem.place, problem.text);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn man_pages(directory: &std::path::Path) -> ExitCode {
+    let write = || -> std::io::Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(directory)?;
+        let command = Cli::command();
+        let mut written = Vec::new();
+        let mut page = |name: String, command: clap::Command| -> std::io::Result<()> {
+            let path = directory.join(format!("{name}.1"));
+            let mut out = Vec::new();
+            clap_mangen::Man::new(command)
+                .title(name.clone())
+                .render(&mut out)?;
+            std::fs::write(&path, out)?;
+            written.push(path);
+            Ok(())
+        };
+        page("ferryctl".into(), command.clone())?;
+        for sub in command.get_subcommands() {
+            page(format!("ferryctl-{}", sub.get_name()), sub.clone())?;
+        }
+        Ok(written)
+    };
+    match write() {
+        Ok(written) => {
+            for path in written {
+                println!("{}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "ferryctl: cannot write man pages to {}: {e}",
+                directory.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
