@@ -249,7 +249,7 @@ pub fn render(status: &Status) -> String {
         };
         let state = match &drive.crypt {
             Some(c) if c.state == "open" => format!(", open at {}", c.mountpoint),
-            Some(c) if c.state == "closed" || c.state.is_empty() => String::new(),
+            Some(c) if ["closed", "absent", ""].contains(&c.state.as_str()) => String::new(),
             Some(c) => format!(", {}", c.state),
             None => String::new(),
         };

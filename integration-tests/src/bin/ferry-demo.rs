@@ -169,8 +169,28 @@ async fn demo() -> std::process::ExitCode {
         "  mail received by the SMTP server: {:?}",
         mails[0].subject()
     );
+    let before = system.signals.len();
     stranger.detach();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    system
+        .signals
+        .wait_for_from(before, "DriveDetached", |s| s.args[0] == DRIVE, WAIT)
+        .await;
+
+    step("ferryctl status: what a person checking on their backups sees");
+    match tokio::process::Command::new(ferry_integration_tests::binary_path("ferryctl"))
+        .arg("--address")
+        .arg(system.bus.address())
+        .arg("status")
+        .output()
+        .await
+    {
+        Ok(output) => {
+            for line in String::from_utf8_lossy(&output.stdout).lines() {
+                println!("  {line}");
+            }
+        }
+        Err(e) => println!("  cannot run ferryctl: {e}"),
+    }
     printer.abort();
 
     step("summary");
