@@ -7,6 +7,7 @@
 //! scripts and systemd units can use.
 
 mod check;
+mod simulate;
 mod status;
 mod watch;
 mod words;
@@ -48,6 +49,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum Simulated {
+    /// Plugging in a drive: what would be copied, whether it fits, what is due.
+    Plug {
+        /// The drive, as named in ferry.toml.
+        drive: String,
+        /// The configuration file.
+        #[arg(long, default_value = ferry_config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Drives, backups, the LED and mail: what is true now.
     Status {
@@ -86,6 +99,11 @@ enum Command {
     },
     /// Clear the LED's failure after reading what failed.
     Acknowledge,
+    /// What would happen if a drive were plugged in now (writes nothing).
+    Simulate {
+        #[command(subcommand)]
+        what: Simulated,
+    },
     /// Check ferry.toml and every file it names; report every problem.
     CheckConfig {
         /// The configuration file.
@@ -209,6 +227,9 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
                 println!("the LED's failure is acknowledged");
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Simulate {
+                what: Simulated::Plug { drive, config },
+            } => simulate_plug(&conn, &drive, &config).await,
             Command::CheckConfig { .. } | Command::Completions { .. } | Command::Man { .. } => {
                 Ok(ExitCode::SUCCESS)
             }
@@ -308,6 +329,59 @@ async fn backup(
                 eprintln!("ferryctl: job {job} did not end within {} s; it goes on (`ferryctl status`)", timeout.as_secs());
                 return Ok(ExitCode::FAILURE);
             }
+        }
+    }
+}
+
+/// `simulate plug DRIVE`: the plan from ferry.toml, the local
+/// repositories and what ferry-sync and ferry-borg report; writes nothing.
+async fn simulate_plug(
+    conn: &zbus::Connection,
+    drive: &str,
+    config: &std::path::Path,
+) -> Result<ExitCode, zbus::Error> {
+    let config = match ferry_config::Config::load(config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ferryctl: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let syncs = match SyncProxy::new(conn).await?.last_syncs().await {
+        Ok(syncs) => syncs,
+        Err(e) => {
+            eprintln!(
+                "ferryctl: ferry-sync did not answer ({}); assuming no sync was recorded",
+                explain(&e)
+            );
+            vec![]
+        }
+    };
+    let schedule = match BorgProxy::new(conn).await?.schedule().await {
+        Ok(schedule) => schedule,
+        Err(e) => {
+            eprintln!(
+                "ferryctl: ferry-borg did not answer ({}); due backups unknown",
+                explain(&e)
+            );
+            vec![]
+        }
+    };
+    let at = now();
+    let plan = tokio::task::spawn_blocking({
+        let drive = drive.to_string();
+        move || simulate::plan(&config, &drive, &syncs, &schedule, at)
+    })
+    .await
+    .map_err(|e| zbus::Error::Failure(format!("the estimate stopped: {e}")))?;
+    match plan {
+        Ok(simulation) => {
+            print!("{}", simulate::render(&simulation, at));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("ferryctl: {e}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }

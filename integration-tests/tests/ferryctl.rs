@@ -261,3 +261,64 @@ hooks:
     on_error:
         - echo "Error while creating a backup or running a backup hook."
 "#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_plug_says_what_would_be_copied_and_writes_nothing() {
+    let Some(system) = start(Options::default()).await else {
+        return;
+    };
+    let (code, out, err) = ferryctl(&system, &["backup", PROFILE, "--wait"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let image_before = std::fs::read(system.drive.path()).expect("read the drive image");
+    let repository_files = files_and_times(&system.repository);
+
+    let config = system.config.display().to_string();
+    let (code, out, err) =
+        ferryctl(&system, &["simulate", "plug", DRIVE, "--config", &config]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    for expected in [
+        format!("If {DRIVE} were plugged in now:"),
+        format!("mount it at {}", system.mountpoint.display()),
+        format!("{PROFILE} ({}):", system.repository.display()),
+        "(never synced: everything)".to_string(),
+        "the drive's free space is not known yet".to_string(),
+        "Nothing was written.".to_string(),
+    ] {
+        assert!(out.contains(&expected), "{expected:?} not in:\n{out}");
+    }
+    assert!(
+        std::fs::read(system.drive.path()).expect("read the drive image") == image_before,
+        "simulate plug changed the drive image"
+    );
+    assert_eq!(files_and_times(&system.repository), repository_files);
+
+    let (code, _, err) =
+        ferryctl(&system, &["simulate", "plug", "nope", "--config", &config]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "no drive named nope is enrolled in ferry.toml (enrolled: {DRIVE})"
+        )),
+        "{err}"
+    );
+}
+
+/// Every file below `root` with its size and modification time.
+fn files_and_times(root: &std::path::Path) -> Vec<(std::path::PathBuf, u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut all = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let entry = entry.expect("entry");
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else {
+                all.push((entry.path(), meta.len(), meta.mtime_nsec()));
+            }
+        }
+    }
+    all.sort();
+    all
+}
