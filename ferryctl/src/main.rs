@@ -7,6 +7,7 @@
 //! scripts and systemd units can use.
 
 mod check;
+mod drive;
 mod simulate;
 mod status;
 mod watch;
@@ -18,7 +19,6 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use ferry_interfaces::borg::BorgProxy;
-use ferry_interfaces::crypt::CryptProxy;
 use ferry_interfaces::led::LedProxy;
 use ferry_interfaces::sync::SyncProxy;
 use futures_util::StreamExt;
@@ -87,10 +87,22 @@ enum Command {
         /// The drive, as named in ferry.toml.
         drive: String,
     },
-    /// Unlock and mount a drive (it is synced and closed again).
+    /// Unlock and mount a drive (then it is synced and closed), or with
+    /// --hold mount it read-only for restoring, with no sync, until `close`.
     Open {
         /// The drive, as named in ferry.toml.
         drive: String,
+        /// Read-only, no sync, kept until `ferryctl close`.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// List the archives on an open or held drive (writes nothing to it).
+    Archives {
+        /// The drive, as named in ferry.toml.
+        drive: String,
+        /// The configuration file.
+        #[arg(long, default_value = ferry_config::DEFAULT_PATH)]
+        config: PathBuf,
     },
     /// Unmount and lock a drive.
     Close {
@@ -212,16 +224,9 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
                 println!("sync of {drive} started; `ferryctl watch` follows it");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Open { drive } => {
-                CryptProxy::new(&conn).await?.open(&drive).await?;
-                println!("opening {drive}; `ferryctl watch` follows it");
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Close { drive } => {
-                CryptProxy::new(&conn).await?.close(&drive).await?;
-                println!("closing {drive}; `ferryctl watch` follows it");
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Open { drive, hold } => drive::open(&conn, &drive, hold).await,
+            Command::Close { drive } => drive::close(&conn, &drive).await,
+            Command::Archives { drive, config } => drive::archives(&conn, &drive, &config).await,
             Command::Acknowledge => {
                 LedProxy::new(&conn).await?.acknowledge().await?;
                 println!("the LED's failure is acknowledged");

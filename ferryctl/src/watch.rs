@@ -44,6 +44,12 @@ pub fn describe(interface: &str, member: &str, args: &[String]) -> Option<String
         }
         ("org.ferry.DriveWatcher1", "DriveDetached") => format!("drive {} unplugged", arg(0)),
         ("org.ferry.Crypt1", "DriveOpened") => format!("drive {} opened at {}", arg(0), arg(1)),
+        ("org.ferry.Crypt1", "DriveHeld") => format!(
+            "drive {} held read-only at {} (no sync; `ferryctl close {}` when done)",
+            arg(0),
+            arg(1),
+            arg(0)
+        ),
         ("org.ferry.Crypt1", "DriveClosed") => {
             format!("drive {} closed and locked: safe to remove", arg(0))
         }

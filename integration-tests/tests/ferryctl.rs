@@ -322,3 +322,77 @@ fn files_and_times(root: &std::path::Path) -> Vec<(std::path::PathBuf, u64, i64)
     all.sort();
     all
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_hold_mounts_read_only_without_a_sync_and_archives_lists_the_copy() {
+    let Some(mut system) = start(Options::default()).await else {
+        return;
+    };
+    let (code, out, err) = ferryctl(&system, &["backup", PROFILE, "--wait"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    plug_in_and_sync(&mut system).await;
+    // Closed after its flow and still plugged in: the image is at rest.
+    let image_before = std::fs::read(system.drive.path()).expect("read the drive image");
+
+    let from = system.signals.len();
+    let (code, out, err) = ferryctl(&system, &["open", DRIVE, "--hold"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "drive {DRIVE} held read-only at {}",
+            system.mountpoint.display()
+        )),
+        "{out}"
+    );
+    let options = mount_options(&system.mountpoint).expect("the held drive is mounted");
+    assert!(
+        options.split(',').any(|o| o == "ro"),
+        "mounted with {options}"
+    );
+
+    let config = system.config.display().to_string();
+    let (code, out, err) = ferryctl(&system, &["archives", DRIVE, "--config", &config]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let archives = system.archives();
+    assert!(!archives.is_empty());
+    for archive in &archives {
+        assert!(out.contains(archive.as_str()), "{archive} not in:\n{out}");
+    }
+
+    let (code, out, err) = ferryctl(&system, &["close", DRIVE]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("closed and locked: safe to remove"), "{out}");
+    assert!(
+        mount_options(&system.mountpoint).is_none(),
+        "still mounted after close"
+    );
+    let during: Vec<String> = system.signals.all()[from..]
+        .iter()
+        .map(|s| s.member.clone())
+        .collect();
+    assert!(
+        !during.iter().any(|m| m.starts_with("Sync")),
+        "a held drive was synced: {during:?}"
+    );
+    assert!(
+        std::fs::read(system.drive.path()).expect("read the drive image") == image_before,
+        "holding the drive and listing its archives changed its image"
+    );
+
+    let (code, _, err) = ferryctl(&system, &["archives", DRIVE, "--config", &config]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("ferryctl open {DRIVE} --hold")),
+        "{err}"
+    );
+}
+
+/// The mount options of what is mounted at `mountpoint`, from mountinfo.
+fn mount_options(mountpoint: &std::path::Path) -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = mountpoint.display().to_string();
+    mountinfo.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&wanted.as_str())).then(|| fields[5].to_string())
+    })
+}

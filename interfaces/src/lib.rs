@@ -73,6 +73,13 @@ pub mod crypt {
     pub trait Crypt {
         /// Open a drive; the outcome arrives as a signal.
         fn open(&self, drive: &str) -> zbus::Result<()>;
+        /// Open a drive with options ("hold": b — read-only, no sync, until
+        /// Close); the outcome arrives as a signal.
+        fn open_with(
+            &self,
+            drive: &str,
+            options: std::collections::HashMap<&str, zbus::zvariant::Value<'_>>,
+        ) -> zbus::Result<()>;
         /// Close a drive; the outcome arrives as a signal.
         fn close(&self, drive: &str) -> zbus::Result<()>;
         /// Every enrolled drive's state.
@@ -84,6 +91,9 @@ pub mod crypt {
         /// A drive is open at `mountpoint`.
         #[zbus(signal)]
         fn drive_opened(&self, drive: &str, mountpoint: &str) -> zbus::Result<()>;
+        /// The drive is open read-only for a person; nothing syncs it.
+        #[zbus(signal)]
+        fn drive_held(&self, drive: &str, mountpoint: &str) -> zbus::Result<()>;
         /// A drive is closed: safe to remove.
         #[zbus(signal)]
         fn drive_closed(&self, drive: &str) -> zbus::Result<()>;

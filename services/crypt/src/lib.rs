@@ -51,6 +51,8 @@ pub enum State {
     Opening,
     /// Unlocked, mounted and proven.
     Open,
+    /// Unlocked, proven and mounted read-only for a person; never synced.
+    Held,
     /// Being unmounted and locked.
     Closing,
     /// Unmounted and locked after a flow: safe to remove.
@@ -67,6 +69,7 @@ impl State {
             State::Attached => "attached",
             State::Opening => "opening",
             State::Open => "open",
+            State::Held => "held",
             State::Closing => "closing",
             State::Closed => "closed",
             State::Failed => "failed",
@@ -83,7 +86,10 @@ struct View {
 
 /// A request from the interface to the loop.
 enum Request {
-    Open,
+    /// Open; `hold`: read-only for a person, no sync, until Close.
+    Open {
+        hold: bool,
+    },
     Close,
 }
 
@@ -123,7 +129,39 @@ impl CryptInterface {
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<(), FerryError> {
         caller::authorize(connection, &header).await?;
-        self.request(Request::Open, drive).await
+        self.request(Request::Open { hold: false }, drive).await
+    }
+
+    /// Open with options: "hold" (b) opens read-only for a person, announced
+    /// with DriveHeld, never synced, until Close.
+    async fn open_with(
+        &self,
+        drive: &str,
+        options: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<(), FerryError> {
+        caller::authorize(connection, &header).await?;
+        let mut hold = false;
+        for (key, value) in &options {
+            match key.as_str() {
+                "hold" => {
+                    hold = bool::try_from(value).map_err(|_| {
+                        FerryError::InvalidArgument(format!(
+                            "option \"hold\" takes a boolean (b), not {}",
+                            value.value_signature()
+                        ))
+                    })?
+                }
+                other => {
+                    return Err(FerryError::InvalidArgument(format!(
+                        "unknown option \"{}\" (known: hold)",
+                        other.escape_debug()
+                    )))
+                }
+            }
+        }
+        self.request(Request::Open { hold }, drive).await
     }
 
     /// Unmount and lock; the outcome is DriveClosed or DriveFailed.
@@ -163,6 +201,14 @@ impl CryptInterface {
         mountpoint: &str,
     ) -> zbus::Result<()>;
 
+    /// The drive is open read-only for a person; nothing syncs it.
+    #[zbus(signal)]
+    async fn drive_held(
+        emitter: &SignalEmitter<'_>,
+        drive: &str,
+        mountpoint: &str,
+    ) -> zbus::Result<()>;
+
     /// The drive is unmounted and locked: safe to remove.
     #[zbus(signal)]
     async fn drive_closed(emitter: &SignalEmitter<'_>, drive: &str) -> zbus::Result<()>;
@@ -181,6 +227,8 @@ impl CryptInterface {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
     Open,
+    /// Open read-only for a person; ends in Held, announced with DriveHeld.
+    Hold,
     /// Undo a predecessor's half-done open, then open; ends like Open.
     Reopen,
     Close,
@@ -236,7 +284,10 @@ impl Entry {
                 && (was_absent || self.state == State::Attached))
                 .then_some(Operation::Open),
             Trigger::Detached => self.in_use.then_some(Operation::Remove),
-            Trigger::SyncDone => self.in_use.then_some(Operation::Close),
+            // A held drive is a person's: a sync's result never closes it.
+            Trigger::SyncDone => {
+                (self.in_use && self.state != State::Held).then_some(Operation::Close)
+            }
         }
     }
 }
@@ -355,7 +406,7 @@ impl Service {
         };
         entry.running = true;
         entry.state = match operation {
-            Operation::Open | Operation::Reopen => State::Opening,
+            Operation::Open | Operation::Hold | Operation::Reopen => State::Opening,
             Operation::Close | Operation::Remove => State::Closing,
         };
         if let Some(device) = &entry.device {
@@ -372,8 +423,11 @@ impl Service {
         tokio::spawn(async move {
             let result = match (operation, device) {
                 (Operation::Open, Some(device)) => ops::open(&plan, device.as_ref()).await,
+                (Operation::Hold, Some(device)) => {
+                    ops::open_for(&plan, device.as_ref(), ops::Access::ReadOnly).await
+                }
                 (Operation::Reopen, Some(device)) => ops::reopen(&plan, device.as_ref()).await,
-                (Operation::Open | Operation::Reopen, None) => Err(Failed {
+                (Operation::Open | Operation::Hold | Operation::Reopen, None) => Err(Failed {
                     stage: "unlock",
                     message: format!("drive {drive} is not plugged in"),
                 }),
@@ -434,10 +488,24 @@ impl Service {
         let removed = std::mem::take(&mut entry.removed_meanwhile);
         let drive = done.drive;
         match (done.operation, done.result) {
-            (Operation::Open | Operation::Reopen, Ok(())) if removed => {
+            (Operation::Open | Operation::Hold | Operation::Reopen, Ok(())) if removed => {
                 entry.in_use = true;
                 tracing::warn!("{drive}: removed while it was being opened");
                 return self.start(&drive, Operation::Remove).await;
+            }
+            (Operation::Hold, Ok(())) => {
+                entry.in_use = true;
+                entry.state = State::Held;
+                entry.message.clear();
+                let mountpoint = entry.plan.mountpoint.to_string_lossy().into_owned();
+                tracing::info!("{drive}: held read-only at {mountpoint} until Close");
+                self.publish().await;
+                let emitter = self.object.signal_emitter();
+                if let Err(e) =
+                    CryptInterface::drive_held(emitter, drive.as_str(), &mountpoint).await
+                {
+                    tracing::error!("cannot emit DriveHeld: {e}");
+                }
             }
             (Operation::Open | Operation::Reopen, Ok(())) => {
                 entry.in_use = true;
@@ -565,7 +633,7 @@ impl Service {
         }
         match request {
             Request::Close => self.start(&name, Operation::Close).await,
-            Request::Open => {
+            Request::Open { hold } => {
                 if entry.device.is_none() {
                     entry.device = devices::device_by_uuid(&entry.uuid);
                 }
@@ -575,7 +643,21 @@ impl Service {
                         entry.uuid
                     )));
                 }
-                if entry.in_use && entry.state == State::Open {
+                if entry.in_use && entry.state == State::Held && hold {
+                    let mountpoint = entry.plan.mountpoint.to_string_lossy().into_owned();
+                    let emitter = self.object.signal_emitter();
+                    if let Err(e) =
+                        CryptInterface::drive_held(emitter, name.as_str(), &mountpoint).await
+                    {
+                        tracing::error!("cannot emit DriveHeld: {e}");
+                    }
+                } else if entry.in_use && (entry.state == State::Held || hold) {
+                    return Err(FerryError::Busy(format!(
+                        "drive {name} is {} now; close it first, then open it {}",
+                        entry.state.as_str(),
+                        if hold { "with hold" } else { "without hold" }
+                    )));
+                } else if entry.in_use && entry.state == State::Open {
                     // Already open: say so again for whoever asked.
                     let mountpoint = entry.plan.mountpoint.to_string_lossy().into_owned();
                     self.announce_opened(&name, &mountpoint).await;
@@ -583,6 +665,8 @@ impl Service {
                     return Err(FerryError::Busy(format!(
                         "drive {name} is still mounted or unlocked after a failure; close it first"
                     )));
+                } else if hold {
+                    self.start(&name, Operation::Hold).await;
                 } else {
                     self.start(&name, Operation::Open).await;
                 }

@@ -133,9 +133,23 @@ fn canonical(path: &Path) -> PathBuf {
     }
 }
 
-/// Opens the drive on `device`: unlock, mount, prove identity. Everything it
-/// did is undone when it fails.
+/// How an opened drive is left mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read-write, for the sync worker.
+    ReadWrite,
+    /// Read-only, held for a person (restoring from it); nothing writes.
+    ReadOnly,
+}
+
+/// Opens the drive on `device` read-write: unlock, mount, prove identity.
+/// Everything it did is undone when it fails.
 pub async fn open(plan: &Plan, device: &Path) -> Result<(), Failed> {
+    open_for(plan, device, Access::ReadWrite).await
+}
+
+/// [`open`], leaving the drive mounted as `access` says.
+pub async fn open_for(plan: &Plan, device: &Path, access: Access) -> Result<(), Failed> {
     let source = match &plan.key_file {
         Some(key) => {
             unlock(plan, device, key).await?;
@@ -143,7 +157,7 @@ pub async fn open(plan: &Plan, device: &Path) -> Result<(), Failed> {
         }
         None => device.to_path_buf(),
     };
-    let mounted = mount_and_prove(plan, &source).await;
+    let mounted = mount_and_prove(plan, &source, access).await;
     if mounted.is_err() && plan.key_file.is_some() {
         if let Err(e) = lock(plan, false).await {
             tracing::error!("{}: {}", plan.name, e.message);
@@ -232,8 +246,8 @@ async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
 }
 
 /// Mounts `source` read-only, checks the identity token, then remounts it
-/// read-write. Unmounts again on any failure.
-async fn mount_and_prove(plan: &Plan, source: &Path) -> Result<(), Failed> {
+/// read-write (unless `access` is read-only). Unmounts again on any failure.
+async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(), Failed> {
     let mountpoint = &plan.mountpoint;
     // Already mounted there from this drive (a killed predecessor's `mount`
     // finished late): adopt the mount, proving the token again below.
@@ -273,6 +287,7 @@ async fn mount_and_prove(plan: &Plan, source: &Path) -> Result<(), Failed> {
     let proven = identity::verify(&plan.name, &plan.host_token, &mountpoint.join(TOKEN_FILE))
         .map_err(|m| Failed::new("identity", m));
     let result = match proven {
+        Ok(()) if access == Access::ReadOnly => Ok(()),
         Ok(()) => {
             let read_write = format!("remount,rw,{MOUNT_OPTIONS}");
             plan.run("mount", &[&"-o", &read_write, &mountpoint])
