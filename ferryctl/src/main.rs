@@ -44,6 +44,10 @@ struct Cli {
     /// (DBUS_SYSTEM_BUS_ADDRESS when set).
     #[arg(long, global = true, value_name = "ADDRESS")]
     address: Option<String>,
+    /// ferry.toml, for what only it says (repositories of a drive, when a
+    /// drive is stale); the services' answers come from the bus.
+    #[arg(long, global = true, value_name = "FILE", default_value = ferry_config::DEFAULT_PATH)]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,9 +58,6 @@ enum Simulated {
     Plug {
         /// The drive, as named in ferry.toml.
         drive: String,
-        /// The configuration file.
-        #[arg(long, default_value = ferry_config::DEFAULT_PATH)]
-        config: PathBuf,
     },
 }
 
@@ -100,9 +101,6 @@ enum Command {
     Archives {
         /// The drive, as named in ferry.toml.
         drive: String,
-        /// The configuration file.
-        #[arg(long, default_value = ferry_config::DEFAULT_PATH)]
-        config: PathBuf,
     },
     /// Unmount and lock a drive.
     Close {
@@ -192,7 +190,10 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
     let outcome: Result<ExitCode, zbus::Error> = async {
         match cli.command {
             Command::Status { json } => {
-                let status = status::gather(&conn, now()).await;
+                let mut status = status::gather(&conn, now()).await;
+                status.drive_stale_days = ferry_config::Config::load(&cli.config)
+                    .ok()
+                    .map(|c| c.notify.drive_stale_days);
                 if json {
                     match serde_json::to_string_pretty(&status) {
                         Ok(text) => println!("{text}"),
@@ -226,15 +227,15 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
             }
             Command::Open { drive, hold } => drive::open(&conn, &drive, hold).await,
             Command::Close { drive } => drive::close(&conn, &drive).await,
-            Command::Archives { drive, config } => drive::archives(&conn, &drive, &config).await,
+            Command::Archives { drive } => drive::archives(&conn, &drive, &cli.config).await,
             Command::Acknowledge => {
                 LedProxy::new(&conn).await?.acknowledge().await?;
                 println!("the LED's failure is acknowledged");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Simulate {
-                what: Simulated::Plug { drive, config },
-            } => simulate_plug(&conn, &drive, &config).await,
+                what: Simulated::Plug { drive },
+            } => simulate_plug(&conn, &drive, &cli.config).await,
             Command::CheckConfig { .. } | Command::Completions { .. } | Command::Man { .. } => {
                 Ok(ExitCode::SUCCESS)
             }

@@ -33,6 +33,8 @@ pub struct Status {
     pub mail: Option<MailStatus>,
     /// Services that did not answer, with the error.
     pub unreachable: Vec<(String, String)>,
+    /// ferry.toml's `[notify] drive-stale-days` (0: off), when it could be read.
+    pub drive_stale_days: Option<u32>,
 }
 
 /// One enrolled drive, as the watcher, ferry-crypt and ferry-sync see it.
@@ -286,6 +288,16 @@ pub fn render(status: &Status) -> String {
             }
             None => line(format!("  {:<14} never synced", "")),
         }
+        let last = drive.last_sync.as_ref().map(|s| s.time);
+        if let Some(days) = status.drive_stale_days.filter(|d| *d > 0) {
+            let limit = u64::from(days) * 86_400;
+            if last.is_none_or(|t| now.saturating_sub(t) > limit) {
+                line(format!(
+                    "  {:<14} STALE: not synced within {days} days ([notify] drive-stale-days): plug it in",
+                    ""
+                ));
+            }
+        }
         for f in &drive.failures {
             line(format!(
                 "  {:<14} FAILED at {} {}: {}",
@@ -467,6 +479,7 @@ mod tests {
                 last_error: String::new(),
             }),
             unreachable: vec![("org.ferry.Led1".into(), "not running".into())],
+            drive_stale_days: Some(2),
         }
     }
 
@@ -478,6 +491,7 @@ mod tests {
             "last synced 3 days ago",
             "1.5 GiB copied in 42 s, newest archive nas-2026, 200 GiB free",
             "offsite-b      attachment unknown",
+            "STALE: not synced within 2 days",
             "never synced",
             "FAILED at identity 2 hours ago: no token",
             "nas            last run 5 hours ago",

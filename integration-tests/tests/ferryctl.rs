@@ -77,8 +77,10 @@ async fn status_words_what_the_services_report() {
         .find(|r| r.drive == DRIVE)
         .expect("a ledger entry for the drive");
 
-    let (code, text, stderr) = ferryctl(&system, &["status"]).await;
+    let config = system.config.display().to_string();
+    let (code, text, stderr) = ferryctl(&system, &["--config", &config, "status"]).await;
     assert_eq!(code, 0, "ferryctl status failed: {stderr}\n{text}");
+    assert!(!text.contains("STALE"), "just synced, yet:\n{text}");
     for expected in [
         format!("{DRIVE:<14} plugged in as {device}"),
         "last synced just now (".to_string(),
@@ -274,7 +276,7 @@ async fn simulate_plug_says_what_would_be_copied_and_writes_nothing() {
 
     let config = system.config.display().to_string();
     let (code, out, err) =
-        ferryctl(&system, &["simulate", "plug", DRIVE, "--config", &config]).await;
+        ferryctl(&system, &["--config", &config, "simulate", "plug", DRIVE]).await;
     assert_eq!(code, 0, "{out}{err}");
     for expected in [
         format!("If {DRIVE} were plugged in now:"),
@@ -293,7 +295,7 @@ async fn simulate_plug_says_what_would_be_copied_and_writes_nothing() {
     assert_eq!(files_and_times(&system.repository), repository_files);
 
     let (code, _, err) =
-        ferryctl(&system, &["simulate", "plug", "nope", "--config", &config]).await;
+        ferryctl(&system, &["--config", &config, "simulate", "plug", "nope"]).await;
     assert_eq!(code, 1);
     assert!(
         err.contains(&format!(
@@ -351,7 +353,7 @@ async fn open_hold_mounts_read_only_without_a_sync_and_archives_lists_the_copy()
     );
 
     let config = system.config.display().to_string();
-    let (code, out, err) = ferryctl(&system, &["archives", DRIVE, "--config", &config]).await;
+    let (code, out, err) = ferryctl(&system, &["--config", &config, "archives", DRIVE]).await;
     assert_eq!(code, 0, "{out}{err}");
     let archives = system.archives();
     assert!(!archives.is_empty());
@@ -379,7 +381,7 @@ async fn open_hold_mounts_read_only_without_a_sync_and_archives_lists_the_copy()
         "holding the drive and listing its archives changed its image"
     );
 
-    let (code, _, err) = ferryctl(&system, &["archives", DRIVE, "--config", &config]).await;
+    let (code, _, err) = ferryctl(&system, &["--config", &config, "archives", DRIVE]).await;
     assert_eq!(code, 1);
     assert!(
         err.contains(&format!("ferryctl open {DRIVE} --hold")),
