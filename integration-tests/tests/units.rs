@@ -591,7 +591,9 @@ async fn the_policy_carries_each_service_users_signals_to_every_service_and_drop
     }
     let user = |name: &str| (id_of("-u", name), id_of("-g", name));
     let root = ("0".to_string(), "0".to_string());
-    let legit: Vec<((String, String), Vec<&str>, &str, &str)> = vec![
+    // (sender's uid and gid, busctl emit arguments, member, first argument)
+    type Emit<'a> = ((String, String), Vec<&'a str>, &'a str, &'a str);
+    let legit: Vec<Emit> = vec![
         (
             user("ferry-watcher"),
             vec![
