@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use ferry_integration_tests::{bin_dir, random_uuid, require_command, TestBus};
+use ferry_integration_tests::{bin_dir, random_uuid, require_command, SignalRecorder, TestBus};
 
 fn units_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../units")
@@ -498,4 +498,230 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         found.push(path);
     }
     found
+}
+
+/// The uid and gid of a user or group the sysusers file created.
+fn id_of(flag: &str, name: &str) -> String {
+    let output = Command::new("id")
+        .args([flag, name])
+        .output()
+        .expect("run id");
+    assert!(
+        output.status.success(),
+        "no user {name} after systemd-sysusers"
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn group_id(name: &str) -> String {
+    let output = Command::new("getent")
+        .args(["group", name])
+        .output()
+        .expect("run getent");
+    String::from_utf8_lossy(&output.stdout)
+        .split(':')
+        .nth(2)
+        .unwrap_or_else(|| panic!("no group {name} after systemd-sysusers"))
+        .to_string()
+}
+
+/// `busctl emit` as a user (uid, gid, supplementary groups) on `address`.
+fn emit_as(address: &str, uid: &str, gid: &str, groups: &str, args: &[&str]) {
+    let mut command = Command::new("setpriv");
+    command.args([&format!("--reuid={uid}"), &format!("--regid={gid}")]);
+    if groups.is_empty() {
+        command.arg("--clear-groups");
+    } else {
+        command.arg(format!("--groups={groups}"));
+    }
+    let output = command
+        .args(["busctl", "--address", address, "emit"])
+        .args(args)
+        .output()
+        .expect("setpriv busctl emit");
+    assert!(
+        output.status.success(),
+        "busctl emit {args:?} as {uid}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// dbus-daemon checks a broadcast signal against the sender's send rules once
+/// per recipient, matching send_destination against the names the recipient
+/// owns. The installed policy must let each service's user reach every ferry
+/// service with its own signals (DriveAttached from ferry-watcher reaching
+/// ferry-crypt is the whole plug-in flow), and must drop a ferry signal from
+/// anyone else — an unprivileged user, a member of `ferry`, or one service
+/// user speaking for another.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_carries_each_service_users_signals_to_every_service_and_drops_forgeries() {
+    if !(ferry_integration_tests::require_root()
+        && require_command("setpriv", "util-linux")
+        && require_command("busctl", "systemd")
+        && require_command("systemd-sysusers", "systemd"))
+    {
+        return;
+    }
+    // The service users must exist before the bus reads the policy.
+    let sysusers = Command::new("systemd-sysusers")
+        .arg(units_dir().join("sysusers.d/ferry.conf"))
+        .output()
+        .expect("run systemd-sysusers");
+    assert!(
+        sysusers.status.success(),
+        "systemd-sysusers: {}",
+        String::from_utf8_lossy(&sysusers.stderr)
+    );
+    let bus = TestBus::start_system_like(
+        &units_dir()
+            .join("dbus/org.ferry.conf")
+            .canonicalize()
+            .expect("policy file"),
+    );
+    // One connection per ferry name, owning it (as the services do) and
+    // recording every ferry signal delivered to it.
+    let mut receivers = Vec::new();
+    for (name, _, _) in ferry_interfaces::ALL.iter() {
+        let conn = bus.connect().await;
+        conn.request_name(*name)
+            .await
+            .expect("root owns a ferry name");
+        let recorder = SignalRecorder::new(&conn).await;
+        receivers.push((*name, conn, recorder));
+    }
+    let user = |name: &str| (id_of("-u", name), id_of("-g", name));
+    let root = ("0".to_string(), "0".to_string());
+    // (sender's uid and gid, busctl emit arguments, member, first argument)
+    type Emit<'a> = ((String, String), Vec<&'a str>, &'a str, &'a str);
+    let legit: Vec<Emit> = vec![
+        (
+            user("ferry-watcher"),
+            vec![
+                "/org/ferry/DriveWatcher1",
+                "org.ferry.DriveWatcher1",
+                "DriveAttached",
+                "sss",
+                "offsite-a",
+                "/dev/sdz",
+                "uuid-from-watcher",
+            ],
+            "DriveAttached",
+            "offsite-a",
+        ),
+        (
+            user("ferry-watcher"),
+            vec![
+                "/org/ferry/DriveWatcher1",
+                "org.freedesktop.DBus.Properties",
+                "PropertiesChanged",
+                "sa{sv}as",
+                "org.ferry.DriveWatcher1",
+                "0",
+                "1",
+                "Drives",
+            ],
+            "PropertiesChanged",
+            "org.ferry.DriveWatcher1",
+        ),
+        (
+            user("ferry-led"),
+            vec![
+                "/org/ferry/Led1",
+                "org.ferry.Led1",
+                "ColorChanged",
+                "ss",
+                "#00ff00",
+                "done",
+            ],
+            "ColorChanged",
+            "#00ff00",
+        ),
+        (
+            user("ferry-notifier"),
+            vec![
+                "/org/ferry/Notifier1",
+                "org.ferry.Notifier1",
+                "NotificationSent",
+                "ss",
+                "mail-1",
+                "subject",
+            ],
+            "NotificationSent",
+            "mail-1",
+        ),
+        (
+            root.clone(),
+            vec![
+                "/org/ferry/Crypt1",
+                "org.ferry.Crypt1",
+                "DriveOpened",
+                "ss",
+                "offsite-a",
+                "/run/ferry/offsite-a",
+            ],
+            "DriveOpened",
+            "offsite-a",
+        ),
+    ];
+    let ferry_gid = group_id("ferry");
+    let (led_uid, led_gid) = user("ferry-led");
+    let forged = |drive: &'static str| {
+        vec![
+            "/org/ferry/DriveWatcher1",
+            "org.ferry.DriveWatcher1",
+            "DriveAttached",
+            "sss",
+            drive,
+            "/dev/sdz",
+            "forged",
+        ]
+    };
+    // Forgeries first: nobody, a member of ferry, ferry-led for the watcher.
+    emit_as(
+        bus.address(),
+        "65534",
+        "65534",
+        "",
+        &forged("forged-by-nobody"),
+    );
+    emit_as(
+        bus.address(),
+        "65534",
+        "65534",
+        &ferry_gid,
+        &forged("forged-by-ferry-group"),
+    );
+    emit_as(
+        bus.address(),
+        &led_uid,
+        &led_gid,
+        "",
+        &forged("forged-by-led"),
+    );
+    // Then each legitimate signal, which every service must receive; the bus
+    // handled the forgeries (sent and flushed before) by then.
+    for ((uid, gid), args, member, first) in &legit {
+        emit_as(bus.address(), uid, gid, "", args);
+        for (name, _, recorder) in &receivers {
+            eprintln!("{name} waits for {member}({first}) emitted as uid {uid}");
+            recorder
+                .wait_for(
+                    member,
+                    |r| r.args.first().map(String::as_str) == Some(*first),
+                    WAIT,
+                )
+                .await;
+        }
+    }
+    for (name, _, recorder) in &receivers {
+        let forgeries = recorder.count("DriveAttached", |r| {
+            r.args.first().is_some_and(|a| a.starts_with("forged"))
+        });
+        assert_eq!(
+            forgeries,
+            0,
+            "{name} received a forged DriveAttached:\n{}",
+            recorder.listing()
+        );
+    }
 }

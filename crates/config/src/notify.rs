@@ -60,6 +60,11 @@ pub struct Mail {
     pub username: Option<String>,
     /// A file holding the SMTP password (mode 0600); needs `username`.
     pub password_file: Option<AbsolutePath>,
+    /// The name of a systemd credential holding the SMTP password, read from
+    /// `$CREDENTIALS_DIRECTORY` (the installed unit loads
+    /// `ferry-smtp-password` from /etc/credstore); needs `username`, not
+    /// with `password-file`.
+    pub password_credential: Option<String>,
     /// The sendmail-compatible binary for `transport = "sendmail"`.
     #[serde(default = "default_sendmail")]
     pub sendmail: AbsolutePath,
@@ -255,6 +260,35 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
             "a password needs a user name: add username = \"…\"".into(),
         ));
     }
+    if let Some(name) = &mail.password_credential {
+        if mail.password_file.is_some() {
+            return Err((
+                key("password-credential"),
+                "give the password either as password-file or as password-credential, not both"
+                    .into(),
+            ));
+        }
+        if mail.username.is_none() {
+            return Err((
+                key("password-credential"),
+                "a password needs a user name: add username = \"…\"".into(),
+            ));
+        }
+        let valid = !name.is_empty()
+            && name.len() <= 255
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+        if !valid {
+            return Err((
+                key("password-credential"),
+                "a credential name is letters, digits and - _ . @, for example \"ferry-smtp-password\""
+                    .into(),
+            ));
+        }
+    }
     if !(10..=30).contains(&mail.timeout_seconds) {
         return Err((
             key("timeout-seconds"),
@@ -336,6 +370,21 @@ mod tests {
                 "password-file = \"/etc/ferry/pw\"\n",
                 "mail.password-file",
                 "username",
+            ),
+            (
+                "password-credential = \"ferry-smtp-password\"\n",
+                "mail.password-credential",
+                "username",
+            ),
+            (
+                "username = \"u\"\npassword-credential = \"../pw\"\n",
+                "mail.password-credential",
+                "credential name",
+            ),
+            (
+                "username = \"u\"\npassword-file = \"/etc/ferry/pw\"\npassword-credential = \"pw\"\n",
+                "mail.password-credential",
+                "not both",
             ),
             ("timeout-seconds = 5\n", "mail.timeout-seconds", "10 to 30"),
             (

@@ -73,6 +73,7 @@ impl fmt::Display for CommandError {
                 let package = match program.as_str() {
                     "cryptsetup" => "cryptsetup-bin",
                     "mkfs.ext4" => "e2fsprogs",
+                    "dmsetup" => "dmsetup",
                     _ => "util-linux",
                 };
                 write!(f, "{program} is not installed (apt-get install {package})")

@@ -214,10 +214,15 @@ async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
     }
     let mapping = plan.mapping_name();
     if plan.mapped() {
-        // A killed predecessor's `cryptsetup open` finished late; the key
-        // is proven above and the identity is proven after mounting.
-        tracing::warn!("{}: {mapping} is already unlocked; using it", plan.name);
-        return Ok(());
+        match stale_mapping(plan, device).await {
+            None => {
+                // A killed predecessor's `cryptsetup open` finished late; the
+                // key is proven above and the identity after mounting.
+                tracing::warn!("{}: {mapping} is already unlocked; using it", plan.name);
+                return Ok(());
+            }
+            Some(why) => set_aside(plan, &why).await.map_err(fail)?,
+        }
     }
     let opened = plan
         .run(
@@ -243,6 +248,77 @@ async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
             fail(format!("cannot unlock {}: {e}", device.display()))
         }
     })
+}
+
+/// Why the existing mapping `ferry-NAME` must not be used for `device`, or
+/// `None` if it is `device` unlocked. A drive pulled while a process held
+/// its mount leaves its mapping in deferred removal, backed by a device that
+/// is gone; on replug that mapping is never the drive that came back.
+async fn stale_mapping(plan: &Plan, device: &Path) -> Option<String> {
+    let mapping = plan.mapping_name();
+    let info = plan
+        .run("dmsetup", &[&"info", &mapping])
+        .await
+        .unwrap_or_else(|e| e.to_string());
+    if info.contains("DEFERRED REMOVE") {
+        return Some(format!(
+            "{mapping} is left over from when the drive was pulled out (in deferred removal)"
+        ));
+    }
+    // The devices under the mapping: /sys/block/dm-N/slaves/*/dev.
+    let backing: Vec<String> = plan
+        .mapping_path()
+        .canonicalize()
+        .ok()
+        .and_then(|node| node.file_name().map(|n| n.to_owned()))
+        .and_then(|dm| std::fs::read_dir(Path::new("/sys/block").join(dm).join("slaves")).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|slave| std::fs::read_to_string(slave.path().join("dev")).ok())
+        .map(|dev| dev.trim().to_string())
+        .collect();
+    let ours = mounts::device_number(device)?;
+    if backing.contains(&ours) {
+        return None;
+    }
+    Some(match backing.is_empty() {
+        true => format!("{mapping} is left over from a device that is gone"),
+        false => format!(
+            "{mapping} unlocks another device ({}), not {} ({ours})",
+            backing.join(", "),
+            device.display()
+        ),
+    })
+}
+
+/// Gets a stale mapping out of the way of a fresh unlock: closes it, or, if
+/// something still holds it (a lazily unmounted filesystem with an open
+/// file), renames it so the kernel removes it once its last user lets go.
+async fn set_aside(plan: &Plan, why: &str) -> Result<(), String> {
+    let mapping = plan.mapping_name();
+    let closed = plan.run("cryptsetup", &[&"close", &mapping]).await;
+    if closed.is_ok() || !plan.mapped() {
+        tracing::warn!("{}: {why}; closed it", plan.name);
+        return Ok(());
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let aside = format!("{mapping}-stale-{stamp}");
+    plan.run("dmsetup", &[&"rename", &mapping, &aside])
+        .await
+        .map_err(|e| {
+            format!(
+                "{why}, still in use, and cannot be renamed out of the way: {e}; stop the processes using it (`dmsetup info {mapping}`), then plug the drive in again"
+            )
+        })?;
+    tracing::warn!(
+        "{}: {why}; it is still in use, so it was renamed to {aside} and the kernel removes it once its last user lets go",
+        plan.name
+    );
+    Ok(())
 }
 
 /// Mounts `source` read-only, checks the identity token, then remounts it
@@ -492,8 +568,18 @@ pub async fn remove(plan: &Plan) -> Failed {
     if let Err(e) = lock(plan, true).await {
         problems.push(e.message);
     }
+    // Say truthfully what became of the mapping: a filesystem still held
+    // open keeps it alive after a lazy unmount, and the lock is only deferred.
+    let what = match plan.mapped() {
+        true => format!(
+            "it was detached from {} but is still in use, so its mapping {} is only scheduled for removal (the kernel removes it when the last process lets go)",
+            plan.mountpoint.display(),
+            plan.mapping_name()
+        ),
+        false => "it was unmounted and locked".to_string(),
+    };
     let mut message = format!(
-        "drive {} was removed while it was open: it was unmounted and locked, and whatever had not reached it yet is lost; plug it in again to check and update it",
+        "drive {} was removed while it was open: {what}, and whatever had not reached it yet is lost; plug it in again to check and update it",
         plan.name
     );
     if !holders.is_empty() {

@@ -197,6 +197,27 @@ async fn bury(
 }
 
 /// The configured way out.
+/// The systemd credential `name` (LoadCredential= in the unit), from
+/// `$CREDENTIALS_DIRECTORY`: only this service can read it.
+fn read_credential(name: &str) -> Result<String, String> {
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+        return Err(format!(
+            "password-credential = \"{name}\" but systemd passed no credentials: \
+             run ferry-notifier from its unit, which has LoadCredential={name}"
+        ));
+    };
+    let path = std::path::Path::new(&dir).join(name);
+    std::fs::read_to_string(&path)
+        .map(|p| p.trim_end_matches(['\r', '\n']).to_string())
+        .map_err(|e| {
+            format!(
+                "cannot read the SMTP password credential {}: {e} \
+                 (put the password in /etc/credstore/{name}, mode 0600, and restart ferry-notifier)",
+                path.display()
+            )
+        })
+}
+
 enum Transport {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     Sendmail {
@@ -229,14 +250,15 @@ impl Transport {
         };
         let mut builder = builder.port(mail.port()).timeout(Some(timeout));
         if let Some(user) = &mail.username {
-            let password = match &mail.password_file {
-                Some(file) => std::fs::read_to_string(file)
+            let password = match (&mail.password_file, &mail.password_credential) {
+                (Some(file), _) => std::fs::read_to_string(file)
                     .map_err(|e| {
                         format!("cannot read the SMTP password file {}: {e}", file.display())
                     })?
                     .trim_end_matches(['\r', '\n'])
                     .to_string(),
-                None => String::new(),
+                (None, Some(name)) => read_credential(name)?,
+                (None, None) => String::new(),
             };
             builder = builder.credentials(Credentials::new(user.clone(), password));
         }
