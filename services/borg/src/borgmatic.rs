@@ -16,6 +16,7 @@ use std::path::Path;
 use ferry_config::{Config, Name, Profile};
 use serde_yaml_ng::Value;
 
+use crate::compat::{self, Support};
 use crate::plan::{
     is_local, prune_glob, CheckPlan, CreateOptions, Due, HookPlan, Passphrase, Plan, Secret,
     DEFAULT_ARCHIVE_NAME_FORMAT,
@@ -29,21 +30,6 @@ const SECTIONS: [&str; 6] = [
     "consistency",
     "hooks",
     "output",
-];
-
-/// Options that only shape borgmatic's own output: ignored with a warning.
-const OUTPUT_ONLY: [&str; 11] = [
-    "verbosity",
-    "syslog_verbosity",
-    "log_file",
-    "log_file_verbosity",
-    "log_file_format",
-    "monitoring_verbosity",
-    "color",
-    "progress",
-    "statistics",
-    "list_details",
-    "log_json",
 ];
 
 /// borgmatic's checks when the file names none: repository and archives,
@@ -159,33 +145,54 @@ pub fn parse(
         }
     }
 
-    let mut unsupported = Vec::new();
+    // Every problem of the file is collected and named at once, each with
+    // its line, so one reading tells a person everything to change.
+    let mut problems = Vec::new();
     let mut warnings = Vec::new();
     let mut reader = Reader::default();
     for (name, entry) in &flat {
+        let at = line_of(text, name)
+            .map(|line| format!("line {line}: "))
+            .unwrap_or_default();
         match reader.take(name, entry) {
             Ok(true) => {}
-            Ok(false) if OUTPUT_ONLY.contains(&name.as_str()) => warnings.push(format!(
-                "borgmatic option `{}` only shapes borgmatic's own output and has no effect under ferry-borg",
-                entry.key
-            )),
-            Ok(false) => unsupported.push(entry.key.clone()),
-            Err(e) => return Err(e),
+            Ok(false) => match compat::support(name) {
+                Some(Support::Ignored(why)) => warnings.push(format!(
+                    "{at}borgmatic option `{}` has no effect under ferry-borg: {why}",
+                    entry.key
+                )),
+                Some(Support::Refused(why)) => problems.push(format!("{at}`{}`: {why}", entry.key)),
+                Some(Support::Honoured | Support::Differs(_)) => problems.push(format!(
+                    "{at}`{}` cannot be read by ferry-borg here",
+                    entry.key
+                )),
+                None => problems.push(format!(
+                    "{at}`{}` is not an option of borgmatic {}: check its spelling",
+                    entry.key,
+                    compat::BORGMATIC_VERSION
+                )),
+            },
+            Err(e) => problems.push(format!("{at}{e}")),
         }
     }
-    if !unsupported.is_empty() {
+    if !problems.is_empty() {
         return Err(format!(
-            "ferry-borg does not support the borgmatic option{} {}: remove {} from the file or spell the profile out in ferry.toml",
-            if unsupported.len() == 1 { "" } else { "s" },
-            unsupported
-                .iter()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            if unsupported.len() == 1 { "it" } else { "them" },
+            "{} problem{} (docs/borgmatic-compatibility.md says what ferry-borg does with each option): {}",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            problems.join("; ")
         ));
     }
     reader.into_plan(choice, *lock_wait, warnings)
+}
+
+/// The line (from 1) where `option` is first set in `text`: a line that
+/// starts, after indentation, with `option:`.
+fn line_of(text: &str, option: &str) -> Option<usize> {
+    let key = format!("{option}:");
+    text.lines()
+        .position(|line| line.trim_start().starts_with(&key))
+        .map(|index| index + 1)
 }
 
 #[derive(Default)]
@@ -252,6 +259,10 @@ impl Reader {
                 self.passphrase = Some(Secret::new(text));
             }
             "encryption_passcommand" => self.passcommand = Some(entry.string()?),
+            // ferry-borg always requires the source roots to exist.
+            "source_directories_must_exist" => {
+                entry.boolean()?;
+            }
             "ssh_command" => self.ssh_command = Some(entry.string()?),
             "exclude_patterns" => self.create.exclude_patterns = entry.strings()?,
             "exclude_if_present" => self.create.exclude_if_present = entry.strings()?,

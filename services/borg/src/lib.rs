@@ -11,6 +11,7 @@
 //! preconditions, the host id and logind's inhibitor are in [`system`].
 
 pub mod borgmatic;
+pub mod compat;
 pub mod job;
 pub mod plan;
 pub mod process;
