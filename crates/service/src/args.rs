@@ -1,60 +1,52 @@
-//! The command line every service shares: `--config PATH`, `--help`, `--version`.
+//! The command line every service shares: `--config PATH`, `--help`,
+//! `--version` — one clap definition, so all six services (and ferryctl,
+//! which uses clap too) follow the same conventions.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{CommandFactory, FromArgMatches, Parser};
+
 /// Parsed command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
+#[command(
+    version,
+    after_help = "Log filter: FERRY_LOG (or RUST_LOG), e.g. FERRY_LOG=debug.\n\
+                  Bus: the system bus, or DBUS_SYSTEM_BUS_ADDRESS."
+)]
 pub struct Args {
-    /// The configuration file.
+    /// ferry's configuration file.
+    #[arg(short, long, value_name = "FILE", default_value = ferry_config::DEFAULT_PATH)]
     pub config: PathBuf,
 }
 
 impl Args {
     /// Parses the arguments after the program name. On `--help`,
-    /// `--version` or a mistake it prints and returns the exit code.
+    /// `--version` or a mistake it prints and returns the exit code (64,
+    /// EX_USAGE, for a mistake).
     pub fn parse(service: &str, args: impl IntoIterator<Item = String>) -> Result<Args, ExitCode> {
-        let mut config = PathBuf::from(ferry_config::DEFAULT_PATH);
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--config" | "-c" => match args.next() {
-                    Some(path) => config = PathBuf::from(path),
-                    None => return Err(usage(service, "--config needs a file")),
-                },
-                "--help" | "-h" => {
-                    println!("{}", help(service));
-                    return Err(ExitCode::SUCCESS);
-                }
-                "--version" | "-V" => {
-                    println!("{service} {}", env!("CARGO_PKG_VERSION"));
-                    return Err(ExitCode::SUCCESS);
-                }
-                other => match other.strip_prefix("--config=") {
-                    Some(path) => config = PathBuf::from(path),
-                    None => {
-                        return Err(usage(
-                            service,
-                            &format!("unknown argument `{}`", other.escape_debug()),
-                        ))
-                    }
-                },
+        let command = Args::command()
+            .name(service.to_string())
+            .bin_name(service.to_string())
+            .about(format!(
+                "{service}: one of ferry's services, on the system bus"
+            ));
+        let matches = command
+            .try_get_matches_from(std::iter::once(service.to_string()).chain(args))
+            .and_then(|m| Args::from_arg_matches(&m));
+        match matches {
+            Ok(args) => Ok(args),
+            Err(e) => {
+                let code = match e.kind() {
+                    clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                    _ => ExitCode::from(64),
+                };
+                let _ = e.print();
+                Err(code)
             }
         }
-        Ok(Args { config })
     }
-}
-
-fn help(service: &str) -> String {
-    format!(
-        "usage: {service} [--config FILE]\n\n  --config FILE  ferry's configuration (default {})\n\nLog filter: FERRY_LOG (or RUST_LOG), e.g. FERRY_LOG=debug.\nBus: the system bus, or DBUS_SYSTEM_BUS_ADDRESS.",
-        ferry_config::DEFAULT_PATH
-    )
-}
-
-fn usage(service: &str, problem: &str) -> ExitCode {
-    eprintln!("{service}: {problem}\n{}", help(service));
-    ExitCode::from(64)
 }
 
 #[cfg(test)]
@@ -79,11 +71,21 @@ mod tests {
             parse(&["--config=/y.toml"]).map(|a| a.config),
             Ok(PathBuf::from("/y.toml"))
         );
+        assert_eq!(
+            parse(&["-c", "/z.toml"]).map(|a| a.config),
+            Ok(PathBuf::from("/z.toml"))
+        );
     }
 
     #[test]
     fn mistakes_are_usage_errors() {
         assert_eq!(parse(&["--config"]), Err(ExitCode::from(64)));
         assert_eq!(parse(&["--frobnicate"]), Err(ExitCode::from(64)));
+    }
+
+    #[test]
+    fn help_and_version_succeed() {
+        assert_eq!(parse(&["--help"]), Err(ExitCode::SUCCESS));
+        assert_eq!(parse(&["--version"]), Err(ExitCode::SUCCESS));
     }
 }
