@@ -19,6 +19,7 @@
 pub mod command;
 pub mod devices;
 pub mod enroll;
+pub mod failures;
 pub mod identity;
 pub mod mounts;
 pub mod ops;
@@ -300,7 +301,7 @@ impl ClosedMarkers {
 struct Service {
     closed: ClosedMarkers,
     entries: BTreeMap<Name, Entry>,
-    failures: BTreeMap<Name, Failure>,
+    failures: failures::FailureLog,
     view: Arc<Mutex<View>>,
     object: InterfaceRef<CryptInterface>,
     done: mpsc::Sender<Done>,
@@ -324,7 +325,7 @@ impl Service {
                 },
             })
             .collect();
-        let failures: Vec<Failure> = self.failures.values().cloned().collect();
+        let failures: Vec<Failure> = self.failures.all();
         let (drives_changed, failures_changed) = match self.view.lock() {
             Ok(mut view) => {
                 let changed = (view.drives != drives, view.failures != failures);
@@ -406,15 +407,14 @@ impl Service {
             entry.state = State::Failed;
             entry.message = failed.message.clone();
         }
-        self.failures.insert(
-            drive.clone(),
-            Failure {
+        self.failures
+            .record(Failure {
                 subject: drive.to_string(),
                 time: unix_now(),
                 stage: failed.stage.to_string(),
                 message: failed.message.clone(),
-            },
-        );
+            })
+            .await;
         self.publish().await;
         let emitter = self.object.signal_emitter();
         if let Err(e) =
@@ -655,7 +655,7 @@ pub async fn run(
     let mut service = Service {
         closed: ClosedMarkers::load(&config),
         entries: BTreeMap::new(),
-        failures: BTreeMap::new(),
+        failures: failures::FailureLog::load(&config.state_directory),
         view,
         object,
         done,
