@@ -2,7 +2,8 @@
 //! the last failure, the last success with borg's statistics, and when each
 //! check last ran (checks run by frequency), plus the jobs running now and
 //! the last job number, so a job cut short by ferry-borg's own death is
-//! reported on the next start and job ids never repeat. Kept as JSON in
+//! reported on the next start and job ids never repeat, and the retries
+//! planned after a failed or skipped run (so a restart keeps them). Kept as JSON in
 //! `<state-directory>/borg.json`, replaced atomically when a job starts and
 //! when it ends.
 
@@ -38,6 +39,24 @@ pub struct RunningJob {
     pub profile: String,
     /// Unix time it started.
     pub started: u64,
+    /// Which attempt of its series it is (1: not a retry).
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// A retry ferry-borg will start by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedRetry {
+    /// Unix time it is due.
+    pub at: u64,
+    /// The attempt it will be (2 is the first retry).
+    pub attempt: u32,
+    /// Why, for Schedule.
+    pub reason: String,
 }
 
 /// The whole file.
@@ -52,6 +71,9 @@ pub struct Stored {
     /// The number of the last job started; ids go on from it after a restart.
     #[serde(default)]
     pub last_job: u64,
+    /// Retries planned, by profile.
+    #[serde(default)]
+    pub retries: BTreeMap<String, PlannedRetry>,
 }
 
 impl Stored {
