@@ -325,10 +325,18 @@ impl Indicator {
         let mut fresh = Indicator::new(self.policies.clone());
         fresh.failures = self.failures.clone();
         fresh.take_activity(facts);
-        // A powered-off drive is not on any peer's list; keep saying so.
         for (name, drive) in &self.drives {
-            if drive.done == Some(Done::PoweredOff) && !fresh.drives.contains_key(name) {
-                fresh.drives.insert(name.clone(), drive.clone());
+            match (drive.done, fresh.drives.get_mut(name)) {
+                // A powered-off drive is on no peer's list; keep saying so.
+                (Some(Done::PoweredOff), None) => {
+                    fresh.drives.insert(name.clone(), drive.clone());
+                }
+                // Still plugged in and idle: what this LED saw of its last
+                // flow holds (the watcher alone cannot tell a closed drive).
+                (Some(Done::Present), Some(now)) if now.attached && now.flow.is_none() => {
+                    now.done = Some(Done::Present);
+                }
+                _ => {}
             }
         }
         fresh

@@ -328,6 +328,17 @@ fn a_rebuild_forgets_lost_jobs_but_keeps_the_failure() {
         LedState::Failed,
         "red holds across a peer's restart"
     );
+    let done = run(vec![DriveAttached("a".into()), DriveClosed("a".into())]);
+    let watcher_only = PeerFacts {
+        watcher_attached: vec!["a".into()],
+        ..PeerFacts::default()
+    };
+    assert_eq!(done.rebuilt(&watcher_only).state(), LedState::Done);
+    assert_eq!(
+        done.rebuilt(&PeerFacts::default()).state(),
+        LedState::Idle,
+        "gone since"
+    );
     let i = run(vec![started("lost", "nas")]);
     assert_eq!(
         i.rebuilt(&PeerFacts::default()).state(),
