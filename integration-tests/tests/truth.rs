@@ -67,6 +67,27 @@ async fn kill(conn: &zbus::Connection, process: ServiceProcess, name: &str) {
     }
 }
 
+/// Where ferry-drive-watcher's and ferry-crypt's signals come from.
+const WATCHER: (&str, &str) = (drive_watcher::OBJECT_PATH, drive_watcher::INTERFACE);
+const CRYPT: (&str, &str) = (crypt::OBJECT_PATH, crypt::INTERFACE);
+
+/// ferry-led alone on `bus` with `drives` configured (the file backend);
+/// the test speaks for its peers.
+async fn led_alone(
+    bus: &TestBus,
+    drives: &str,
+) -> (zbus::Connection, SignalRecorder, ServiceProcess) {
+    let dir = bus.dir();
+    let config = write_config(
+        dir,
+        &format!("{drives}{}", led_file_section(&dir.join("led"))),
+    );
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let led = start(bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
+    (conn, signals, led)
+}
+
 async fn led_state(conn: &zbus::Connection) -> (String, String) {
     let proxy: LedProxy = uncached(conn).await;
     (
@@ -222,20 +243,8 @@ async fn a_failed_sync_stays_red_through_a_backup_and_a_restart_of_the_led() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_drive_pulled_before_its_close_stays_red() {
     let bus = TestBus::start();
-    let dir = bus.dir();
-    let config = write_config(
-        dir,
-        &format!(
-            "{}{}",
-            drive_section("offsite-a", &random_uuid()),
-            led_file_section(&dir.join("led"))
-        ),
-    );
-    let conn = bus.connect().await;
-    let signals = SignalRecorder::new(&conn).await;
-    let _led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
-    let w = (drive_watcher::OBJECT_PATH, drive_watcher::INTERFACE);
-    let c = (crypt::OBJECT_PATH, crypt::INTERFACE);
+    let (conn, signals, _led) = led_alone(&bus, &drive_section("offsite-a", &random_uuid())).await;
+    let (w, c) = (WATCHER, CRYPT);
     emit(
         &conn,
         w.0,
@@ -283,20 +292,12 @@ async fn a_failed_drive_pulled_before_its_close_stays_red() {
 #[tokio::test(flavor = "multi_thread")]
 async fn power_off_goes_from_working_to_done_without_idle() {
     let bus = TestBus::start();
-    let dir = bus.dir();
-    let config = write_config(
-        dir,
-        &format!(
-            "[drives.offsite-p]\nuuid = \"{}\"\npower-off = true\n\n{}",
-            random_uuid(),
-            led_file_section(&dir.join("led"))
-        ),
+    let drive = format!(
+        "[drives.offsite-p]\nuuid = \"{}\"\npower-off = true\n\n",
+        random_uuid()
     );
-    let conn = bus.connect().await;
-    let signals = SignalRecorder::new(&conn).await;
-    let _led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
-    let w = (drive_watcher::OBJECT_PATH, drive_watcher::INTERFACE);
-    let c = (crypt::OBJECT_PATH, crypt::INTERFACE);
+    let (conn, signals, _led) = led_alone(&bus, &drive).await;
+    let (w, c) = (WATCHER, CRYPT);
     emit(
         &conn,
         w.0,
@@ -368,7 +369,7 @@ async fn a_restarted_watcher_does_not_make_a_closed_drive_working() {
     signals
         .wait_for("ColorChanged", |s| s.args[1] == "working", WAIT)
         .await;
-    let c = (crypt::OBJECT_PATH, crypt::INTERFACE);
+    let c = CRYPT;
     emit(&conn, c.0, c.1, "DriveOpened", &("offsite-a", "/run/x")).await;
     emit(
         &conn,

@@ -86,7 +86,7 @@ pub struct BackupJob {
     pub job: String,
     /// The profile name.
     pub profile: String,
-    /// waiting, create, prune, compact or check.
+    /// waiting, hook, sources, create, prune, compact or check.
     pub stage: String,
     /// Bytes read by borg create so far.
     pub bytes: u64,

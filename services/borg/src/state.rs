@@ -8,7 +8,7 @@
 //! when it ends.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferry_interfaces::{BackupResult, Failure};
 use serde::{Deserialize, Serialize};
@@ -80,38 +80,10 @@ impl Stored {
     /// Reads the state at `path`. A missing file is a fresh start; a
     /// damaged one is moved aside (kept for a person to look at) and logged.
     pub fn load(path: &Path) -> Stored {
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Stored::default(),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read {}: {e}; starting without past results",
-                    path.display()
-                );
-                return Stored::default();
-            }
-        };
-        match serde_json::from_slice(&bytes) {
-            Ok(stored) => stored,
-            Err(e) => {
-                let aside = PathBuf::from(format!(
-                    "{}.damaged-{}",
-                    path.display(),
-                    ferry_service::unix_now()
-                ));
-                let moved = std::fs::rename(path, &aside).is_ok();
-                tracing::warn!(
-                    "{} is damaged ({e}); {} and starting without past results",
-                    path.display(),
-                    if moved {
-                        format!("kept it as {}", aside.display())
-                    } else {
-                        "left it in place".to_string()
-                    }
-                );
-                Stored::default()
-            }
-        }
+        ferry_service::durable::load_or_move_aside(path, "past results", |bytes| {
+            serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        })
+        .unwrap_or_default()
     }
 
     /// Writes the state durably and atomically (creating the directory).
@@ -158,7 +130,7 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         assert!(
-            names.iter().any(|n| n.starts_with("borg.json.damaged-")),
+            names.iter().any(|n| n.starts_with("borg.json.bad-")),
             "{names:?}"
         );
     }

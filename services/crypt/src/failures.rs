@@ -27,33 +27,11 @@ impl FailureLog {
     /// Reads the log from `state_directory`.
     pub fn load(state_directory: &Path) -> FailureLog {
         let path = state_directory.join(FILE_NAME);
-        let failures = match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(failures) => failures,
-                Err(e) => {
-                    let aside =
-                        path.with_extension(format!("json.bad-{}", ferry_service::unix_now()));
-                    let moved = std::fs::rename(&path, &aside);
-                    tracing::warn!(
-                        "{} does not parse ({e}); {} and starting without past drive failures",
-                        path.display(),
-                        match moved {
-                            Ok(()) => format!("moved it to {}", aside.display()),
-                            Err(e) => format!("could not move it aside ({e})"),
-                        }
-                    );
-                    BTreeMap::new()
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read {}: {e}; starting without past drive failures",
-                    path.display()
-                );
-                BTreeMap::new()
-            }
-        };
+        let failures =
+            ferry_service::durable::load_or_move_aside(&path, "past drive failures", |bytes| {
+                serde_json::from_slice(bytes).map_err(|e| e.to_string())
+            })
+            .unwrap_or_default();
         FailureLog { path, failures }
     }
 
