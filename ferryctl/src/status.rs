@@ -317,11 +317,13 @@ pub fn render(status: &Status) -> String {
     for profile in &status.profiles {
         let last = match &profile.last {
             Some(r) => {
-                let what = if r.archive.is_empty() {
-                    r.outcome.clone()
-                } else {
-                    format!("{}, archive {}", r.outcome, r.archive)
-                };
+                let mut what = r.outcome.replace('-', " ");
+                if !r.archive.is_empty() {
+                    what.push_str(&format!(", archive {}", r.archive));
+                }
+                if r.outcome != "finished" && !r.message.is_empty() {
+                    what.push_str(&format!(": {}", r.message));
+                }
                 format!(
                     "last run {} ({}): {what}",
                     words::ago(now, r.time),
@@ -355,6 +357,14 @@ pub fn render(status: &Status) -> String {
                 text.push_str(&format!(" — waiting: {}", s.blocked));
             }
             line(format!("  {:<14} {text}", ""));
+            if s.retry > 0 {
+                line(format!(
+                    "  {:<14} retry {}: {}",
+                    "",
+                    words::until(now, s.retry),
+                    s.retry_reason
+                ));
+            }
         }
         if let Some(f) = &profile.failure {
             line(format!(
@@ -468,7 +478,9 @@ mod tests {
                 schedule: Some(ScheduleEntry {
                     profile: "nas".into(),
                     due: now + 19 * 3600,
-                    blocked: String::new(),
+                    retry: now + 600,
+                    retry_reason: "attempt 2 of 3 after: create failed".into(),
+                    ..ScheduleEntry::default()
                 }),
                 ..ProfileStatus::default()
             }],
@@ -497,6 +509,7 @@ mod tests {
             "nas            last run 5 hours ago",
             "finished, archive nas-1",
             "next due in 19 hours",
+            "retry in 10 minutes: attempt 2 of 3 after: create failed",
             "Mail    0 waiting to be sent, 1 undeliverable",
             "org.ferry.Led1 did not answer: not running",
         ] {

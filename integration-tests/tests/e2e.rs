@@ -604,6 +604,18 @@ async fn backup_outcome(
                     WAIT,
                 )
                 .await;
+            // The failed backup stays red until its profile succeeds or a
+            // person acknowledges it (issue 12); the person has read the
+            // mail, so the plug-in flow that follows starts from no failure.
+            let before = system.signals.len();
+            let led = proxy::<LedProxy>(&system.conn).await;
+            led.acknowledge().await.expect("Led1.Acknowledge");
+            if led.state().await.unwrap_or_default() == "failed" {
+                system
+                    .signals
+                    .wait_for_from(before, "ColorChanged", |s| s.args[1] != "failed", WAIT)
+                    .await;
+            }
             None
         }
         None if kill.binary == "ferry-borg" => {

@@ -346,6 +346,11 @@ async fn open_hold_mounts_read_only_without_a_sync_and_archives_lists_the_copy()
         )),
         "{out}"
     );
+    // In a person's use: not safe to remove.
+    system
+        .signals
+        .wait_for_from(from, "ColorChanged", |s| s.args[1] == "working", WAIT)
+        .await;
     let options = mount_options(&system.mountpoint).expect("the held drive is mounted");
     assert!(
         options.split(',').any(|o| o == "ro"),
@@ -368,6 +373,11 @@ async fn open_hold_mounts_read_only_without_a_sync_and_archives_lists_the_copy()
         mount_options(&system.mountpoint).is_none(),
         "still mounted after close"
     );
+    // Closed and still plugged in: safe to remove again.
+    system
+        .signals
+        .wait_for_from(from, "ColorChanged", |s| s.args[1] == "done", WAIT)
+        .await;
     let during: Vec<String> = system.signals.all()[from..]
         .iter()
         .map(|s| s.member.clone())

@@ -607,11 +607,13 @@ async fn stale_drives_and_profiles_are_mailed_on_a_test_clock_once_a_day() {
                     profile: "home".into(),
                     due: now - 25 * 3600,
                     blocked: String::new(),
+                    ..ScheduleEntry::default()
                 },
                 ScheduleEntry {
                     profile: "fresh".into(),
                     due: now + 3600,
                     blocked: String::new(),
+                    ..ScheduleEntry::default()
                 },
             ],
             last_failures: vec![],

@@ -213,6 +213,15 @@ pub mod borg {
         /// A job was skipped, not failed.
         #[zbus(signal)]
         fn backup_skipped(&self, job: &str, profile: &str, reason: &str) -> zbus::Result<()>;
+        /// A job made its archive but borg warned (exit 1).
+        #[zbus(signal)]
+        fn backup_finished_with_warnings(
+            &self,
+            job: &str,
+            profile: &str,
+            archive: &str,
+            warnings: &str,
+        ) -> zbus::Result<()>;
     }
 }
 

@@ -86,7 +86,7 @@ pub struct BackupJob {
     pub job: String,
     /// The profile name.
     pub profile: String,
-    /// waiting, create, prune, compact or check.
+    /// waiting, hook, sources, create, prune, compact or check.
     pub stage: String,
     /// Bytes read by borg create so far.
     pub bytes: u64,
@@ -99,7 +99,8 @@ pub struct BackupJob {
 pub struct BackupResult {
     /// The profile name.
     pub profile: String,
-    /// finished, failed or skipped.
+    /// A [`BackupOutcome`]'s wire name: finished, finished-with-warnings,
+    /// failed or skipped.
     pub outcome: String,
     /// Unix time the job ended.
     pub time: u64,
@@ -107,12 +108,12 @@ pub struct BackupResult {
     pub archive: String,
     /// How long the job took, in seconds.
     pub seconds: f64,
-    /// The failure or skip reason.
+    /// The failure or skip reason, or borg's warnings.
     pub message: String,
 }
 
-/// An entry of Borg1.Schedule: `(sts)`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+/// An entry of Borg1.Schedule: `(ststts)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
 pub struct ScheduleEntry {
     /// The profile name.
     pub profile: String,
@@ -120,4 +121,59 @@ pub struct ScheduleEntry {
     pub due: u64,
     /// Why it cannot run now, empty if nothing blocks it.
     pub blocked: String,
+    /// Unix time of the last run that finished (with or without
+    /// warnings), 0 if none.
+    pub last_success: u64,
+    /// Unix time of the next automatic retry, 0 when none is planned.
+    pub retry: u64,
+    /// Why the retry is planned and which attempt it is, empty when none.
+    pub retry_reason: String,
+}
+
+/// How a backup job ended: Borg1.LastResults' outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupOutcome {
+    /// `finished`: every stage succeeded, borg did not warn.
+    Finished,
+    /// `finished-with-warnings`: the archive was made but borg exited 1
+    /// (warnings: a file vanished or could not be read, …).
+    FinishedWithWarnings,
+    /// `failed`: a stage failed or the job was cancelled or interrupted.
+    Failed,
+    /// `skipped`: the job did not run (a precondition, a hook's exit 75).
+    Skipped,
+}
+
+impl BackupOutcome {
+    /// Every outcome.
+    pub const ALL: [BackupOutcome; 4] = [
+        BackupOutcome::Finished,
+        BackupOutcome::FinishedWithWarnings,
+        BackupOutcome::Failed,
+        BackupOutcome::Skipped,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupOutcome::Finished => "finished",
+            BackupOutcome::FinishedWithWarnings => "finished-with-warnings",
+            BackupOutcome::Failed => "failed",
+            BackupOutcome::Skipped => "skipped",
+        }
+    }
+
+    /// The outcome named `wire`, if any.
+    pub fn from_wire(wire: &str) -> Option<BackupOutcome> {
+        BackupOutcome::ALL.into_iter().find(|o| o.as_str() == wire)
+    }
+
+    /// Whether an archive was made (the profile's success).
+    pub fn made_archive(self) -> bool {
+        matches!(
+            self,
+            BackupOutcome::Finished | BackupOutcome::FinishedWithWarnings
+        )
+    }
 }

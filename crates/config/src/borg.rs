@@ -50,6 +50,22 @@ pub struct BorgSettings {
     /// job fails. Default 24 hours.
     #[serde(default = "default_command_timeout")]
     pub command_timeout: Span,
+    /// A failed or skipped job is started again by itself this many times
+    /// (0: never). A run that makes an archive, Cancel, or a Start by hand
+    /// ends the series. Default 3.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// The pause before each of those retries. Default 10 minutes (seed
+    /// 000's `RestartSec=10m`).
+    #[serde(default = "default_retry_delay")]
+    pub retry_delay: Span,
+}
+
+fn default_retries() -> u32 {
+    3
+}
+fn default_retry_delay() -> Span {
+    Span::secs(600)
 }
 
 fn default_program() -> String {
@@ -85,6 +101,8 @@ impl Default for BorgSettings {
             cancel_timeout: default_cancel_timeout(),
             hook_timeout: default_hook_timeout(),
             command_timeout: default_command_timeout(),
+            retries: default_retries(),
+            retry_delay: default_retry_delay(),
         }
     }
 }

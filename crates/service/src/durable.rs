@@ -48,6 +48,46 @@ pub fn sync_directory(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Reads the state file at `path` and parses it with `parse`. A missing
+/// file is `None` (a fresh start); one that cannot be read is logged and
+/// `None`; one that does not parse is moved aside as `<path>.bad-<unix
+/// time>` (kept for a person, never deleted), logged, and `None`. `what`
+/// names the file's content in the log ("past backup results").
+pub fn load_or_move_aside<T>(
+    path: &Path,
+    what: &str,
+    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Option<T> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read {}: {e}; starting without {what}",
+                path.display()
+            );
+            return None;
+        }
+    };
+    match parse(&bytes) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".bad-{}", crate::unix_now()));
+            let moved = fs::rename(path, &aside);
+            tracing::warn!(
+                "{} does not parse ({e}); {} and starting without {what}",
+                path.display(),
+                match moved {
+                    Ok(()) => format!("moved it to {}", Path::new(&aside).display()),
+                    Err(e) => format!("could not move it aside ({e})"),
+                }
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,8 @@
 //! (ferry never quietly backs up something else than borgmatic would); an
 //! option that only shapes borgmatic's own output is a warning. The
 //! passphrase written in the file is kept as a [`Secret`] and reaches borg
-//! only through its passphrase pipe.
+//! only through its passphrase pipe. `~` means the home of the file's owner
+//! ([`Tilde`]), never ferry-borg's own HOME.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +22,7 @@ use crate::plan::{
     is_local, prune_glob, CheckPlan, CreateOptions, Due, HookPlan, Passphrase, Plan, Secret,
     DEFAULT_ARCHIVE_NAME_FORMAT,
 };
+use crate::tilde::Tilde;
 
 /// The sections of the old form; their keys are read as if at the top level.
 const SECTIONS: [&str; 6] = [
@@ -48,6 +50,7 @@ pub fn load(config: &Config, name: &Name, profile: &Profile) -> Result<Plan, Str
         &text,
         profile.borgmatic_repository.as_deref(),
         &config.borg.lock_wait.duration(),
+        &Tilde::of_owner(path.as_ref()),
     )
     .map_err(|e| format!("{}: {e}", path.display()))?;
     if let Some(wait) = profile.lock_wait {
@@ -107,11 +110,13 @@ impl Entry<'_> {
 }
 
 /// Parses borgmatic YAML. `choice` picks one of several repositories by
-/// label or path; `lock_wait` is the default when the file sets none.
+/// label or path; `lock_wait` is the default when the file sets none;
+/// `tilde` expands `~`.
 pub fn parse(
     text: &str,
     choice: Option<&str>,
     lock_wait: &std::time::Duration,
+    tilde: &Tilde,
 ) -> Result<Plan, String> {
     let root: Value = serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let Value::Mapping(top) = root else {
@@ -183,7 +188,7 @@ pub fn parse(
             problems.join("; ")
         ));
     }
-    reader.into_plan(choice, *lock_wait, warnings)
+    reader.into_plan(choice, *lock_wait, warnings, tilde)
 }
 
 /// The line (from 1) where `option` is first set in `text`: a line that
@@ -307,6 +312,7 @@ impl Reader {
         choice: Option<&str>,
         default_lock_wait: std::time::Duration,
         mut warnings: Vec<String>,
+        tilde: &Tilde,
     ) -> Result<Plan, String> {
         if self.sources.is_empty() {
             return Err("`source_directories` lists nothing to back up".into());
@@ -320,7 +326,7 @@ impl Reader {
                         "source `{s}` is a glob; ferry-borg does not expand globs: list the directories"
                     ));
                 }
-                let path = expand_tilde(s);
+                let path = tilde.expand(s)?;
                 if !path.starts_with('/') {
                     return Err(format!("source `{s}` is relative: write it from / or ~"));
                 }
@@ -348,7 +354,7 @@ impl Reader {
                 ))
             }
         };
-        let repository = expand_tilde(&repository);
+        let repository = tilde.expand(&repository)?;
         if is_local(&repository) && !repository.starts_with('/') {
             return Err(format!(
                 "repository `{repository}` is relative: write it from / or ~"
@@ -519,24 +525,16 @@ fn checks(entry: &Entry) -> Result<Vec<(String, Due)>, String> {
         .collect()
 }
 
-/// `~` and `~/x` with the service's HOME, as borgmatic expands them.
-fn expand_tilde(path: &str) -> String {
-    let home = || std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    if path == "~" {
-        home()
-    } else if let Some(rest) = path.strip_prefix("~/") {
-        format!("{}/{rest}", home().trim_end_matches('/'))
-    } else {
-        path.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(60);
+
+    fn home() -> Tilde {
+        Tilde::home("/home/david")
+    }
 
     /// Seed 000's file as it was written (an ssh repository, `~` sources).
     const SEED: &str = r#"
@@ -569,14 +567,20 @@ hooks:
 
     #[test]
     fn seed_000_reads_completely() {
-        let plan = parse(SEED, None, &WAIT).expect("seed 000 parses");
+        let plan = parse(SEED, None, &WAIT, &home()).expect("seed 000 parses");
         assert_eq!(plan.repository, "david@myserver:backup_dir");
         assert!(!plan.is_local());
         assert_eq!(plan.sources.len(), 4);
-        assert!(plan
-            .sources
-            .iter()
-            .all(|s| s.starts_with('/') && !s.contains('~')));
+        assert_eq!(
+            plan.sources,
+            [
+                "/home/david/.gnupg",
+                "/home/david/.config/systemd/user",
+                "/home/david/Private/borg",
+                "/home/david/Private/other-important-files"
+            ],
+            "`~` is the file owner's home"
+        );
         assert_eq!(
             plan.passphrase,
             Passphrase::Inline(Secret::new("my-secure-passphrase".into()))
@@ -633,7 +637,7 @@ checks:
 check_last: 3
 verbosity: 1
 "#;
-        let plan = parse(text, Some("local"), &WAIT).expect("flat form");
+        let plan = parse(text, Some("local"), &WAIT, &home()).expect("flat form");
         assert_eq!(plan.repository, "/srv/borg/local");
         assert_eq!(
             plan.passphrase,
@@ -657,21 +661,21 @@ verbosity: 1
         assert_eq!(plan.warnings.len(), 1);
         assert!(plan.warnings[0].contains("`verbosity`"));
 
-        let by_path = parse(text, Some("ssh://user@host/./repo"), &WAIT).expect("by path");
+        let by_path = parse(text, Some("ssh://user@host/./repo"), &WAIT, &home()).expect("by path");
         assert_eq!(by_path.repository, "ssh://user@host/./repo");
-        let err = parse(text, None, &WAIT).unwrap_err();
+        let err = parse(text, None, &WAIT, &home()).unwrap_err();
         assert!(
             err.contains("2 repositories") && err.contains("borgmatic-repository"),
             "{err}"
         );
-        let err = parse(text, Some("elsewhere"), &WAIT).unwrap_err();
+        let err = parse(text, Some("elsewhere"), &WAIT, &home()).unwrap_err();
         assert!(err.contains("local: /srv/borg/local"), "{err}");
     }
 
     #[test]
     fn unsupported_options_are_named_never_dropped() {
         let text = "location:\n  source_directories: [/home]\n  repositories: [/srv/r]\n  remote_path: borg1\nstorage:\n  umask: 0077\npostgresql_databases:\n  - name: all\n";
-        let err = parse(text, None, &WAIT).unwrap_err();
+        let err = parse(text, None, &WAIT, &home()).unwrap_err();
         for key in [
             "`location.remote_path`",
             "`storage.umask`",
@@ -683,6 +687,7 @@ verbosity: 1
             "source_directories: [/home]\nrepositories: [/r]\nchecks: [{name: extract}]\n",
             None,
             &WAIT,
+            &home(),
         )
         .unwrap_err();
         assert!(err.contains("check `extract`"), "{err}");
@@ -690,6 +695,7 @@ verbosity: 1
             "source_directories: [/h/*]\nrepositories: [/r]\n",
             None,
             &WAIT,
+            &home(),
         )
         .unwrap_err();
         assert!(err.contains("glob"), "{err}");
@@ -697,6 +703,7 @@ verbosity: 1
             "source_directories: [/h]\nrepositories: [/r]\nencryption_passphrase: ${PASS}\n",
             None,
             &WAIT,
+            &home(),
         )
         .unwrap_err();
         assert!(
@@ -707,14 +714,16 @@ verbosity: 1
             "location:\n  source_directories: [/a]\nsource_directories: [/b]\n",
             None,
             &WAIT,
+            &home(),
         )
         .unwrap_err();
         assert!(err.contains("both set"), "{err}");
-        assert!(parse("- a\n", None, &WAIT).is_err());
+        assert!(parse("- a\n", None, &WAIT, &home()).is_err());
         assert!(parse(
             "source_directories: [/h]\nrepositories: [/r]\nkeep_daily: many\n",
             None,
-            &WAIT
+            &WAIT,
+            &home()
         )
         .unwrap_err()
         .contains("`keep_daily` must be a whole number"));

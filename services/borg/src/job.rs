@@ -3,7 +3,12 @@
 //! file if the profile has one), waits its turn on the repository, holds a
 //! logind inhibitor, runs the before hooks, borg create → prune → compact →
 //! check as the plan says, the after (or on-error) hooks, and returns how it
-//! ended. Progress and stage changes go to the loop as events; the loop owns
+//! ended. Before borg create it checks that every source exists (stage
+//! `sources`, as borgmatic refuses to run): borg itself would only warn,
+//! make an archive without them and exit 1. borg's warning exit (1) is kept
+//! apart from success: the job ends [`End::Finished`] with borg's warning
+//! lines, which the loop reports as "finished with warnings". Progress and
+//! stage changes go to the loop as events; the loop owns
 //! the properties and the signals.
 
 use std::collections::{BTreeMap, HashMap};
@@ -53,10 +58,13 @@ pub enum End {
         stats: String,
         /// The check kinds that ran.
         checks: Vec<&'static str>,
+        /// borg's warnings when a command exited 1 (warning), each with its
+        /// stage; empty when every command exited 0.
+        warnings: Vec<String>,
     },
     /// A stage failed, or the job was cancelled (stage "cancelled").
     Failed {
-        /// hook, config, create, prune, compact, check or cancelled.
+        /// hook, config, sources, create, prune, compact, check or cancelled.
         stage: String,
         /// What went wrong, in borg's or the hook's words.
         message: String,
@@ -102,6 +110,8 @@ pub struct Job {
     pub checks_last: BTreeMap<String, u64>,
     /// BORG_HOST_ID.
     pub host_id: String,
+    /// borg's warnings so far (commands that exited 1).
+    pub warnings: Vec<String>,
 }
 
 /// A failure on the way: the stage and the message.
@@ -207,6 +217,9 @@ impl Job {
     async fn stages(&mut self, plan: &Plan) -> Result<End, Stopped> {
         self.hooks(plan, "before", &plan.hooks.before, None).await?;
 
+        self.stage("sources").await;
+        missing_sources(&plan.sources).await?;
+
         self.stage("create").await;
         let mut args: Vec<String> = vec![
             "create".into(),
@@ -269,6 +282,7 @@ impl Job {
             archive,
             stats,
             checks,
+            warnings: std::mem::take(&mut self.warnings),
         })
     }
 
@@ -487,10 +501,22 @@ impl Job {
             tracing::warn!("borg {stage}: {warning}");
         }
         match ended.status.code() {
-            // 1: warnings only (a file vanished, a permission): the archive is good.
-            Some(0) | Some(1) => Attempt::Done(BorgOutput {
+            Some(0) => Attempt::Done(BorgOutput {
                 stdout: ended.stdout,
             }),
+            // 1: warnings (a file vanished, a permission): the archive is
+            // made but may lack files; the job says so, never plain success.
+            Some(1) => {
+                if log.warnings.is_empty() {
+                    self.warnings
+                        .push(format!("borg {stage} exited with its warning status (1)"));
+                }
+                self.warnings
+                    .extend(log.warnings.iter().map(|w| format!("{stage}: {w}")));
+                Attempt::Done(BorgOutput {
+                    stdout: ended.stdout,
+                })
+            }
             _ if log.busy => Attempt::Busy(log.message(ended.status)),
             _ => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
         }
@@ -605,6 +631,33 @@ enum Attempt {
     Done(BorgOutput),
     Busy(String),
     Failed(Fail),
+}
+
+/// Fails at stage `sources` when a source does not exist (each one missing
+/// is named). Looked up off the runtime, without following a last symlink
+/// to decide (borg archives a symlink as such).
+async fn missing_sources(sources: &[String]) -> Result<(), Fail> {
+    let mut missing = Vec::new();
+    for source in sources {
+        match tokio::fs::symlink_metadata(source).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(source.clone()),
+            Err(e) => missing.push(format!("{source} ({e})")),
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Fail::new(
+        "sources",
+        format!(
+            "source director{} {} do{} not exist; borg was not run (create {}, fix the path in the profile, or remove it)",
+            if missing.len() == 1 { "y" } else { "ies" },
+            missing.join(", "),
+            if missing.len() == 1 { "es" } else { "" },
+            if missing.len() == 1 { "it" } else { "them" },
+        ),
+    ))
 }
 
 fn lock_wait(plan: &Plan) -> String {

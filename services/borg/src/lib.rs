@@ -9,6 +9,12 @@
 //! ferry.toml or from a borgmatic file ([`borgmatic`]); both become one
 //! [`plan::Plan`]. Borg and hooks run under [`process`] supervision;
 //! preconditions, the host id and logind's inhibitor are in [`system`].
+//!
+//! A failed or skipped job is started again after `[borg] retry-delay`, at
+//! most `retries` times (seed 000's `Restart=on-failure`, `RestartSec=10m`),
+//! by a timer in the loop (no polling); Schedule shows the next attempt and
+//! why. `ferry-borg start --wait PROFILE` is a small client ([`wait`]) for
+//! the timer's unit: it starts a job and exits with its outcome.
 
 pub mod borgmatic;
 pub mod compat;
@@ -17,6 +23,8 @@ pub mod plan;
 pub mod process;
 pub mod state;
 pub mod system;
+pub mod tilde;
+pub mod wait;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -25,11 +33,11 @@ use std::time::{Duration, Instant};
 
 use ferry_config::{Config, Name};
 use ferry_interfaces::{
-    borg, BackupJob, BackupResult, Error as FerryError, Failure, ScheduleEntry,
+    borg, BackupJob, BackupOutcome, BackupResult, Error as FerryError, Failure, ScheduleEntry,
 };
 use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
 use job::{End, Event, Job, RepositoryLocks};
-use state::{RunningJob, Stored};
+use state::{PlannedRetry, RunningJob, Stored};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
@@ -168,12 +176,15 @@ impl BorgInterface {
     /// When each profile is next due, and what blocks it now.
     #[zbus(property)]
     async fn schedule(&self) -> Vec<ScheduleEntry> {
-        let last_success: BTreeMap<String, Option<u64>> = self.shared(|s| {
-            s.stored
-                .profiles
-                .iter()
-                .map(|(name, r)| (name.clone(), r.last_success))
-                .collect()
+        let (last_success, retries): (BTreeMap<String, Option<u64>>, _) = self.shared(|s| {
+            (
+                s.stored
+                    .profiles
+                    .iter()
+                    .map(|(name, r)| (name.clone(), r.last_success))
+                    .collect(),
+                s.stored.retries.clone(),
+            )
         });
         self.config
             .profiles
@@ -191,6 +202,16 @@ impl BorgInterface {
                     profile: name.to_string(),
                     due,
                     blocked: system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power)
+                        .unwrap_or_default(),
+                    last_success: last_success
+                        .get(name.as_str())
+                        .copied()
+                        .flatten()
+                        .unwrap_or(0),
+                    retry: retries.get(name.as_str()).map_or(0, |r| r.at),
+                    retry_reason: retries
+                        .get(name.as_str())
+                        .map(|r| r.reason.clone())
                         .unwrap_or_default(),
                 }
             })
@@ -245,6 +266,16 @@ impl BorgInterface {
         message: &str,
     ) -> zbus::Result<()>;
 
+    /// An archive was made but borg warned.
+    #[zbus(signal)]
+    async fn backup_finished_with_warnings(
+        emitter: &SignalEmitter<'_>,
+        job: &str,
+        profile: &str,
+        archive: &str,
+        warnings: &str,
+    ) -> zbus::Result<()>;
+
     /// Not run, and not a failure.
     #[zbus(signal)]
     async fn backup_skipped(
@@ -260,6 +291,8 @@ struct Running {
     profile: Name,
     cancel: watch::Sender<bool>,
     started: Instant,
+    /// 1 for a run started by Start, n for the (n-1)th retry.
+    attempt: u32,
 }
 
 /// The service loop's own state.
@@ -285,7 +318,7 @@ impl Service {
         }
     }
 
-    fn start(&mut self, profile: Name) -> String {
+    fn start(&mut self, profile: Name, attempt: u32) -> String {
         if let Some((id, _)) = self.running.iter().find(|(_, r)| r.profile == profile) {
             return id.clone();
         }
@@ -299,8 +332,11 @@ impl Service {
                 RunningJob {
                     profile: profile.to_string(),
                     started: unix_now(),
+                    attempt,
                 },
             );
+            // This run is the retry (or a person's Start, a new series).
+            s.stored.retries.remove(profile.as_str());
             let checks = s
                 .stored
                 .profiles
@@ -321,6 +357,7 @@ impl Service {
             locks: self.locks.clone(),
             checks_last,
             host_id: self.host_id.clone(),
+            warnings: Vec::new(),
         };
         let handle = self.tasks.spawn(job.run());
         self.task_jobs.insert(handle.id(), id.clone());
@@ -330,6 +367,7 @@ impl Service {
                 profile: profile.clone(),
                 cancel,
                 started: Instant::now(),
+                attempt,
             },
         );
         self.with_shared(|s| {
@@ -341,7 +379,11 @@ impl Service {
                 files: 0,
             })
         });
-        tracing::info!("job {id}: profile {profile} started");
+        if attempt > 1 {
+            tracing::info!("job {id}: profile {profile} started (attempt {attempt})");
+        } else {
+            tracing::info!("job {id}: profile {profile} started");
+        }
         id
     }
 
@@ -392,11 +434,24 @@ impl Service {
         }
     }
 
+    async fn announce_schedule(&self) {
+        let emitter = self.object.signal_emitter();
+        let interface = self.object.get().await;
+        if let Err(e) = interface.schedule_changed(emitter).await {
+            tracing::warn!("cannot emit PropertiesChanged: {e}");
+        }
+    }
+
     async fn announce_start(&self, job: &str, profile: &str) {
         let emitter = self.object.signal_emitter();
         let interface = self.object.get().await;
-        if let Err(e) = interface.jobs_changed(emitter).await {
-            tracing::warn!("cannot emit PropertiesChanged: {e}");
+        for sent in [
+            interface.jobs_changed(emitter).await,
+            interface.schedule_changed(emitter).await,
+        ] {
+            if let Err(e) = sent {
+                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            }
         }
         if let Err(e) = BorgInterface::backup_started(emitter, job, profile).await {
             tracing::warn!("cannot emit BackupStarted: {e}");
@@ -411,6 +466,12 @@ impl Service {
         let profile = running.profile.to_string();
         let seconds = running.started.elapsed().as_secs_f64();
         match &end {
+            End::Finished {
+                archive, warnings, ..
+            } if !warnings.is_empty() => tracing::warn!(
+                "job {job}: profile {profile} finished with warnings in {seconds:.1}s: {archive}: {}",
+                warnings.join("; ")
+            ),
             End::Finished { archive, .. } => {
                 tracing::info!("job {job}: profile {profile} finished in {seconds:.1}s: {archive}")
             }
@@ -421,12 +482,18 @@ impl Service {
                 tracing::info!("job {job}: profile {profile} skipped: {reason}")
             }
         }
+        let retry = self.retry_policy();
+        let attempt = running.attempt;
         let stored = self.with_shared(|s| {
             s.jobs.retain(|j| j.job != job);
             s.stored.running.remove(&job);
             record_end(&mut s.stored, &profile, &end, seconds);
+            plan_retry(&mut s.stored, &profile, &end, attempt, retry);
             s.stored.clone()
         });
+        if let Some(planned) = stored.retries.get(&profile) {
+            tracing::info!("profile {profile}: retry planned: {}", planned.reason);
+        }
         save(&stored, &self.state_path);
         self.announce_end(&job, &profile, &end).await;
     }
@@ -446,6 +513,18 @@ impl Service {
             }
         }
         let sent = match end {
+            End::Finished {
+                archive, warnings, ..
+            } if !warnings.is_empty() => {
+                BorgInterface::backup_finished_with_warnings(
+                    emitter,
+                    job,
+                    profile,
+                    archive,
+                    &warnings.join("; "),
+                )
+                .await
+            }
             End::Finished { archive, .. } => {
                 BorgInterface::backup_finished(emitter, job, profile, archive).await
             }
@@ -482,6 +561,95 @@ impl Service {
     }
 }
 
+impl Service {
+    /// (retries, delay) from the configuration.
+    fn retry_policy(&self) -> (u32, Duration) {
+        (
+            self.config.borg.retries,
+            self.config.borg.retry_delay.duration(),
+        )
+    }
+
+    /// When the next planned retry is due, as a timer instant.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        let at = self.with_shared(|s| s.stored.retries.values().map(|r| r.at).min())?;
+        let wait = at.saturating_sub(unix_now());
+        Some(tokio::time::Instant::now() + Duration::from_secs(wait))
+    }
+
+    /// Starts every retry that is due; returns (job, profile) of each.
+    fn start_due_retries(&mut self) -> Vec<(String, String)> {
+        let now = unix_now();
+        let due: Vec<(String, u32)> = self.with_shared(|s| {
+            let due: Vec<(String, u32)> = s
+                .stored
+                .retries
+                .iter()
+                .filter(|(_, r)| r.at <= now)
+                .map(|(p, r)| (p.clone(), r.attempt))
+                .collect();
+            for (profile, _) in &due {
+                s.stored.retries.remove(profile);
+            }
+            due
+        });
+        let mut started = Vec::new();
+        for (profile, attempt) in due {
+            let Some(name) = Name::new(&profile)
+                .ok()
+                .filter(|n| self.config.profiles.contains_key(n))
+            else {
+                tracing::warn!("a retry of `{profile}` is due, but it is no longer configured");
+                continue;
+            };
+            if self.running.values().any(|r| r.profile == name) {
+                tracing::info!("profile {profile}: a retry is due but it runs already");
+                continue;
+            }
+            tracing::info!("profile {profile}: retrying (attempt {attempt})");
+            let id = self.start(name, attempt);
+            started.push((id, profile));
+        }
+        let stored = self.with_shared(|s| s.stored.clone());
+        save(&stored, &self.state_path);
+        started
+    }
+}
+
+/// Plans the next attempt of `profile` after a run (attempt `attempt`)
+/// that ended as `end`: after a failure (not a cancel) or a skip, while
+/// attempts remain. A run that made an archive ends the series.
+fn plan_retry(
+    stored: &mut Stored,
+    profile: &str,
+    end: &End,
+    attempt: u32,
+    (retries, delay): (u32, Duration),
+) {
+    stored.retries.remove(profile);
+    let why = match end {
+        End::Failed { stage, .. } if stage == "cancelled" => return,
+        End::Failed { stage, message } => format!("failed: {stage}: {message}"),
+        End::Skipped { reason } => format!("skipped: {reason}"),
+        End::Finished { .. } => return,
+    };
+    let total = retries.saturating_add(1);
+    if attempt >= total {
+        tracing::warn!("profile {profile}: attempt {attempt} of {total} {why}; no retry left");
+        return;
+    }
+    let next = attempt + 1;
+    let at = unix_now().saturating_add(delay.as_secs());
+    stored.retries.insert(
+        profile.to_string(),
+        PlannedRetry {
+            at,
+            attempt: next,
+            reason: format!("attempt {next} of {total} after attempt {attempt} {why}"),
+        },
+    );
+}
+
 /// Writes the state; a failure is logged, and the service goes on.
 fn save(stored: &Stored, path: &std::path::Path) {
     if let Err(e) = stored.save(path) {
@@ -496,14 +664,25 @@ fn save(stored: &Stored, path: &std::path::Path) {
 fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
     let now = unix_now();
     let (outcome, archive, message) = match end {
-        End::Finished { archive, .. } => ("finished", archive.clone(), String::new()),
-        End::Failed { stage, message } => ("failed", String::new(), format!("{stage}: {message}")),
-        End::Skipped { reason } => ("skipped", String::new(), reason.clone()),
+        End::Finished {
+            archive, warnings, ..
+        } if !warnings.is_empty() => (
+            BackupOutcome::FinishedWithWarnings,
+            archive.clone(),
+            warnings.join("; "),
+        ),
+        End::Finished { archive, .. } => (BackupOutcome::Finished, archive.clone(), String::new()),
+        End::Failed { stage, message } => (
+            BackupOutcome::Failed,
+            String::new(),
+            format!("{stage}: {message}"),
+        ),
+        End::Skipped { reason } => (BackupOutcome::Skipped, String::new(), reason.clone()),
     };
     let record = stored.profile(profile);
     record.last_result = Some(BackupResult {
         profile: profile.to_string(),
-        outcome: outcome.into(),
+        outcome: outcome.as_str().into(),
         time: now,
         archive,
         seconds,
@@ -532,7 +711,7 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
 /// The jobs the state says were running: ferry-borg died during them (it
 /// records every end, even on shutdown). Each is recorded as failed at
 /// stage "interrupted" and returned as (job, profile, end) to announce.
-fn interrupted(stored: &mut Stored) -> Vec<(String, String, End)> {
+fn interrupted(stored: &mut Stored, retry: (u32, Duration)) -> Vec<(String, String, End)> {
     let now = unix_now();
     std::mem::take(&mut stored.running)
         .into_iter()
@@ -550,6 +729,7 @@ fn interrupted(stored: &mut Stored) -> Vec<(String, String, End)> {
             };
             let seconds = now.saturating_sub(running.started) as f64;
             record_end(stored, &running.profile, &end, seconds);
+            plan_retry(stored, &running.profile, &end, running.attempt, retry);
             (job, running.profile, end)
         })
         .collect()
@@ -590,7 +770,10 @@ pub async fn run(
 ) -> Result<(), ServiceError> {
     let state_path = config.state_directory.join(state::FILE_NAME);
     let mut stored = Stored::load(&state_path);
-    let cut_short = interrupted(&mut stored);
+    let cut_short = interrupted(
+        &mut stored,
+        (config.borg.retries, config.borg.retry_delay.duration()),
+    );
     if !cut_short.is_empty() {
         save(&stored, &state_path);
     }
@@ -635,12 +818,19 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     loop {
+        let next_retry = service.next_retry();
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = sleep_until(next_retry), if next_retry.is_some() => {
+                for (id, profile) in service.start_due_retries() {
+                    service.announce_start(&id, &profile).await;
+                }
+                service.announce_schedule().await;
+            }
             Some(command) = requests.recv() => match command {
                 Command::Start(profile, reply) => {
                     let already = service.running.values().any(|r| r.profile == profile);
-                    let id = service.start(profile.clone());
+                    let id = service.start(profile.clone(), 1);
                     let _ = reply.send(id.clone());
                     if !already {
                         service.announce_start(&id, profile.as_str()).await;
@@ -683,4 +873,11 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
 }

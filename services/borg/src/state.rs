@@ -2,12 +2,13 @@
 //! the last failure, the last success with borg's statistics, and when each
 //! check last ran (checks run by frequency), plus the jobs running now and
 //! the last job number, so a job cut short by ferry-borg's own death is
-//! reported on the next start and job ids never repeat. Kept as JSON in
+//! reported on the next start and job ids never repeat, and the retries
+//! planned after a failed or skipped run (so a restart keeps them). Kept as JSON in
 //! `<state-directory>/borg.json`, replaced atomically when a job starts and
 //! when it ends.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferry_interfaces::{BackupResult, Failure};
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,24 @@ pub struct RunningJob {
     pub profile: String,
     /// Unix time it started.
     pub started: u64,
+    /// Which attempt of its series it is (1: not a retry).
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// A retry ferry-borg will start by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedRetry {
+    /// Unix time it is due.
+    pub at: u64,
+    /// The attempt it will be (2 is the first retry).
+    pub attempt: u32,
+    /// Why, for Schedule.
+    pub reason: String,
 }
 
 /// The whole file.
@@ -52,44 +71,19 @@ pub struct Stored {
     /// The number of the last job started; ids go on from it after a restart.
     #[serde(default)]
     pub last_job: u64,
+    /// Retries planned, by profile.
+    #[serde(default)]
+    pub retries: BTreeMap<String, PlannedRetry>,
 }
 
 impl Stored {
     /// Reads the state at `path`. A missing file is a fresh start; a
     /// damaged one is moved aside (kept for a person to look at) and logged.
     pub fn load(path: &Path) -> Stored {
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Stored::default(),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read {}: {e}; starting without past results",
-                    path.display()
-                );
-                return Stored::default();
-            }
-        };
-        match serde_json::from_slice(&bytes) {
-            Ok(stored) => stored,
-            Err(e) => {
-                let aside = PathBuf::from(format!(
-                    "{}.damaged-{}",
-                    path.display(),
-                    ferry_service::unix_now()
-                ));
-                let moved = std::fs::rename(path, &aside).is_ok();
-                tracing::warn!(
-                    "{} is damaged ({e}); {} and starting without past results",
-                    path.display(),
-                    if moved {
-                        format!("kept it as {}", aside.display())
-                    } else {
-                        "left it in place".to_string()
-                    }
-                );
-                Stored::default()
-            }
-        }
+        ferry_service::durable::load_or_move_aside(path, "past results", |bytes| {
+            serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        })
+        .unwrap_or_default()
     }
 
     /// Writes the state durably and atomically (creating the directory).
@@ -136,7 +130,7 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         assert!(
-            names.iter().any(|n| n.starts_with("borg.json.damaged-")),
+            names.iter().any(|n| n.starts_with("borg.json.bad-")),
             "{names:?}"
         );
     }

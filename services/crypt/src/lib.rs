@@ -19,6 +19,7 @@
 pub mod command;
 pub mod devices;
 pub mod enroll;
+pub mod failures;
 pub mod identity;
 pub mod mounts;
 pub mod ops;
@@ -351,7 +352,7 @@ impl ClosedMarkers {
 struct Service {
     closed: ClosedMarkers,
     entries: BTreeMap<Name, Entry>,
-    failures: BTreeMap<Name, Failure>,
+    failures: failures::FailureLog,
     view: Arc<Mutex<View>>,
     object: InterfaceRef<CryptInterface>,
     done: mpsc::Sender<Done>,
@@ -375,7 +376,7 @@ impl Service {
                 },
             })
             .collect();
-        let failures: Vec<Failure> = self.failures.values().cloned().collect();
+        let failures: Vec<Failure> = self.failures.all();
         let (drives_changed, failures_changed) = match self.view.lock() {
             Ok(mut view) => {
                 let changed = (view.drives != drives, view.failures != failures);
@@ -460,15 +461,14 @@ impl Service {
             entry.state = State::Failed;
             entry.message = failed.message.clone();
         }
-        self.failures.insert(
-            drive.clone(),
-            Failure {
+        self.failures
+            .record(Failure {
                 subject: drive.to_string(),
                 time: unix_now(),
                 stage: failed.stage.to_string(),
                 message: failed.message.clone(),
-            },
-        );
+            })
+            .await;
         self.publish().await;
         let emitter = self.object.signal_emitter();
         if let Err(e) =
@@ -739,7 +739,7 @@ pub async fn run(
     let mut service = Service {
         closed: ClosedMarkers::load(&config),
         entries: BTreeMap::new(),
-        failures: BTreeMap::new(),
+        failures: failures::FailureLog::load(&config.state_directory),
         view,
         object,
         done,

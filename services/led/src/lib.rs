@@ -4,7 +4,10 @@
 //! interface, never by sender, so any program speaking the contract works),
 //! keeps one state ([`state`]) and shows its colour through a backend
 //! ([`output`]). On start it asks the peers' properties what is going on
-//! instead of waiting for signals it missed. A BlinkStick that is missing or
+//! instead of waiting for signals it missed: what is attached and running,
+//! and the failures they persisted ([`state::PeerFacts`]). The time of the
+//! last Acknowledge is kept in `<state-directory>/led/acknowledged`, so an
+//! acknowledged failure does not come back after a restart. A BlinkStick that is missing or
 //! unplugged is logged and written again when udev says a hidraw device
 //! appeared: no polling.
 
@@ -12,7 +15,8 @@ pub mod blinkstick;
 pub mod output;
 pub mod state;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +26,7 @@ use ferry_service::caller::authorize;
 use ferry_service::{claim_name, subscribe, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use output::Output;
-use state::{Event, Indicator, LedState};
+use state::{DrivePolicy, Event, Indicator, LedState, PeerFacts};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -143,6 +147,8 @@ struct Lamp {
     /// Remaining Test colours and when the next one is due.
     test: VecDeque<(Color, &'static str)>,
     test_due: Option<Instant>,
+    /// Where the time of the last Acknowledge is kept.
+    acknowledged: PathBuf,
 }
 
 impl Lamp {
@@ -278,6 +284,7 @@ pub async fn run(
         Output::BlinkStick(_) => hidraw_monitor(),
         _ => None,
     };
+    let acknowledged = config.state_directory.join("led").join("acknowledged");
     let mut lamp = Lamp {
         indicator: Indicator::default(),
         colors: config.led.colors.clone(),
@@ -287,9 +294,16 @@ pub async fn run(
         shown: None,
         test: VecDeque::new(),
         test_due: None,
+        acknowledged: acknowledged.clone(),
     };
-    for event in events_from_peers(&connection).await {
-        lamp.indicator.apply(event);
+    let policies = drive_policies(&config);
+    let facts = peer_facts(&connection, read_acknowledged(&acknowledged)).await;
+    lamp.indicator = Indicator::from_peers(policies, &facts);
+    if lamp.indicator.state() == LedState::Failed {
+        tracing::info!(
+            "failures the peers still report: {}",
+            lamp.indicator.reason()
+        );
     }
     lamp.refresh().await;
     claim_name(&connection, led::BUS_NAME, led::OBJECT_PATH).await?;
@@ -308,7 +322,8 @@ pub async fn run(
                     // A peer (re)started: what it was doing before is gone or
                     // in its properties now; ask instead of guessing.
                     tracing::info!("{peer} has a new owner; reading the peers' state again");
-                    lamp.indicator = lamp.indicator.rebuilt(events_from_peers(&connection).await);
+                    let facts = peer_facts(&connection, 0).await;
+                    lamp.indicator = lamp.indicator.rebuilt(&facts);
                     lamp.refresh().await;
                 }
             }
@@ -324,6 +339,7 @@ pub async fn run(
             }
             Some(command) = requests.recv() => match command {
                 Command::Acknowledge => {
+                    write_acknowledged(&lamp.acknowledged, ferry_service::unix_now()).await;
                     lamp.indicator.apply(Event::Acknowledge);
                     lamp.refresh().await;
                 }
@@ -415,6 +431,11 @@ fn event_of(message: &zbus::Message) -> Option<Event> {
     if let Some(s) = crypt::DriveOpened::from_message(m.clone()) {
         return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
     }
+    // A drive held open for a person is in use, not safe to remove, until
+    // its DriveClosed.
+    if let Some(s) = crypt::DriveHeld::from_message(m.clone()) {
+        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
+    }
     if let Some(s) = crypt::DriveClosed::from_message(m.clone()) {
         return s
             .args()
@@ -429,6 +450,12 @@ fn event_of(message: &zbus::Message) -> Option<Event> {
     if let Some(s) = sync::SyncStarted::from_message(m.clone()) {
         return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
     }
+    if let Some(s) = sync::SyncFinished::from_message(m.clone()) {
+        return s
+            .args()
+            .ok()
+            .map(|a| Event::SyncFinished(a.drive.to_string()));
+    }
     if let Some(s) = sync::SyncFailed::from_message(m.clone()) {
         return s.args().ok().map(|a| {
             Event::SyncFailed(
@@ -438,30 +465,35 @@ fn event_of(message: &zbus::Message) -> Option<Event> {
         });
     }
     if let Some(s) = borg::BackupStarted::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::BackupStarted(a.job.to_string()));
+        return s.args().ok().map(|a| Event::BackupStarted {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+        });
     }
     if let Some(s) = borg::BackupFinished::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::BackupFinished(a.job.to_string()));
+        return s.args().ok().map(|a| Event::BackupFinished {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+        });
+    }
+    if let Some(s) = borg::BackupFinishedWithWarnings::from_message(m.clone()) {
+        return s.args().ok().map(|a| Event::BackupWarned {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+            reason: format!("finished with warnings: {}", a.warnings),
+        });
     }
     if let Some(s) = borg::BackupFailed::from_message(m.clone()) {
-        return s.args().ok().map(|a| {
-            Event::BackupFailed(
-                a.job.to_string(),
-                format!("{} {}: {}", a.profile, a.stage, a.message),
-            )
+        return s.args().ok().map(|a| Event::BackupFailed {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+            reason: format!("{}: {}", a.stage, a.message),
         });
     }
     if let Some(s) = borg::BackupSkipped::from_message(m) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::BackupSkipped(a.job.to_string()));
+        return s.args().ok().map(|a| Event::BackupSkipped {
+            job: a.job.to_string(),
+        });
     }
     None
 }
@@ -487,41 +519,90 @@ fn peer_that_started(message: &zbus::Message) -> Option<String> {
     (!new.is_empty() && name != led::BUS_NAME).then_some(name)
 }
 
-/// What the peers' properties say is going on, as events. A peer that is
-/// not on the bus (or does not answer in time) contributes nothing.
-async fn events_from_peers(connection: &zbus::Connection) -> Vec<Event> {
-    let mut events = Vec::new();
-    let crypt_drives = match crypt::CryptProxy::builder(connection)
+/// What the drives' configuration tells the LED.
+fn drive_policies(config: &Config) -> BTreeMap<String, DrivePolicy> {
+    config
+        .drives
+        .iter()
+        .map(|(name, drive)| {
+            (
+                name.to_string(),
+                DrivePolicy {
+                    opens_on_attach: drive.open_on_attach,
+                    powers_off: drive.power_off,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The unix time of the last Acknowledge, 0 if none is recorded.
+fn read_acknowledged(path: &Path) -> u64 {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(
+                "{} does not hold a unix time; treating every failure as unacknowledged",
+                path.display()
+            );
+            0
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}", path.display());
+            0
+        }
+    }
+}
+
+/// Records the Acknowledge at `time` durably (off the async runtime).
+async fn write_acknowledged(path: &Path, time: u64) {
+    let path = path.to_path_buf();
+    let written = tokio::task::spawn_blocking(move || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        ferry_service::durable::write_atomically(&path, format!("{time}\n").as_bytes(), 0o644)
+            .map(|()| path)
+    })
+    .await;
+    match written {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(
+            "cannot record the acknowledgement: {e}; it holds until ferry-led restarts"
+        ),
+        Err(e) => tracing::warn!("cannot record the acknowledgement: {e}"),
+    }
+}
+
+/// What the peers' properties say: what is attached and running, and the
+/// failures and successes they persisted. A peer that is not on the bus (or
+/// does not answer in time) contributes nothing.
+async fn peer_facts(connection: &zbus::Connection, acknowledged: u64) -> PeerFacts {
+    let mut facts = PeerFacts {
+        acknowledged,
+        ..PeerFacts::default()
+    };
+    if let Ok(proxy) = crypt::CryptProxy::builder(connection)
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await
     {
-        Ok(proxy) => peer(proxy.drives()).await,
-        Err(_) => None,
-    };
-    match crypt_drives {
-        Some(drives) => {
-            for d in drives {
-                match d.state.as_str() {
-                    "opening" | "open" | "closing" => events.push(Event::DriveBusy(d.name)),
-                    "closed" => events
-                        .extend([Event::DriveBusy(d.name.clone()), Event::DriveClosed(d.name)]),
-                    "failed" => events.push(Event::DriveFailed(d.name, d.message)),
-                    _ => {}
-                }
-            }
+        facts.crypt_drives = peer(proxy.drives()).await;
+        if facts.crypt_drives.is_some() {
+            facts
+                .drive_failures
+                .extend(peer(proxy.last_failures()).await.unwrap_or_default());
         }
-        None => {
-            // Without the crypt manager, an attached drive is what DriveAttached would have said.
-            if let Ok(proxy) = drive_watcher::DriveWatcherProxy::builder(connection)
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-            {
-                for d in peer(proxy.drives()).await.unwrap_or_default() {
-                    if d.attached {
-                        events.push(Event::DriveAttached(d.name));
-                    }
+    }
+    if facts.crypt_drives.is_none() {
+        if let Ok(proxy) = drive_watcher::DriveWatcherProxy::builder(connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+        {
+            for d in peer(proxy.drives()).await.unwrap_or_default() {
+                if d.attached {
+                    facts.watcher_attached.push(d.name);
                 }
             }
         }
@@ -531,8 +612,15 @@ async fn events_from_peers(connection: &zbus::Connection) -> Vec<Event> {
         .build()
         .await
     {
-        for job in peer(proxy.running()).await.unwrap_or_default() {
-            events.push(Event::DriveBusy(job.drive));
+        if let Some(running) = peer(proxy.running()).await {
+            facts.sync_running = running.into_iter().map(|j| j.drive).collect();
+            for mut failure in peer(proxy.last_failures()).await.unwrap_or_default() {
+                failure.stage = format!("sync {}", failure.stage);
+                facts.drive_failures.push(failure);
+            }
+            for record in peer(proxy.last_syncs()).await.unwrap_or_default() {
+                facts.drive_successes.insert(record.drive, record.time);
+            }
         }
     }
     if let Ok(proxy) = borg::BorgProxy::builder(connection)
@@ -540,11 +628,18 @@ async fn events_from_peers(connection: &zbus::Connection) -> Vec<Event> {
         .build()
         .await
     {
-        for job in peer(proxy.jobs()).await.unwrap_or_default() {
-            events.push(Event::BackupStarted(job.job));
+        if let Some(jobs) = peer(proxy.jobs()).await {
+            facts.backup_jobs = jobs.into_iter().map(|j| (j.job, j.profile)).collect();
+            facts.backup_results = peer(proxy.last_results()).await.unwrap_or_default();
+            facts.backup_failures = peer(proxy.last_failures()).await.unwrap_or_default();
+            for entry in peer(proxy.schedule()).await.unwrap_or_default() {
+                facts
+                    .backup_successes
+                    .insert(entry.profile, entry.last_success);
+            }
         }
     }
-    events
+    facts
 }
 
 async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {

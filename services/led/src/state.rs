@@ -1,12 +1,33 @@
-//! The one state the LED shows, derived from what the other services say.
+//! The one state the LED shows, derived from per-subject facts.
 //!
-//! Pure logic, no bus: events go in, the state comes out. The rules:
-//! failed wins over working, working over done; done holds until that drive
-//! is detached; failed holds until acknowledged or until the next flow that
-//! ends well (a drive closed after a flow without failure, or a finished
-//! backup).
+//! Pure logic, no bus: events go in, the state comes out. A person acts on
+//! the LED without reading logs, so every colour must be true:
+//!
+//! - Each failure belongs to its subject (a drive, a backup profile) and is
+//!   cleared only by a later success of that same subject (a drive's sync
+//!   finished in a flow without failure; a profile's backup finished without
+//!   warnings) or by Acknowledge — never by an unrelated event, a detach, a
+//!   close or a restart. A backup that finished with borg warnings is a fact
+//!   that needs a person too: it shows as failed, with the warnings.
+//! - A drive is *done* (green, "safe to remove") only when its flow ended
+//!   without failure and it is still attached. A drive whose configuration
+//!   powers it off after the flow goes away (the detach arrives before
+//!   DriveClosed): its flow holds until DriveClosed, then it is done with
+//!   the reason "powered off", until it is plugged in again or acknowledged
+//!   — the LED cannot see a powered-off drive being unplugged.
+//! - *Working* lasts exactly as long as a drive's flow or a backup job: a
+//!   re-announced DriveAttached for a drive already known to be attached
+//!   (the watcher restarted) starts nothing.
+//!
+//! Failed wins over working, working over done.
+//!
+//! At start the facts come from the peers' properties ([`PeerFacts`]): their
+//! persisted failures, each compared with the same subject's last success
+//! and with the last Acknowledge.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+
+use ferry_interfaces::{BackupResult, CryptDrive, Failure};
 
 /// What the LED shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,7 +38,7 @@ pub enum LedState {
     Working,
     /// A drive is safe to remove.
     Done,
-    /// Something failed.
+    /// Something failed (or finished with warnings) and nobody has seen it.
     Failed,
 }
 
@@ -33,115 +54,355 @@ impl LedState {
     }
 }
 
-/// A fact from another service's signal or properties.
+/// Whom a failure belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Subject {
+    /// An enrolled drive.
+    Drive(String),
+    /// A backup profile.
+    Profile(String),
+}
+
+/// What the configuration says about a drive, as far as the LED cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrivePolicy {
+    /// ferry-crypt opens it when it is plugged in (a flow starts).
+    pub opens_on_attach: bool,
+    /// ferry-crypt powers it off after closing it (it detaches first).
+    pub powers_off: bool,
+}
+
+impl Default for DrivePolicy {
+    fn default() -> Self {
+        DrivePolicy {
+            opens_on_attach: true,
+            powers_off: false,
+        }
+    }
+}
+
+/// A fact from another service's signal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// DriveAttached.
     DriveAttached(String),
     /// DriveDetached.
     DriveDetached(String),
-    /// DriveOpened, SyncStarted: the drive's flow is under way.
+    /// DriveOpened, DriveHeld, SyncStarted: the drive's flow is under way
+    /// (a held drive is in a person's use until DriveClosed).
     DriveBusy(String),
-    /// DriveClosed: safe to remove.
+    /// SyncFinished: the drive's success.
+    SyncFinished(String),
+    /// DriveClosed: unmounted and locked.
     DriveClosed(String),
-    /// DriveFailed: the drive's flow ended in failure (ferry-crypt has left
-    /// it closed where it could), with a reason for a person.
+    /// DriveFailed(drive, reason): the flow ended in failure.
     DriveFailed(String, String),
-    /// SyncFailed: the flow failed; ferry-crypt closes the drive next.
+    /// SyncFailed(drive, reason): the flow failed; ferry-crypt closes next.
     SyncFailed(String, String),
-    /// BackupStarted(job).
-    BackupStarted(String),
-    /// BackupFinished(job).
-    BackupFinished(String),
-    /// BackupFailed(job, reason).
-    BackupFailed(String, String),
-    /// BackupSkipped(job).
-    BackupSkipped(String),
+    /// BackupStarted.
+    BackupStarted {
+        /// The job id.
+        job: String,
+        /// Its profile.
+        profile: String,
+    },
+    /// BackupFinished: the profile's success.
+    BackupFinished {
+        /// The job id.
+        job: String,
+        /// Its profile.
+        profile: String,
+    },
+    /// BackupFinishedWithWarnings: an archive was made, borg warned.
+    BackupWarned {
+        /// The job id.
+        job: String,
+        /// Its profile.
+        profile: String,
+        /// borg's warnings, for a person.
+        reason: String,
+    },
+    /// BackupFailed.
+    BackupFailed {
+        /// The job id.
+        job: String,
+        /// Its profile.
+        profile: String,
+        /// The stage and message, for a person.
+        reason: String,
+    },
+    /// BackupSkipped: not a success, not a failure.
+    BackupSkipped {
+        /// The job id.
+        job: String,
+    },
     /// The Acknowledge method.
     Acknowledge,
+}
+
+/// A drive's flow in progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Flow {
+    /// A failure happened during this flow.
+    failed: bool,
+    /// SyncFinished arrived (the close is next).
+    synced: bool,
+    /// The drive went away after SyncFinished because it is powered off.
+    powered_off: bool,
+}
+
+/// Why a drive shows as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    /// Closed after a good flow and still plugged in.
+    Present,
+    /// Closed after a good flow and powered off by ferry-crypt.
+    PoweredOff,
+}
+
+/// Everything the LED knows about one drive.
+#[derive(Debug, Clone, Default)]
+struct DriveFacts {
+    attached: bool,
+    flow: Option<Flow>,
+    done: Option<Done>,
 }
 
 /// Everything the LED remembers.
 #[derive(Debug, Default, Clone)]
 pub struct Indicator {
-    /// Drives in a flow, and whether that flow has failed so far.
-    busy_drives: BTreeMap<String, bool>,
-    /// Running backup jobs.
-    busy_jobs: BTreeSet<String>,
-    /// Drives closed and still plugged in.
-    done_drives: BTreeSet<String>,
-    /// Why the LED is red, until acknowledged or a good flow.
-    failure: Option<String>,
+    policies: BTreeMap<String, DrivePolicy>,
+    drives: BTreeMap<String, DriveFacts>,
+    /// Running backup jobs, by job id, with their profile.
+    jobs: BTreeMap<String, String>,
+    /// The failure (or warning) each subject has until its success or Acknowledge.
+    failures: BTreeMap<Subject, String>,
 }
 
 impl Indicator {
-    /// Applies one event.
-    pub fn apply(&mut self, event: Event) {
-        match event {
-            Event::DriveAttached(drive) | Event::DriveBusy(drive) => {
-                self.done_drives.remove(&drive);
-                self.busy_drives.entry(drive).or_insert(false);
-            }
-            Event::DriveDetached(drive) => {
-                self.busy_drives.remove(&drive);
-                self.done_drives.remove(&drive);
-            }
-            Event::DriveClosed(drive) => {
-                let flow_failed = self.busy_drives.remove(&drive).unwrap_or(false);
-                if !flow_failed {
-                    self.failure = None;
-                }
-                self.done_drives.insert(drive);
-            }
-            Event::DriveFailed(drive, reason) => {
-                self.busy_drives.remove(&drive);
-                self.failure = Some(format!("{drive}: {reason}"));
-            }
-            Event::SyncFailed(drive, reason) => {
-                if let Some(failed) = self.busy_drives.get_mut(&drive) {
-                    *failed = true;
-                }
-                self.failure = Some(format!("{drive}: {reason}"));
-            }
-            Event::BackupStarted(job) => {
-                self.busy_jobs.insert(job);
-            }
-            Event::BackupFinished(job) => {
-                self.busy_jobs.remove(&job);
-                self.failure = None;
-            }
-            Event::BackupFailed(job, reason) => {
-                self.busy_jobs.remove(&job);
-                self.failure = Some(format!("backup {job}: {reason}"));
-            }
-            Event::BackupSkipped(job) => {
-                self.busy_jobs.remove(&job);
-            }
-            Event::Acknowledge => self.failure = None,
+    /// An indicator for drives configured as `policies` (a drive missing
+    /// there gets the defaults).
+    pub fn new(policies: BTreeMap<String, DrivePolicy>) -> Indicator {
+        Indicator {
+            policies,
+            ..Indicator::default()
         }
     }
 
-    /// A fresh view from what the peers say now (after one of them
-    /// restarted), keeping the failure: a restart is not a good flow, so
-    /// red still holds until acknowledged or until a flow ends well.
-    pub fn rebuilt(&self, from_peers: Vec<Event>) -> Indicator {
-        let mut fresh = Indicator::default();
-        for event in from_peers {
-            fresh.apply(event);
+    fn policy(&self, drive: &str) -> DrivePolicy {
+        self.policies.get(drive).copied().unwrap_or_default()
+    }
+
+    fn drive(&mut self, drive: &str) -> &mut DriveFacts {
+        self.drives.entry(drive.to_string()).or_default()
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::DriveAttached(drive) => {
+                let opens = self.policy(&drive).opens_on_attach;
+                let facts = self.drive(&drive);
+                // Already known to be plugged in: the watcher announced it
+                // again (a restart, a Rescan). ferry-crypt does not reopen
+                // such a drive, so nothing starts; DriveOpened would say so.
+                if !facts.attached {
+                    facts.attached = true;
+                    facts.done = None;
+                    if opens {
+                        facts.flow.get_or_insert_with(Flow::default);
+                    }
+                }
+            }
+            Event::DriveBusy(drive) => {
+                let facts = self.drive(&drive);
+                facts.attached = true;
+                facts.done = None;
+                facts.flow.get_or_insert_with(Flow::default);
+            }
+            Event::DriveDetached(drive) => {
+                let powers_off = self.policy(&drive).powers_off;
+                let facts = self.drive(&drive);
+                facts.attached = false;
+                facts.done = None;
+                facts.flow = match facts.flow {
+                    // ferry-crypt powers the drive off after a good sync and
+                    // says DriveClosed after the detach: the flow goes on.
+                    Some(mut flow) if powers_off && flow.synced && !flow.failed => {
+                        flow.powered_off = true;
+                        Some(flow)
+                    }
+                    _ => None,
+                };
+            }
+            Event::SyncFinished(drive) => {
+                let failed_flow = self.drive(&drive).flow.is_some_and(|f| f.failed);
+                if !failed_flow {
+                    if let Some(flow) = self.drive(&drive).flow.as_mut() {
+                        flow.synced = true;
+                    }
+                    self.failures.remove(&Subject::Drive(drive));
+                }
+            }
+            Event::DriveClosed(drive) => {
+                let failing = self.failures.contains_key(&Subject::Drive(drive.clone()));
+                let facts = self.drive(&drive);
+                let clean = !failing && !facts.flow.is_some_and(|f| f.failed);
+                let powered_off = facts.flow.is_some_and(|f| f.powered_off);
+                facts.flow = None;
+                facts.done = match (clean, facts.attached, powered_off) {
+                    (true, true, _) => Some(Done::Present),
+                    (true, false, true) => Some(Done::PoweredOff),
+                    _ => None,
+                };
+            }
+            Event::DriveFailed(drive, reason) => {
+                let facts = self.drive(&drive);
+                facts.flow = None;
+                facts.done = None;
+                self.failures
+                    .insert(Subject::Drive(drive.clone()), format!("{drive}: {reason}"));
+            }
+            Event::SyncFailed(drive, reason) => {
+                let facts = self.drive(&drive);
+                if let Some(flow) = facts.flow.as_mut() {
+                    flow.failed = true;
+                }
+                facts.done = None;
+                self.failures
+                    .insert(Subject::Drive(drive.clone()), format!("{drive}: {reason}"));
+            }
+            Event::BackupStarted { job, profile } => {
+                self.jobs.insert(job, profile);
+            }
+            Event::BackupFinished { job, profile } => {
+                self.jobs.remove(&job);
+                self.failures.remove(&Subject::Profile(profile));
+            }
+            Event::BackupWarned {
+                job,
+                profile,
+                reason,
+            }
+            | Event::BackupFailed {
+                job,
+                profile,
+                reason,
+            } => {
+                self.jobs.remove(&job);
+                self.failures.insert(
+                    Subject::Profile(profile.clone()),
+                    format!("backup {profile}: {reason}"),
+                );
+            }
+            Event::BackupSkipped { job } => {
+                self.jobs.remove(&job);
+            }
+            Event::Acknowledge => {
+                self.failures.clear();
+                for facts in self.drives.values_mut() {
+                    if facts.done == Some(Done::PoweredOff) {
+                        facts.done = None;
+                    }
+                }
+            }
         }
-        if self.failure.is_some() {
-            fresh.failure = self.failure.clone();
+        self.drives
+            .retain(|_, f| f.attached || f.flow.is_some() || f.done.is_some());
+    }
+
+    /// The indicator the peers' state describes (at start).
+    pub fn from_peers(policies: BTreeMap<String, DrivePolicy>, facts: &PeerFacts) -> Indicator {
+        let mut fresh = Indicator::new(policies);
+        fresh.failures = facts.current_failures();
+        fresh.take_activity(facts);
+        fresh
+    }
+
+    /// After a peer restarted: what is running and attached comes from the
+    /// peers again; the failures stay as this LED saw them (it was listening
+    /// throughout, and a restart is not a success).
+    pub fn rebuilt(&self, facts: &PeerFacts) -> Indicator {
+        let mut fresh = Indicator::new(self.policies.clone());
+        fresh.failures = self.failures.clone();
+        fresh.take_activity(facts);
+        for (name, drive) in &self.drives {
+            match (drive.done, fresh.drives.get_mut(name)) {
+                // A powered-off drive is on no peer's list; keep saying so.
+                (Some(Done::PoweredOff), None) => {
+                    fresh.drives.insert(name.clone(), drive.clone());
+                }
+                // Still plugged in and idle: what this LED saw of its last
+                // flow holds (the watcher alone cannot tell a closed drive).
+                (Some(Done::Present), Some(now)) if now.attached && now.flow.is_none() => {
+                    now.done = Some(Done::Present);
+                }
+                _ => {}
+            }
         }
         fresh
     }
 
+    /// Drives and jobs from the peers' properties.
+    fn take_activity(&mut self, facts: &PeerFacts) {
+        match &facts.crypt_drives {
+            Some(drives) => {
+                for d in drives {
+                    let failing = self.failures.contains_key(&Subject::Drive(d.name.clone()));
+                    let attached = !d.device.is_empty();
+                    let facts = self.drive(&d.name);
+                    facts.attached = attached;
+                    match d.state.as_str() {
+                        "opening" | "open" | "held" | "closing" => {
+                            facts.attached = true;
+                            // A flow that began before a failure still on
+                            // record cannot be told from one after it.
+                            facts.flow = Some(Flow {
+                                failed: failing,
+                                ..Flow::default()
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            None => {
+                for name in &facts.watcher_attached {
+                    self.drive(name).attached = true;
+                }
+            }
+        }
+        if let Some(drives) = &facts.crypt_drives {
+            for d in drives {
+                if d.state == "closed" && !d.device.is_empty() && facts.ended_well(&d.name) {
+                    self.drive(&d.name).done = Some(Done::Present);
+                }
+            }
+        }
+        for drive in &facts.sync_running {
+            let failing = self.failures.contains_key(&Subject::Drive(drive.clone()));
+            let facts = self.drive(drive);
+            facts.attached = true;
+            facts.done = None;
+            facts.flow.get_or_insert(Flow {
+                failed: failing,
+                ..Flow::default()
+            });
+        }
+        for (job, profile) in &facts.backup_jobs {
+            self.jobs.insert(job.clone(), profile.clone());
+        }
+        self.drives
+            .retain(|_, f| f.attached || f.flow.is_some() || f.done.is_some());
+    }
+
     /// The state shown now.
     pub fn state(&self) -> LedState {
-        if self.failure.is_some() {
+        if !self.failures.is_empty() {
             LedState::Failed
-        } else if !self.busy_drives.is_empty() || !self.busy_jobs.is_empty() {
+        } else if !self.jobs.is_empty() || self.drives.values().any(|d| d.flow.is_some()) {
             LedState::Working
-        } else if !self.done_drives.is_empty() {
+        } else if self.drives.values().any(|d| d.done.is_some()) {
             LedState::Done
         } else {
             LedState::Idle
@@ -151,140 +412,141 @@ impl Indicator {
     /// Why, for the Reason property.
     pub fn reason(&self) -> String {
         match self.state() {
-            LedState::Failed => self.failure.clone().unwrap_or_default(),
+            LedState::Failed => self
+                .failures
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; "),
             LedState::Working => {
-                let mut busy: Vec<String> = self.busy_drives.keys().cloned().collect();
-                busy.extend(self.busy_jobs.iter().map(|j| format!("backup {j}")));
+                let mut busy: Vec<String> = self
+                    .drives
+                    .iter()
+                    .filter(|(_, d)| d.flow.is_some())
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                busy.extend(self.jobs.keys().map(|j| format!("backup {j}")));
                 format!("busy: {}", busy.join(", "))
             }
             LedState::Done => {
-                let done: Vec<&str> = self.done_drives.iter().map(String::as_str).collect();
-                format!("safe to remove: {}", done.join(", "))
+                let named = |which: Done| {
+                    self.drives
+                        .iter()
+                        .filter(|(_, d)| d.done == Some(which))
+                        .map(|(name, _)| name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let present = named(Done::Present);
+                let off = named(Done::PoweredOff);
+                let mut parts = Vec::new();
+                if !present.is_empty() {
+                    parts.push(format!("safe to remove: {present}"));
+                }
+                if !off.is_empty() {
+                    parts.push(format!("powered off, safe to unplug: {off}"));
+                }
+                parts.join("; ")
             }
             LedState::Idle => String::new(),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use Event::*;
+/// What the peers' properties say, read at start.
+#[derive(Debug, Clone, Default)]
+pub struct PeerFacts {
+    /// Crypt1.Drives; None when ferry-crypt is not on the bus.
+    pub crypt_drives: Option<Vec<CryptDrive>>,
+    /// Drives DriveWatcher1.Drives says are attached (used without crypt).
+    pub watcher_attached: Vec<String>,
+    /// Drives Sync1.Running syncs now.
+    pub sync_running: Vec<String>,
+    /// Crypt1.LastFailures and Sync1.LastFailures (subject = drive).
+    pub drive_failures: Vec<Failure>,
+    /// Sync1.LastSyncs: per drive, the unix time of its last success.
+    pub drive_successes: BTreeMap<String, u64>,
+    /// Borg1.Jobs as (job, profile).
+    pub backup_jobs: Vec<(String, String)>,
+    /// Borg1.LastResults.
+    pub backup_results: Vec<BackupResult>,
+    /// Borg1.LastFailures (subject = profile).
+    pub backup_failures: Vec<Failure>,
+    /// Borg1.Schedule's last success per profile (unix time).
+    pub backup_successes: BTreeMap<String, u64>,
+    /// The unix time of the last Acknowledge (0: never).
+    pub acknowledged: u64,
+}
 
-    fn run(events: Vec<Event>) -> Indicator {
-        let mut indicator = Indicator::default();
-        for e in events {
-            indicator.apply(e);
+impl PeerFacts {
+    /// Whether a drive's last recorded event is a success (no failure of
+    /// it since, acknowledged or not).
+    fn ended_well(&self, drive: &str) -> bool {
+        let success = self.drive_successes.get(drive).copied();
+        let last_failure = self
+            .drive_failures
+            .iter()
+            .filter(|f| f.subject == drive)
+            .map(|f| f.time)
+            .max();
+        match (success, last_failure) {
+            (_, None) => true,
+            (Some(s), Some(f)) => s > f,
+            (None, Some(_)) => false,
         }
-        indicator
     }
 
-    #[test]
-    fn a_good_flow_goes_working_then_done_then_idle() {
-        let mut i = run(vec![DriveAttached("a".into())]);
-        assert_eq!(i.state(), LedState::Working);
-        i.apply(DriveBusy("a".into()));
-        assert_eq!(i.state(), LedState::Working);
-        i.apply(DriveClosed("a".into()));
-        assert_eq!(i.state(), LedState::Done);
-        assert_eq!(i.reason(), "safe to remove: a");
-        i.apply(DriveDetached("a".into()));
-        assert_eq!(i.state(), LedState::Idle);
-    }
-
-    #[test]
-    fn failed_wins_and_holds_until_acknowledged() {
-        let mut i = run(vec![
-            DriveAttached("a".into()),
-            SyncFailed("a".into(), "sync: disk full".into()),
-        ]);
-        assert_eq!(i.state(), LedState::Failed);
-        assert_eq!(i.reason(), "a: sync: disk full");
-        i.apply(DriveClosed("a".into()));
-        assert_eq!(
-            i.state(),
-            LedState::Failed,
-            "closing after a failure does not clear it"
-        );
-        i.apply(DriveDetached("a".into()));
-        assert_eq!(i.state(), LedState::Failed, "failed holds past detach");
-        i.apply(BackupStarted("7".into()));
-        assert_eq!(i.state(), LedState::Failed, "failed wins over working");
-        i.apply(Acknowledge);
-        assert_eq!(i.state(), LedState::Working);
-    }
-
-    #[test]
-    fn the_next_good_flow_clears_failed() {
-        let mut i = run(vec![BackupFailed("1".into(), "create: lock".into())]);
-        assert_eq!(i.state(), LedState::Failed);
-        i.apply(DriveAttached("b".into()));
-        i.apply(DriveClosed("b".into()));
-        assert_eq!(i.state(), LedState::Done);
-        let i = run(vec![
-            BackupFailed("1".into(), "x".into()),
-            BackupStarted("2".into()),
-            BackupFinished("2".into()),
-        ]);
-        assert_eq!(i.state(), LedState::Idle);
-    }
-
-    #[test]
-    fn working_wins_over_done() {
-        let i = run(vec![
-            DriveAttached("a".into()),
-            DriveClosed("a".into()),
-            DriveAttached("b".into()),
-        ]);
-        assert_eq!(i.state(), LedState::Working);
-        let i = run(vec![
-            DriveAttached("a".into()),
-            DriveClosed("a".into()),
-            BackupStarted("1".into()),
-            BackupSkipped("1".into()),
-        ]);
-        assert_eq!(i.state(), LedState::Done);
-    }
-
-    #[test]
-    fn a_drive_failure_ends_the_flow() {
-        let mut i = run(vec![
-            DriveAttached("a".into()),
-            DriveBusy("a".into()),
-            DriveFailed("a".into(), "identity: not ours".into()),
-        ]);
-        assert_eq!(i.state(), LedState::Failed);
-        i.apply(Acknowledge);
-        assert_eq!(
-            i.state(),
-            LedState::Idle,
-            "nothing is still working after the failure"
-        );
-    }
-
-    #[test]
-    fn a_rebuild_forgets_lost_jobs_but_keeps_the_failure() {
-        let i = run(vec![
-            BackupStarted("1".into()),
-            SyncFailed("a".into(), "space".into()),
-        ]);
-        let fresh = i.rebuilt(vec![DriveBusy("a".into()), DriveClosed("a".into())]);
-        assert_eq!(
-            fresh.state(),
-            LedState::Failed,
-            "red holds across a peer's restart"
-        );
-        let i = run(vec![BackupStarted("lost".into())]);
-        assert_eq!(
-            i.rebuilt(vec![]).state(),
-            LedState::Idle,
-            "a job its service no longer runs is gone"
-        );
-    }
-
-    #[test]
-    fn detaching_mid_flow_stops_working() {
-        let i = run(vec![DriveAttached("a".into()), DriveDetached("a".into())]);
-        assert_eq!(i.state(), LedState::Idle);
+    /// The failures still standing: newer than the subject's last success
+    /// (a tie counts as standing) and than the last Acknowledge.
+    pub fn current_failures(&self) -> BTreeMap<Subject, String> {
+        let mut current = BTreeMap::new();
+        for f in &self.drive_failures {
+            let cleared = self
+                .drive_successes
+                .get(&f.subject)
+                .is_some_and(|&s| s > f.time);
+            if !cleared && f.time > self.acknowledged {
+                let subject = Subject::Drive(f.subject.clone());
+                let newer = current
+                    .get(&subject)
+                    .is_some_and(|(t, _): &(u64, _)| *t > f.time);
+                if !newer {
+                    current.insert(
+                        subject,
+                        (f.time, format!("{}: {}: {}", f.subject, f.stage, f.message)),
+                    );
+                }
+            }
+        }
+        for result in &self.backup_results {
+            let subject = Subject::Profile(result.profile.clone());
+            let reason = match result.outcome.as_str() {
+                "finished-with-warnings" if result.time > self.acknowledged => Some(format!(
+                    "backup {}: finished with warnings: {}",
+                    result.profile, result.message
+                )),
+                "failed" | "skipped" => {
+                    let success = self
+                        .backup_successes
+                        .get(&result.profile)
+                        .copied()
+                        .unwrap_or(0);
+                    self.backup_failures
+                        .iter()
+                        .filter(|f| f.subject == result.profile)
+                        .filter(|f| f.time >= success && f.time > self.acknowledged)
+                        .max_by_key(|f| f.time)
+                        .map(|f| format!("backup {}: {}: {}", f.subject, f.stage, f.message))
+                }
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                current.insert(subject, (result.time, reason));
+            }
+        }
+        current.into_iter().map(|(s, (_, r))| (s, r)).collect()
     }
 }
+
+#[cfg(test)]
+mod tests;
