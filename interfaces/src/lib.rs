@@ -278,6 +278,17 @@ pub mod notifier {
         fn unit_failed(&self, unit: &str) -> zbus::Result<String>;
         /// Deliver pending messages now.
         fn flush(&self) -> zbus::Result<()>;
+        /// The dead letters, oldest first.
+        fn list_dead_letters(
+            &self,
+            options: std::collections::HashMap<&str, zbus::zvariant::Value<'_>>,
+        ) -> zbus::Result<Vec<DeadLetter>>;
+        /// Put a dead letter back into the outbox.
+        fn resend_dead_letter(
+            &self,
+            id: &str,
+            options: std::collections::HashMap<&str, zbus::zvariant::Value<'_>>,
+        ) -> zbus::Result<()>;
         /// Messages waiting for delivery.
         #[zbus(property)]
         fn pending(&self) -> zbus::Result<u32>;

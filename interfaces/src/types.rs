@@ -121,3 +121,19 @@ pub struct ScheduleEntry {
     /// Why it cannot run now, empty if nothing blocks it.
     pub blocked: String,
 }
+
+/// An entry of Notifier1.ListDeadLetters: `(sssts)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct DeadLetter {
+    /// The message's event id (the file name when the file is unreadable).
+    pub id: String,
+    /// Its subject line.
+    pub subject: String,
+    /// What it is about, for example "SyncFailed offsite-a".
+    pub reason: String,
+    /// Unix time it was queued (0 when unknown).
+    pub created: u64,
+    /// Why it is a dead letter: the server's refusal, or that its delivery
+    /// could not be confirmed.
+    pub error: String,
+}

@@ -57,6 +57,26 @@ enum Command {
         reply: Reply,
     },
     Flush,
+    ListDead(oneshot::Sender<Vec<ferry_interfaces::DeadLetter>>),
+    Resend {
+        id: String,
+        reply: oneshot::Sender<Result<(), FerryError>>,
+    },
+}
+
+/// The options of a method that takes `a{sv}`: none are defined yet, so
+/// any key is refused with a sentence saying so.
+fn no_options(
+    method: &str,
+    options: &std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+) -> Result<(), FerryError> {
+    match options.keys().next() {
+        None => Ok(()),
+        Some(key) => Err(FerryError::InvalidArgument(format!(
+            "{method} has no option `{}`; pass an empty a{{sv}} (busctl: 0)",
+            compose::one_line(key, 64)
+        ))),
+    }
 }
 
 /// The org.ferry.Notifier1 object: checks arguments and callers, hands the
@@ -129,6 +149,51 @@ impl NotifierInterface {
             .send(Command::Flush)
             .await
             .map_err(|_| stopping())
+    }
+
+    /// The dead letters, oldest first.
+    #[zbus(out_args("letters"))]
+    async fn list_dead_letters(
+        &self,
+        options: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<Vec<ferry_interfaces::DeadLetter>, FerryError> {
+        no_options("ListDeadLetters", &options)?;
+        caller::authorize(conn, &header).await?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::ListDead(reply))
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())
+    }
+
+    /// Puts a dead letter back into the outbox.
+    async fn resend_dead_letter(
+        &self,
+        id: &str,
+        options: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<(), FerryError> {
+        no_options("ResendDeadLetter", &options)?;
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(FerryError::InvalidArgument(format!(
+                "`{}` is not an event id; take one from ListDeadLetters",
+                compose::one_line(id, 64)
+            )));
+        }
+        caller::authorize(conn, &header).await?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Resend {
+                id: id.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())?
     }
 
     /// Messages waiting in the outbox.
@@ -389,6 +454,47 @@ impl Notifier {
                     deliverer.flush();
                 }
             }
+            Command::ListDead(reply) => {
+                let outbox = self.outbox.clone();
+                let letters = tokio::task::spawn_blocking(move || outbox.dead_letters())
+                    .await
+                    .unwrap_or_default();
+                let _ = reply.send(
+                    letters
+                        .into_iter()
+                        .map(|d| ferry_interfaces::DeadLetter {
+                            id: d.id,
+                            subject: d.subject,
+                            reason: d.reason,
+                            created: d.created,
+                            error: d.error,
+                        })
+                        .collect(),
+                );
+            }
+            Command::Resend { id, reply } => {
+                let outbox = self.outbox.clone();
+                let wanted = id.clone();
+                let result = tokio::task::spawn_blocking(move || outbox.resurrect(&wanted))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                let result = match result {
+                    Ok(true) => {
+                        tracing::info!("dead letter {id} queued again");
+                        self.refresh_view(None).await;
+                        if let Some(deliverer) = &self.deliverer {
+                            deliverer.flush();
+                        }
+                        Ok(())
+                    }
+                    Ok(false) => Err(FerryError::NotFound(format!(
+                        "no dead letter has the id `{}`; ListDeadLetters shows them",
+                        compose::one_line(&id, 64)
+                    ))),
+                    Err(e) => Err(FerryError::Failed(e)),
+                };
+                let _ = reply.send(result);
+            }
         }
     }
 
@@ -401,7 +507,7 @@ impl Notifier {
         for draft in self.ledger.close_groups(now, window) {
             self.queue_limited(draft, Vec::new()).await;
         }
-        if let Some(digest) = self.ledger.release_held(now, max) {
+        for digest in self.ledger.release_held(now, max) {
             let _ = self.queue(digest, Vec::new()).await;
         }
         let s = self.staleness();
