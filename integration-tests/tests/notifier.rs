@@ -379,10 +379,10 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let smtp = Smtp::start(&dir.path().join("smtp"), 0);
-    // A slow server (0.1 s per message before the message is sent) keeps
+    // A slow server (0.3 s per message before the message is sent) keeps
     // messages between queueing and delivery long enough for kills to land
     // there. (Kills after the whole message went out are the next test's.)
-    smtp.set_mode("slow-rcpt 0.1");
+    smtp.set_mode("slow-rcpt 0.3");
     let config = config(dir.path(), smtp.port, &["offsite-a"], "max-per-hour = 1000");
     let conn = bus.connect().await;
     let signals = SignalRecorder::new(&conn).await;
@@ -417,16 +417,9 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
         assert!(notifier.wait_exit(WAIT).await.is_some(), "killed");
     }
     let pending_after_kills = outbox_files(dir.path(), "outbox").len();
-    // Every message queued before a kill arrives after the restarts.
+    // Every message queued before a kill is delivered after the restarts.
     let _notifier = start(&bus, &conn, &config, &[]).await;
-    let ids = queued_ids.clone();
-    smtp.wait_for(
-        ids.len(),
-        |m| ids.iter().any(|i| i == m.id()),
-        Duration::from_secs(60),
-    )
-    .await;
-    wait_until(WAIT, || {
+    wait_until(Duration::from_secs(60), || {
         outbox_files(dir.path(), "outbox").is_empty().then_some(())
     })
     .await;
@@ -434,17 +427,29 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
     for mail in smtp.mails() {
         *per_id.entry(mail.id().to_string()).or_default() += 1;
     }
+    // A message whose whole text had gone to the server when a kill came,
+    // twice, is not sent a third time: it is a dead letter saying why (it
+    // may have arrived), never silently dropped.
+    let dead = outbox_files(dir.path(), "dead");
+    let in_doubt = |id: &str| {
+        dead.contains(&format!("{id}.json"))
+            && std::fs::read_to_string(
+                dir.path()
+                    .join("state/notifier/dead")
+                    .join(format!("{id}.reason")),
+            )
+            .is_ok_and(|r| r.contains("may already have arrived"))
+    };
     for id in &queued_ids {
         let n = per_id.get(id).copied().unwrap_or(0);
         assert!(
-            (1..=2).contains(&n),
+            (1..=2).contains(&n) || (n == 0 && in_doubt(id)),
             "{id} arrived {n} times (kill delays {delays:?} ms): {per_id:#?}"
         );
     }
-    assert_eq!(
-        per_id.len(),
-        queued_ids.len(),
-        "no mail the test did not cause"
+    assert!(
+        per_id.keys().all(|id| queued_ids.contains(id)),
+        "no mail the test did not cause: {per_id:#?}"
     );
     let duplicates = per_id.values().filter(|n| **n > 1).count();
     eprintln!(
@@ -455,7 +460,11 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
         pending_after_kills > 0,
         "no kill landed before delivery: {delays:?}"
     );
-    assert_eq!(outbox_files(dir.path(), "dead").len(), 0);
+    assert!(
+        dead.iter().all(|f| in_doubt(f.trim_end_matches(".json"))),
+        "dead letters other than in-doubt ones: {dead:?}"
+    );
+    eprintln!("{} in doubt twice (dead letters)", dead.len());
 }
 
 /// The one window a crash can duplicate in: the server has the message and

@@ -81,6 +81,9 @@ pub mod crypt {
         /// The most recent failure per drive.
         #[zbus(property)]
         fn last_failures(&self) -> zbus::Result<Vec<Failure>>;
+        /// Every failure, oldest first, the newest 64, with unique ids.
+        #[zbus(property)]
+        fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
         /// A drive is open at `mountpoint`.
         #[zbus(signal)]
         fn drive_opened(&self, drive: &str, mountpoint: &str) -> zbus::Result<()>;
@@ -126,6 +129,9 @@ pub mod sync {
         /// The most recent failure per drive.
         #[zbus(property)]
         fn last_failures(&self) -> zbus::Result<Vec<Failure>>;
+        /// Every failure, oldest first, the newest 64, with unique ids.
+        #[zbus(property)]
+        fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
         /// Copying a repository began.
         #[zbus(signal)]
         fn sync_started(&self, drive: &str, repository: &str) -> zbus::Result<()>;
@@ -182,6 +188,9 @@ pub mod borg {
         /// The most recent failure per profile.
         #[zbus(property)]
         fn last_failures(&self) -> zbus::Result<Vec<Failure>>;
+        /// Every failure, oldest first, the newest 64, with unique ids.
+        #[zbus(property)]
+        fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
         /// A job began.
         #[zbus(signal)]
         fn backup_started(&self, job: &str, profile: &str) -> zbus::Result<()>;

@@ -137,3 +137,21 @@ pub struct DeadLetter {
     /// could not be confirmed.
     pub error: String,
 }
+
+/// An entry of FailureHistory (Sync1, Borg1, Crypt1): `(ssstss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct FailureEvent {
+    /// Unique across the service's restarts; the notifier remembers which
+    /// ids it mailed.
+    pub id: String,
+    /// The drive or profile name.
+    pub subject: String,
+    /// The stage that failed.
+    pub stage: String,
+    /// Unix time of the failure.
+    pub time: u64,
+    /// What went wrong.
+    pub message: String,
+    /// The job id (Borg1), empty otherwise.
+    pub job: String,
+}

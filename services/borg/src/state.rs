@@ -52,6 +52,9 @@ pub struct Stored {
     /// The number of the last job started; ids go on from it after a restart.
     #[serde(default)]
     pub last_job: u64,
+    /// Every failure, oldest first, bounded (Borg1.FailureHistory).
+    #[serde(default)]
+    pub failure_history: Vec<ferry_interfaces::FailureEvent>,
 }
 
 impl Stored {

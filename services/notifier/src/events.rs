@@ -95,7 +95,8 @@ impl Failure {
             Source::Sync => (
                 "copying the repositories onto a drive",
                 format!("sync of drive {name} failed at {stage}"),
-                "The copy on the drive is the previous complete one.\n\
+                "Which copy the drive holds now (the previous one or the new one) is in \
+                 the message above, as ferry-sync found it after the failure.\n\
                  Try again: busctl call org.ferry.Sync1 /org/ferry/Sync1 org.ferry.Sync1 Start s DRIVE",
             ),
             Source::Borg => (
@@ -125,7 +126,7 @@ impl Failure {
         if late {
             body.push_str(
                 "\nThis happened while ferry-notifier was not running; it was found in the \
-                 service's LastFailures when the notifier started.\n",
+                 service's FailureHistory (or LastFailures) when the notifier started.\n",
             );
         }
         body.push_str(&format!(

@@ -15,7 +15,7 @@
 //! tested without a clock; the service persists it with
 //! `write_atomically` after every change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,9 @@ pub struct ProfileSeen {
 pub struct Ledger {
     /// `Crypt1/offsite-a` → time of the newest failure already mailed.
     pub mailed: BTreeMap<String, u64>,
+    /// `Sync1` → the FailureHistory ids already mailed (only those still in
+    /// the peer's history are kept).
+    pub mailed_ids: BTreeMap<String, BTreeSet<String>>,
     /// `drive/offsite-a`, `profile/home` → when staleness was last mailed.
     pub stale_mailed: BTreeMap<String, u64>,
     /// Drive → time of its last successful sync.
@@ -118,6 +121,41 @@ impl Ledger {
     /// Whether a failure at `time` of `key` is newer than what was mailed.
     pub fn is_new_failure(&self, key: &str, time: u64) -> bool {
         self.mailed.get(key).is_none_or(|mailed| time > *mailed)
+    }
+
+    /// Whether the history entry `id` of `source` (failure `key` at
+    /// `time`) still has to be mailed: its id was not mailed, and it is not
+    /// older than a failure of the same subject mailed before ids existed.
+    pub fn is_new_event(&self, source: &str, id: &str, key: &str, time: u64) -> bool {
+        let mailed = self
+            .mailed_ids
+            .get(source)
+            .is_some_and(|ids| ids.contains(id));
+        !mailed && self.mailed.get(key).is_none_or(|floor| time >= *floor)
+    }
+
+    /// Records that history entry `id` of `source` is dealt with.
+    pub fn mark_event(&mut self, source: &str, id: &str) {
+        self.mailed_ids
+            .entry(source.to_string())
+            .or_default()
+            .insert(id.to_string());
+    }
+
+    /// Forgets mailed ids `source` no longer reports: they cannot come back.
+    pub fn keep_events(&mut self, source: &str, present: &BTreeSet<&str>) {
+        if let Some(ids) = self.mailed_ids.get_mut(source) {
+            ids.retain(|id| present.contains(id.as_str()));
+        }
+    }
+
+    /// What a spooled message's `covers` entry says was mailed: a history
+    /// entry (`Sync1#<id>`) or a failure time per subject.
+    pub fn cover(&mut self, key: &str, time: u64) {
+        match key.split_once('#') {
+            Some((source, id)) => self.mark_event(source, id),
+            None => self.mark_mailed(key, time),
+        }
     }
 
     /// Records that the failure `key` at `time` is dealt with.
@@ -431,6 +469,21 @@ mod tests {
         let l = Ledger::load(&path);
         assert_eq!(l.sent, vec![(Class::Other, 5), (Class::Other, 6)]);
         assert_eq!(l.held[0].class, Class::Other);
+    }
+
+    #[test]
+    fn history_entries_are_new_once_by_id() {
+        let mut l = Ledger::default();
+        assert!(l.is_new_event("Borg1", "a", "Borg1/home", 10));
+        l.cover("Borg1#a", 10);
+        l.mark_mailed("Borg1/home", 10);
+        assert!(!l.is_new_event("Borg1", "a", "Borg1/home", 10));
+        // Another failure of the same subject in the same second is new.
+        assert!(l.is_new_event("Borg1", "b", "Borg1/home", 10));
+        // One older than what was mailed before ids existed is not.
+        assert!(!l.is_new_event("Borg1", "c", "Borg1/home", 9));
+        l.keep_events("Borg1", &BTreeSet::from(["b"]));
+        assert!(l.mailed_ids["Borg1"].is_empty());
     }
 
     #[test]

@@ -152,6 +152,12 @@ impl SyncInterface {
         })
     }
 
+    /// Every failure, oldest first, bounded, with unique ids.
+    #[zbus(property)]
+    async fn failure_history(&self) -> Vec<ferry_interfaces::FailureEvent> {
+        with(&self.shared, |s| s.ledger.failure_history.clone())
+    }
+
     /// Copying a repository began.
     #[zbus(signal)]
     async fn sync_started(
@@ -317,8 +323,15 @@ impl Reporter {
             stage: failure.stage.as_str().to_string(),
             message: failure.message.clone(),
         };
+        let event = ferry_service::history::failure_event(
+            drive,
+            failure.stage.as_str(),
+            &failure.message,
+            "",
+        );
         with(&self.shared, |s| {
             s.ledger.last_failures.insert(drive.to_string(), record);
+            ferry_service::history::remember(&mut s.ledger.failure_history, event);
         });
         self.save().await;
         with(&self.shared, |s| s.running.remove(drive));
@@ -328,6 +341,10 @@ impl Reporter {
         warn_on_error(
             "PropertiesChanged",
             object.last_failures_changed(emitter).await,
+        );
+        warn_on_error(
+            "PropertiesChanged",
+            object.failure_history_changed(emitter).await,
         );
         drop(object);
         warn_on_error(
