@@ -1044,3 +1044,101 @@ async fn killed_or_yanked_at_random_points_the_copy_is_old_or_new() {
         "borg's lock on the source was left behind"
     );
 }
+
+/// A sync that has to wait for borg's lock says so in Running within a
+/// second (the phase lock-wait, since when, and who holds it: borg's own
+/// lock files name the holding process), then goes through its phases in
+/// order, each in SyncProgress and the log, once the backup lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
+    if !borg_ready() {
+        return;
+    }
+    let rig = Rig::new(&[("offsite-a", 64)], &[&NAS], "").await;
+    rig.add_archive(&NAS, "nas-1", 5, 3000);
+    let repo = rig.repo("nas");
+    // A backup holds borg's lock for a few seconds.
+    let mut holder = Command::new("borg")
+        .args([os("with-lock"), repo.as_os_str(), os("sleep"), os("5")])
+        .env("BORG_BASE_DIR", &rig.base)
+        .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+        .env("BORG_PASSPHRASE", "")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("borg with-lock");
+    let lock = repo.join("lock.exclusive");
+    let deadline = Instant::now() + WAIT;
+    while !lock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "borg with-lock never took its lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let proxy = SyncProxy::new(&rig.conn).await.expect("proxy");
+    let mut changes = proxy.receive_running_changed().await;
+    let from = rig.signals.len();
+    proxy.start("offsite-a").await.expect("Start");
+    let asked = Instant::now();
+    let waiting = tokio::time::timeout(Duration::from_secs(1), async {
+        use futures_util::StreamExt;
+        while let Some(change) = changes.next().await {
+            let running = change.get().await.expect("Running");
+            if let Some(job) = running.into_iter().find(|j| j.phase == "lock-wait") {
+                return job;
+            }
+        }
+        panic!("the Running stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "Running did not show lock-wait within a second:\n{}",
+            rig.signals.listing()
+        )
+    });
+    let shown = asked.elapsed();
+    assert_eq!(
+        (waiting.drive.as_str(), waiting.repository.as_str()),
+        ("offsite-a", "nas")
+    );
+    let now = ferry_service::unix_now();
+    assert!(
+        waiting.since <= now && waiting.since + 5 >= now,
+        "{waiting:?}"
+    );
+    assert!(
+        waiting.detail.contains(&format!("process {}", holder.id())),
+        "the holder is named: {waiting:?}"
+    );
+
+    // The backup ends; the sync goes on through its phases.
+    assert!(holder.wait().expect("holder").success());
+    let result = rig.result(from, "offsite-a").await;
+    assert_eq!(result.member, "SyncFinished", "{result}");
+    let phases: Vec<String> = rig.signals.all()[from..]
+        .iter()
+        .filter(|s| s.member == "SyncProgress" && s.args[0] == "offsite-a")
+        .map(|s| s.args[3].clone())
+        .fold(Vec::new(), |mut seen, phase| {
+            if seen.last() != Some(&phase) {
+                seen.push(phase);
+            }
+            seen
+        });
+    assert_eq!(
+        phases,
+        ["lock", "lock-wait", "snapshot", "copy", "verify", "swap"],
+        "{}",
+        rig.signals.listing()
+    );
+    let log = rig.service.as_ref().expect("service").log();
+    assert!(
+        log.contains(&format!("offsite-a: nas: lock-wait: held by host")),
+        "{log}"
+    );
+    eprintln!("lock-wait shown in Running {shown:?} after Start");
+    assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1"]);
+}

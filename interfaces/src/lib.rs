@@ -135,9 +135,15 @@ pub mod sync {
         /// Copying a repository began.
         #[zbus(signal)]
         fn sync_started(&self, drive: &str, repository: &str) -> zbus::Result<()>;
-        /// Bytes copied so far.
+        /// Bytes copied so far, and each change of phase.
         #[zbus(signal)]
-        fn sync_progress(&self, drive: &str, done: u64, total: u64) -> zbus::Result<()>;
+        fn sync_progress(
+            &self,
+            drive: &str,
+            done: u64,
+            total: u64,
+            phase: &str,
+        ) -> zbus::Result<()>;
         /// Every repository copied, verified and durable.
         #[zbus(signal)]
         fn sync_finished(&self, drive: &str, bytes: u64, seconds: f64) -> zbus::Result<()>;

@@ -49,17 +49,24 @@ pub struct Failure {
     pub message: String,
 }
 
-/// An entry of Sync1.Running: `(sstt)`.
+/// An entry of Sync1.Running: `(ssttsts)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
 pub struct SyncJob {
     /// The drive being synced.
     pub drive: String,
-    /// The repository being copied now.
+    /// The repository being worked on now.
     pub repository: String,
     /// Bytes copied.
     pub done: u64,
     /// Bytes to copy.
     pub total: u64,
+    /// What the job does now: prepare, lock, lock-wait, snapshot, copy,
+    /// verify or swap (the XML documents each).
+    pub phase: String,
+    /// Unix time the phase began.
+    pub since: u64,
+    /// More about the phase (who holds borg's lock), or empty.
+    pub detail: String,
 }
 
 /// An entry of Sync1.LastSyncs: `(sttdst)`.

@@ -65,6 +65,41 @@ impl Stop {
     }
 }
 
+/// What a running job is doing, as Sync1.Running, SyncProgress and the
+/// log show it. The wire names are documented in org.ferry.Sync1.xml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Cleaning up what an interrupted sync left, comparing.
+    Prepare,
+    /// Taking borg's lock.
+    Lock,
+    /// Waiting for borg's lock, which another borg holds.
+    LockWait,
+    /// Hard-linking the snapshot under the lock.
+    Snapshot,
+    /// Building the new copy on the drive.
+    Copy,
+    /// borg check of the new copy.
+    Verify,
+    /// Putting the new copy in place.
+    Swap,
+}
+
+impl Phase {
+    /// The phase's name on the bus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prepare => "prepare",
+            Phase::Lock => "lock",
+            Phase::LockWait => "lock-wait",
+            Phase::Snapshot => "snapshot",
+            Phase::Copy => "copy",
+            Phase::Verify => "verify",
+            Phase::Swap => "swap",
+        }
+    }
+}
+
 /// The stage a job failed in, as SyncFailed names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -354,7 +389,25 @@ async fn sync_drive(
         }
         let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
         let wait = Duration::from_secs(settings.lock_wait);
-        let lock = context.borg.lock(&repository.path, wait, stop).await?;
+        let reporter = &context.reporter;
+        reporter
+            .phase(&spec.drive, name, Phase::Lock, String::new())
+            .await;
+        let waiting = |holder: String| {
+            let detail = if holder.is_empty() {
+                "another borg command holds it (borg's lock files do not say which)".to_string()
+            } else {
+                holder
+            };
+            reporter.phase(&spec.drive, name, Phase::LockWait, detail)
+        };
+        let lock = context
+            .borg
+            .lock(&repository.path, wait, stop, waiting)
+            .await?;
+        reporter
+            .phase(&spec.drive, name, Phase::Snapshot, String::new())
+            .await;
         let (repo, dir) = (repository.path.to_path_buf(), snapshot_dir.clone());
         let taken = blocking(Stage::Snapshot, move || snapshot::take(&repo, &dir)).await;
         lock.release().await;
@@ -414,6 +467,10 @@ async fn sync_drive(
                 archive.clone()
             }
             (true, None) => {
+                context
+                    .reporter
+                    .phase(&spec.drive, &item.name, Phase::Verify, String::new())
+                    .await;
                 let current = item.layout.current.clone();
                 inspect(
                     context,
@@ -473,6 +530,10 @@ async fn copy_one(
     total: u64,
     stop: &mut Stop,
 ) -> Result<String, Failure> {
+    context
+        .reporter
+        .phase(&spec.drive, &item.name, Phase::Copy, String::new())
+        .await;
     let progress = Arc::new(AtomicU64::new(0));
     let build = {
         let Some(snapshot_dir) = item.snapshot_dir.clone() else {
@@ -525,11 +586,19 @@ async fn copy_one(
         .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
         .await;
 
+    context
+        .reporter
+        .phase(&spec.drive, &item.name, Phase::Verify, String::new())
+        .await;
     let new = item.layout.new.clone();
     let archive = inspect(context, &item.layout, &item.repository, &new, true, stop).await?;
     if let Some(reason) = stop.reason() {
         return Err(Failure::stopped(reason));
     }
+    context
+        .reporter
+        .phase(&spec.drive, &item.name, Phase::Swap, String::new())
+        .await;
 
     let layout = item.layout.clone();
     blocking(Stage::Swap, move || {

@@ -166,13 +166,14 @@ impl SyncInterface {
         repository: &str,
     ) -> zbus::Result<()>;
 
-    /// Bytes copied so far.
+    /// Bytes copied so far, and each change of phase.
     #[zbus(signal)]
     async fn sync_progress(
         emitter: &SignalEmitter<'_>,
         drive: &str,
         done: u64,
         total: u64,
+        phase: &str,
     ) -> zbus::Result<()>;
 
     /// Every repository copied, verified and durable.
@@ -250,15 +251,43 @@ impl Reporter {
 
     /// Bytes copied so far (the job limits how often).
     pub async fn progress(&self, drive: &str, done: u64, total: u64) {
+        let mut phase = String::new();
         self.update_job(drive, |job| {
             job.done = done;
             job.total = total;
+            phase = job.phase.clone();
         });
         self.running_changed().await;
         let emitter = self.object.signal_emitter();
         warn_on_error(
             "SyncProgress",
-            SyncInterface::sync_progress(emitter, drive, done, total).await,
+            SyncInterface::sync_progress(emitter, drive, done, total, &phase).await,
+        );
+    }
+
+    /// The job of `drive` entered `phase` on `repository`; `detail` says
+    /// more (who holds borg's lock) or is empty. Logged, in Running, and
+    /// sent as SyncProgress.
+    pub async fn phase(&self, drive: &str, repository: &str, phase: job::Phase, detail: String) {
+        let name = phase.as_str();
+        if detail.is_empty() {
+            tracing::info!("{drive}: {repository}: {name}");
+        } else {
+            tracing::info!("{drive}: {repository}: {name}: {detail}");
+        }
+        let (mut done, mut total) = (0, 0);
+        self.update_job(drive, |job| {
+            job.repository = repository.to_string();
+            job.phase = name.to_string();
+            job.since = unix_now();
+            job.detail = detail.clone();
+            (done, total) = (job.done, job.total);
+        });
+        self.running_changed().await;
+        let emitter = self.object.signal_emitter();
+        warn_on_error(
+            "SyncProgress",
+            SyncInterface::sync_progress(emitter, drive, done, total, name).await,
         );
     }
 
@@ -400,6 +429,9 @@ impl Service {
                         repository: first,
                         done: 0,
                         total: 0,
+                        phase: job::Phase::Prepare.as_str().to_string(),
+                        since: unix_now(),
+                        detail: String::new(),
                     },
                     stop: stop_tx,
                 },
