@@ -1136,7 +1136,7 @@ async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
     );
     let log = rig.service.as_ref().expect("service").log();
     assert!(
-        log.contains(&format!("offsite-a: nas: lock-wait: held by host")),
+        log.contains("offsite-a: nas: lock-wait: held by host"),
         "{log}"
     );
     eprintln!("lock-wait shown in Running {shown:?} after Start");
