@@ -373,7 +373,7 @@ impl Borg {
         .map_err(|detail| {
             Failure::new(
                 Stage::Verify,
-                format!("borg check found the new copy damaged, so the previous copy was kept; check the drive for errors: {detail}"),
+                format!("borg check found the new copy damaged, so it was not put in place; check the drive for errors: {detail}"),
             )
         })
     }

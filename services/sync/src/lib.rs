@@ -21,6 +21,7 @@ pub mod job;
 pub mod ledger;
 pub mod mounts;
 pub mod snapshot;
+pub mod truth;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -185,7 +186,7 @@ impl SyncInterface {
         seconds: f64,
     ) -> zbus::Result<()>;
 
-    /// The job stopped; the previous copy stands.
+    /// The job stopped; the message says which copy the drive holds.
     #[zbus(signal)]
     async fn sync_failed(
         emitter: &SignalEmitter<'_>,
@@ -344,7 +345,7 @@ impl Reporter {
         );
     }
 
-    /// The job failed; the previous copy stands.
+    /// The job failed; its message says what the drive holds.
     pub async fn failed(&self, drive: &str, failure: &job::Failure) {
         let record = Failure {
             subject: drive.to_string(),
