@@ -495,18 +495,7 @@ impl Notifier {
                 let letters = tokio::task::spawn_blocking(move || outbox.dead_letters())
                     .await
                     .unwrap_or_default();
-                let _ = reply.send(
-                    letters
-                        .into_iter()
-                        .map(|d| ferry_interfaces::DeadLetter {
-                            id: d.id,
-                            subject: d.subject,
-                            reason: d.reason,
-                            created: d.created,
-                            error: d.error,
-                        })
-                        .collect(),
-                );
+                let _ = reply.send(letters);
             }
             Command::Resend { id, reply } => {
                 let outbox = self.outbox.clone();

@@ -25,21 +25,8 @@ pub struct Outbox {
     dead: PathBuf,
 }
 
-/// A message the server refused for good (or whose delivery could not be
-/// confirmed), as ListDeadLetters shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// Its event id (the file name when the file is unreadable).
-    pub id: String,
-    /// Its subject.
-    pub subject: String,
-    /// What it is about.
-    pub reason: String,
-    /// When it was queued (0 when unreadable).
-    pub created: u64,
-    /// Why it is a dead letter.
-    pub error: String,
-}
+/// A dead letter as ListDeadLetters shows it.
+pub use ferry_interfaces::DeadLetter;
 
 /// A message file that could not be read back.
 #[derive(Debug)]
