@@ -267,7 +267,17 @@ pub fn render(status: &Status) -> String {
             } else {
                 String::new()
             };
-            line(format!("  {:<14} syncing {}{progress}", "", job.repository));
+            let mut phase = job.phase.clone();
+            if job.since > 0 {
+                phase.push_str(&format!(" since {}", words::ago(now, job.since)));
+            }
+            if !job.detail.is_empty() {
+                phase.push_str(&format!(": {}", job.detail));
+            }
+            line(format!(
+                "  {:<14} syncing {} ({phase}){progress}",
+                "", job.repository
+            ));
         }
         match &drive.last_sync {
             Some(s) => {

@@ -62,12 +62,15 @@ pub fn describe(interface: &str, member: &str, args: &[String]) -> Option<String
         ("org.ferry.Sync1", "SyncProgress") => {
             let (done, total) = (number(1), number(2));
             let percent = (done * 100).checked_div(total).unwrap_or(0);
-            format!(
-                "drive {}: {} of {} copied ({percent}%)",
-                arg(0),
-                words::bytes(done),
-                words::bytes(total)
-            )
+            match args.get(3).map(String::as_str) {
+                Some(phase) if phase != "copy" => format!("drive {}: {phase}", arg(0)),
+                _ => format!(
+                    "drive {}: {} of {} copied ({percent}%)",
+                    arg(0),
+                    words::bytes(done),
+                    words::bytes(total)
+                ),
+            }
         }
         ("org.ferry.Sync1", "SyncFinished") => {
             let seconds: f64 = arg(2).parse().unwrap_or(0.0);

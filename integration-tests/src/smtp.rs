@@ -18,7 +18,8 @@ const WAIT: Duration = Duration::from_secs(15);
 /// CR/LF made visible, decoded body). OUT/mode steers the answers:
 /// `ok`, `4xx N` (refuse the next N with 451), `5xx` (refuse with 550),
 /// `slow S` (wait S seconds, then store unless the client is gone), `delay S`
-/// (store, then wait S seconds before answering 250).
+/// (store, then wait S seconds before answering 250), `slow-rcpt S` (wait S
+/// seconds before accepting each recipient, before the message is sent).
 pub const SMTP_SERVER: &str = r#"
 import asyncio, email, email.policy, os, socket, sys
 from aiosmtpd.smtp import SMTP
@@ -41,6 +42,13 @@ def write(name, data):
     os.rename(tmp, os.path.join(out, name))
 
 class Handler:
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        m = mode()
+        if m[0] == "slow-rcpt":
+            await asyncio.sleep(float(m[1]))
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope):
         m = mode()
         if m[0] == "4xx":

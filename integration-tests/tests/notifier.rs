@@ -379,9 +379,10 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let smtp = Smtp::start(&dir.path().join("smtp"), 0);
-    // A slow server (0.1 s per message before it commits) keeps messages
-    // between queueing and delivery long enough for kills to land there.
-    smtp.set_mode("slow 0.1");
+    // A slow server (0.3 s per message before the message is sent) keeps
+    // messages between queueing and delivery long enough for kills to land
+    // there. (Kills after the whole message went out are the next test's.)
+    smtp.set_mode("slow-rcpt 0.3");
     let config = config(dir.path(), smtp.port, &["offsite-a"], "max-per-hour = 1000");
     let conn = bus.connect().await;
     let signals = SignalRecorder::new(&conn).await;
@@ -416,16 +417,9 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
         assert!(notifier.wait_exit(WAIT).await.is_some(), "killed");
     }
     let pending_after_kills = outbox_files(dir.path(), "outbox").len();
-    // Every message queued before a kill arrives after the restarts.
+    // Every message queued before a kill is delivered after the restarts.
     let _notifier = start(&bus, &conn, &config, &[]).await;
-    let ids = queued_ids.clone();
-    smtp.wait_for(
-        ids.len(),
-        |m| ids.iter().any(|i| i == m.id()),
-        Duration::from_secs(60),
-    )
-    .await;
-    wait_until(WAIT, || {
+    wait_until(Duration::from_secs(60), || {
         outbox_files(dir.path(), "outbox").is_empty().then_some(())
     })
     .await;
@@ -433,17 +427,29 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
     for mail in smtp.mails() {
         *per_id.entry(mail.id().to_string()).or_default() += 1;
     }
+    // A message whose whole text had gone to the server when a kill came,
+    // twice, is not sent a third time: it is a dead letter saying why (it
+    // may have arrived), never silently dropped.
+    let dead = outbox_files(dir.path(), "dead");
+    let in_doubt = |id: &str| {
+        dead.contains(&format!("{id}.json"))
+            && std::fs::read_to_string(
+                dir.path()
+                    .join("state/notifier/dead")
+                    .join(format!("{id}.reason")),
+            )
+            .is_ok_and(|r| r.contains("may already have arrived"))
+    };
     for id in &queued_ids {
         let n = per_id.get(id).copied().unwrap_or(0);
         assert!(
-            (1..=2).contains(&n),
+            (1..=2).contains(&n) || (n == 0 && in_doubt(id)),
             "{id} arrived {n} times (kill delays {delays:?} ms): {per_id:#?}"
         );
     }
-    assert_eq!(
-        per_id.len(),
-        queued_ids.len(),
-        "no mail the test did not cause"
+    assert!(
+        per_id.keys().all(|id| queued_ids.contains(id)),
+        "no mail the test did not cause: {per_id:#?}"
     );
     let duplicates = per_id.values().filter(|n| **n > 1).count();
     eprintln!(
@@ -454,7 +460,11 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
         pending_after_kills > 0,
         "no kill landed before delivery: {delays:?}"
     );
-    assert_eq!(outbox_files(dir.path(), "dead").len(), 0);
+    assert!(
+        dead.iter().all(|f| in_doubt(f.trim_end_matches(".json"))),
+        "dead letters other than in-doubt ones: {dead:?}"
+    );
+    eprintln!("{} in doubt twice (dead letters)", dead.len());
 }
 
 /// The one window a crash can duplicate in: the server has the message and
@@ -941,4 +951,178 @@ async fn sendmail_gets_the_message_on_stdin_and_a_success_summary_is_mailed() {
         args.lines().collect::<Vec<_>>(),
         ["-i", "-f", "ferry@nas.test", "--", "admin@home.test"]
     );
+}
+
+async fn backup_finished(conn: &zbus::Connection, job: &str, profile: &str) {
+    emit(
+        conn,
+        borg::OBJECT_PATH,
+        borg::INTERFACE,
+        "BackupFinished",
+        &(job, profile, format!("{profile}-{job}")),
+    )
+    .await;
+}
+
+/// max-per-hour is counted per class: success summaries and test mails
+/// that used up their hour never hold a failure back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_is_mailed_while_success_and_test_mails_used_up_the_hourly_limit() {
+    if !require_aiosmtpd() {
+        return;
+    }
+    let bus = TestBus::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let smtp = Smtp::start(&dir.path().join("smtp"), 0);
+    let config = config(
+        dir.path(),
+        smtp.port,
+        &["offsite-a"],
+        "max-per-hour = 2\nbackup-success = true",
+    );
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let notifier = start(&bus, &conn, &config, &[]).await;
+    let proxy = NotifierProxy::new(&conn).await.expect("proxy");
+    for k in 0..3 {
+        backup_finished(&conn, &format!("job-{k}"), "home").await;
+    }
+    for _ in 0..2 {
+        proxy.send_test().await.expect("SendTest");
+    }
+    smtp.wait_for(2, |m| m.subject().contains("finished"), WAIT)
+        .await;
+    smtp.wait_for(2, |m| m.subject().contains("test message"), WAIT)
+        .await;
+    // The third success summary is over the limit: held for the digest.
+    wait_until(WAIT, || {
+        notifier
+            .log()
+            .contains("held for the next digest")
+            .then_some(())
+    })
+    .await;
+    sync_failed(&conn, "offsite-a", "copy", "read error: Input/output error").await;
+    let failure = smtp
+        .wait_for(1, |m| m.subject().contains("failed at copy"), WAIT)
+        .await;
+    assert!(failure[0].body.contains("Input/output error"));
+    assert_eq!(
+        smtp.mails()
+            .iter()
+            .filter(|m| m.subject().contains("finished"))
+            .count(),
+        2,
+        "the third success summary waits for its digest"
+    );
+    assert_eq!(
+        signals.count("NotificationQueued", |s| s.args[1]
+            .starts_with("SyncFailed")),
+        1
+    );
+}
+
+/// The SMTP acceptance window: the server has the whole message and
+/// ferry-notifier is killed before it hears "250" — five times in a row on
+/// one message. It arrives at most twice; then it is a dead letter that
+/// says why, listed over the bus and sent again only when asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_at_the_250_five_times_a_message_arrives_at_most_twice() {
+    if !require_aiosmtpd() {
+        return;
+    }
+    let bus = TestBus::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let smtp = Smtp::start(&dir.path().join("smtp"), 0);
+    // Store the message, then hold back the 250 for a minute.
+    smtp.set_mode("delay 60");
+    let config = config(dir.path(), smtp.port, &["offsite-a"], "");
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let mut id = String::new();
+    for round in 0..5 {
+        let from = signals.len();
+        let notifier = start(&bus, &conn, &config, &[]).await;
+        if round == 0 {
+            sync_failed(
+                &conn,
+                "offsite-a",
+                "swap",
+                "rename failed: Read-only file system",
+            )
+            .await;
+            id = signals
+                .wait_for_from(from, "NotificationQueued", |_| true, WAIT)
+                .await
+                .args[0]
+                .clone();
+        }
+        // Kill when the server has one more copy, or when the notifier has
+        // given up on the message (it is a dead letter).
+        let copies = smtp.mails().len();
+        wait_until(WAIT, || {
+            (smtp.mails().len() > copies || !outbox_files(dir.path(), "dead").is_empty())
+                .then_some(())
+        })
+        .await;
+        notifier.signal(libc::SIGKILL);
+        assert!(notifier.wait_exit(WAIT).await.is_some(), "killed");
+    }
+    let copies = smtp.mails();
+    assert!(copies.iter().all(|m| m.id() == id), "{copies:#?}");
+    assert!(copies.len() <= 2, "{} copies: {copies:#?}", copies.len());
+    assert_eq!(outbox_files(dir.path(), "dead"), [format!("{id}.json")]);
+    assert!(outbox_files(dir.path(), "outbox").is_empty());
+
+    // Listed over the bus with why, and re-sent only when asked.
+    smtp.set_mode("ok");
+    let _notifier = start(&bus, &conn, &config, &[]).await;
+    let proxy = NotifierProxy::new(&conn).await.expect("proxy");
+    assert_eq!(proxy.dead_letters().await.expect("DeadLetters"), 1);
+    let letters = proxy
+        .list_dead_letters(Default::default())
+        .await
+        .expect("ListDeadLetters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].id, id);
+    assert!(letters[0].subject.contains("failed at swap"), "{letters:?}");
+    assert!(
+        letters[0].error.contains("may already have arrived")
+            && letters[0].error.contains("ResendDeadLetter"),
+        "{letters:?}"
+    );
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(smtp.mails().len(), copies.len(), "not sent by itself");
+
+    let unknown = proxy
+        .resend_dead_letter("ferry-0000000001-0000000000000000", Default::default())
+        .await
+        .expect_err("no such dead letter");
+    assert!(
+        unknown.to_string().contains("org.ferry.Error.NotFound"),
+        "{unknown}"
+    );
+    let mut options = std::collections::HashMap::new();
+    options.insert("force", zbus::zvariant::Value::from(true));
+    let bad = proxy
+        .resend_dead_letter(&id, options)
+        .await
+        .expect_err("unknown option");
+    assert!(
+        bad.to_string().contains("org.ferry.Error.InvalidArgument"),
+        "{bad}"
+    );
+    proxy
+        .resend_dead_letter(&id, Default::default())
+        .await
+        .expect("ResendDeadLetter");
+    smtp.wait_for(copies.len() + 1, |m| m.id() == id, WAIT)
+        .await;
+    wait_until(WAIT, || {
+        (outbox_files(dir.path(), "dead").is_empty()
+            && outbox_files(dir.path(), "outbox").is_empty())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(proxy.dead_letters().await.expect("DeadLetters"), 0);
 }

@@ -968,6 +968,7 @@ async fn killed_or_yanked_at_random_points_the_copy_is_old_or_new() {
         rig.drive_opened("offsite-a").await;
         tokio::time::sleep(delay).await;
         let copy_path = rig.drive("offsite-a").copy("nas");
+        let mut said = None;
         let what = if yank {
             let drive = rig.drive("offsite-a");
             run(
@@ -980,6 +981,9 @@ async fn killed_or_yanked_at_random_points_the_copy_is_old_or_new() {
                 ],
             );
             let result = rig.result(from, "offsite-a").await;
+            if result.member == "SyncFailed" {
+                said = Some(result.args[2].clone());
+            }
             drive.unmount();
             drive.mount();
             format!(
@@ -1012,6 +1016,25 @@ async fn killed_or_yanked_at_random_points_the_copy_is_old_or_new() {
             copy == before || copy == after,
             "point {point} ({what} after {delay:?}): the copy lists {copy:?}, neither {before:?} nor {after:?}"
         );
+        // What SyncFailed said the drive holds is what it holds (or it
+        // says it could not look: a shut-down filesystem answers EIO).
+        if let Some(said) = said {
+            let new = said.contains("the new copy of nas");
+            let previous = said.contains("the previous copy of nas");
+            assert!(
+                new || previous
+                    || said.contains("could not be looked at")
+                    || said.contains("it cannot be read"),
+                "point {point}: SyncFailed does not say what the drive holds: {said}"
+            );
+            assert!(!said.contains("File exists"), "point {point}: {said}");
+            if new && before != after {
+                assert_eq!(copy, after, "point {point}: {said}");
+            }
+            if previous && before != after {
+                assert_eq!(copy, before, "point {point}: {said}");
+            }
+        }
         before = copy;
     }
     eprintln!("interruptions: {hits:?}");
@@ -1042,5 +1065,207 @@ async fn killed_or_yanked_at_random_points_the_copy_is_old_or_new() {
         .code(),
         Some(0),
         "borg's lock on the source was left behind"
+    );
+}
+
+/// A sync that has to wait for borg's lock says so in Running within a
+/// second (the phase lock-wait, since when, and who holds it: borg's own
+/// lock files name the holding process), then goes through its phases in
+/// order, each in SyncProgress and the log, once the backup lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
+    if !borg_ready() {
+        return;
+    }
+    let rig = Rig::new(&[("offsite-a", 64)], &[&NAS], "").await;
+    rig.add_archive(&NAS, "nas-1", 5, 3000);
+    let repo = rig.repo("nas");
+    // A backup holds borg's lock for a few seconds.
+    let mut holder = Command::new("borg")
+        .args([os("with-lock"), repo.as_os_str(), os("sleep"), os("5")])
+        .env("BORG_BASE_DIR", &rig.base)
+        .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+        .env("BORG_PASSPHRASE", "")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("borg with-lock");
+    let lock = repo.join("lock.exclusive");
+    let deadline = Instant::now() + WAIT;
+    while !lock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "borg with-lock never took its lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let proxy = SyncProxy::new(&rig.conn).await.expect("proxy");
+    let mut changes = proxy.receive_running_changed().await;
+    let from = rig.signals.len();
+    proxy.start("offsite-a").await.expect("Start");
+    let asked = Instant::now();
+    let waiting = tokio::time::timeout(Duration::from_secs(1), async {
+        use futures_util::StreamExt;
+        while let Some(change) = changes.next().await {
+            let running = change.get().await.expect("Running");
+            if let Some(job) = running.into_iter().find(|j| j.phase == "lock-wait") {
+                return job;
+            }
+        }
+        panic!("the Running stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "Running did not show lock-wait within a second:\n{}",
+            rig.signals.listing()
+        )
+    });
+    let shown = asked.elapsed();
+    assert_eq!(
+        (waiting.drive.as_str(), waiting.repository.as_str()),
+        ("offsite-a", "nas")
+    );
+    let now = ferry_service::unix_now();
+    assert!(
+        waiting.since <= now && waiting.since + 5 >= now,
+        "{waiting:?}"
+    );
+    assert!(
+        waiting.detail.contains(&format!("process {}", holder.id())),
+        "the holder is named: {waiting:?}"
+    );
+
+    // The backup ends; the sync goes on through its phases.
+    assert!(holder.wait().expect("holder").success());
+    let result = rig.result(from, "offsite-a").await;
+    assert_eq!(result.member, "SyncFinished", "{result}");
+    let phases: Vec<String> = rig.signals.all()[from..]
+        .iter()
+        .filter(|s| s.member == "SyncProgress" && s.args[0] == "offsite-a")
+        .map(|s| s.args[3].clone())
+        .fold(Vec::new(), |mut seen, phase| {
+            if seen.last() != Some(&phase) {
+                seen.push(phase);
+            }
+            seen
+        });
+    assert_eq!(
+        phases,
+        ["lock", "lock-wait", "snapshot", "copy", "verify", "swap"],
+        "{}",
+        rig.signals.listing()
+    );
+    let log = rig.service.as_ref().expect("service").log();
+    assert!(
+        log.contains("offsite-a: nas: lock-wait: held by host"),
+        "{log}"
+    );
+    eprintln!("lock-wait shown in Running {shown:?} after Start");
+    assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1"]);
+}
+
+/// A borg that fails `borg check` of one repository's new copy when told to
+/// (a file names the repository), and is the real borg otherwise.
+fn failing_borg(dir: &Path) -> (PathBuf, PathBuf) {
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v borg"])
+            .output()
+            .expect("command -v borg")
+            .stdout,
+    )
+    .expect("utf-8")
+    .trim()
+    .to_string();
+    let flag = dir.join("fail-check-of");
+    let program = dir.join("borg");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/usr/bin/python3\nimport os, sys\nflag = {flag:?}\n\
+             if sys.argv[1:2] == ['check'] and os.path.exists(flag):\n\
+             \x20   target = '.' + open(flag).read().strip() + '.verify'\n\
+             \x20   if any(a.endswith(target) for a in sys.argv):\n\
+             \x20       sys.stderr.write('segment 3 has a bad checksum (test)\\n')\n\
+             \x20       sys.exit(1)\n\
+             os.execv({real:?}, ['borg'] + sys.argv[1:])\n"
+        ),
+    )
+    .expect("write borg");
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    (program, flag)
+}
+
+/// After a failure, SyncFailed says which copy of each repository the
+/// drive holds, as found by looking: a failure after nas's new copy was
+/// swapped in (photos fails its check) says nas is new and photos
+/// previous; a failure before any swap says both are previous. The test
+/// then reads the drive: it holds what the message said.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_failure_message_says_which_copy_the_drive_holds() {
+    if !borg_ready() {
+        return;
+    }
+    let tools = tempfile::tempdir().expect("temp dir");
+    let (program, flag) = failing_borg(tools.path());
+    let extra = format!("\n[borg]\nprogram = \"{}\"\n", program.display());
+    let rig = Rig::new(&[("offsite-a", 128)], &[&NAS, &PHOTOS], &extra).await;
+    rig.add_archive(&NAS, "nas-1", 5, 3000);
+    rig.add_archive(&PHOTOS, "photos-1", 5, 3000);
+    rig.sync("offsite-a").await;
+
+    // After the swap of nas, photos fails at verify.
+    rig.add_archive(&NAS, "nas-2", 5, 3000);
+    rig.add_archive(&PHOTOS, "photos-2", 5, 3000);
+    std::fs::write(&flag, "photos").expect("flag");
+    let from = rig.signals.len();
+    rig.drive_opened("offsite-a").await;
+    let failed = rig.result(from, "offsite-a").await;
+    assert_eq!(failed.member, "SyncFailed", "{failed}");
+    assert_eq!(failed.args[1], "verify", "{failed}");
+    let said = &failed.args[2];
+    assert!(said.contains("the new copy of nas"), "{said}");
+    assert!(said.contains("the previous copy of photos"), "{said}");
+    assert!(!said.contains("was kept"), "{said}");
+    assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1", "nas-2"]);
+    assert_eq!(rig.copy_archives("offsite-a", &PHOTOS), ["photos-1"]);
+
+    // Before any swap: nas fails at verify; both are the previous copies.
+    rig.add_archive(&NAS, "nas-3", 5, 3000);
+    std::fs::write(&flag, "nas").expect("flag");
+    let from = rig.signals.len();
+    rig.drive_opened("offsite-a").await;
+    let failed = rig.result(from, "offsite-a").await;
+    assert_eq!(failed.member, "SyncFailed", "{failed}");
+    let said = &failed.args[2];
+    assert!(said.contains("the previous copy of nas"), "{said}");
+    assert!(said.contains("the previous copy of photos"), "{said}");
+    assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1", "nas-2"]);
+    assert_eq!(rig.copy_archives("offsite-a", &PHOTOS), ["photos-1"]);
+    let history = rig
+        .proxy()
+        .await
+        .failure_history()
+        .await
+        .expect("FailureHistory");
+    assert_eq!(history.len(), 2, "{history:#?}");
+    assert_eq!(&history[1].message, said);
+
+    // Told to stop failing, the next sync completes both.
+    std::fs::remove_file(&flag).expect("flag");
+    rig.sync("offsite-a").await;
+    assert_eq!(
+        rig.copy_archives("offsite-a", &NAS),
+        ["nas-1", "nas-2", "nas-3"]
+    );
+    assert_eq!(
+        rig.copy_archives("offsite-a", &PHOTOS),
+        ["photos-1", "photos-2"]
     );
 }

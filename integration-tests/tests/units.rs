@@ -296,6 +296,8 @@ fn offers() -> Vec<Offer> {
                 ("SendTest", &[]),
                 ("UnitFailed", &["s", "ferry-sync.service"]),
                 ("Flush", &[]),
+                ("ListDeadLetters", &["a{sv}", "0"]),
+                ("ResendDeadLetter", &["sa{sv}", "no-such-letter", "0"]),
             ],
             "Pending",
         ),

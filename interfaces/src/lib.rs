@@ -88,6 +88,9 @@ pub mod crypt {
         /// The most recent failure per drive.
         #[zbus(property)]
         fn last_failures(&self) -> zbus::Result<Vec<Failure>>;
+        /// Every failure, oldest first, the newest 64, with unique ids.
+        #[zbus(property)]
+        fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
         /// A drive is open at `mountpoint`.
         #[zbus(signal)]
         fn drive_opened(&self, drive: &str, mountpoint: &str) -> zbus::Result<()>;
@@ -136,12 +139,21 @@ pub mod sync {
         /// The most recent failure per drive.
         #[zbus(property)]
         fn last_failures(&self) -> zbus::Result<Vec<Failure>>;
+        /// Every failure, oldest first, the newest 64, with unique ids.
+        #[zbus(property)]
+        fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
         /// Copying a repository began.
         #[zbus(signal)]
         fn sync_started(&self, drive: &str, repository: &str) -> zbus::Result<()>;
-        /// Bytes copied so far.
+        /// Bytes copied so far, and each change of phase.
         #[zbus(signal)]
-        fn sync_progress(&self, drive: &str, done: u64, total: u64) -> zbus::Result<()>;
+        fn sync_progress(
+            &self,
+            drive: &str,
+            done: u64,
+            total: u64,
+            phase: &str,
+        ) -> zbus::Result<()>;
         /// Every repository copied, verified and durable.
         #[zbus(signal)]
         fn sync_finished(&self, drive: &str, bytes: u64, seconds: f64) -> zbus::Result<()>;
@@ -192,6 +204,9 @@ pub mod borg {
         /// The most recent failure per profile.
         #[zbus(property)]
         fn last_failures(&self) -> zbus::Result<Vec<Failure>>;
+        /// Every failure, oldest first, the newest 64, with unique ids.
+        #[zbus(property)]
+        fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
         /// A job began.
         #[zbus(signal)]
         fn backup_started(&self, job: &str, profile: &str) -> zbus::Result<()>;
@@ -297,6 +312,17 @@ pub mod notifier {
         fn unit_failed(&self, unit: &str) -> zbus::Result<String>;
         /// Deliver pending messages now.
         fn flush(&self) -> zbus::Result<()>;
+        /// The dead letters, oldest first.
+        fn list_dead_letters(
+            &self,
+            options: std::collections::HashMap<&str, zbus::zvariant::Value<'_>>,
+        ) -> zbus::Result<Vec<DeadLetter>>;
+        /// Put a dead letter back into the outbox.
+        fn resend_dead_letter(
+            &self,
+            id: &str,
+            options: std::collections::HashMap<&str, zbus::zvariant::Value<'_>>,
+        ) -> zbus::Result<()>;
         /// Messages waiting for delivery.
         #[zbus(property)]
         fn pending(&self) -> zbus::Result<u32>;

@@ -49,17 +49,24 @@ pub struct Failure {
     pub message: String,
 }
 
-/// An entry of Sync1.Running: `(sstt)`.
+/// An entry of Sync1.Running: `(ssttsts)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
 pub struct SyncJob {
     /// The drive being synced.
     pub drive: String,
-    /// The repository being copied now.
+    /// The repository being worked on now.
     pub repository: String,
     /// Bytes copied.
     pub done: u64,
     /// Bytes to copy.
     pub total: u64,
+    /// What the job does now: prepare, lock, lock-wait, snapshot, copy,
+    /// verify or swap (the XML documents each).
+    pub phase: String,
+    /// Unix time the phase began.
+    pub since: u64,
+    /// More about the phase (who holds borg's lock), or empty.
+    pub detail: String,
 }
 
 /// An entry of Sync1.LastSyncs: `(sttdst)`.
@@ -176,4 +183,38 @@ impl BackupOutcome {
             BackupOutcome::Finished | BackupOutcome::FinishedWithWarnings
         )
     }
+}
+
+/// An entry of Notifier1.ListDeadLetters: `(sssts)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct DeadLetter {
+    /// The message's event id (the file name when the file is unreadable).
+    pub id: String,
+    /// Its subject line.
+    pub subject: String,
+    /// What it is about, for example "SyncFailed offsite-a".
+    pub reason: String,
+    /// Unix time it was queued (0 when unknown).
+    pub created: u64,
+    /// Why it is a dead letter: the server's refusal, or that its delivery
+    /// could not be confirmed.
+    pub error: String,
+}
+
+/// An entry of FailureHistory (Sync1, Borg1, Crypt1): `(ssstss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct FailureEvent {
+    /// Unique across the service's restarts; the notifier remembers which
+    /// ids it mailed.
+    pub id: String,
+    /// The drive or profile name.
+    pub subject: String,
+    /// The stage that failed.
+    pub stage: String,
+    /// Unix time of the failure.
+    pub time: u64,
+    /// What went wrong.
+    pub message: String,
+    /// The job id (Borg1), empty otherwise.
+    pub job: String,
 }

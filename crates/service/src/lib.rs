@@ -9,6 +9,7 @@
 mod args;
 pub mod caller;
 pub mod durable;
+pub mod history;
 mod logging;
 pub mod notify;
 mod shutdown;

@@ -230,6 +230,12 @@ impl BorgInterface {
         })
     }
 
+    /// Every failure, oldest first, bounded, with unique ids.
+    #[zbus(property)]
+    async fn failure_history(&self) -> Vec<ferry_interfaces::FailureEvent> {
+        self.shared(|s| s.stored.failure_history.clone())
+    }
+
     /// A job began.
     #[zbus(signal)]
     async fn backup_started(
@@ -489,6 +495,7 @@ impl Service {
             s.stored.running.remove(&job);
             record_end(&mut s.stored, &profile, &end, seconds);
             plan_retry(&mut s.stored, &profile, &end, attempt, retry);
+            remember_failure(&mut s.stored, &job, &profile, &end);
             s.stored.clone()
         });
         if let Some(planned) = stored.retries.get(&profile) {
@@ -506,6 +513,7 @@ impl Service {
             interface.jobs_changed(emitter).await,
             interface.last_results_changed(emitter).await,
             interface.last_failures_changed(emitter).await,
+            interface.failure_history_changed(emitter).await,
             interface.schedule_changed(emitter).await,
         ] {
             if let Err(e) = sent {
@@ -708,6 +716,14 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
     }
 }
 
+/// Adds a failed job to the failure history (Borg1.FailureHistory).
+fn remember_failure(stored: &mut Stored, job: &str, profile: &str, end: &End) {
+    if let End::Failed { stage, message } = end {
+        let event = ferry_service::history::failure_event(profile, stage, message, job);
+        ferry_service::history::remember(&mut stored.failure_history, event);
+    }
+}
+
 /// The jobs the state says were running: ferry-borg died during them (it
 /// records every end, even on shutdown). Each is recorded as failed at
 /// stage "interrupted" and returned as (job, profile, end) to announce.
@@ -730,6 +746,7 @@ fn interrupted(stored: &mut Stored, retry: (u32, Duration)) -> Vec<(String, Stri
             let seconds = now.saturating_sub(running.started) as f64;
             record_end(stored, &running.profile, &end, seconds);
             plan_retry(stored, &running.profile, &end, running.attempt, retry);
+            remember_failure(stored, &job, &running.profile, &end);
             (job, running.profile, end)
         })
         .collect()

@@ -74,6 +74,9 @@ pub struct Stored {
     /// Retries planned, by profile.
     #[serde(default)]
     pub retries: BTreeMap<String, PlannedRetry>,
+    /// Every failure, oldest first, bounded (Borg1.FailureHistory).
+    #[serde(default)]
+    pub failure_history: Vec<ferry_interfaces::FailureEvent>,
 }
 
 impl Stored {

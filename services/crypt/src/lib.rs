@@ -83,6 +83,8 @@ impl State {
 struct View {
     drives: Vec<CryptDrive>,
     failures: Vec<Failure>,
+    /// Crypt1.FailureHistory (in memory).
+    history: Vec<ferry_interfaces::FailureEvent>,
 }
 
 /// A request from the interface to the loop.
@@ -191,6 +193,15 @@ impl CryptInterface {
         self.view
             .lock()
             .map(|v| v.failures.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every failure since the service started, oldest first, bounded.
+    #[zbus(property)]
+    async fn failure_history(&self) -> Vec<ferry_interfaces::FailureEvent> {
+        self.view
+            .lock()
+            .map(|v| v.history.clone())
             .unwrap_or_default()
     }
 
@@ -454,6 +465,24 @@ impl Service {
         }
     }
 
+    /// Adds a failure to Crypt1.FailureHistory and says so on the bus.
+    async fn remember_failure(&self, drive: &Name, failed: &Failed) {
+        let event = ferry_service::history::failure_event(
+            drive.as_str(),
+            failed.stage,
+            &failed.message,
+            "",
+        );
+        if let Ok(mut view) = self.view.lock() {
+            ferry_service::history::remember(&mut view.history, event);
+        }
+        let emitter = self.object.signal_emitter();
+        let interface = self.object.get().await;
+        if let Err(e) = interface.failure_history_changed(emitter).await {
+            tracing::warn!("cannot emit PropertiesChanged: {e}");
+        }
+    }
+
     /// Records a failure, publishes it, and emits DriveFailed.
     async fn fail(&mut self, drive: &Name, failed: Failed) {
         tracing::error!("{drive}: {} failed: {}", failed.stage, failed.message);
@@ -470,6 +499,7 @@ impl Service {
             })
             .await;
         self.publish().await;
+        self.remember_failure(drive, &failed).await;
         let emitter = self.object.signal_emitter();
         if let Err(e) =
             CryptInterface::drive_failed(emitter, drive.as_str(), failed.stage, &failed.message)

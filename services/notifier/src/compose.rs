@@ -21,6 +21,29 @@ pub const EVENT_ID_HEADER: &str = "X-Ferry-Event-Id";
 /// The longest subject ferry writes (before the prefix), in characters.
 const SUBJECT_MAX: usize = 160;
 
+/// What kind of mail a draft is. The hourly limit counts each class on
+/// its own, and delivery sends failures first, so a failure is never held
+/// behind success summaries, reminders or test mails.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Class {
+    /// Something failed: DriveFailed, SyncFailed, BackupFailed, a failed
+    /// unit, a repeated failure's follow-up.
+    Failure,
+    /// A reminder: a stale drive or profile.
+    Reminder,
+    /// A success summary.
+    Success,
+    /// A test mail (SendTest).
+    Test,
+    /// Anything written before classes existed (read from an old ledger
+    /// or outbox).
+    #[default]
+    Other,
+}
+
 /// A mail before it has an id: what it is about and what it says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Draft {
@@ -31,16 +54,31 @@ pub struct Draft {
     pub subject: String,
     /// The body, plain text.
     pub body: String,
+    /// Its class (for the hourly limit and the delivery order).
+    #[serde(default)]
+    pub class: Class,
 }
 
 impl Draft {
-    /// A draft; `subject` is cleaned when the message is built.
-    pub fn new(reason: impl Into<String>, subject: impl Into<String>, body: String) -> Draft {
+    /// A draft of class `class`; `subject` is cleaned when the message is
+    /// built.
+    pub fn of(
+        class: Class,
+        reason: impl Into<String>,
+        subject: impl Into<String>,
+        body: String,
+    ) -> Draft {
         Draft {
             reason: one_line(&reason.into(), SUBJECT_MAX),
             subject: subject.into(),
             body,
+            class,
         }
+    }
+
+    /// A failure's draft.
+    pub fn new(reason: impl Into<String>, subject: impl Into<String>, body: String) -> Draft {
+        Draft::of(Class::Failure, reason, subject, body)
     }
 }
 
@@ -67,7 +105,21 @@ pub struct Spooled {
     pub covers: Vec<(String, u64)>,
     /// The message, formatted (ASCII: lettre encodes anything else).
     pub message: String,
+    /// Its class: failures are delivered first.
+    #[serde(default)]
+    pub class: Class,
+    /// Attempts whose outcome is unknown: the whole message had gone to
+    /// the server and ferry-notifier stopped before hearing its answer.
+    /// Written before the message's last byte is sent; a message is never
+    /// sent once this reaches [`MAX_IN_DOUBT`], so it arrives at most twice.
+    #[serde(default)]
+    pub in_doubt: u32,
 }
+
+/// How many times a message may have reached the server without ferry
+/// hearing the answer; beyond this it is not sent again but kept as a dead
+/// letter for a person to look at (and re-send with ResendDeadLetter).
+pub const MAX_IN_DOUBT: u32 = 2;
 
 /// One line of printable text: control characters (CR, LF, tabs, escape
 /// sequences, Unicode line separators) become spaces, runs of spaces
@@ -182,6 +234,8 @@ pub fn build(
         created: now,
         covers,
         message,
+        class: draft.class,
+        in_doubt: 0,
     })
 }
 

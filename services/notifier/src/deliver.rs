@@ -2,14 +2,23 @@
 //! trying.
 //!
 //! One task delivers: it wakes when a message is queued, on Flush, or when
-//! the retry timer runs out, and sends the outbox oldest first. An accepted
+//! the retry timer runs out, and sends the outbox failures first, each
+//! class oldest first. An accepted
 //! message is deleted; a connection error, a timeout or a 4xx reply stops
 //! the pass and retries later with exponential backoff; a 5xx reply (or a
 //! sendmail exit other than EX_TEMPFAIL) moves that message to the
-//! dead-letter folder and the pass goes on. Transports: SMTP through lettre
-//! (STARTTLS, implicit TLS, or plain to localhost; the password is read
-//! from its file for each pass and never logged) or a sendmail-compatible
-//! binary fed on stdin.
+//! dead-letter folder and the pass goes on. Transports: SMTP through
+//! lettre's connection (STARTTLS, implicit TLS, or plain to localhost; the
+//! password is read from its file for each pass and never logged) or a
+//! sendmail-compatible binary fed on stdin.
+//!
+//! At most twice: just before the message's last byte goes to the server
+//! (SMTP's end of DATA; for sendmail, before it runs), the spooled file is
+//! rewritten durably with one more attempt "in doubt"; a definite answer
+//! takes it back. A kill between the two leaves the mark, so after a
+//! restart the message is sent once more; a message in doubt
+//! [`MAX_IN_DOUBT`] times is not sent again but becomes a dead letter
+//! saying so (ListDeadLetters shows it, ResendDeadLetter sends it anyway).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -17,12 +26,14 @@ use std::time::Duration;
 
 use ferry_config::Mail;
 use lettre::address::Envelope;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::Address;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 
-use crate::compose::Spooled;
+use crate::compose::{Spooled, MAX_IN_DOUBT};
 use crate::outbox::Outbox;
 
 /// What a send attempt came to.
@@ -132,28 +143,54 @@ pub fn spawn(
     (handle, task)
 }
 
-/// Sends every queued message, oldest first. Err on a temporary failure.
+/// Sends every queued message, failures first. Err on a temporary failure.
 async fn pass(mail: &Mail, outbox: &Outbox, reports: &mpsc::Sender<Report>) -> Result<(), String> {
-    let files = outbox
-        .pending()
+    let messages = outbox
+        .in_order()
         .map_err(|e| format!("cannot list {}: {e}", outbox.queue_dir().display()))?;
-    if files.is_empty() {
+    if messages.is_empty() {
         return Ok(());
     }
     let transport = Transport::new(mail)?;
-    for path in files {
-        let message = match Outbox::load(&path) {
+    for message in messages {
+        let message = match message {
             Ok(m) => m,
             Err(bad) => {
                 let error = format!("unreadable outbox file: {}", bad.reason);
-                bury(outbox, &path, &path.display().to_string(), &error, reports).await;
+                bury(
+                    outbox,
+                    &bad.path,
+                    &bad.path.display().to_string(),
+                    &error,
+                    reports,
+                )
+                .await;
                 continue;
             }
         };
-        match transport.send(&message).await {
-            Outcome::Accepted => {
+        let path = outbox.queue_dir().join(format!("{}.json", message.id));
+        if message.in_doubt >= MAX_IN_DOUBT {
+            let error = format!(
+                "not sent again: ferry-notifier stopped {} times while the mail server was \
+                 accepting this message, so it may already have arrived (up to {} times); if it \
+                 did not, send it again with busctl call org.ferry.Notifier1 \
+                 /org/ferry/Notifier1 org.ferry.Notifier1 ResendDeadLetter sa{{sv}} {} 0",
+                message.in_doubt, message.in_doubt, message.id
+            );
+            bury(outbox, &path, &message.id, &error, reports).await;
+            continue;
+        }
+        let mark = || {
+            let mut marked = message.clone();
+            marked.in_doubt += 1;
+            outbox.put(&marked)
+        };
+        let outcome = transport.send(&message, &mark).await;
+        match outcome {
+            Sent::Accepted => {
                 if let Err(e) = outbox.delete(&message.id) {
-                    // It would be sent again after a restart: at most one duplicate.
+                    // It would be sent again after a restart: it is marked
+                    // in doubt, so at most once more.
                     tracing::error!(
                         "mail {} sent but not removed from the outbox: {e}",
                         message.id
@@ -167,11 +204,37 @@ async fn pass(mail: &Mail, outbox: &Outbox, reports: &mpsc::Sender<Report>) -> R
                     })
                     .await;
             }
-            Outcome::Transient(e) => return Err(e),
-            Outcome::Permanent(e) => bury(outbox, &path, &message.id, &e, reports).await,
+            Sent::Answered(outcome, marked) => {
+                // The server answered: the attempt is not in doubt any more.
+                if marked {
+                    if let Err(e) = outbox.put(&message) {
+                        tracing::warn!("cannot take back the in-doubt mark of {}: {e}", message.id);
+                    }
+                }
+                match outcome {
+                    Outcome::Transient(e) => return Err(e),
+                    Outcome::Permanent(e) => bury(outbox, &path, &message.id, &e, reports).await,
+                    Outcome::Accepted => {}
+                }
+            }
+            // No answer after the whole message went out: it stays in doubt.
+            Sent::Unknown(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// How an attempt ended, as far as the in-doubt mark is concerned.
+#[derive(Debug)]
+enum Sent {
+    /// The server accepted the message.
+    Accepted,
+    /// The server (or sendmail) gave a definite answer other than
+    /// acceptance, or the attempt failed before the message's last byte;
+    /// `true` when the in-doubt mark was written and must be taken back.
+    Answered(Outcome, bool),
+    /// The whole message went out and no answer came: it may have arrived.
+    Unknown(String),
 }
 
 async fn bury(
@@ -196,7 +259,6 @@ async fn bury(
         .await;
 }
 
-/// The configured way out.
 /// The systemd credential `name` (LoadCredential= in the unit), from
 /// `$CREDENTIALS_DIRECTORY`: only this service can read it.
 fn read_credential(name: &str) -> Result<String, String> {
@@ -218,12 +280,30 @@ fn read_credential(name: &str) -> Result<String, String> {
         })
 }
 
+/// The configured way out.
 enum Transport {
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(Smtp),
     Sendmail {
         binary: std::path::PathBuf,
         timeout: Duration,
     },
+}
+
+/// An SMTP server as `[mail]` describes it.
+struct Smtp {
+    host: String,
+    port: u16,
+    security: Security,
+    timeout: Duration,
+    credentials: Option<Credentials>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Security {
+    Implicit,
+    Starttls,
+    /// Plain: the configuration only allows it to a loopback host.
+    None,
 }
 
 impl Transport {
@@ -237,48 +317,170 @@ impl Transport {
                 timeout,
             });
         }
-        let host = mail.smtp_host.as_str();
-        let builder = if mail.implicit_tls() {
-            AsyncSmtpTransport::<Tokio1Executor>::relay(host)
-                .map_err(|e| format!("SMTP TLS setup for {host}: {e}"))?
+        let security = if mail.implicit_tls() {
+            Security::Implicit
         } else if mail.starttls() {
-            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)
-                .map_err(|e| format!("SMTP STARTTLS setup for {host}: {e}"))?
+            Security::Starttls
         } else {
-            // Plain: the configuration only allows it to a loopback host.
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+            Security::None
         };
-        let mut builder = builder.port(mail.port()).timeout(Some(timeout));
-        if let Some(user) = &mail.username {
-            let password = match (&mail.password_file, &mail.password_credential) {
-                (Some(file), _) => std::fs::read_to_string(file)
-                    .map_err(|e| {
-                        format!("cannot read the SMTP password file {}: {e}", file.display())
-                    })?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string(),
-                (None, Some(name)) => read_credential(name)?,
-                (None, None) => String::new(),
-            };
-            builder = builder.credentials(Credentials::new(user.clone(), password));
-        }
-        Ok(Transport::Smtp(builder.build()))
+        let credentials = match &mail.username {
+            Some(user) => Some(Credentials::new(user.clone(), smtp_password(mail)?)),
+            None => None,
+        };
+        Ok(Transport::Smtp(Smtp {
+            host: mail.smtp_host.clone(),
+            port: mail.port(),
+            security,
+            timeout,
+            credentials,
+        }))
     }
 
-    async fn send(&self, message: &Spooled) -> Outcome {
+    /// Sends one message; `mark` durably records an attempt in doubt and
+    /// is called right before the message's last byte leaves.
+    async fn send(
+        &self,
+        message: &Spooled,
+        mark: &(dyn Fn() -> std::io::Result<()> + Sync),
+    ) -> Sent {
+        let marked = |e: std::io::Error| {
+            Sent::Answered(
+                Outcome::Transient(format!(
+                    "cannot mark {} as being sent ({e}); not sending it",
+                    message.id
+                )),
+                false,
+            )
+        };
         match self {
-            Transport::Smtp(smtp) => {
-                let envelope = match envelope(message) {
-                    Ok(e) => e,
-                    Err(e) => return Outcome::Permanent(e),
-                };
-                match smtp.send_raw(&envelope, message.message.as_bytes()).await {
-                    Ok(_) => Outcome::Accepted,
-                    Err(e) if e.is_permanent() => Outcome::Permanent(format!("SMTP: {e}")),
-                    Err(e) => Outcome::Transient(format!("SMTP: {e}")),
+            Transport::Smtp(smtp) => smtp.send(message, mark).await,
+            Transport::Sendmail { binary, timeout } => {
+                if let Err(e) = mark() {
+                    return marked(e);
+                }
+                match sendmail(binary, *timeout, message).await {
+                    Outcome::Accepted => Sent::Accepted,
+                    other => Sent::Answered(other, true),
                 }
             }
-            Transport::Sendmail { binary, timeout } => sendmail(binary, *timeout, message).await,
+        }
+    }
+}
+
+/// The SMTP password from its file or its systemd credential (empty with
+/// neither).
+fn smtp_password(mail: &Mail) -> Result<String, String> {
+    Ok(match (&mail.password_file, &mail.password_credential) {
+        (Some(file), _) => std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read the SMTP password file {}: {e}", file.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_string(),
+        (None, Some(name)) => read_credential(name)?,
+        (None, None) => String::new(),
+    })
+}
+
+/// lettre's error as an outcome: permanent (5xx, bad address) or not.
+fn smtp_outcome(e: &lettre::transport::smtp::Error) -> Outcome {
+    if e.is_permanent() {
+        Outcome::Permanent(format!("SMTP: {e}"))
+    } else {
+        Outcome::Transient(format!("SMTP: {e}"))
+    }
+}
+
+impl Smtp {
+    /// Connects, says hello, upgrades to TLS and logs in as configured.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, lettre::transport::smtp::Error> {
+        let hello = ClientId::default();
+        let tls = || TlsParameters::new(self.host.clone());
+        let implicit = match self.security {
+            Security::Implicit => Some(tls()?),
+            _ => None,
+        };
+        let mut connection = AsyncSmtpConnection::connect_tokio1(
+            (self.host.as_str(), self.port),
+            Some(self.timeout),
+            &hello,
+            implicit,
+            None,
+        )
+        .await?;
+        if self.security == Security::Starttls {
+            connection.starttls(tls()?, &hello).await?;
+        }
+        if let Some(credentials) = &self.credentials {
+            connection
+                .auth(&[Mechanism::Plain, Mechanism::Login], credentials)
+                .await?;
+        }
+        Ok(connection)
+    }
+
+    async fn send(
+        &self,
+        message: &Spooled,
+        mark: &(dyn Fn() -> std::io::Result<()> + Sync),
+    ) -> Sent {
+        use lettre::transport::smtp::commands::{Data, Mail as MailCommand, Rcpt};
+        let envelope = match envelope(message) {
+            Ok(e) => e,
+            Err(e) => return Sent::Answered(Outcome::Permanent(e), false),
+        };
+        let before = async {
+            let mut connection = self.connect().await?;
+            connection
+                .command(MailCommand::new(envelope.from().cloned(), vec![]))
+                .await?;
+            for to in envelope.to() {
+                connection.command(Rcpt::new(to.clone(), vec![])).await?;
+            }
+            connection.command(Data).await?;
+            Ok::<_, lettre::transport::smtp::Error>(connection)
+        };
+        let mut connection = match tokio::time::timeout(self.timeout * 4, before).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Sent::Answered(smtp_outcome(&e), false),
+            Err(_) => {
+                return Sent::Answered(
+                    Outcome::Transient(format!(
+                        "SMTP: {}:{} did not get to DATA within {:?}",
+                        self.host,
+                        self.port,
+                        self.timeout * 4
+                    )),
+                    false,
+                )
+            }
+        };
+        if let Err(e) = mark() {
+            connection.abort().await;
+            return Sent::Answered(
+                Outcome::Transient(format!(
+                    "cannot mark {} as being sent ({e}); not sending it",
+                    message.id
+                )),
+                false,
+            );
+        }
+        let answer =
+            tokio::time::timeout(self.timeout, connection.message(message.message.as_bytes()))
+                .await;
+        match answer {
+            Ok(Ok(_)) => {
+                let _ = tokio::time::timeout(self.timeout, connection.quit()).await;
+                Sent::Accepted
+            }
+            // A reply code: the server decided, the message is not there.
+            Ok(Err(e)) if e.status().is_some() => Sent::Answered(smtp_outcome(&e), true),
+            Ok(Err(e)) => Sent::Unknown(format!(
+                "SMTP: no answer after the message was sent ({e}); it may have arrived"
+            )),
+            Err(_) => Sent::Unknown(format!(
+                "SMTP: no answer within {:?} after the message was sent; it may have arrived",
+                self.timeout
+            )),
         }
     }
 }

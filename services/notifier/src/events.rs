@@ -7,7 +7,7 @@
 
 use ferry_interfaces::{borg, crypt, sync, BackupResult, SyncRecord};
 
-use crate::compose::{human_bytes, human_duration, one_line, utc, Draft};
+use crate::compose::{human_bytes, human_duration, one_line, utc, Class, Draft};
 use crate::ledger::ProfileSeen;
 
 /// Which service reported a failure.
@@ -95,7 +95,8 @@ impl Failure {
             Source::Sync => (
                 "copying the repositories onto a drive",
                 format!("sync of drive {name} failed at {stage}"),
-                "The copy on the drive is the previous complete one.\n\
+                "Which copy the drive holds now (the previous one or the new one) is in \
+                 the message above, as ferry-sync found it after the failure.\n\
                  Try again: busctl call org.ferry.Sync1 /org/ferry/Sync1 org.ferry.Sync1 Start s DRIVE",
             ),
             Source::Borg => (
@@ -125,7 +126,7 @@ impl Failure {
         if late {
             body.push_str(
                 "\nThis happened while ferry-notifier was not running; it was found in the \
-                 service's LastFailures when the notifier started.\n",
+                 service's FailureHistory (or LastFailures) when the notifier started.\n",
             );
         }
         body.push_str(&format!(
@@ -242,7 +243,12 @@ pub fn sync_success_draft(
         body.push_str(&format!("Free on the drive: {}\n", human_bytes(r.free)));
     }
     body.push_str("\nThe drive is unmounted and locked: it can be unplugged and taken away.\n");
-    Draft::new(format!("SyncFinished {name}"), summary, body)
+    Draft::of(
+        Class::Success,
+        format!("SyncFinished {name}"),
+        summary,
+        body,
+    )
 }
 
 /// A successful backup.
@@ -260,7 +266,8 @@ pub fn backup_success_draft(
     if let Some(r) = result {
         body.push_str(&format!("Took:    {}\n", human_duration(r.seconds)));
     }
-    Draft::new(
+    Draft::of(
+        Class::Success,
         format!("BackupFinished {name}"),
         format!("backup {name} finished: {}", one_line(archive, 80)),
         body,
@@ -294,7 +301,12 @@ pub fn stale_drive_draft(
          The configured limit is {age_days} days ([notify] drive-stale-days).\n\n\
          Plug it in to bring it up to date; this reminder comes at most once a day.\n"
     );
-    Draft::new(format!("stale drive {name}"), subject, body)
+    Draft::of(
+        Class::Reminder,
+        format!("stale drive {name}"),
+        subject,
+        body,
+    )
 }
 
 /// A backup profile without success in its interval.
@@ -309,7 +321,8 @@ pub fn stale_profile_draft(profile: &str, seen: ProfileSeen, now: u64, host: &st
             human_duration(now.saturating_sub(seen.last_success) as f64)
         )
     };
-    Draft::new(
+    Draft::of(
+        Class::Reminder,
         format!("stale profile {name}"),
         format!("backup {name} has not succeeded since it was due"),
         format!(
@@ -336,7 +349,8 @@ pub fn unit_failed_draft(unit: &str, journal: &str, now: u64, host: &str) -> Dra
 
 /// The SendTest message.
 pub fn test_draft(now: u64, host: &str) -> Draft {
-    Draft::new(
+    Draft::of(
+        Class::Test,
         "test",
         format!("test message from {host}"),
         format!(

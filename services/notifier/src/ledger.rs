@@ -7,18 +7,20 @@
 //!   is still noticed while the sync or borg service is down),
 //! - grouping: an identical failure within the repeat window of the first is
 //!   counted, and one follow-up mail says how often it happened,
-//! - the hourly limit: mails beyond it wait and leave together as a digest.
+//! - the hourly limit, counted per [`Class`] of mail (so success summaries,
+//!   reminders and test mails never hold a failure back): mails beyond it
+//!   wait and leave together as a digest of their class.
 //!
 //! Everything here is plain data and arithmetic on unix times, so it is
 //! tested without a clock; the service persists it with
 //! `write_atomically` after every change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compose::{utc, Draft};
+use crate::compose::{utc, Class, Draft};
 
 /// Seconds in an hour and a day.
 pub const HOUR: u64 = 3600;
@@ -53,6 +55,9 @@ pub struct ProfileSeen {
 pub struct Ledger {
     /// `Crypt1/offsite-a` → time of the newest failure already mailed.
     pub mailed: BTreeMap<String, u64>,
+    /// `Sync1` → the FailureHistory ids already mailed (only those still in
+    /// the peer's history are kept).
+    pub mailed_ids: BTreeMap<String, BTreeSet<String>>,
     /// `drive/offsite-a`, `profile/home` → when staleness was last mailed.
     pub stale_mailed: BTreeMap<String, u64>,
     /// Drive → time of its last successful sync.
@@ -62,11 +67,16 @@ pub struct Ledger {
     pub first_seen: BTreeMap<String, u64>,
     /// Profile → its schedule and last success.
     pub profiles: BTreeMap<String, ProfileSeen>,
-    /// When mails were queued within the last hour (the hourly limit).
+    /// When mails were queued within the last hour, before classes were
+    /// counted apart (read from an old ledger, moved to `sent` at load).
+    #[serde(skip_serializing)]
     pub recent: Vec<u64>,
+    /// When mails of each class were queued within the last hour (the
+    /// hourly limit).
+    pub sent: Vec<(Class, u64)>,
     /// Failure key → repeats being counted.
     pub groups: BTreeMap<String, Group>,
-    /// Mails held back by the hourly limit, oldest first.
+    /// Mails held back by the hourly limit of their class, oldest first.
     pub held: Vec<Draft>,
 }
 
@@ -83,6 +93,15 @@ impl Ledger {
     /// Reads the ledger; a missing file is an empty ledger, an unreadable
     /// one is logged and replaced (it only makes mail more likely, never less).
     pub fn load(path: &Path) -> Ledger {
+        let mut ledger = Ledger::read(path);
+        let legacy = std::mem::take(&mut ledger.recent);
+        ledger
+            .sent
+            .extend(legacy.into_iter().map(|t| (Class::Other, t)));
+        ledger
+    }
+
+    fn read(path: &Path) -> Ledger {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::warn!(
@@ -102,6 +121,41 @@ impl Ledger {
     /// Whether a failure at `time` of `key` is newer than what was mailed.
     pub fn is_new_failure(&self, key: &str, time: u64) -> bool {
         self.mailed.get(key).is_none_or(|mailed| time > *mailed)
+    }
+
+    /// Whether the history entry `id` of `source` (failure `key` at
+    /// `time`) still has to be mailed: its id was not mailed, and it is not
+    /// older than a failure of the same subject mailed before ids existed.
+    pub fn is_new_event(&self, source: &str, id: &str, key: &str, time: u64) -> bool {
+        let mailed = self
+            .mailed_ids
+            .get(source)
+            .is_some_and(|ids| ids.contains(id));
+        !mailed && self.mailed.get(key).is_none_or(|floor| time >= *floor)
+    }
+
+    /// Records that history entry `id` of `source` is dealt with.
+    pub fn mark_event(&mut self, source: &str, id: &str) {
+        self.mailed_ids
+            .entry(source.to_string())
+            .or_default()
+            .insert(id.to_string());
+    }
+
+    /// Forgets mailed ids `source` no longer reports: they cannot come back.
+    pub fn keep_events(&mut self, source: &str, present: &BTreeSet<&str>) {
+        if let Some(ids) = self.mailed_ids.get_mut(source) {
+            ids.retain(|id| present.contains(id.as_str()));
+        }
+    }
+
+    /// What a spooled message's `covers` entry says was mailed: a history
+    /// entry (`Sync1#<id>`) or a failure time per subject.
+    pub fn cover(&mut self, key: &str, time: u64) {
+        match key.split_once('#') {
+            Some((source, id)) => self.mark_event(source, id),
+            None => self.mark_mailed(key, time),
+        }
     }
 
     /// Records that the failure `key` at `time` is dealt with.
@@ -176,48 +230,44 @@ impl Ledger {
         drafts
     }
 
-    /// Applies the hourly limit: Some(draft) to queue now, or None when it
-    /// is held for the next digest.
+    /// Mails of `class` queued within the hour before `now`.
+    fn sent_within_hour(&mut self, class: Class, now: u64) -> usize {
+        self.sent.retain(|(_, t)| now < t + HOUR);
+        self.sent.iter().filter(|(c, _)| *c == class).count()
+    }
+
+    /// Applies the hourly limit of the draft's class: Some(draft) to queue
+    /// now, or None when it is held for the next digest of its class.
     pub fn rate_limit(&mut self, draft: Draft, now: u64, max_per_hour: u32) -> Option<Draft> {
-        self.recent.retain(|t| now < t + HOUR);
-        if self.recent.len() >= max_per_hour as usize || !self.held.is_empty() {
+        let class = draft.class;
+        let held = self.held.iter().any(|d| d.class == class);
+        if self.sent_within_hour(class, now) >= max_per_hour as usize || held {
             self.held.push(draft);
             return None;
         }
-        self.recent.push(now);
+        self.sent.push((class, now));
         Some(draft)
     }
 
-    /// One digest of every held mail, once the hourly limit allows.
-    pub fn release_held(&mut self, now: u64, max_per_hour: u32) -> Option<Draft> {
-        self.recent.retain(|t| now < t + HOUR);
-        if self.held.is_empty() || self.recent.len() >= max_per_hour as usize {
-            return None;
+    /// One digest per class of every held mail, once its hourly limit
+    /// allows; failures first.
+    pub fn release_held(&mut self, now: u64, max_per_hour: u32) -> Vec<Draft> {
+        let mut classes: Vec<Class> = self.held.iter().map(|d| d.class).collect();
+        classes.sort();
+        classes.dedup();
+        let mut digests = Vec::new();
+        for class in classes {
+            if self.sent_within_hour(class, now) >= max_per_hour as usize {
+                continue;
+            }
+            let (held, rest): (Vec<Draft>, Vec<Draft>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|d| d.class == class);
+            self.held = rest;
+            self.sent.push((class, now));
+            digests.push(digest(class, held));
         }
-        let held = std::mem::take(&mut self.held);
-        self.recent.push(now);
-        if held.len() == 1 {
-            return held.into_iter().next();
-        }
-        let mut body = format!(
-            "More than the configured limit of mails per hour wanted to go out; these {} \
-             were held back and are sent together.\n",
-            held.len()
-        );
-        for (n, draft) in held.iter().enumerate() {
-            body.push_str(&format!(
-                "\n===== {} of {}: {} =====\n\n{}\n",
-                n + 1,
-                held.len(),
-                crate::compose::one_line(&draft.subject, 160),
-                draft.body
-            ));
-        }
-        Some(Draft::new(
-            format!("digest of {}", held.len()),
-            format!("{} notifications held back by the hourly limit", held.len()),
-            body,
-        ))
+        digests
     }
 
     /// Drives that are stale now and were not told about today: (drive,
@@ -289,12 +339,49 @@ impl Ledger {
     /// may go, a drive or profile turns stale.
     pub fn next_due(&self, drives: &[String], s: Staleness, window: u64) -> Option<u64> {
         let groups = self.groups.values().map(|g| g.first + window);
-        let digest =
-            (!self.held.is_empty()).then(|| self.recent.iter().min().map_or(0, |t| t + HOUR));
+        let digest = self.held.iter().map(|d| {
+            self.sent
+                .iter()
+                .filter(|(c, _)| *c == d.class)
+                .map(|(_, t)| t + HOUR)
+                .min()
+                .unwrap_or(0)
+        });
         let drives = drives.iter().filter_map(|d| self.drive_due(d, s));
         let profiles = self.profiles.keys().filter_map(|p| self.profile_due(p, s));
         groups.chain(digest).chain(drives).chain(profiles).min()
     }
+}
+
+/// The mail for `held` drafts of `class`: the draft itself when there is
+/// one, else one digest of them all.
+fn digest(class: Class, held: Vec<Draft>) -> Draft {
+    if held.len() == 1 {
+        if let Some(one) = held.into_iter().next() {
+            return one;
+        }
+        return Draft::of(class, "digest of 0", "no notifications", String::new());
+    }
+    let mut body = format!(
+        "More than the configured limit of mails per hour wanted to go out; these {} \
+         were held back and are sent together.\n",
+        held.len()
+    );
+    for (n, draft) in held.iter().enumerate() {
+        body.push_str(&format!(
+            "\n===== {} of {}: {} =====\n\n{}\n",
+            n + 1,
+            held.len(),
+            crate::compose::one_line(&draft.subject, 160),
+            draft.body
+        ));
+    }
+    Draft::of(
+        class,
+        format!("digest of {}", held.len()),
+        format!("{} notifications held back by the hourly limit", held.len()),
+        body,
+    )
 }
 
 #[cfg(test)]
@@ -341,10 +428,62 @@ mod tests {
         assert!(l.rate_limit(draft("3"), 20, 2).is_none());
         assert!(l.rate_limit(draft("4"), 30, 2).is_none());
         assert_eq!(l.next_due(&[], S, HOUR), Some(HOUR));
-        assert!(l.release_held(HOUR - 1, 2).is_none());
-        let digest = l.release_held(HOUR, 2).expect("digest");
+        assert!(l.release_held(HOUR - 1, 2).is_empty());
+        let digests = l.release_held(HOUR, 2);
+        assert_eq!(digests.len(), 1);
+        let digest = &digests[0];
         assert!(digest.body.contains("body 3") && digest.body.contains("body 4"));
+        assert_eq!(digest.class, Class::Failure);
         assert!(l.held.is_empty());
+    }
+
+    #[test]
+    fn each_class_has_its_own_hourly_limit() {
+        let mut l = Ledger::default();
+        let of = |class, n: &str| Draft::of(class, n, format!("subject {n}"), format!("body {n}"));
+        assert!(l.rate_limit(of(Class::Success, "s1"), 0, 2).is_some());
+        assert!(l.rate_limit(of(Class::Test, "t1"), 1, 2).is_some());
+        assert!(l.rate_limit(of(Class::Success, "s2"), 2, 2).is_some());
+        assert!(l.rate_limit(of(Class::Success, "s3"), 3, 2).is_none());
+        // Success mails used up their limit; a failure still goes at once.
+        assert!(l.rate_limit(draft("f1"), 4, 2).is_some());
+        assert!(l.rate_limit(draft("f2"), 5, 2).is_some());
+        assert!(l.rate_limit(draft("f3"), 6, 2).is_none());
+        assert_eq!(l.next_due(&[], S, HOUR), Some(HOUR));
+        let digests = l.release_held(HOUR + 4, 2);
+        assert_eq!(digests.len(), 2, "{digests:?}");
+        assert_eq!(digests[0].class, Class::Failure, "failures first");
+        assert!(digests[0].body.contains("body f3"));
+        assert!(digests[1].body.contains("body s3"));
+    }
+
+    #[test]
+    fn an_old_ledger_keeps_its_counts() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("ledger.json");
+        std::fs::write(
+            &path,
+            r#"{"recent": [5, 6], "held": [{"reason": "r", "subject": "s", "body": "b"}]}"#,
+        )
+        .expect("write");
+        let l = Ledger::load(&path);
+        assert_eq!(l.sent, vec![(Class::Other, 5), (Class::Other, 6)]);
+        assert_eq!(l.held[0].class, Class::Other);
+    }
+
+    #[test]
+    fn history_entries_are_new_once_by_id() {
+        let mut l = Ledger::default();
+        assert!(l.is_new_event("Borg1", "a", "Borg1/home", 10));
+        l.cover("Borg1#a", 10);
+        l.mark_mailed("Borg1/home", 10);
+        assert!(!l.is_new_event("Borg1", "a", "Borg1/home", 10));
+        // Another failure of the same subject in the same second is new.
+        assert!(l.is_new_event("Borg1", "b", "Borg1/home", 10));
+        // One older than what was mailed before ids existed is not.
+        assert!(!l.is_new_event("Borg1", "c", "Borg1/home", 9));
+        l.keep_events("Borg1", &BTreeSet::from(["b"]));
+        assert!(l.mailed_ids["Borg1"].is_empty());
     }
 
     #[test]

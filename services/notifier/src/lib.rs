@@ -2,9 +2,13 @@
 //! mail server is down at the time, and stale drives are noticed.
 //!
 //! It owns org.ferry.Notifier1. It listens to the peers' failure and
-//! success signals (by interface, never by sender), and at start asks their
-//! LastFailures for what happened while it was not running ([`ledger`]
-//! remembers what was mailed). Mails are written by [`events`] and
+//! success signals (by interface, never by sender). A failure signal, and
+//! the start, make it read the peer's FailureHistory (every failure with a
+//! unique id, bounded) and mail each entry whose id it has not mailed, so
+//! every failure that happened while it was not running is mailed, not
+//! only the last one per subject; a peer without a history is read through
+//! its LastFailures and the signal's own arguments ([`ledger`] remembers
+//! what was mailed). Mails are written by [`events`] and
 //! [`compose`], spooled durably by [`outbox`] before any attempt, and sent
 //! by [`deliver`] with retries. Staleness of drives and profiles and the
 //! grouping and hourly limit are timers: the loop sleeps until the next due
@@ -57,6 +61,26 @@ enum Command {
         reply: Reply,
     },
     Flush,
+    ListDead(oneshot::Sender<Vec<ferry_interfaces::DeadLetter>>),
+    Resend {
+        id: String,
+        reply: oneshot::Sender<Result<(), FerryError>>,
+    },
+}
+
+/// The options of a method that takes `a{sv}`: none are defined yet, so
+/// any key is refused with a sentence saying so.
+fn no_options(
+    method: &str,
+    options: &std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+) -> Result<(), FerryError> {
+    match options.keys().next() {
+        None => Ok(()),
+        Some(key) => Err(FerryError::InvalidArgument(format!(
+            "{method} has no option `{}`; pass an empty a{{sv}} (busctl: 0)",
+            compose::one_line(key, 64)
+        ))),
+    }
 }
 
 /// The org.ferry.Notifier1 object: checks arguments and callers, hands the
@@ -129,6 +153,51 @@ impl NotifierInterface {
             .send(Command::Flush)
             .await
             .map_err(|_| stopping())
+    }
+
+    /// The dead letters, oldest first.
+    #[zbus(out_args("letters"))]
+    async fn list_dead_letters(
+        &self,
+        options: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<Vec<ferry_interfaces::DeadLetter>, FerryError> {
+        no_options("ListDeadLetters", &options)?;
+        caller::authorize(conn, &header).await?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::ListDead(reply))
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())
+    }
+
+    /// Puts a dead letter back into the outbox.
+    async fn resend_dead_letter(
+        &self,
+        id: &str,
+        options: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<(), FerryError> {
+        no_options("ResendDeadLetter", &options)?;
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(FerryError::InvalidArgument(format!(
+                "`{}` is not an event id; take one from ListDeadLetters",
+                compose::one_line(id, 64)
+            )));
+        }
+        caller::authorize(conn, &header).await?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Resend {
+                id: id.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())?
     }
 
     /// Messages waiting in the outbox.
@@ -265,6 +334,17 @@ impl Notifier {
     /// A failure from a signal (`late` false, `when` now) or from a peer's
     /// LastFailures at start.
     async fn failure(&mut self, failure: Failure, when: u64, late: bool) {
+        self.failure_event(failure, when, late, None).await;
+    }
+
+    /// [`failure`](Self::failure) of FailureHistory entry `event` (its id).
+    async fn failure_event(
+        &mut self,
+        failure: Failure,
+        when: u64,
+        late: bool,
+        event: Option<&str>,
+    ) {
         tracing::info!(
             "{} {} failed at {}: {}",
             failure.source.key(),
@@ -276,15 +356,22 @@ impl Notifier {
         let draft = failure.draft(when, late, &self.host);
         let key = failure.ledger_key();
         let window = self.window();
+        let mut covers = vec![(key.clone(), when)];
+        if let Some(id) = event {
+            covers.push((format!("{}#{id}", failure.source.key()), when));
+        }
         if let Some(draft) = self
             .ledger
             .admit_failure(&failure.group_key(), draft, now, window)
         {
-            self.queue_limited(draft, vec![(key.clone(), when)]).await;
+            self.queue_limited(draft, covers).await;
         } else {
             tracing::info!("an identical failure was mailed recently; counted for the follow-up");
         }
         self.ledger.mark_mailed(&key, when);
+        if let Some(id) = event {
+            self.ledger.mark_event(failure.source.key(), id);
+        }
         self.save();
     }
 
@@ -293,7 +380,21 @@ impl Notifier {
         match event {
             Event::Failed(failure) => {
                 let refresh = failure.source == Source::Borg;
-                self.failure(failure, now, false).await;
+                match self.history(failure.source).await {
+                    Some(history) => {
+                        let covered = history.iter().any(|e| {
+                            e.subject == failure.subject
+                                && e.stage == failure.stage
+                                && e.message == failure.message
+                        });
+                        self.mail_history(failure.source, history, false).await;
+                        if !covered {
+                            // Not from the peer that keeps the history.
+                            self.failure(failure, now, false).await;
+                        }
+                    }
+                    None => self.failure(failure, now, false).await,
+                }
                 if refresh {
                     self.refresh_profiles().await;
                 }
@@ -389,6 +490,36 @@ impl Notifier {
                     deliverer.flush();
                 }
             }
+            Command::ListDead(reply) => {
+                let outbox = self.outbox.clone();
+                let letters = tokio::task::spawn_blocking(move || outbox.dead_letters())
+                    .await
+                    .unwrap_or_default();
+                let _ = reply.send(letters);
+            }
+            Command::Resend { id, reply } => {
+                let outbox = self.outbox.clone();
+                let wanted = id.clone();
+                let result = tokio::task::spawn_blocking(move || outbox.resurrect(&wanted))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                let result = match result {
+                    Ok(true) => {
+                        tracing::info!("dead letter {id} queued again");
+                        self.refresh_view(None).await;
+                        if let Some(deliverer) = &self.deliverer {
+                            deliverer.flush();
+                        }
+                        Ok(())
+                    }
+                    Ok(false) => Err(FerryError::NotFound(format!(
+                        "no dead letter has the id `{}`; ListDeadLetters shows them",
+                        compose::one_line(&id, 64)
+                    ))),
+                    Err(e) => Err(FerryError::Failed(e)),
+                };
+                let _ = reply.send(result);
+            }
         }
     }
 
@@ -401,7 +532,7 @@ impl Notifier {
         for draft in self.ledger.close_groups(now, window) {
             self.queue_limited(draft, Vec::new()).await;
         }
-        if let Some(digest) = self.ledger.release_held(now, max) {
+        for digest in self.ledger.release_held(now, max) {
             let _ = self.queue(digest, Vec::new()).await;
         }
         let s = self.staleness();
@@ -476,12 +607,66 @@ impl Notifier {
         results
     }
 
-    /// Mails the failures the peers report that were not mailed before.
+    /// `source`'s FailureHistory; None when the peer is not there or has
+    /// none (an older or replacement service).
+    async fn history(&self, source: Source) -> Option<Vec<ferry_interfaces::FailureEvent>> {
+        macro_rules! read {
+            ($proxy:ty) => {{
+                let proxy = <$proxy>::builder(&self.connection)
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+                    .ok()?;
+                peer(proxy.failure_history()).await
+            }};
+        }
+        match source {
+            Source::Crypt => read!(crypt::CryptProxy<'_>),
+            Source::Sync => read!(sync::SyncProxy<'_>),
+            Source::Borg => read!(borg::BorgProxy<'_>),
+        }
+    }
+
+    /// Mails every entry of `source`'s history not mailed before, oldest
+    /// first; `late` when found at start.
+    async fn mail_history(
+        &mut self,
+        source: Source,
+        history: Vec<ferry_interfaces::FailureEvent>,
+        late: bool,
+    ) {
+        let present: std::collections::BTreeSet<String> =
+            history.iter().map(|e| e.id.clone()).collect();
+        for e in history {
+            let failure = Failure {
+                source,
+                subject: e.subject,
+                stage: e.stage,
+                message: e.message,
+                job: (!e.job.is_empty()).then_some(e.job),
+            };
+            if self
+                .ledger
+                .is_new_event(source.key(), &e.id, &failure.ledger_key(), e.time)
+            {
+                self.failure_event(failure, e.time, late, Some(&e.id)).await;
+            }
+        }
+        let present: std::collections::BTreeSet<&str> =
+            present.iter().map(String::as_str).collect();
+        self.ledger.keep_events(source.key(), &present);
+        self.save();
+    }
+
+    /// Mails the failures the peers report that were not mailed before:
+    /// their whole FailureHistory, or LastFailures where there is none.
     async fn missed_failures(&mut self) {
         let mut found = Vec::new();
         macro_rules! ask {
             ($proxy:ty, $source:expr) => {
-                if let Ok(proxy) = <$proxy>::builder(&self.connection)
+                if let Some(history) = self.history($source).await {
+                    self.mail_history($source, history, true).await;
+                } else if let Ok(proxy) = <$proxy>::builder(&self.connection)
                     .cache_properties(zbus::proxy::CacheProperties::No)
                     .build()
                     .await
@@ -571,7 +756,7 @@ pub async fn run(
     // ledger was not written after it.
     for spooled in outbox.all() {
         for (key, time) in &spooled.covers {
-            ledger.mark_mailed(key, *time);
+            ledger.cover(key, *time);
         }
     }
     let now = clock.now();

@@ -5,7 +5,9 @@
 //! with `ferry_service::durable::write_atomically` (temp, fsync, rename,
 //! fsync the directory). A message the server refuses for good is moved to
 //! `dead/` with the reason beside it (`<id>.reason`) for a person to read.
-//! File names sort by time, so the oldest message goes first.
+//! File names sort by time; delivery sends failures first, then the rest,
+//! each oldest first. Dead letters can be listed and put back into the
+//! outbox (`ListDeadLetters`, `ResendDeadLetter` on the bus).
 
 use std::fs;
 use std::io;
@@ -22,6 +24,9 @@ pub struct Outbox {
     queue: PathBuf,
     dead: PathBuf,
 }
+
+/// A dead letter as ListDeadLetters shows it.
+pub use ferry_interfaces::DeadLetter;
 
 /// A message file that could not be read back.
 #[derive(Debug)]
@@ -102,6 +107,90 @@ impl Outbox {
             .collect()
     }
 
+    /// The queued messages in delivery order: failures first, then the
+    /// rest, each oldest first; unreadable files after them, with why.
+    pub fn in_order(&self) -> io::Result<Vec<Result<Spooled, Unreadable>>> {
+        let mut loaded: Vec<Result<Spooled, Unreadable>> =
+            self.pending()?.iter().map(|p| Outbox::load(p)).collect();
+        loaded.sort_by_key(|m| match m {
+            Ok(m) => (m.class != crate::compose::Class::Failure, 0, m.id.clone()),
+            Err(bad) => (true, 1, bad.path.display().to_string()),
+        });
+        Ok(loaded)
+    }
+
+    /// The dead letters, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        list(&self.dead, "json")
+            .unwrap_or_default()
+            .iter()
+            .map(|path| {
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let error = fs::read_to_string(self.dead.join(format!("{stem}.reason")))
+                    .map(|r| r.trim_end().to_string())
+                    .unwrap_or_default();
+                match Outbox::load(path) {
+                    Ok(m) => DeadLetter {
+                        id: m.id,
+                        subject: m.subject,
+                        reason: m.reason,
+                        created: m.created,
+                        error,
+                    },
+                    Err(bad) => DeadLetter {
+                        id: stem,
+                        subject: String::new(),
+                        reason: String::new(),
+                        created: 0,
+                        error: format!("{error} (unreadable: {})", bad.reason),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Puts dead letter `id` back into the outbox, as a message never tried
+    /// before; Ok(false) when there is no such dead letter.
+    pub fn resurrect(&self, id: &str) -> Result<bool, String> {
+        let name = format!("{id}.json");
+        let known = list(&self.dead, "json")
+            .map_err(|e| format!("cannot list {}: {e}", self.dead.display()))?
+            .into_iter()
+            .any(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == name));
+        if !known {
+            return Ok(false);
+        }
+        let path = self.dead.join(&name);
+        let mut message = Outbox::load(&path).map_err(|bad| {
+            format!(
+                "{} cannot be read back ({}); it cannot be sent again",
+                bad.path.display(),
+                bad.reason
+            )
+        })?;
+        message.in_doubt = 0;
+        self.put(&message)
+            .map_err(|e| format!("cannot write to {}: {e}", self.queue.display()))?;
+        let removed = fs::remove_file(&path)
+            .and_then(
+                |()| match fs::remove_file(self.dead.join(format!("{id}.reason"))) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            )
+            .and_then(|()| sync_directory(&self.dead));
+        if let Err(e) = removed {
+            tracing::warn!(
+                "{id} is queued again but still in {}: {e}",
+                self.dead.display()
+            );
+        }
+        Ok(true)
+    }
+
     /// Removes a delivered message, durably.
     pub fn delete(&self, id: &str) -> io::Result<()> {
         match fs::remove_file(self.file(id)) {
@@ -168,6 +257,8 @@ mod tests {
             created: 1,
             covers: vec![("Sync1/x".into(), 5)],
             message: "Subject: s\r\n\r\nbody".into(),
+            class: crate::compose::Class::Failure,
+            in_doubt: 0,
         }
     }
 
@@ -193,6 +284,33 @@ mod tests {
         assert_eq!(outbox.dead_count(), 1);
         let reason = fs::read_to_string(outbox.dead_dir().join("ferry-2.reason")).expect("reason");
         assert_eq!(reason, "550 no\n");
+        let dead = outbox.dead_letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].id.as_str(), dead[0].error.as_str()),
+            ("ferry-2", "550 no")
+        );
+        assert_eq!(outbox.resurrect("ferry-7"), Ok(false));
+        assert_eq!(outbox.resurrect("ferry-2"), Ok(true));
+        assert_eq!((outbox.pending_count(), outbox.dead_count()), (1, 0));
+        assert!(!outbox.dead_dir().join("ferry-2.reason").exists());
+    }
+
+    #[test]
+    fn failures_go_first() {
+        let dir = tempfile::tempdir().expect("dir");
+        let outbox = Outbox::open(dir.path()).expect("open");
+        let mut success = message("ferry-1");
+        success.class = crate::compose::Class::Success;
+        outbox.put(&success).expect("put");
+        outbox.put(&message("ferry-2")).expect("put");
+        let order: Vec<String> = outbox
+            .in_order()
+            .expect("order")
+            .into_iter()
+            .map(|m| m.expect("readable").id)
+            .collect();
+        assert_eq!(order, ["ferry-2", "ferry-1"]);
     }
 
     #[test]

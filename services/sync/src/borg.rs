@@ -31,17 +31,22 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Takes borg's exclusive lock with borg's own code, waiting up to
 /// argv[2] seconds (in short rounds so a stop is noticed), prints
-/// `locked`, and holds the lock until stdin closes. SIGTERM releases too.
+/// `waiting` once when the first short try finds it held, `locked` when it
+/// has it, and holds the lock until stdin closes. SIGTERM releases too.
 const LOCK_SCRIPT: &str = r#"
 import signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
 from borg.locking import Lock, LockTimeout
 path, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+round = 0.1
 while True:
     try:
-        lock = Lock(path + "/lock", exclusive=True, timeout=1.0).acquire()
+        lock = Lock(path + "/lock", exclusive=True, timeout=round, sleep=0.05).acquire()
         break
     except LockTimeout:
+        if round < 1.0:
+            print("waiting", flush=True)
+            round = 1.0
         if time.monotonic() >= deadline:
             print("timeout", flush=True)
             sys.exit(2)
@@ -91,6 +96,45 @@ async fn terminate(child: &mut Child) {
         .is_err()
     {
         let _ = child.kill().await;
+    }
+}
+
+/// Who holds borg's lock on `repo`, as borg's lock files name them:
+/// `lock.exclusive/<host>.<pid>-<thread>` and `lock.roster` (JSON lists of
+/// [host, pid, thread]). Empty when they say nothing readable.
+pub fn lock_holder(repo: &Path) -> String {
+    let mut holders: Vec<String> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(repo.join("lock.exclusive")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((host, rest)) = name.rsplit_once('.') {
+                let pid = rest.split('-').next().unwrap_or(rest);
+                holders.push(format!("host {host}, process {pid}"));
+            }
+        }
+    }
+    if holders.is_empty() {
+        let roster = std::fs::read(repo.join("lock.roster"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if let Some(roster) = roster {
+            for kind in ["exclusive", "shared"] {
+                for who in roster[kind].as_array().into_iter().flatten() {
+                    if let (Some(host), Some(pid)) = (who[0].as_str(), who[1].as_u64()) {
+                        holders.push(format!("host {host}, process {pid} ({kind})"));
+                    }
+                }
+            }
+        }
+    }
+    let holders: Vec<String> = holders
+        .into_iter()
+        .map(|h| h.chars().filter(|c| !c.is_control()).take(200).collect())
+        .collect();
+    if holders.is_empty() {
+        String::new()
+    } else {
+        format!("held by {}", holders.join("; "))
     }
 }
 
@@ -203,12 +247,19 @@ impl Borg {
 
     /// Takes borg's exclusive lock on `repo`, waiting up to `wait` while a
     /// backup holds it.
-    pub async fn lock(
+    /// `waiting` is called once, with who holds the lock (from borg's lock
+    /// files, or empty), when the lock is found held.
+    pub async fn lock<F, W>(
         &self,
         repo: &Path,
         wait: Duration,
         stop: &mut Stop,
-    ) -> Result<RepoLock, Failure> {
+        mut waiting: W,
+    ) -> Result<RepoLock, Failure>
+    where
+        W: FnMut(String) -> F,
+        F: std::future::Future<Output = ()>,
+    {
         let failed = |message: String| Failure::new(Stage::Lock, message);
         let (python, args) = self.interpreter().map_err(failed)?;
         let base =
@@ -230,11 +281,23 @@ impl Borg {
             return Err(failed("the lock helper has no stdout".into()));
         };
         let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::select! {
-            line = lines.next_line() => line,
-            reason = stop.wait() => {
-                terminate(&mut child).await;
-                return Err(Failure::stopped(reason));
+        let line = loop {
+            let line = tokio::select! {
+                line = lines.next_line() => line,
+                reason = stop.wait() => {
+                    terminate(&mut child).await;
+                    return Err(Failure::stopped(reason));
+                }
+            };
+            match line {
+                Ok(Some(line)) if line == "waiting" => {
+                    let at = repo.to_path_buf();
+                    let holder = tokio::task::spawn_blocking(move || lock_holder(&at))
+                        .await
+                        .unwrap_or_default();
+                    waiting(holder).await;
+                }
+                other => break other,
             }
         };
         match line {
@@ -310,7 +373,7 @@ impl Borg {
         .map_err(|detail| {
             Failure::new(
                 Stage::Verify,
-                format!("borg check found the new copy damaged, so the previous copy was kept; check the drive for errors: {detail}"),
+                format!("borg check found the new copy damaged, so it was not put in place; check the drive for errors: {detail}"),
             )
         })
     }
@@ -403,5 +466,31 @@ impl Passphrase {
                 Some(file)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_holder_from_borgs_lock_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        assert_eq!(lock_holder(dir.path()), "");
+        std::fs::write(
+            dir.path().join("lock.roster"),
+            r#"{"exclusive": [["nas@ferry", 4242, 0]], "shared": []}"#,
+        )
+        .expect("roster");
+        assert_eq!(
+            lock_holder(dir.path()),
+            "held by host nas@ferry, process 4242 (exclusive)"
+        );
+        std::fs::create_dir(dir.path().join("lock.exclusive")).expect("dir");
+        std::fs::write(dir.path().join("lock.exclusive/nas@ferry.77-3f"), "").expect("file");
+        assert_eq!(
+            lock_holder(dir.path()),
+            "held by host nas@ferry, process 77"
+        );
     }
 }

@@ -311,7 +311,14 @@ pub fn mirror_links(from: &Path, to: &Path) -> io::Result<()> {
 /// removes the old one. An error before the exchange leaves the current
 /// generation as it was.
 pub fn swap(layout: &Layout) -> io::Result<()> {
-    let exchange = fs::symlink_metadata(&layout.current).is_ok();
+    // Only "nothing there" chooses a plain rename: any other error (EIO
+    // from a shut-down filesystem) is the error, not a reason to try a
+    // rename that then fails with "File exists".
+    let exchange = match fs::symlink_metadata(&layout.current) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
     let flags = if exchange {
         libc::RENAME_EXCHANGE
     } else {

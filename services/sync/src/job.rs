@@ -23,6 +23,7 @@ use crate::borg::Borg;
 use crate::generation::{self, BuildError, Layout, Plan};
 use crate::mounts;
 use crate::snapshot::{self, Snapshot};
+use crate::truth;
 use crate::Reporter;
 
 /// At most this often a SyncProgress signal.
@@ -61,6 +62,41 @@ impl Stop {
         match self.0.wait_for(Option::is_some).await {
             Ok(reason) => reason.unwrap_or(StopReason::Shutdown),
             Err(_) => StopReason::Shutdown,
+        }
+    }
+}
+
+/// What a running job is doing, as Sync1.Running, SyncProgress and the
+/// log show it. The wire names are documented in org.ferry.Sync1.xml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Cleaning up what an interrupted sync left, comparing.
+    Prepare,
+    /// Taking borg's lock.
+    Lock,
+    /// Waiting for borg's lock, which another borg holds.
+    LockWait,
+    /// Hard-linking the snapshot under the lock.
+    Snapshot,
+    /// Building the new copy on the drive.
+    Copy,
+    /// borg check of the new copy.
+    Verify,
+    /// Putting the new copy in place.
+    Swap,
+}
+
+impl Phase {
+    /// The phase's name on the bus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prepare => "prepare",
+            Phase::Lock => "lock",
+            Phase::LockWait => "lock-wait",
+            Phase::Snapshot => "snapshot",
+            Phase::Copy => "copy",
+            Phase::Verify => "verify",
+            Phase::Swap => "swap",
         }
     }
 }
@@ -118,19 +154,19 @@ impl Failure {
     }
 
     /// The failure a stop request turns into.
+    /// (What the drive holds is added by looking, see [`truth`].)
     pub fn stopped(reason: StopReason) -> Failure {
-        let kept = "the copy on the drive is the previous complete one";
         match reason {
             StopReason::Removed => Failure::new(
                 Stage::Removed,
-                format!("the drive was removed during the sync; {kept}; plug it in again to sync"),
+                "the drive was removed during the sync; plug it in again to sync".into(),
             ),
             StopReason::Cancelled => {
-                Failure::new(Stage::Cancelled, format!("the sync was cancelled; {kept}"))
+                Failure::new(Stage::Cancelled, "the sync was cancelled".into())
             }
             StopReason::Shutdown => Failure::new(
                 Stage::Cancelled,
-                format!("ferry-sync stopped during the sync; {kept}; start the sync again"),
+                "ferry-sync stopped during the sync; start the sync again".into(),
             ),
         }
     }
@@ -184,6 +220,9 @@ pub struct Summary {
 struct Held {
     snapshots: Vec<Snapshot>,
     layouts: Vec<Layout>,
+    /// The generations seen and made, to tell afterwards which one the
+    /// drive holds.
+    truth: Arc<truth::Record>,
 }
 
 impl Held {
@@ -224,9 +263,19 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
         (result, _) => result,
     };
     let drive_gone = matches!(&result, Err(f) if f.stage == Stage::Removed);
+    let record = held.truth.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || held.release(drive_gone)).await {
         tracing::error!("cleaning up after the sync of {} failed: {e}", spec.drive);
     }
+    // After any failure: look at what the drive holds now, and say it.
+    let result = match result {
+        Err(mut failure) => {
+            let sentence = look_at_drive(&spec, &context, record).await;
+            failure.message = format!("{}. {sentence}", failure.message.trim_end_matches('.'));
+            Err(failure)
+        }
+        ok => ok,
+    };
     let seconds = started.elapsed().as_secs_f64();
     match result {
         Ok(summary) => {
@@ -250,6 +299,31 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
             context.reporter.failed(&spec.drive, &failure).await;
         }
     }
+}
+
+/// What the drive holds of each repository of the job, found by looking
+/// (on the blocking pool), as the sentence a failure message ends with.
+async fn look_at_drive(spec: &JobSpec, context: &Context, record: Arc<truth::Record>) -> String {
+    let mountpoint = spec.mountpoint.clone();
+    let dir = context.config.sync.drive_directory(&spec.mountpoint);
+    let names: Vec<String> = spec.repositories.iter().map(|(n, _)| n.clone()).collect();
+    let looked = tokio::task::spawn_blocking(move || {
+        if !mounts::is_mounted(&mountpoint) {
+            return truth::describe(false, &[]);
+        }
+        let looks: Vec<(String, truth::Holds)> = names
+            .iter()
+            .map(|name| {
+                let layout = Layout::new(&dir, name);
+                (name.clone(), truth::look(&layout.current, record.get(name)))
+            })
+            .collect();
+        truth::describe(true, &looks)
+    })
+    .await;
+    looked.unwrap_or_else(|e| {
+        format!("What the drive holds could not be looked at (internal error: {e})")
+    })
 }
 
 /// Runs `work` on the blocking pool; an error becomes a failure of `stage`.
@@ -310,6 +384,23 @@ async fn sync_drive(
         .await?;
     }
     held.layouts = layouts.clone();
+    {
+        let (record, names) = (held.truth.clone(), spec.repositories.clone());
+        let layouts = layouts.clone();
+        blocking(Stage::Copy, move || {
+            for ((name, _), layout) in names.iter().zip(&layouts) {
+                let id = truth::identity(&layout.current).map_err(|e| {
+                    format!(
+                        "cannot look at {} on the drive: {e}",
+                        layout.current.display()
+                    )
+                })?;
+                record.previous(name, id);
+            }
+            Ok(())
+        })
+        .await?;
+    }
 
     // Snapshots: borg's lock for an instant each, and not at all for a
     // repository whose committed state the drive already has.
@@ -354,7 +445,25 @@ async fn sync_drive(
         }
         let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
         let wait = Duration::from_secs(settings.lock_wait);
-        let lock = context.borg.lock(&repository.path, wait, stop).await?;
+        let reporter = &context.reporter;
+        reporter
+            .phase(&spec.drive, name, Phase::Lock, String::new())
+            .await;
+        let waiting = |holder: String| {
+            let detail = if holder.is_empty() {
+                "another borg command holds it (borg's lock files do not say which)".to_string()
+            } else {
+                holder
+            };
+            reporter.phase(&spec.drive, name, Phase::LockWait, detail)
+        };
+        let lock = context
+            .borg
+            .lock(&repository.path, wait, stop, waiting)
+            .await?;
+        reporter
+            .phase(&spec.drive, name, Phase::Snapshot, String::new())
+            .await;
         let (repo, dir) = (repository.path.to_path_buf(), snapshot_dir.clone());
         let taken = blocking(Stage::Snapshot, move || snapshot::take(&repo, &dir)).await;
         lock.release().await;
@@ -392,7 +501,7 @@ async fn sync_drive(
         return Err(Failure::new(
             Stage::Space,
             format!(
-                "need {} MiB, drive has {} MiB free (the copy on it is unchanged); use a bigger drive, or remove what else is on it",
+                "need {} MiB, drive has {} MiB free; use a bigger drive, or remove what else is on it",
                 need.div_ceil(MIB),
                 free / MIB
             ),
@@ -414,6 +523,10 @@ async fn sync_drive(
                 archive.clone()
             }
             (true, None) => {
+                context
+                    .reporter
+                    .phase(&spec.drive, &item.name, Phase::Verify, String::new())
+                    .await;
                 let current = item.layout.current.clone();
                 inspect(
                     context,
@@ -426,7 +539,16 @@ async fn sync_drive(
                 .await?
             }
             (false, _) => {
-                let archive = copy_one(spec, context, &item, done_before, total, stop).await?;
+                let archive = copy_one(
+                    spec,
+                    context,
+                    &item,
+                    done_before,
+                    total,
+                    stop,
+                    held.truth.clone(),
+                )
+                .await?;
                 done_before += item.plan.copy_bytes;
                 archive
             }
@@ -472,7 +594,12 @@ async fn copy_one(
     done_before: u64,
     total: u64,
     stop: &mut Stop,
+    record: Arc<truth::Record>,
 ) -> Result<String, Failure> {
+    context
+        .reporter
+        .phase(&spec.drive, &item.name, Phase::Copy, String::new())
+        .await;
     let progress = Arc::new(AtomicU64::new(0));
     let build = {
         let Some(snapshot_dir) = item.snapshot_dir.clone() else {
@@ -512,12 +639,7 @@ async fn copy_one(
                 stop.reason().unwrap_or(StopReason::Shutdown),
             ))
         }
-        Ok(Err(BuildError::Io(message))) => {
-            return Err(Failure::new(
-                Stage::Copy,
-                format!("{message}; the copy on the drive is the previous complete one"),
-            ))
-        }
+        Ok(Err(BuildError::Io(message))) => return Err(Failure::new(Stage::Copy, message)),
         Err(e) => return Err(Failure::new(Stage::Copy, format!("internal error: {e}"))),
     }
     context
@@ -525,17 +647,35 @@ async fn copy_one(
         .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
         .await;
 
+    {
+        let (name, new) = (item.name.clone(), item.layout.new.clone());
+        blocking(Stage::Copy, move || {
+            let id = truth::identity(&new)
+                .map_err(|e| format!("cannot look at {}: {e}", new.display()))?;
+            record.new_generation(&name, id);
+            Ok(())
+        })
+        .await?;
+    }
+    context
+        .reporter
+        .phase(&spec.drive, &item.name, Phase::Verify, String::new())
+        .await;
     let new = item.layout.new.clone();
     let archive = inspect(context, &item.layout, &item.repository, &new, true, stop).await?;
     if let Some(reason) = stop.reason() {
         return Err(Failure::stopped(reason));
     }
+    context
+        .reporter
+        .phase(&spec.drive, &item.name, Phase::Swap, String::new())
+        .await;
 
     let layout = item.layout.clone();
     blocking(Stage::Swap, move || {
         generation::swap(&layout).map_err(|e| {
             format!(
-                "cannot put the new copy in place at {}: {e}; the previous copy is kept",
+                "cannot put the new copy in place at {}: {e}",
                 layout.current.display()
             )
         })

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferry_interfaces::{Failure, SyncRecord};
+use ferry_interfaces::{Failure, FailureEvent, SyncRecord};
 use serde::{Deserialize, Serialize};
 
 /// The ledger file's name under the state directory.
@@ -30,6 +30,9 @@ pub struct Ledger {
     /// sync with nothing to copy report it without asking borg.
     #[serde(default)]
     pub archives: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every failure, oldest first, bounded (Sync1.FailureHistory).
+    #[serde(default)]
+    pub failure_history: Vec<FailureEvent>,
 }
 
 impl Ledger {

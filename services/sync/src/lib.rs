@@ -21,6 +21,7 @@ pub mod job;
 pub mod ledger;
 pub mod mounts;
 pub mod snapshot;
+pub mod truth;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -152,6 +153,12 @@ impl SyncInterface {
         })
     }
 
+    /// Every failure, oldest first, bounded, with unique ids.
+    #[zbus(property)]
+    async fn failure_history(&self) -> Vec<ferry_interfaces::FailureEvent> {
+        with(&self.shared, |s| s.ledger.failure_history.clone())
+    }
+
     /// Copying a repository began.
     #[zbus(signal)]
     async fn sync_started(
@@ -160,13 +167,14 @@ impl SyncInterface {
         repository: &str,
     ) -> zbus::Result<()>;
 
-    /// Bytes copied so far.
+    /// Bytes copied so far, and each change of phase.
     #[zbus(signal)]
     async fn sync_progress(
         emitter: &SignalEmitter<'_>,
         drive: &str,
         done: u64,
         total: u64,
+        phase: &str,
     ) -> zbus::Result<()>;
 
     /// Every repository copied, verified and durable.
@@ -178,7 +186,7 @@ impl SyncInterface {
         seconds: f64,
     ) -> zbus::Result<()>;
 
-    /// The job stopped; the previous copy stands.
+    /// The job stopped; the message says which copy the drive holds.
     #[zbus(signal)]
     async fn sync_failed(
         emitter: &SignalEmitter<'_>,
@@ -244,15 +252,43 @@ impl Reporter {
 
     /// Bytes copied so far (the job limits how often).
     pub async fn progress(&self, drive: &str, done: u64, total: u64) {
+        let mut phase = String::new();
         self.update_job(drive, |job| {
             job.done = done;
             job.total = total;
+            phase = job.phase.clone();
         });
         self.running_changed().await;
         let emitter = self.object.signal_emitter();
         warn_on_error(
             "SyncProgress",
-            SyncInterface::sync_progress(emitter, drive, done, total).await,
+            SyncInterface::sync_progress(emitter, drive, done, total, &phase).await,
+        );
+    }
+
+    /// The job of `drive` entered `phase` on `repository`; `detail` says
+    /// more (who holds borg's lock) or is empty. Logged, in Running, and
+    /// sent as SyncProgress.
+    pub async fn phase(&self, drive: &str, repository: &str, phase: job::Phase, detail: String) {
+        let name = phase.as_str();
+        if detail.is_empty() {
+            tracing::info!("{drive}: {repository}: {name}");
+        } else {
+            tracing::info!("{drive}: {repository}: {name}: {detail}");
+        }
+        let (mut done, mut total) = (0, 0);
+        self.update_job(drive, |job| {
+            job.repository = repository.to_string();
+            job.phase = name.to_string();
+            job.since = unix_now();
+            job.detail = detail.clone();
+            (done, total) = (job.done, job.total);
+        });
+        self.running_changed().await;
+        let emitter = self.object.signal_emitter();
+        warn_on_error(
+            "SyncProgress",
+            SyncInterface::sync_progress(emitter, drive, done, total, name).await,
         );
     }
 
@@ -309,7 +345,7 @@ impl Reporter {
         );
     }
 
-    /// The job failed; the previous copy stands.
+    /// The job failed; its message says what the drive holds.
     pub async fn failed(&self, drive: &str, failure: &job::Failure) {
         let record = Failure {
             subject: drive.to_string(),
@@ -317,8 +353,15 @@ impl Reporter {
             stage: failure.stage.as_str().to_string(),
             message: failure.message.clone(),
         };
+        let event = ferry_service::history::failure_event(
+            drive,
+            failure.stage.as_str(),
+            &failure.message,
+            "",
+        );
         with(&self.shared, |s| {
             s.ledger.last_failures.insert(drive.to_string(), record);
+            ferry_service::history::remember(&mut s.ledger.failure_history, event);
         });
         self.save().await;
         with(&self.shared, |s| s.running.remove(drive));
@@ -328,6 +371,10 @@ impl Reporter {
         warn_on_error(
             "PropertiesChanged",
             object.last_failures_changed(emitter).await,
+        );
+        warn_on_error(
+            "PropertiesChanged",
+            object.failure_history_changed(emitter).await,
         );
         drop(object);
         warn_on_error(
@@ -383,6 +430,9 @@ impl Service {
                         repository: first,
                         done: 0,
                         total: 0,
+                        phase: job::Phase::Prepare.as_str().to_string(),
+                        since: unix_now(),
+                        detail: String::new(),
                     },
                     stop: stop_tx,
                 },

@@ -51,7 +51,7 @@ async fn the_lock_keeps_borg_out_until_released() {
     let repo_arg = repo.to_str().expect("utf-8");
     let (_stop_tx, mut stop) = Stop::new();
     let lock = Borg::new(&Default::default())
-        .lock(&repo, Duration::from_secs(5), &mut stop)
+        .lock(&repo, Duration::from_secs(5), &mut stop, |_| async {})
         .await
         .expect("lock");
     let shut_out = borg(&base, &["list", "--lock-wait", "1", repo_arg]);
@@ -73,7 +73,7 @@ async fn the_lock_keeps_borg_out_until_released() {
 
     // Dropped without release (ferry-sync dying): the helper lets go too.
     let lock = Borg::new(&Default::default())
-        .lock(&repo, Duration::from_secs(5), &mut stop)
+        .lock(&repo, Duration::from_secs(5), &mut stop, |_| async {})
         .await
         .expect("lock again");
     drop(lock);
@@ -97,7 +97,7 @@ async fn it_waits_for_a_borg_command_holding_the_lock_and_gives_up_after_lock_wa
     std::thread::sleep(Duration::from_millis(1500));
     let (_stop_tx, mut stop) = Stop::new();
     let failure = match Borg::new(&Default::default())
-        .lock(&repo, Duration::from_secs(1), &mut stop)
+        .lock(&repo, Duration::from_secs(1), &mut stop, |_| async {})
         .await
     {
         Ok(_) => panic!("got the lock while borg with-lock held it"),
@@ -108,7 +108,7 @@ async fn it_waits_for_a_borg_command_holding_the_lock_and_gives_up_after_lock_wa
 
     let started = Instant::now();
     let lock = Borg::new(&Default::default())
-        .lock(&repo, Duration::from_secs(30), &mut stop)
+        .lock(&repo, Duration::from_secs(30), &mut stop, |_| async {})
         .await
         .expect("lock after with-lock");
     assert!(started.elapsed() < Duration::from_secs(10));
