@@ -27,13 +27,19 @@ use ferry_interfaces::{drive_watcher, sync};
 /// Long enough for a small borg run on a busy 2-core machine.
 const BORG_WAIT: Duration = Duration::from_secs(120);
 
+/// The services these tests start, as (binary, bus name).
+const WATCHER_SERVICE: (&str, &str) = ("ferry-drive-watcher", drive_watcher::BUS_NAME);
+const CRYPT_SERVICE: (&str, &str) = ("ferry-crypt", crypt::BUS_NAME);
+const SYNC_SERVICE: (&str, &str) = ("ferry-sync", sync::BUS_NAME);
+const BORG_SERVICE: (&str, &str) = ("ferry-borg", borg::BUS_NAME);
+const LED_SERVICE: (&str, &str) = ("ferry-led", led::BUS_NAME);
+
 /// Starts `binary --config CONFIG` and waits for it to own `name`.
 async fn start(
     bus: &TestBus,
     conn: &zbus::Connection,
-    binary: &str,
+    (binary, name): (&str, &str),
     config: &Path,
-    name: &str,
     envs: &[(&str, &str)],
 ) -> ServiceProcess {
     let process = bus.spawn(binary, &["--config", &config.to_string_lossy()], envs);
@@ -84,7 +90,7 @@ async fn led_alone(
     );
     let conn = bus.connect().await;
     let signals = SignalRecorder::new(&conn).await;
-    let led = start(bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
+    let led = start(bus, &conn, LED_SERVICE, &config, &[]).await;
     (conn, signals, led)
 }
 
@@ -173,9 +179,9 @@ async fn a_failed_sync_stays_red_through_a_backup_and_a_restart_of_the_led() {
     let signals = SignalRecorder::new(&conn).await;
     let base = world.base();
     let env = [("BORG_BASE_DIR", base.as_str())];
-    let led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
-    let _sync = start(&bus, &conn, "ferry-sync", &config, sync::BUS_NAME, &[]).await;
-    let _borg = start(&bus, &conn, "ferry-borg", &config, borg::BUS_NAME, &env).await;
+    let led = start(&bus, &conn, LED_SERVICE, &config, &[]).await;
+    let _sync = start(&bus, &conn, SYNC_SERVICE, &config, &[]).await;
+    let _borg = start(&bus, &conn, BORG_SERVICE, &config, &env).await;
 
     // ferry-crypt "opened" a drive that is not mounted: the real sync fails.
     emit(
@@ -217,7 +223,7 @@ async fn a_failed_sync_stays_red_through_a_backup_and_a_restart_of_the_led() {
     );
 
     kill(&conn, led, led::BUS_NAME).await;
-    let led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
+    let led = start(&bus, &conn, LED_SERVICE, &config, &[]).await;
     let (state, reason) = led_state(&conn).await;
     assert_eq!(state, "failed", "restarted: {reason}\n{}", led.log());
     assert!(reason.contains("offsite-a: sync "), "{reason}");
@@ -229,7 +235,7 @@ async fn a_failed_sync_stays_red_through_a_backup_and_a_restart_of_the_led() {
         .wait_for_from(n, "ColorChanged", |s| s.args[1] == "idle", WAIT)
         .await;
     kill(&conn, led, led::BUS_NAME).await;
-    let _led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
+    let _led = start(&bus, &conn, LED_SERVICE, &config, &[]).await;
     assert_eq!(
         led_state(&conn).await.0,
         "idle",
@@ -354,16 +360,8 @@ async fn a_restarted_watcher_does_not_make_a_closed_drive_working() {
     );
     let conn = bus.connect().await;
     let signals = SignalRecorder::new(&conn).await;
-    let watcher = start(
-        &bus,
-        &conn,
-        "ferry-drive-watcher",
-        &config,
-        drive_watcher::BUS_NAME,
-        &[],
-    )
-    .await;
-    let _led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
+    let watcher = start(&bus, &conn, WATCHER_SERVICE, &config, &[]).await;
+    let _led = start(&bus, &conn, LED_SERVICE, &config, &[]).await;
     let mut image = LoopImage::ext4(dir.path(), 16, &uuid, "offsite-a");
     image.attach();
     signals
@@ -386,15 +384,7 @@ async fn a_restarted_watcher_does_not_make_a_closed_drive_working() {
 
     kill(&conn, watcher, drive_watcher::BUS_NAME).await;
     let n = signals.len();
-    let _watcher = start(
-        &bus,
-        &conn,
-        "ferry-drive-watcher",
-        &config,
-        drive_watcher::BUS_NAME,
-        &[],
-    )
-    .await;
+    let _watcher = start(&bus, &conn, WATCHER_SERVICE, &config, &[]).await;
     signals
         .wait_for_from(n, "DriveAttached", |s| s.args[0] == "offsite-a", WAIT)
         .await;
@@ -429,17 +419,9 @@ async fn a_drive_failure_survives_restarts_of_crypt_and_led() {
     );
     let conn = bus.connect().await;
     let signals = SignalRecorder::new(&conn).await;
-    let _watcher = start(
-        &bus,
-        &conn,
-        "ferry-drive-watcher",
-        &config,
-        drive_watcher::BUS_NAME,
-        &[],
-    )
-    .await;
-    let crypt_process = start(&bus, &conn, "ferry-crypt", &config, crypt::BUS_NAME, &[]).await;
-    let led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
+    let _watcher = start(&bus, &conn, WATCHER_SERVICE, &config, &[]).await;
+    let crypt_process = start(&bus, &conn, CRYPT_SERVICE, &config, &[]).await;
+    let led = start(&bus, &conn, LED_SERVICE, &config, &[]).await;
     let mut image = LoopImage::ext4(dir.path(), 16, &uuid, "offsite-a");
     image.attach();
     let failed = signals
@@ -457,7 +439,7 @@ async fn a_drive_failure_survives_restarts_of_crypt_and_led() {
     );
 
     kill(&conn, crypt_process, crypt::BUS_NAME).await;
-    let _crypt = start(&bus, &conn, "ferry-crypt", &config, crypt::BUS_NAME, &[]).await;
+    let _crypt = start(&bus, &conn, CRYPT_SERVICE, &config, &[]).await;
     let proxy: CryptProxy = uncached(&conn).await;
     assert_eq!(
         proxy.last_failures().await.expect("LastFailures"),
@@ -466,7 +448,7 @@ async fn a_drive_failure_survives_restarts_of_crypt_and_led() {
     );
 
     kill(&conn, led, led::BUS_NAME).await;
-    let _led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
+    let _led = start(&bus, &conn, LED_SERVICE, &config, &[]).await;
     let (state, reason) = led_state(&conn).await;
     assert_eq!(state, "failed", "{reason}");
     assert!(
@@ -696,8 +678,8 @@ async fn warnings_are_their_own_outcome_and_the_unit_exits_with_the_jobs_outcome
     let signals = SignalRecorder::new(&conn).await;
     let base = world.base();
     let env = [("BORG_BASE_DIR", base.as_str())];
-    let _led = start(&bus, &conn, "ferry-led", &config, led::BUS_NAME, &[]).await;
-    let borg_process = start(&bus, &conn, "ferry-borg", &config, borg::BUS_NAME, &env).await;
+    let _led = start(&bus, &conn, LED_SERVICE, &config, &[]).await;
+    let borg_process = start(&bus, &conn, BORG_SERVICE, &config, &env).await;
 
     let (code, out) = run_unit(&bus, "home").await;
     assert_eq!(code, Some(2), "{out}");
@@ -741,7 +723,7 @@ async fn warnings_are_their_own_outcome_and_the_unit_exits_with_the_jobs_outcome
 
     // The real borg, no warning: exit 0 with the archive and its size.
     kill(&conn, borg_process, borg::BUS_NAME).await;
-    let _borg = start(&bus, &conn, "ferry-borg", &good, borg::BUS_NAME, &env).await;
+    let _borg = start(&bus, &conn, BORG_SERVICE, &good, &env).await;
     let (code, out) = run_unit(&bus, "home").await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
@@ -771,7 +753,7 @@ async fn a_skipped_job_is_retried_and_schedule_says_when_and_why() {
     let signals = SignalRecorder::new(&conn).await;
     let base = world.base();
     let env = [("BORG_BASE_DIR", base.as_str())];
-    let _borg = start(&bus, &conn, "ferry-borg", &config, borg::BUS_NAME, &env).await;
+    let _borg = start(&bus, &conn, BORG_SERVICE, &config, &env).await;
     let proxy: BorgProxy = uncached(&conn).await;
 
     let first = proxy.start("home").await.expect("Start");

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 
-use ferry_interfaces::{BackupResult, CryptDrive, Failure};
+use ferry_interfaces::{BackupOutcome, BackupResult, CryptDrive, Failure};
 
 /// What the LED shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,24 +520,33 @@ impl PeerFacts {
         }
         for result in &self.backup_results {
             let subject = Subject::Profile(result.profile.clone());
-            let reason = match result.outcome.as_str() {
-                "finished-with-warnings" if result.time > self.acknowledged => Some(format!(
-                    "backup {}: finished with warnings: {}",
-                    result.profile, result.message
-                )),
-                "failed" | "skipped" => {
-                    let success = self
-                        .backup_successes
-                        .get(&result.profile)
-                        .copied()
-                        .unwrap_or(0);
-                    self.backup_failures
-                        .iter()
-                        .filter(|f| f.subject == result.profile)
-                        .filter(|f| f.time >= success && f.time > self.acknowledged)
-                        .max_by_key(|f| f.time)
-                        .map(|f| format!("backup {}: {}: {}", f.subject, f.stage, f.message))
+            let standing_failure = || {
+                let success = self
+                    .backup_successes
+                    .get(&result.profile)
+                    .copied()
+                    .unwrap_or(0);
+                self.backup_failures
+                    .iter()
+                    .filter(|f| f.subject == result.profile)
+                    .filter(|f| f.time >= success && f.time > self.acknowledged)
+                    .max_by_key(|f| f.time)
+                    .map(|f| format!("backup {}: {}: {}", f.subject, f.stage, f.message))
+            };
+            let reason = match BackupOutcome::from_wire(&result.outcome) {
+                Some(BackupOutcome::FinishedWithWarnings) if result.time > self.acknowledged => {
+                    Some(format!(
+                        "backup {}: finished with warnings: {}",
+                        result.profile, result.message
+                    ))
                 }
+                // The last run failed: its failure, even if the peer keeps
+                // no LastFailures entry for it.
+                Some(BackupOutcome::Failed) if result.time > self.acknowledged => {
+                    standing_failure()
+                        .or_else(|| Some(format!("backup {}: {}", result.profile, result.message)))
+                }
+                Some(BackupOutcome::Skipped) => standing_failure(),
                 _ => None,
             };
             if let Some(reason) = reason {

@@ -313,6 +313,39 @@ fn at_start_failures_come_from_the_peers_persisted_state() {
 }
 
 #[test]
+fn at_start_a_backup_warning_or_failure_shows_until_acknowledged() {
+    let result = |outcome: &str, time: u64| BackupResult {
+        profile: "nas".into(),
+        outcome: outcome.into(),
+        time,
+        archive: String::new(),
+        seconds: 1.0,
+        message: "create: /x: No such file".into(),
+    };
+    for outcome in ["finished-with-warnings", "failed"] {
+        let mut facts = PeerFacts {
+            backup_results: vec![result(outcome, 50)],
+            ..PeerFacts::default()
+        };
+        let i = Indicator::from_peers(BTreeMap::new(), &facts);
+        assert_eq!(i.state(), LedState::Failed, "{outcome}");
+        assert!(i.reason().starts_with("backup nas: "), "{}", i.reason());
+        facts.acknowledged = 50;
+        let i = Indicator::from_peers(BTreeMap::new(), &facts);
+        assert_eq!(i.state(), LedState::Idle, "{outcome} acknowledged");
+    }
+    let facts = PeerFacts {
+        backup_results: vec![result("finished", 50)],
+        backup_failures: vec![failure("nas", 40, "create")],
+        ..PeerFacts::default()
+    };
+    assert_eq!(
+        Indicator::from_peers(BTreeMap::new(), &facts).state(),
+        LedState::Idle
+    );
+}
+
+#[test]
 fn a_rebuild_forgets_lost_jobs_but_keeps_the_failure() {
     let i = run(vec![
         started("1", "nas"),
