@@ -23,6 +23,9 @@ use ferry_interfaces::led::LedProxy;
 use ferry_interfaces::sync::SyncProxy;
 use futures_util::StreamExt;
 
+/// Exit status of `backup --wait` when the job made its archive but borg
+/// warned (exit 1 of borg).
+const EXIT_WARNINGS: u8 = 2;
 /// Exit status of `backup --wait` when the job was skipped (a precondition
 /// did not hold, a hook asked to skip): EX_TEMPFAIL, "try again later".
 const EXIT_SKIPPED: u8 = 75;
@@ -71,17 +74,18 @@ enum Command {
     },
     /// Print every ferry signal as a readable line, live (no root needed).
     Watch,
-    /// Start a backup profile now.
+    /// Start a backup profile now (what ferry-backup@PROFILE.service runs).
     Backup {
         /// The profile, as named in ferry.toml.
         profile: String,
-        /// Wait for the job to end; exit 0 when it finished, 1 when it failed,
-        /// 75 when it was skipped.
+        /// Wait for the job to end and print its summary; exit 0 when it
+        /// finished, 2 when it finished with borg warnings, 75 when it was
+        /// skipped, 1 when it failed.
         #[arg(long)]
         wait: bool,
-        /// With --wait: give up after this many seconds (exit 1).
-        #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
-        timeout: u64,
+        /// With --wait: give up after this long (exit 1), e.g. "90s", "30 hours".
+        #[arg(long, default_value = "30 hours", value_name = "DURATION", value_parser = parse_span)]
+        timeout: Duration,
     },
     /// Copy the repositories onto an open drive now.
     Sync {
@@ -219,7 +223,7 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
                 profile,
                 wait,
                 timeout,
-            } => backup(&conn, &profile, wait, Duration::from_secs(timeout)).await,
+            } => backup(&conn, &profile, wait, timeout).await,
             Command::Sync { drive } => {
                 SyncProxy::new(&conn).await?.start(&drive).await?;
                 println!("sync of {drive} started; `ferryctl watch` follows it");
@@ -309,8 +313,12 @@ async fn backup(
                     .unwrap_or_default();
                 match member.as_str() {
                     "BackupFinished" => {
-                        println!("{text}");
+                        println!("{text}{}", archive_size(conn, profile).await);
                         return Ok(ExitCode::SUCCESS);
+                    }
+                    "BackupFinishedWithWarnings" => {
+                        println!("{text}{}", archive_size(conn, profile).await);
+                        return Ok(ExitCode::from(EXIT_WARNINGS));
                     }
                     "BackupFailed" => {
                         eprintln!("{text}");
@@ -389,6 +397,35 @@ async fn simulate_plug(
             eprintln!("ferryctl: {e}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// A duration as ferry.toml writes them ("90s", "30 hours").
+fn parse_span(text: &str) -> Result<Duration, String> {
+    ferry_config::Span::parse(text).map(|span| span.duration())
+}
+
+/// " (12.3 MiB read, 4.0 MiB new, 42 files, 3.1 s)" from Borg1.GetStats of
+/// the profile's last archive, or nothing when it is not to be had.
+async fn archive_size(conn: &zbus::Connection, profile: &str) -> String {
+    let Ok(proxy) = BorgProxy::new(conn).await else {
+        return String::new();
+    };
+    let Ok(stats) = proxy.get_stats(profile).await else {
+        return String::new();
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&stats) else {
+        return String::new();
+    };
+    let s = &value["archive"]["stats"];
+    match (s["original_size"].as_u64(), s["nfiles"].as_u64()) {
+        (Some(read), Some(files)) => format!(
+            " ({} read, {} new, {files} files, {})",
+            words::bytes(read),
+            words::bytes(s["deduplicated_size"].as_u64().unwrap_or(0)),
+            words::duration(value["archive"]["duration"].as_f64().unwrap_or(0.0))
+        ),
+        _ => String::new(),
     }
 }
 

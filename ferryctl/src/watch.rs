@@ -96,6 +96,12 @@ pub fn describe(interface: &str, member: &str, args: &[String]) -> Option<String
         ("org.ferry.Borg1", "BackupFinished") => {
             format!("backup {} finished: archive {}", arg(1), arg(2))
         }
+        ("org.ferry.Borg1", "BackupFinishedWithWarnings") => format!(
+            "backup {} finished with warnings: archive {}; borg warned: {}",
+            arg(1),
+            arg(2),
+            arg(3)
+        ),
         ("org.ferry.Borg1", "BackupFailed") => {
             format!("backup {} FAILED at {}: {}", arg(1), arg(2), arg(3))
         }

@@ -13,8 +13,8 @@
 //! A failed or skipped job is started again after `[borg] retry-delay`, at
 //! most `retries` times (seed 000's `Restart=on-failure`, `RestartSec=10m`),
 //! by a timer in the loop (no polling); Schedule shows the next attempt and
-//! why. `ferry-borg start --wait PROFILE` is a small client ([`wait`]) for
-//! the timer's unit: it starts a job and exits with its outcome.
+//! why. The timer's unit runs `ferryctl backup --wait PROFILE`, which starts
+//! a job and exits with its outcome.
 
 pub mod borgmatic;
 pub mod compat;
@@ -24,7 +24,6 @@ pub mod process;
 pub mod state;
 pub mod system;
 pub mod tilde;
-pub mod wait;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
