@@ -8,6 +8,7 @@
 
 mod args;
 pub mod caller;
+pub mod confined;
 pub mod durable;
 mod logging;
 pub mod notify;

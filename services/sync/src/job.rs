@@ -11,7 +11,7 @@
 //! SyncFailed.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,10 +20,11 @@ use ferry_config::{Config, Repository};
 use tokio::sync::watch;
 
 use crate::borg::Borg;
-use crate::generation::{self, BuildError, Layout, Plan};
+use crate::generation::{self, BuildError, Generation, Layout, Plan};
 use crate::mounts;
 use crate::snapshot::{self, Snapshot};
 use crate::Reporter;
+use ferry_service::confined::WalkError;
 
 /// At most this often a SyncProgress signal.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -80,6 +81,9 @@ pub enum Stage {
     Verify,
     /// Swapping it in.
     Swap,
+    /// ferry's directory on the drive holds what has no place there: a
+    /// symlink, a FIFO, a socket, a device node, too deep a tree.
+    DriveLayout,
     /// The drive was removed.
     Removed,
     /// Cancelled (or ferry-sync stopping).
@@ -96,6 +100,7 @@ impl Stage {
             Stage::Copy => "copy",
             Stage::Verify => "verify",
             Stage::Swap => "swap",
+            Stage::DriveLayout => "drive-layout",
             Stage::Removed => "removed",
             Stage::Cancelled => "cancelled",
         }
@@ -115,6 +120,18 @@ impl Failure {
     /// A failure in `stage`.
     pub fn new(stage: Stage, message: String) -> Failure {
         Failure { stage, message }
+    }
+
+    /// A failure of a confined operation on the drive in `stage`: what
+    /// the drive's layout caused is a `drive-layout` failure.
+    pub fn on_drive(stage: Stage, error: WalkError) -> Failure {
+        match error {
+            WalkError::Layout(m) => Failure::new(
+                Stage::DriveLayout,
+                format!("{m}; nothing outside the drive was touched, and the drive is closed"),
+            ),
+            WalkError::Io(m) => Failure::new(stage, m),
+        }
     }
 
     /// The failure a stop request turns into.
@@ -263,6 +280,18 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Runs confined drive work on the blocking pool; a layout error becomes a
+/// `drive-layout` failure, any other error a failure of `stage`.
+async fn on_drive<T: Send + 'static>(
+    stage: Stage,
+    work: impl FnOnce() -> Result<T, WalkError> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|e| Failure::on_drive(stage, e)),
+        Err(e) => Err(Failure::new(stage, format!("internal error: {e}"))),
+    }
+}
+
 /// One repository, from snapshot to swap.
 struct Prepared {
     name: String,
@@ -289,23 +318,22 @@ async fn sync_drive(
             ),
         ));
     }
-    let drive_dir = settings.drive_directory(&spec.mountpoint);
+    // From here on the drive is reached only through a confined handle of
+    // ferry's directory on it, whose whole tree was checked first.
+    let (mountpoint, directory) = (spec.mountpoint.clone(), settings.directory.clone());
+    let copies = on_drive(Stage::Copy, move || {
+        generation::open_copies(&mountpoint, &directory)
+    })
+    .await?;
     let layouts: Vec<Layout> = spec
         .repositories
         .iter()
-        .map(|(name, _)| Layout::new(&drive_dir, name))
+        .map(|(name, _)| Layout::new(&copies, name))
         .collect();
     {
-        let (dir, layouts) = (drive_dir.clone(), layouts.clone());
-        blocking(Stage::Copy, move || {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {} on the drive: {e}", dir.display()))?;
-            for layout in &layouts {
-                layout
-                    .remove_leftovers()
-                    .map_err(|e| format!("cannot clean up {}: {e}", layout.dir.display()))?;
-            }
-            Ok(())
+        let layouts = layouts.clone();
+        on_drive(Stage::Copy, move || {
+            layouts.iter().try_for_each(Layout::remove_leftovers)
         })
         .await?;
     }
@@ -319,8 +347,9 @@ async fn sync_drive(
             return Err(Failure::stopped(reason));
         }
         let (repo, current) = (repository.path.to_path_buf(), layout.clone());
-        let unchanged = blocking(Stage::Snapshot, move || {
-            Ok(snapshot::observe(&repo).map(|entries| generation::plan(&entries, &current)))
+        let unchanged = on_drive(Stage::Snapshot, move || match snapshot::observe(&repo) {
+            Ok(entries) => generation::plan(&entries, &current).map(Ok),
+            Err(e) => Ok(Err(e)),
         })
         .await?;
         match &unchanged {
@@ -367,8 +396,8 @@ async fn sync_drive(
         let entries = snapshot.entries.clone();
         let plan_layout = layout.clone();
         held.snapshots.push(snapshot);
-        let plan = blocking(Stage::Snapshot, move || {
-            Ok(generation::plan(&entries, &plan_layout))
+        let plan = on_drive(Stage::Snapshot, move || {
+            generation::plan(&entries, &plan_layout)
         })
         .await?;
         prepared.push(Prepared {
@@ -387,7 +416,7 @@ async fn sync_drive(
         .map(|p| p.plan.copy_files * 4096 + p.plan.items.len() as u64 * 256)
         .sum();
     let need = total + blocks + settings.reserve_mib * MIB;
-    let free = free_bytes(&drive_dir).map_err(|e| Failure::new(Stage::Space, e))?;
+    let free = free_bytes(&copies).map_err(|e| Failure::new(Stage::Space, e))?;
     if need > free {
         return Err(Failure::new(
             Stage::Space,
@@ -414,12 +443,11 @@ async fn sync_drive(
                 archive.clone()
             }
             (true, None) => {
-                let current = item.layout.current.clone();
                 inspect(
                     context,
                     &item.layout,
                     &item.repository,
-                    &current,
+                    Generation::Current,
                     false,
                     stop,
                 )
@@ -441,26 +469,15 @@ async fn sync_drive(
         }
     }
     summary.bytes = done_before;
-    summary.free = free_bytes(&drive_dir).unwrap_or(0);
+    summary.free = free_bytes(&copies).unwrap_or(0);
     Ok(summary)
 }
 
 const MIB: u64 = 1024 * 1024;
 
 /// Free bytes for an unprivileged writer... and root (f_bavail).
-fn free_bytes(path: &Path) -> Result<u64, String> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and a statvfs to fill.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } != 0 {
-        return Err(format!(
-            "cannot read the free space of {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+fn free_bytes(copies: &ferry_service::confined::Confined) -> Result<u64, String> {
+    copies.free_bytes().map_err(|e| e.to_string())
 }
 
 /// Builds, verifies and swaps in one repository's new generation; returns
@@ -512,6 +529,9 @@ async fn copy_one(
                 stop.reason().unwrap_or(StopReason::Shutdown),
             ))
         }
+        Ok(Err(BuildError::Layout(message))) => {
+            return Err(Failure::on_drive(Stage::Copy, WalkError::Layout(message)))
+        }
         Ok(Err(BuildError::Io(message))) => {
             return Err(Failure::new(
                 Stage::Copy,
@@ -525,8 +545,15 @@ async fn copy_one(
         .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
         .await;
 
-    let new = item.layout.new.clone();
-    let archive = inspect(context, &item.layout, &item.repository, &new, true, stop).await?;
+    let archive = inspect(
+        context,
+        &item.layout,
+        &item.repository,
+        Generation::New,
+        true,
+        stop,
+    )
+    .await?;
     if let Some(reason) = stop.reason() {
         return Err(Failure::stopped(reason));
     }
@@ -552,14 +579,13 @@ async fn inspect(
     context: &Context,
     layout: &Layout,
     repository: &Repository,
-    generation: &Path,
+    generation: Generation,
     check: bool,
     stop: &mut Stop,
 ) -> Result<String, Failure> {
-    let (from, mirror) = (generation.to_path_buf(), layout.verify.clone());
-    blocking(Stage::Verify, move || {
-        generation::mirror_links(&from, &mirror)
-            .map_err(|e| format!("cannot prepare {} for borg: {e}", mirror.display()))
+    let mirrored = layout.clone();
+    on_drive(Stage::Verify, move || {
+        generation::mirror_links(&mirrored, generation)
     })
     .await?;
     let mut result = Ok(String::new());
@@ -576,11 +602,7 @@ async fn inspect(
             .newest_archive(&layout.verify, repository, stop)
             .await;
     }
-    let mirror = layout.verify.clone();
-    blocking(Stage::Verify, move || {
-        snapshot::remove_tree(&mirror)
-            .map_err(|e| format!("cannot remove {}: {e}", mirror.display()))
-    })
-    .await?;
+    let mirrored = layout.clone();
+    on_drive(Stage::Verify, move || generation::remove_mirror(&mirrored)).await?;
     result
 }
