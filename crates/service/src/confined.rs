@@ -184,12 +184,16 @@ fn time_of(seconds: i64, nanos: u64) -> SystemTime {
 /// lead it elsewhere: a symlink (ELOOP), another mount (EXDEV), `..` out
 /// of the handle.
 pub fn is_escape(e: &io::Error) -> bool {
-    let errno = e.raw_os_error().or_else(|| {
+    matches!(errno(e), Some(libc::ELOOP | libc::EXDEV))
+}
+
+/// The errno of an error, also through the path added by this module.
+fn errno(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
         e.get_ref()
             .and_then(|inner| inner.downcast_ref::<Located>())
             .and_then(|l| l.errno)
-    });
-    matches!(errno, Some(libc::ELOOP | libc::EXDEV))
+    })
 }
 
 /// An error with the path it happened on, keeping the errno it came with.
@@ -251,13 +255,10 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     let why = match e.raw_os_error() {
         Some(libc::ELOOP) => "it is a symbolic link or leads through one".to_string(),
         Some(libc::EXDEV) => "it leads out of the drive (another mount, or `..`)".to_string(),
+        Some(libc::ENOTDIR) => "it (or a directory on the way) is not a directory".to_string(),
         _ => e.to_string(),
     };
-    let errno = e.raw_os_error().or_else(|| {
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<Located>())
-            .and_then(|l| l.errno)
-    });
+    let errno = errno(&e);
     let message = format!("cannot {what} {}: {why}", path.display());
     io::Error::new(e.kind(), Located { errno, message })
 }
@@ -694,10 +695,10 @@ impl Confined {
     }
 }
 
-/// An escape attempt met on the way is a layout problem, anything else an
-/// I/O one.
+/// An escape attempt met on the way, or a file where a directory belongs,
+/// is a layout problem; anything else an I/O one.
 pub fn layout_or_io(e: io::Error) -> WalkError {
-    if is_escape(&e) {
+    if is_escape(&e) || errno(&e) == Some(libc::ENOTDIR) {
         WalkError::Layout(format!(
             "{e}; ferry's directory on a drive holds only directories and regular files: remove it from the drive"
         ))
