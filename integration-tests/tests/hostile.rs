@@ -117,6 +117,13 @@ impl Rig {
         all
     }
 
+    /// [`Rig::host`] without borg's lock files (a test holding the lock).
+    fn host_without_locks(&self) -> BTreeMap<String, String> {
+        let mut all = self.host();
+        all.retain(|k, _| !k.starts_with("repo/lock."));
+        all
+    }
+
     /// Attaches the drive, waits for its flow to end and checks the end:
     /// as `expect`, the host unchanged, the drive unmounted, and for a
     /// failure a mail naming the drive and the stage.
@@ -675,4 +682,100 @@ async fn random_hostile_trees_never_reach_the_host() {
         rig.round(&format!("seed {seed}, round {round}"), expect)
             .await;
     }
+}
+
+/// Kills its child when dropped (also when the test panics).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// ferry-sync killed (SIGKILL, not restarted) while a drive's sync waits
+/// for borg's lock: ferry-crypt sees Sync1 lose its owner, closes the
+/// drive and ends the flow red (DriveFailed at `sync`), LED failed, mailed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_worker_dying_mid_job_still_ends_the_flow_red() {
+    let Some(mut rig) = Rig::start(Options::default()).await else {
+        return;
+    };
+    let system = &rig.system;
+    // borg holds the repository's lock, so the sync waits for it.
+    let base = system.work().join("lock-holder");
+    std::fs::create_dir_all(&base).expect("borg base");
+    let holder = std::process::Command::new("borg")
+        .args(["with-lock", "--lock-wait", "30"])
+        .arg(&system.repository)
+        .args(["sleep", "600"])
+        .env("BORG_BASE_DIR", &base)
+        .env(
+            "BORG_PASSCOMMAND",
+            format!("cat {}", system.passphrase_file.display()),
+        )
+        .spawn()
+        .expect("borg with-lock");
+    let holder = Child(holder);
+    let lock = system.repository.join("lock.exclusive");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !lock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "borg never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let before = rig.host_without_locks();
+    let from = rig.system.signals.len();
+    rig.system.drive.attach();
+    // The job runs: Sync1.Running names the drive.
+    rig.system
+        .signals
+        .wait_for_from(
+            from,
+            "PropertiesChanged",
+            |r| r.path == "/org/ferry/Sync1" && r.args.iter().any(|a| a.contains(DRIVE)),
+            WAIT,
+        )
+        .await;
+    let sync = rig
+        .system
+        .services
+        .remove("ferry-sync")
+        .expect("ferry-sync");
+    sync.signal(libc::SIGKILL);
+    let end = flow_end(&rig.system, from)
+        .await
+        .unwrap_or_else(|| panic!("the flow never ended\n{}", listing(&rig.system, from)));
+    let failure = end.failure.unwrap_or_else(|| {
+        panic!(
+            "ended without a failure: {}\n{}",
+            end.last,
+            listing(&rig.system, from)
+        )
+    });
+    assert_eq!(
+        (failure.member.as_str(), failure.args[1].as_str()),
+        ("DriveFailed", "sync"),
+        "{failure}"
+    );
+    assert!(!rig.system.drive_mounted(), "the drive is still mounted");
+    rig.system
+        .signals
+        .wait_for_from(
+            from,
+            "ColorChanged",
+            |r| r.args.get(1).is_some_and(|s| s == "failed"),
+            WAIT,
+        )
+        .await;
+    rig.system
+        .smtp
+        .wait_for(1, |m| mentions(m, DRIVE) && mentions(m, "sync"), WAIT)
+        .await;
+    drop(holder);
+    assert_host_unchanged("ferry-sync killed", &before, &rig.host_without_locks());
 }
