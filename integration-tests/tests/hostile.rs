@@ -23,7 +23,8 @@ use std::time::Duration;
 use ferry_integration_tests::smtp::{require_aiosmtpd, Received};
 use ferry_integration_tests::system::{FerrySystem, Options, DRIVE, PROFILE};
 use ferry_integration_tests::{
-    require_command, require_loop_devices, require_root, require_udevd, run, udev_settle, Recorded,
+    require_command, require_loop_devices, require_root, require_udevd, run, udev_settle,
+    LoopImage, Recorded,
 };
 
 /// A generous bound for one flow on a loaded 2-core machine.
@@ -778,4 +779,127 @@ async fn a_sync_worker_dying_mid_job_still_ends_the_flow_red() {
         .await;
     drop(holder);
     assert_host_unchanged("ferry-sync killed", &before, &rig.host_without_locks());
+}
+
+/// The SHA-256 of a file, by sha256sum.
+fn sha256(path: &Path) -> String {
+    run("sha256sum", &[path.as_os_str()])
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Plugs in `image` (a stranger's, with the enrolled UUID) and checks that
+/// the flow ends DriveFailed at identity, nothing is mounted, a mail names
+/// the drive and the stage, the host is untouched and the image is
+/// byte-identical afterwards.
+async fn stranger_round(rig: &mut Rig, image: &mut LoopImage, what: &str) {
+    eprintln!("stranger: {what}");
+    let before = rig.host();
+    let hash = sha256(image.path());
+    let from = rig.system.signals.len();
+    image.attach();
+    let end = flow_end(&rig.system, from)
+        .await
+        .unwrap_or_else(|| panic!("{what}: no end\n{}", listing(&rig.system, from)));
+    let failure = end
+        .failure
+        .unwrap_or_else(|| panic!("{what}: ended {}", end.last));
+    assert_eq!(
+        (failure.member.as_str(), failure.args[1].as_str()),
+        ("DriveFailed", "identity"),
+        "{what}: {failure}\n{}",
+        listing(&rig.system, from)
+    );
+    eprintln!("  {failure}");
+    assert_eq!(rig.system.signals.count("SyncStarted", |_| true), 0);
+    assert!(!rig.system.drive_mounted(), "{what}: still mounted");
+    let seen = rig.mails.entry("identity".into()).or_default();
+    let mails = rig
+        .system
+        .smtp
+        .wait_for(
+            *seen + 1,
+            |m| mentions(m, DRIVE) && mentions(m, "identity"),
+            WAIT,
+        )
+        .await;
+    *seen = mails.len();
+    let pulled = rig.system.signals.len();
+    image.detach();
+    rig.system
+        .signals
+        .wait_for_from(pulled, "DriveDetached", |r| r.args[0] == DRIVE, WAIT)
+        .await;
+    assert_eq!(
+        sha256(image.path()),
+        hash,
+        "{what}: the stranger's image changed"
+    );
+    assert_host_unchanged(what, &before, &rig.host());
+}
+
+/// A stranger's ext4 with the enrolled UUID and a dirty journal
+/// (needs_recovery), and an XFS image with the enrolled ext4 drive's UUID:
+/// both DriveFailed at identity, both images byte-identical afterwards
+/// (the identity mount replays no journal; XFS is never mounted at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_drive_is_never_written_nor_mounted_as_another_type() {
+    if !(require_command("xfs_io", "xfsprogs")
+        && require_command("mkfs.xfs", "xfsprogs")
+        && require_command("dumpe2fs", "e2fsprogs"))
+    {
+        return;
+    }
+    let Some(mut rig) = Rig::start(Options::default()).await else {
+        return;
+    };
+    let uuid = rig.system.drive_uuid.clone();
+
+    // The dirty ext4, made while the watcher is stopped (it must not be
+    // announced half made).
+    drop(rig.system.services.remove("ferry-drive-watcher"));
+    let mut dirty = LoopImage::ext4(rig.system.work(), 32, &uuid, DRIVE);
+    let device = dirty.attach();
+    let point = rig.system.work().join("dirty");
+    std::fs::create_dir_all(&point).expect("dirty mountpoint");
+    run("mount", &[device.as_str(), &point.to_string_lossy()]);
+    let unmount = Unmount(point.clone());
+    std::fs::write(point.join("journalled"), vec![7u8; 64 * 1024]).expect("write");
+    run("sync", &["-f", &point.join("journalled").to_string_lossy()]);
+    run(
+        "xfs_io",
+        &["-x", "-c", "shutdown", &point.to_string_lossy()],
+    );
+    drop(unmount);
+    dirty.detach();
+    let features = run("dumpe2fs", &["-h", &dirty.path().to_string_lossy()]);
+    assert!(
+        features.contains("needs_recovery"),
+        "the stranger's journal is not dirty:\n{features}"
+    );
+    udev_settle();
+    rig.system
+        .start_service("ferry-drive-watcher", "info")
+        .await;
+    stranger_round(&mut rig, &mut dirty, "ext4 with a dirty journal").await;
+    let features = run("dumpe2fs", &["-h", &dirty.path().to_string_lossy()]);
+    assert!(
+        features.contains("needs_recovery"),
+        "the stranger's journal was replayed"
+    );
+
+    // XFS with the ext4 drive's UUID (XFS needs 300 MiB; the file is sparse).
+    let mut xfs = LoopImage::blank(rig.system.work(), 320);
+    run(
+        "mkfs.xfs",
+        &[
+            "-q",
+            "-m",
+            &format!("uuid={uuid}"),
+            &xfs.path().to_string_lossy(),
+        ],
+    );
+    stranger_round(&mut rig, &mut xfs, "XFS with the enrolled ext4 UUID").await;
 }
