@@ -11,6 +11,7 @@ mod crypt;
 mod error;
 mod locate;
 mod notify;
+pub mod paths;
 mod sync;
 mod values;
 
@@ -261,9 +262,9 @@ impl Drive {
 impl Config {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let text = paths::read_config(path).map_err(|reason| ConfigError::Read {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })?;
         Config::parse(&text, path)
     }
@@ -357,6 +358,7 @@ impl Config {
         crypt::check(self)?;
         sync::check(self)?;
         borg::check(self)?;
+        paths::check(self)?;
         notify::check(self)
     }
 }

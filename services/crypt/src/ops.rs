@@ -417,6 +417,20 @@ fn prepare_mountpoint(plan: &Plan, source: &Path) -> Result<(), Failed> {
             mountpoint.display()
         ))
     })?;
+    // Never mount on a symlink (or through one made since ferry-crypt
+    // started): the kernel would mount wherever it points.
+    let resolved = mountpoint.canonicalize().ok();
+    let is_link = std::fs::symlink_metadata(mountpoint).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link || resolved.as_deref() != Some(mountpoint.as_path()) {
+        return Err(fail(format!(
+            "the mountpoint {} is, or leads through, a symbolic link (to {}); ferry never mounts on a symlink: replace it with a directory",
+            mountpoint.display(),
+            resolved
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "nowhere".into())
+        )));
+    }
     if std::fs::read_dir(mountpoint).is_ok_and(|mut d| d.next().is_some()) {
         tracing::warn!(
             "{}: {} is not empty; its files are hidden while the drive is mounted over them",
