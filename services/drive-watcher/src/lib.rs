@@ -22,7 +22,8 @@ use zbus::object_server::SignalEmitter;
 
 /// A request from the D-Bus interface to the service loop.
 enum Command {
-    Rescan(oneshot::Sender<u32>),
+    /// The number of present drives, or why udev could not be enumerated.
+    Rescan(oneshot::Sender<Result<u32, String>>),
 }
 
 /// The org.ferry.DriveWatcher1 object: validates, hands work to the loop,
@@ -52,7 +53,10 @@ impl DriveWatcherInterface {
             .send(Command::Rescan(reply))
             .await
             .map_err(|_| unavailable())?;
-        answer.await.map_err(|_| unavailable())
+        answer
+            .await
+            .map_err(|_| unavailable())?
+            .map_err(FerryError::Failed)
     }
 
     /// Every enrolled drive: (name, uuid, attached, device, since).
@@ -112,8 +116,15 @@ pub async fn run(
         tracing::warn!("no drives are enrolled in the configuration; nothing will be announced");
     }
 
-    let coldplug = tracker.rescan(enumerate(), unix_now());
-    publish(&object, &drives, &tracker, coldplug).await;
+    match enumerate() {
+        Ok(devices) => {
+            let coldplug = tracker.rescan(devices, unix_now());
+            publish(&object, &drives, &tracker, coldplug).await;
+        }
+        Err(e) => tracing::error!(
+            "cannot enumerate block devices: {e}; drives already plugged in are announced on their next udev event or a Rescan"
+        ),
+    }
 
     tokio::pin!(shutdown);
     loop {
@@ -133,9 +144,21 @@ pub async fn run(
                 publish(&object, &drives, &tracker, changes).await;
             }
             Some(Command::Rescan(reply)) = requests.recv() => {
-                let changes = tracker.rescan(enumerate(), unix_now());
-                publish(&object, &drives, &tracker, changes).await;
-                let _ = reply.send(u32::try_from(tracker.present_count()).unwrap_or(u32::MAX));
+                let answer = match enumerate() {
+                    Ok(devices) => {
+                        let changes = tracker.rescan(devices, unix_now());
+                        publish(&object, &drives, &tracker, changes).await;
+                        Ok(u32::try_from(tracker.present_count()).unwrap_or(u32::MAX))
+                    }
+                    // A failed enumeration knows nothing: it detaches nothing.
+                    Err(e) => {
+                        tracing::error!("cannot enumerate block devices: {e}; nothing changed");
+                        Err(format!(
+                            "udev cannot enumerate block devices ({e}); nothing was detached or announced: check that systemd-udevd runs, then Rescan again"
+                        ))
+                    }
+                };
+                let _ = reply.send(answer);
             }
         }
     }
@@ -148,22 +171,15 @@ fn open_monitor() -> std::io::Result<udev::MonitorSocket> {
         .listen()
 }
 
-/// Every block device udev knows now. A failed enumeration is logged and
-/// yields nothing, so a rescan never detaches drives by mistake... unless
-/// udev itself is gone, which the log then says.
-fn enumerate() -> Vec<Observation> {
-    let scan = || -> std::io::Result<Vec<Observation>> {
-        let mut enumerator = udev::Enumerator::new()?;
-        enumerator.match_subsystem("block")?;
-        Ok(enumerator
-            .scan_devices()?
-            .map(|d| observation(&d, false))
-            .collect())
-    };
-    scan().unwrap_or_else(|e| {
-        tracing::error!("cannot enumerate block devices: {e}");
-        Vec::new()
-    })
+/// Every block device udev knows now, or why udev could not say: a
+/// failed enumeration must never be taken for "nothing is plugged in".
+fn enumerate() -> std::io::Result<Vec<Observation>> {
+    let mut enumerator = udev::Enumerator::new()?;
+    enumerator.match_subsystem("block")?;
+    Ok(enumerator
+        .scan_devices()?
+        .map(|d| observation(&d, false))
+        .collect())
 }
 
 /// What the tracker needs from a udev device. Labels, serials and models are
