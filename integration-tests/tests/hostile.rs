@@ -898,3 +898,81 @@ async fn a_strangers_drive_is_never_written_nor_mounted_as_another_type() {
     );
     stranger_round(&mut rig, &mut xfs, "XFS with the enrolled ext4 UUID").await;
 }
+
+/// A clone of the enrolled drive's UUID plugged in first, the real drive
+/// second, the clone pulled: the clone fails at identity, and the real
+/// drive is announced and synced with no manual step (no Rescan).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_plugged_in_first_does_not_hide_the_real_drive() {
+    let Some(mut rig) = Rig::start(Options::default()).await else {
+        return;
+    };
+    let uuid = rig.system.drive_uuid.clone();
+    let mut clone = LoopImage::ext4(rig.system.work(), 32, &uuid, DRIVE);
+    let from = rig.system.signals.len();
+    let clone_device = clone.attach();
+    let end = flow_end(&rig.system, from).await.unwrap_or_else(|| {
+        panic!(
+            "the clone's flow never ended\n{}",
+            listing(&rig.system, from)
+        )
+    });
+    let failure = end.failure.expect("the clone fails");
+    assert_eq!(
+        (failure.member.as_str(), failure.args[1].as_str()),
+        ("DriveFailed", "identity"),
+        "{failure}"
+    );
+
+    // The real drive while the clone is still in: not announced yet.
+    let real_from = rig.system.signals.len();
+    let real_device = rig.system.drive.attach();
+    udev_settle();
+    assert_eq!(
+        rig.system.signals.all()[real_from..]
+            .iter()
+            .filter(|r| r.member == "DriveAttached")
+            .count(),
+        0,
+        "the real drive was announced while the clone holds its name"
+    );
+
+    // The clone pulled: the real drive takes its place by itself.
+    let pulled = rig.system.signals.len();
+    clone.detach();
+    let attached = rig
+        .system
+        .signals
+        .wait_for_from(pulled, "DriveAttached", |r| r.args[0] == DRIVE, WAIT)
+        .await;
+    assert_eq!(
+        attached.args[1], real_device,
+        "announced {attached}, not the real drive"
+    );
+    assert_ne!(real_device, clone_device);
+    let detached = rig
+        .system
+        .signals
+        .wait_for_from(pulled, "DriveDetached", |r| r.args[0] == DRIVE, WAIT)
+        .await;
+    assert!(
+        detached.at <= attached.at,
+        "attached before the clone was detached"
+    );
+    let end = flow_end(&rig.system, pulled).await.unwrap_or_else(|| {
+        panic!(
+            "the real drive's flow never ended\n{}",
+            listing(&rig.system, pulled)
+        )
+    });
+    assert!(
+        end.failure.is_none()
+            && rig.system.signals.all()[pulled..]
+                .iter()
+                .any(|r| r.member == "SyncFinished" && r.args[0] == DRIVE),
+        "the real drive did not sync: {}\n{}",
+        end.last,
+        listing(&rig.system, pulled)
+    );
+    assert!(!rig.system.drive_mounted());
+}
