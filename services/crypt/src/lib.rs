@@ -35,7 +35,7 @@ use ferry_service::{caller, claim_name, subscribe, unix_now, ServiceError, Shutd
 use futures_util::StreamExt;
 use ops::{Failed, Leftover, Plan};
 use tokio::sync::{mpsc, oneshot};
-use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 
 /// How long to wait for the drive watcher's properties at start.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -314,7 +314,7 @@ struct Service {
     entries: BTreeMap<Name, Entry>,
     failures: BTreeMap<Name, Failure>,
     view: Arc<Mutex<View>>,
-    object: InterfaceRef<CryptInterface>,
+    object: ferry_service::Served<CryptInterface>,
     done: mpsc::Sender<Done>,
 }
 

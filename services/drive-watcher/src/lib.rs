@@ -202,7 +202,7 @@ fn observation(device: &udev::Device, removed: bool) -> Observation {
 /// Updates the Drives property, then emits the signals, so a subscriber
 /// reacting to a signal reads a property that already agrees with it.
 async fn publish(
-    object: &zbus::object_server::InterfaceRef<DriveWatcherInterface>,
+    object: &ferry_service::Served<DriveWatcherInterface>,
     drives: &Mutex<Vec<WatchedDrive>>,
     tracker: &Tracker,
     changes: Vec<Change>,

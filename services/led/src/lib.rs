@@ -26,7 +26,7 @@ use state::{Event, Indicator, LedState};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 
 /// How long each colour shows during Test.
 const TEST_STEP: Duration = Duration::from_millis(700);
@@ -137,7 +137,7 @@ struct Lamp {
     colors: LedColors,
     output: Output,
     view: Arc<Mutex<View>>,
-    object: InterfaceRef<LedInterface>,
+    object: ferry_service::Served<LedInterface>,
     /// The colour last written, with its label.
     shown: Option<(Color, String)>,
     /// Remaining Test colours and when the next one is due.
