@@ -721,8 +721,10 @@ impl MountLine {
         let id = fields.next()?.parse().ok()?;
         let _parent = fields.next()?;
         let device = fields.next()?.to_string();
-        let root = unescape(fields.next()?);
-        let point = PathBuf::from(OsString::from_vec(unescape(fields.next()?).into_bytes()));
+        let root = unescape_mountinfo(fields.next()?);
+        let point = PathBuf::from(OsString::from_vec(
+            unescape_mountinfo(fields.next()?).into_bytes(),
+        ));
         Some(MountLine {
             id,
             device,
@@ -734,8 +736,9 @@ impl MountLine {
 
 use std::os::unix::ffi::OsStringExt;
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
+/// A field of /proc/self/mountinfo unescaped: the kernel writes space,
+/// tab, newline and backslash as `\ooo`.
+pub fn unescape_mountinfo(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
