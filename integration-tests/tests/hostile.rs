@@ -17,6 +17,7 @@ use std::ffi::CString;
 use std::hash::{Hash, Hasher};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -678,12 +679,16 @@ async fn random_hostile_trees_never_reach_the_host() {
     }
 }
 
-/// Kills its child when dropped (also when the test panics).
+/// Kills its child's process group when dropped (also when the test
+/// panics): borg's `sleep` goes with borg.
 struct Child(std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: signalling the process group the child leads.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
         let _ = self.0.wait();
     }
 }
@@ -709,6 +714,7 @@ async fn a_sync_worker_dying_mid_job_still_ends_the_flow_red() {
             "BORG_PASSCOMMAND",
             format!("cat {}", system.passphrase_file.display()),
         )
+        .process_group(0)
         .spawn()
         .expect("borg with-lock");
     let holder = Child(holder);
