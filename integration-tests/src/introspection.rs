@@ -189,3 +189,68 @@ pub async fn assert_matches_contract(conn: &Connection, interface: &str) {
         panic!("{diff}\n\nthe service reported:\n{actual}");
     }
 }
+
+/// Calls the running service that owns `interface` the wrong way and
+/// checks it answers with the standard D-Bus errors: every method called
+/// with arguments of the wrong signature gets
+/// `org.freedesktop.DBus.Error.InvalidArgs`, and `Properties.Set` on every
+/// read-only property `org.freedesktop.DBus.Error.PropertyReadOnly`.
+pub async fn assert_standard_errors(conn: &Connection, interface: &str) {
+    let (_, path, xml) = ferry_interfaces::ALL
+        .iter()
+        .find(|(name, _, _)| *name == interface)
+        .unwrap_or_else(|| panic!("{interface} is not one of ferry's interfaces"));
+    let node = Node::from_reader(xml.as_bytes()).expect("contract XML");
+    let contract = find(&node, interface).expect("interface in its XML");
+    let error_name = |result: zbus::Result<zbus::Message>| match result {
+        Err(zbus::Error::MethodError(name, _, _)) => name.to_string(),
+        Err(e) => format!("<{e}>"),
+        Ok(_) => "<a reply>".to_string(),
+    };
+    // No ferry method takes two 64-bit floats.
+    let wrong = (0.5f64, 0.25f64);
+    for method in contract.methods() {
+        let name = method.name().to_string();
+        let result = tokio::time::timeout(
+            METHOD_TIMEOUT,
+            conn.call_method(
+                Some(interface),
+                *path,
+                Some(interface),
+                name.as_str(),
+                &wrong,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{interface}.{name} did not answer"));
+        assert_eq!(
+            error_name(result),
+            "org.freedesktop.DBus.Error.InvalidArgs",
+            "{interface}.{name} called with (dd)"
+        );
+    }
+    for property in contract.properties() {
+        if property.access() != PropertyAccess::Read {
+            continue;
+        }
+        let name = property.name().to_string();
+        let value = zbus::zvariant::Value::from(0u32);
+        let result = tokio::time::timeout(
+            METHOD_TIMEOUT,
+            conn.call_method(
+                Some(interface),
+                *path,
+                Some("org.freedesktop.DBus.Properties"),
+                "Set",
+                &(interface, name.as_str(), value),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("Set {interface}.{name} did not answer"));
+        assert_eq!(
+            error_name(result),
+            "org.freedesktop.DBus.Error.PropertyReadOnly",
+            "Set on the read-only {interface}.{name}"
+        );
+    }
+}

@@ -919,14 +919,30 @@ async fn a_repository_on_a_drive_is_refused() {
         ),
     )
     .expect("yaml");
-    let config = world.config(&format!(
-        "{drive}[repositories.linked]\npath = \"{}\"\npassphrase-file = \"{}\"\n\n[profiles.linked]\nrepository = \"linked\"\nsources = [\"{src}\"]\n\n[profiles.yaml]\nborgmatic-config = \"{}\"\n",
+    // A repository reached through a symlink into the drive: the
+    // configuration compares paths as the kernel resolves them and refuses
+    // it at load, with the line.
+    let linked = world.config(&format!(
+        "{drive}[repositories.linked]\npath = \"{}\"\npassphrase-file = \"{}\"\n\n[profiles.linked]\nrepository = \"linked\"\nsources = [\"{src}\"]\n",
         link.display(),
         world.passphrase_file().display(),
+    ));
+    let process = spawn(&bus, &world, &linked);
+    let status = process.wait_exit(WAIT).await.expect("exits");
+    assert_eq!(status.code(), Some(78), "EX_CONFIG");
+    assert!(
+        process.log().contains("drives.offsite-a.mountpoint")
+            && process.log().contains("contains repository linked"),
+        "{}",
+        process.log()
+    );
+    // A borgmatic file naming a repository on the drive: refused when run.
+    let config = world.config(&format!(
+        "{drive}[profiles.yaml]\nborgmatic-config = \"{}\"\n",
         yaml.display()
     ));
     let service = start_service(&bus, &world, &config).await;
-    for profile in ["linked", "yaml"] {
+    for profile in ["yaml"] {
         let (_, failed) = service.run(profile, "BackupFailed").await;
         assert_eq!(failed.args[2], "config");
         assert!(failed.args[3].contains("drive `offsite-a`"), "{failed}");

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ferry_integration_tests::introspection::assert_matches_contract;
+use ferry_integration_tests::introspection::{assert_matches_contract, assert_standard_errors};
 use ferry_integration_tests::{random_uuid, TestBus};
 use ferry_interfaces::{borg, crypt, drive_watcher, led, notifier, sync};
 
@@ -35,6 +35,7 @@ async fn running_services_match_their_xml() {
         let process = bus.spawn(binary, &["--config", &config], &[]);
         process.wait_for_name(&conn, interface, WAIT).await;
         assert_matches_contract(&conn, interface).await;
+        assert_standard_errors(&conn, interface).await;
         running.push(process);
     }
 }

@@ -999,10 +999,14 @@ async fn assert_failure_reported(system: &FerrySystem, from: usize, outcome: &Ou
     let Outcome::Failed { stage, .. } = outcome else {
         panic!("not a failure: {outcome:?}");
     };
+    // The LED says failed: it turned red in this flow, or was red already
+    // (an earlier failure not yet cleared) and stayed so.
     let led_failed = wait_until(&system.signals, WAIT, |records| {
-        records[from.min(records.len())..]
+        records
             .iter()
-            .find(|r| r.member == "ColorChanged" && r.args[1] == "failed")
+            .rev()
+            .find(|r| r.member == "ColorChanged")
+            .filter(|r| r.args[1] == "failed")
             .cloned()
     })
     .await;

@@ -294,6 +294,12 @@ impl Rig {
             if let Some(passphrase) = repo.passphrase {
                 let file = dir.join(format!("{}.passphrase", repo.name));
                 std::fs::write(&file, format!("{passphrase}\n")).expect("passphrase file");
+                // A secret: others may not read it (ferry-sync refuses it).
+                std::fs::set_permissions(
+                    &file,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .expect("chmod passphrase file");
                 text.push_str(&format!("passphrase-file = \"{}\"\n", file.display()));
             }
             text.push('\n');

@@ -1,8 +1,6 @@
 //! `[crypt]`: how ferry-crypt opens and closes drives, and where enrolment
 //! puts new key files. Owned by the crypt manager's issue.
 
-use std::path::Path;
-
 use serde::Deserialize;
 
 use crate::{AbsolutePath, Config};
@@ -54,13 +52,6 @@ impl CryptSettings {
     }
 }
 
-/// Directories a drive must never be mounted over: the machine would lose
-/// its own files under the drive's.
-const SYSTEM_DIRECTORIES: [&str; 14] = [
-    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/root", "/run", "/sbin",
-    "/sys", "/usr", "/var",
-];
-
 /// Checks that need the whole configuration.
 pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
     let crypt = |k: &str| vec!["crypt".to_string(), k.to_string()];
@@ -76,21 +67,8 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
             "must be from 5 to 3600 seconds".into(),
         ));
     }
-    for (name, drive) in &config.drives {
-        let mountpoint = drive.mountpoint(name);
-        if SYSTEM_DIRECTORIES
-            .iter()
-            .any(|d| Path::new(d) == mountpoint)
-        {
-            return Err((
-                vec!["drives".into(), name.to_string(), "mountpoint".into()],
-                format!(
-                    "{} is a system directory; mounting a drive over it would hide the machine's own files: use a directory of its own such as /run/ferry/{name}",
-                    mountpoint.display()
-                ),
-            ));
-        }
-    }
+    // Mountpoints are checked against system directories (as the kernel
+    // resolves them) in crate::paths.
     Ok(())
 }
 

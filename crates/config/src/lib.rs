@@ -11,6 +11,7 @@ mod crypt;
 mod error;
 mod locate;
 mod notify;
+pub mod paths;
 mod sync;
 mod values;
 
@@ -107,6 +108,45 @@ pub struct Drive {
     /// Power the drive off (spin down, detach from USB) after it is closed.
     #[serde(default)]
     pub power_off: bool,
+    /// The filesystem type made at enrolment (`ext4` or `xfs`). The drive
+    /// is only ever mounted as this type, checked with blkid first: a
+    /// stranger's image of another type is refused before any filesystem
+    /// driver reads it. Default `ext4` (what `ferry-crypt enroll` makes),
+    /// so configurations written before this key keep working.
+    #[serde(default)]
+    pub filesystem: Filesystem,
+}
+
+/// The filesystem types a drive may carry, by their kernel (and blkid)
+/// names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filesystem {
+    /// ext4 (what enrolment makes).
+    #[default]
+    Ext4,
+    /// XFS.
+    Xfs,
+}
+
+impl Filesystem {
+    /// The name `mount -t` and blkid use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Filesystem::Ext4 => "ext4",
+            Filesystem::Xfs => "xfs",
+        }
+    }
+
+    /// The mount options with which a read-only mount writes nothing at
+    /// all: ext4 and XFS replay a dirty journal even when mounted `ro`
+    /// unless told not to.
+    pub fn no_replay(self) -> &'static str {
+        match self {
+            Filesystem::Ext4 => "noload",
+            Filesystem::Xfs => "norecovery",
+        }
+    }
 }
 
 /// `[repositories.<name>]`: a local borg repository.
@@ -222,9 +262,9 @@ impl Drive {
 impl Config {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let text = paths::read_config(path).map_err(|reason| ConfigError::Read {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })?;
         Config::parse(&text, path)
     }
@@ -318,6 +358,7 @@ impl Config {
         crypt::check(self)?;
         sync::check(self)?;
         borg::check(self)?;
+        paths::check(self)?;
         notify::check(self)
     }
 }

@@ -195,3 +195,70 @@ fn hostile_bytes_never_panic() {
         let _ = Config::parse(text, Path::new("x"));
     }
 }
+
+/// A drive's section with `mountpoint`, for the mountpoint checks.
+fn with_mountpoint(mountpoint: &str, extra: &str) -> String {
+    format!(
+        "state-directory = \"/var/lib/ferry\"\n\n[crypt]\nkey-directory = \"/etc/ferry/keys\"\n\n[drives.offsite-a]\nuuid = \"1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9\"\nmountpoint = \"{mountpoint}\"\n\n{extra}"
+    )
+}
+
+#[test]
+fn mountpoints_are_compared_as_the_kernel_resolves_them() {
+    let dir = tempfile::tempdir().expect("dir");
+    let to_etc = dir.path().join("to-etc");
+    std::os::unix::fs::symlink("/etc", &to_etc).expect("symlink");
+    let cases = [
+        ("/etc/ferry/keys".to_string(), String::new(), "is the key directory"),
+        ("/etc/ferry".to_string(), String::new(), "contains the key directory"),
+        ("/etc/ferry/keys/mnt".to_string(), String::new(), "lies inside the key directory"),
+        ("/etc/../etc".to_string(), String::new(), "is the system directory /etc"),
+        (to_etc.display().to_string(), String::new(), "symbolic link"),
+        ("/var/lib/ferry/mnt".to_string(), String::new(), "lies inside the state directory"),
+        (
+            "/srv".to_string(),
+            "[repositories.nas]\npath = \"/srv/borg/nas\"\n".to_string(),
+            "contains repository nas",
+        ),
+        (
+            "/srv/data/usb".to_string(),
+            "[repositories.nas]\npath = \"/srv/borg/nas\"\n\n[profiles.p]\nrepository = \"nas\"\nsources = [\"/srv/data\"]\n".to_string(),
+            "lies inside a source of profile p",
+        ),
+        (
+            "/mnt/backup".to_string(),
+            "[drives.offsite-b]\nuuid = \"9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a\"\nmountpoint = \"/mnt/backup/b\"\n".to_string(),
+            "contains the mountpoint of drive offsite-b",
+        ),
+    ];
+    for (mountpoint, extra, expected) in cases {
+        let text = with_mountpoint(&mountpoint, &extra);
+        let (line, key, reason) = reject(&text);
+        assert_eq!(key, "drives.offsite-a.mountpoint", "{mountpoint}: {reason}");
+        assert_eq!(line, Some(8), "{mountpoint}: {reason}");
+        assert!(reason.contains(expected), "{mountpoint}: {reason}");
+    }
+    // A source the profile does not leave may hold a mountpoint (borg
+    // --one-file-system does not enter the drive).
+    let fine = with_mountpoint(
+        "/srv/data/usb",
+        "[repositories.nas]\npath = \"/srv/borg/nas\"\n\n[profiles.p]\nrepository = \"nas\"\nsources = [\"/srv/data\"]\none-file-system = true\n",
+    );
+    Config::parse(&fine, Path::new("ferry.toml")).expect("one-file-system");
+    Config::parse(
+        &with_mountpoint("/run/ferry/offsite-a", ""),
+        Path::new("ferry.toml"),
+    )
+    .expect("the default place");
+}
+
+#[test]
+fn the_config_file_must_be_a_bounded_regular_file() {
+    let error = Config::load(Path::new("/dev/zero")).expect_err("/dev/zero");
+    assert!(error.to_string().contains("not a regular file"), "{error}");
+    let dir = tempfile::tempdir().expect("dir");
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, "#".repeat(2 * 1024 * 1024)).expect("write");
+    let error = Config::load(&big).expect_err("too big");
+    assert!(error.to_string().contains("at most"), "{error}");
+}

@@ -8,11 +8,13 @@
 
 mod args;
 pub mod caller;
+pub mod confined;
 pub mod durable;
 pub mod history;
 mod logging;
 pub mod notify;
 mod shutdown;
+pub mod strict;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -290,7 +292,15 @@ pub async fn serve<I: zbus::object_server::Interface>(
     connection: &zbus::Connection,
     path: &str,
     interface: I,
-) -> Result<zbus::object_server::InterfaceRef<I>, ServiceError> {
-    connection.object_server().at(path, interface).await?;
-    Ok(connection.object_server().interface::<_, I>(path).await?)
+) -> Result<Served<I>, ServiceError> {
+    let strict = strict::Strict::new(interface);
+    connection.object_server().at(path, strict).await?;
+    Ok(connection
+        .object_server()
+        .interface::<_, strict::Strict<I>>(path)
+        .await?)
 }
+
+/// A served interface: wrong calls get the standard D-Bus errors
+/// ([`strict`]); it dereferences to the interface itself.
+pub type Served<I> = zbus::object_server::InterfaceRef<strict::Strict<I>>;

@@ -39,7 +39,7 @@ use job::{End, Event, Job, RepositoryLocks};
 use state::{PlannedRetry, RunningJob, Stored};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
-use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 
 /// How long shutdown waits for cancelled jobs beyond borg's cancel timeout.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
@@ -305,7 +305,7 @@ struct Service {
     config: Arc<Config>,
     connection: zbus::Connection,
     shared: Arc<Mutex<Shared>>,
-    object: InterfaceRef<BorgInterface>,
+    object: ferry_service::Served<BorgInterface>,
     state_path: PathBuf,
     host_id: String,
     locks: RepositoryLocks,

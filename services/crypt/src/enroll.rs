@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ferry_config::{Config, Name};
+use ferry_service::confined::Confined;
 use ferry_service::durable::write_atomically;
 
 use crate::command::{self, Arg};
@@ -369,7 +370,9 @@ async fn make_filesystem(
     command::run(
         "mount",
         &[
-            &"-o" as Arg<'_>,
+            &"-t" as Arg<'_>,
+            &"ext4",
+            &"-o",
             &MOUNT_OPTIONS,
             &target,
             &mountpoint.path(),
@@ -378,18 +381,25 @@ async fn make_filesystem(
     )
     .await
     .map_err(|e| e.to_string())?;
-    let written = write_atomically(
-        &mountpoint.path().join(TOKEN_FILE),
-        token.to_text().as_bytes(),
-        0o600,
-    )
-    .map_err(|e| format!("cannot write the identity token onto the drive: {e}"));
+    let written = write_token(mountpoint.path(), &token)
+        .map_err(|e| format!("cannot write the identity token onto the drive: {e}"));
     let unmounted = command::run("umount", &[mountpoint.path()], step)
         .await
         .map_err(|e| e.to_string());
     written?;
     unmounted?;
     Ok(token)
+}
+
+/// Writes the token at the root of the filesystem just mounted at
+/// `mountpoint`, through a handle proven to be that root, durably.
+fn write_token(mountpoint: &Path, token: &Token) -> std::io::Result<()> {
+    use std::io::Write;
+    let root = Confined::open_mount_root(mountpoint)?;
+    let mut file = root.create_file(Path::new(TOKEN_FILE), 0o600)?;
+    file.write_all(token.to_text().as_bytes())?;
+    file.sync_all()?;
+    root.sync()
 }
 
 /// The `[drives.<name>]` section, with comments saying what to keep safe.
@@ -412,6 +422,7 @@ fn section(args: &EnrollArgs, files: &HostFiles, uuid: &str) -> String {
     if !args.plain {
         text.push_str(&format!("key-file = {:?}\n", files.key.to_string_lossy()));
     }
+    text.push_str("filesystem = \"ext4\"\n");
     text.push_str("repositories = []\n");
     text
 }

@@ -17,6 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use ferry_config::Name;
+use ferry_service::confined::Confined;
 
 use crate::secrets::random_bytes;
 
@@ -111,6 +112,23 @@ pub fn read_token_file(path: &Path) -> io::Result<Option<String>> {
     Ok(Some(text))
 }
 
+/// Checks the host's token for `drive` (file `host`) against the token
+/// at the root of the drive whose confined root handle is `root`: read
+/// through the handle, never following a symlink, only a regular file.
+pub fn verify_on(drive: &Name, host: &Path, root: &Confined) -> Result<(), String> {
+    let found = match root.open_file(Path::new(TOKEN_FILE)) {
+        Ok(file) => {
+            let mut text = String::new();
+            file.take(MAX_TOKEN_SIZE)
+                .read_to_string(&mut text)
+                .map(|_| Some(text))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    };
+    check(drive, host, found)
+}
+
 /// Compares without an early exit, so the time taken says nothing about
 /// where two secrets differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -125,6 +143,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// token file `on_drive` (in the mounted filesystem). The error is a
 /// sentence that says what to do.
 pub fn verify(drive: &Name, host: &Path, on_drive: &Path) -> Result<(), String> {
+    check(drive, host, read_token_file(on_drive))
+}
+
+fn check(drive: &Name, host: &Path, on_drive: io::Result<Option<String>>) -> Result<(), String> {
     let reenrol = format!(
         "if it is the right drive, enrol it again with `ferry-crypt enroll --drive {drive} …` (this erases it)"
     );
@@ -145,7 +167,7 @@ pub fn verify(drive: &Name, host: &Path, on_drive: &Path) -> Result<(), String> 
             ))
         }
     };
-    let found = match read_token_file(on_drive) {
+    let found = match on_drive {
         Ok(Some(text)) => Token::parse(&text),
         Ok(None) => {
             return Err(format!(

@@ -36,7 +36,7 @@ use ferry_service::{caller, claim_name, subscribe, unix_now, ServiceError, Shutd
 use futures_util::StreamExt;
 use ops::{Failed, Leftover, Plan};
 use tokio::sync::{mpsc, oneshot};
-use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 
 /// How long to wait for the drive watcher's properties at start.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -269,14 +269,21 @@ struct Entry {
     in_use: bool,
     /// The drive went away while an operation was running.
     removed_meanwhile: bool,
+    /// It is being closed because ferry-sync went away during its flow:
+    /// the flow ends in a failure once it is closed.
+    sync_lost: bool,
 }
 
 /// An event that may start an operation, and what it starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
-    Attached { was_absent: bool },
+    Attached {
+        was_absent: bool,
+    },
     Detached,
     SyncDone,
+    /// The sync worker lost its bus name (exited, crashed, killed).
+    SyncLost,
 }
 
 impl Entry {
@@ -299,6 +306,11 @@ impl Entry {
             // A held drive is a person's: a sync's result never closes it.
             Trigger::SyncDone => {
                 (self.in_use && self.state != State::Held).then_some(Operation::Close)
+            }
+            // Open and waiting for a sync result that will never come: the
+            // flow must still end, closed and red.
+            Trigger::SyncLost => {
+                (self.in_use && self.state == State::Open).then_some(Operation::Close)
             }
         }
     }
@@ -365,7 +377,7 @@ struct Service {
     entries: BTreeMap<Name, Entry>,
     failures: failures::FailureLog,
     view: Arc<Mutex<View>>,
-    object: InterfaceRef<CryptInterface>,
+    object: ferry_service::Served<CryptInterface>,
     done: mpsc::Sender<Done>,
 }
 
@@ -516,6 +528,7 @@ impl Service {
         };
         entry.running = false;
         let removed = std::mem::take(&mut entry.removed_meanwhile);
+        let sync_lost = std::mem::take(&mut entry.sync_lost);
         let drive = done.drive;
         match (done.operation, done.result) {
             (Operation::Open | Operation::Hold | Operation::Reopen, Ok(())) if removed => {
@@ -545,6 +558,18 @@ impl Service {
                 tracing::info!("{drive}: open at {mountpoint}");
                 self.publish().await;
                 self.announce_opened(&drive, &mountpoint).await;
+            }
+            (Operation::Close, Ok(())) if sync_lost => {
+                entry.in_use = false;
+                let closed_on = entry.device.as_deref().map(|device| (device, &entry.uuid));
+                self.closed.set(drive.as_str(), closed_on);
+                let failed = Failed {
+                    stage: "sync",
+                    message: format!(
+                        "ferry-sync stopped (crashed or was killed) during the sync of {drive} without a result; the drive was closed (unmounted and locked) and the copy on it is the previous complete one; see ferry-sync's log (journalctl -u ferry-sync), then plug the drive in again"
+                    ),
+                };
+                self.fail(&drive, failed).await;
             }
             (Operation::Close, Ok(())) => {
                 entry.in_use = false;
@@ -632,6 +657,24 @@ impl Service {
         match entry.reaction(trigger) {
             Some(operation) => self.start(&drive, operation).await,
             None => self.publish().await,
+        }
+    }
+
+    /// The sync worker lost its bus name: every drive open for a flow is
+    /// closed, and its flow ends red.
+    async fn sync_lost(&mut self) {
+        let waiting: Vec<Name> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.reaction(Trigger::SyncLost).is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for drive in waiting {
+            tracing::error!("{drive}: ferry-sync went away during its sync; closing the drive");
+            if let Some(entry) = self.entries.get_mut(&drive) {
+                entry.sync_lost = true;
+            }
+            self.start(&drive, Operation::Close).await;
         }
     }
 
@@ -763,6 +806,10 @@ pub async fn run(
 
     // Subscribe first, then read the system and the peers.
     let mut signals = subscribe(&connection, &[drive_watcher::INTERFACE, sync::INTERFACE]).await?;
+    let mut sync_owner = zbus::fdo::DBusProxy::new(&connection)
+        .await?
+        .receive_name_owner_changed_with_args(&[(0, sync::BUS_NAME)])
+        .await?;
     let attached = attached_devices(&connection, &config).await;
 
     let (done, mut finished) = mpsc::channel(16);
@@ -793,6 +840,7 @@ pub async fn run(
             running: false,
             in_use: false,
             removed_meanwhile: false,
+            sync_lost: false,
             plan,
         };
         match ops::inspect(&entry.plan) {
@@ -880,6 +928,12 @@ pub async fn run(
                 let _ = command.reply.send(answer);
             }
             Some(done) = finished.recv() => service.finished(done).await,
+            Some(changed) = sync_owner.next() => {
+                let gone = changed.args().is_ok_and(|a| a.new_owner().is_none());
+                if gone {
+                    service.sync_lost().await;
+                }
+            }
         }
     }
     let open: Vec<&str> = service
@@ -918,6 +972,7 @@ mod tests {
             running,
             in_use,
             removed_meanwhile: false,
+            sync_lost: false,
         }
     }
 
@@ -972,5 +1027,19 @@ mod tests {
             entry(State::Closing, true, true).reaction(Trigger::SyncDone),
             None
         );
+    }
+
+    #[test]
+    fn a_lost_sync_worker_closes_only_drives_open_for_a_flow() {
+        let lost = Trigger::SyncLost;
+        assert_eq!(
+            entry(State::Open, true, false).reaction(lost),
+            Some(Operation::Close)
+        );
+        assert_eq!(entry(State::Opening, false, true).reaction(lost), None);
+        assert_eq!(entry(State::Closing, true, true).reaction(lost), None);
+        assert_eq!(entry(State::Closed, false, false).reaction(lost), None);
+        assert_eq!(entry(State::Failed, true, false).reaction(lost), None);
+        assert_eq!(entry(State::Attached, false, false).reaction(lost), None);
     }
 }

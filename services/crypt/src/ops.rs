@@ -6,22 +6,30 @@
 //! Each runs to completion in a task the service loop owns and reports a
 //! [`Failed`] with the stage and a sentence a person can act on. A failure
 //! undoes what the operation did, so a drive that failed to open is left
-//! unmounted and locked. The identity check happens on a read-only mount:
-//! a drive that is not ours gets nothing written to it.
+//! unmounted and locked. The identity check happens on a mount that writes
+//! nothing and trusts nothing: only the filesystem type recorded at
+//! enrolment (blkid probes it first, so a stranger's image of another type
+//! never reaches a filesystem driver), `ro` plus no journal replay (ext4
+//! `noload`, XFS `norecovery`: `ro` alone still replays a dirty journal),
+//! nosuid, nodev, noexec, nosymfollow; the token is read through a handle
+//! of the mount's root proven by its mount id. Only then is the drive
+//! mounted read-write.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_config::{CryptSettings, Drive, Name};
+use ferry_config::{CryptSettings, Drive, Filesystem, Name};
+use ferry_service::confined::Confined;
 
 use crate::command::{self, Arg, CommandError};
-use crate::identity::{self, TOKEN_FILE};
+use crate::identity;
 use crate::mounts::{self, Mount};
 use crate::secrets;
 
 /// The options every ferry mount has: the drive's files can never become
-/// setuid programs, device nodes or executables on this machine.
-pub const MOUNT_OPTIONS: &str = "nosuid,nodev,noexec";
+/// setuid programs, device nodes or executables on this machine, and no
+/// symlink on it is followed by anyone.
+pub const MOUNT_OPTIONS: &str = "nosuid,nodev,noexec,nosymfollow";
 
 /// How long to wait between attempts to unmount a busy filesystem.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -41,6 +49,8 @@ pub struct Plan {
     pub mountpoint: PathBuf,
     /// This host's half of the identity token.
     pub host_token: PathBuf,
+    /// The filesystem type recorded at enrolment: the only one mounted.
+    pub filesystem: Filesystem,
     /// Power the drive off after closing.
     pub power_off: bool,
     /// How long a busy filesystem is retried.
@@ -76,6 +86,7 @@ impl Plan {
             key_file: drive.key_file.as_ref().map(|k| k.to_path_buf()),
             mountpoint: canonical(&drive.mountpoint(name)),
             host_token: settings.token_path(name.as_str()),
+            filesystem: drive.filesystem,
             power_off: drive.power_off,
             close_timeout: Duration::from_secs(settings.close_timeout),
             command_timeout: Duration::from_secs(settings.command_timeout),
@@ -321,8 +332,10 @@ async fn set_aside(plan: &Plan, why: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Mounts `source` read-only, checks the identity token, then remounts it
-/// read-write (unless `access` is read-only). Unmounts again on any failure.
+/// Mounts `source` read-only in a way that writes nothing (only as the
+/// filesystem type recorded at enrolment, checked with blkid first; no
+/// journal replay), checks the identity token, then mounts it again
+/// read-write unless `access` is read-only. Unmounts again on any failure.
 async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(), Failed> {
     let mountpoint = &plan.mountpoint;
     // Already mounted there from this drive (a killed predecessor's `mount`
@@ -338,9 +351,14 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
         }
         None => {
             prepare_mountpoint(plan, source)?;
-            let read_only = format!("ro,{MOUNT_OPTIONS}");
-            plan.run("mount", &[&"-o", &read_only, &source, &mountpoint])
-                .await
+            check_filesystem(plan, source).await?;
+            let read_only = identity_mount_options(plan.filesystem);
+            let fstype = plan.filesystem.as_str();
+            plan.run(
+                "mount",
+                &[&"-t", &fstype, &"-o", &read_only, &source, &mountpoint],
+            )
+            .await
         }
     };
     // A mount that failed because the drive got mounted there meanwhile
@@ -360,22 +378,10 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
             ),
         ));
     }
-    let proven = identity::verify(&plan.name, &plan.host_token, &mountpoint.join(TOKEN_FILE))
-        .map_err(|m| Failed::new("identity", m));
+    let proven = prove(plan);
     let result = match proven {
         Ok(()) if access == Access::ReadOnly => Ok(()),
-        Ok(()) => {
-            let read_write = format!("remount,rw,{MOUNT_OPTIONS}");
-            plan.run("mount", &[&"-o", &read_write, &mountpoint])
-                .await
-                .map(drop)
-                .map_err(|e| {
-                    Failed::new(
-                        "mount",
-                        format!("cannot remount {} read-write: {e}", mountpoint.display()),
-                    )
-                })
-        }
+        Ok(()) => mount_read_write(plan, source).await,
         Err(failed) => Err(failed),
     };
     if result.is_err() {
@@ -384,6 +390,94 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
         }
     }
     result
+}
+
+/// The options of the mount that proves identity: read-only, no journal
+/// replay, nothing on the drive executable, no device node or symlink
+/// usable.
+pub fn identity_mount_options(filesystem: Filesystem) -> String {
+    format!("ro,{},{MOUNT_OPTIONS}", filesystem.no_replay())
+}
+
+/// Checks the drive's identity token through a handle of the mount's root
+/// (proven to be the filesystem mounted at the mountpoint).
+fn prove(plan: &Plan) -> Result<(), Failed> {
+    let root = Confined::open_mount_root(&plan.mountpoint)
+        .map_err(|e| Failed::new("identity", format!("the drive cannot be checked: {e}")))?;
+    identity::verify_on(&plan.name, &plan.host_token, &root).map_err(|m| Failed::new("identity", m))
+}
+
+/// The identity is proven: the read-only mount gives way to a read-write
+/// one (which may now replay the journal: it is our drive).
+async fn mount_read_write(plan: &Plan, source: &Path) -> Result<(), Failed> {
+    let mountpoint = &plan.mountpoint;
+    let fail = |e: CommandError| {
+        Failed::new(
+            "mount",
+            format!("cannot mount {} read-write: {e}", mountpoint.display()),
+        )
+    };
+    let read_only = plan.our_mount().is_some_and(|m| m.has_option("ro"));
+    if !read_only {
+        let read_write = format!("remount,rw,{MOUNT_OPTIONS}");
+        return plan
+            .run("mount", &[&"-o", &read_write, &mountpoint])
+            .await
+            .map(drop)
+            .map_err(fail);
+    }
+    plan.run("umount", &[&mountpoint]).await.map_err(fail)?;
+    let read_write = format!("rw,{MOUNT_OPTIONS}");
+    let fstype = plan.filesystem.as_str();
+    plan.run(
+        "mount",
+        &[&"-t", &fstype, &"-o", &read_write, &source, &mountpoint],
+    )
+    .await
+    .map(drop)
+    .map_err(fail)?;
+    // What is mounted now must be the drive just proven.
+    prove(plan)
+}
+
+/// Refuses a source whose filesystem (as blkid probes it, before any
+/// filesystem driver sees it) is not the type recorded at enrolment.
+async fn check_filesystem(plan: &Plan, source: &Path) -> Result<(), Failed> {
+    let expected = plan.filesystem.as_str();
+    let probed = plan
+        .run("blkid", &[&"-p", &"-o", &"value", &"-s", &"TYPE", &source])
+        .await;
+    let found = match probed {
+        Ok(out) => out.trim().to_string(),
+        // blkid's exit code 2: nothing recognisable on the device.
+        Err(e) if e.code() == Some(2) => String::new(),
+        Err(e) => {
+            return Err(Failed::new(
+                "identity",
+                format!(
+                    "cannot tell which filesystem {} holds, so it is not mounted: {e}",
+                    source.display()
+                ),
+            ))
+        }
+    };
+    if found != expected {
+        let holds = if found.is_empty() {
+            "no filesystem blkid knows".to_string()
+        } else {
+            format!("a filesystem of type {}", found.escape_debug())
+        };
+        return Err(Failed::new(
+            "identity",
+            format!(
+                "{} holds {holds}, but drive {} was enrolled with {expected}: this is not the enrolled drive (a copy of its UUID?), so it was not mounted; plug in the right drive (or, if this really is drive {}, set its `filesystem` in ferry.toml)",
+                source.display(),
+                plan.name,
+                plan.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a mountpoint that something else is mounted on, and a source
@@ -414,6 +508,20 @@ fn prepare_mountpoint(plan: &Plan, source: &Path) -> Result<(), Failed> {
             mountpoint.display()
         ))
     })?;
+    // Never mount on a symlink (or through one made since ferry-crypt
+    // started): the kernel would mount wherever it points.
+    let resolved = mountpoint.canonicalize().ok();
+    let is_link = std::fs::symlink_metadata(mountpoint).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link || resolved.as_deref() != Some(mountpoint.as_path()) {
+        return Err(fail(format!(
+            "the mountpoint {} is, or leads through, a symbolic link (to {}); ferry never mounts on a symlink: replace it with a directory",
+            mountpoint.display(),
+            resolved
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "nowhere".into())
+        )));
+    }
     if std::fs::read_dir(mountpoint).is_ok_and(|mut d| d.next().is_some()) {
         tracing::warn!(
             "{}: {} is not empty; its files are hidden while the drive is mounted over them",
@@ -627,13 +735,9 @@ pub fn inspect(plan: &Plan) -> Leftover {
             mount.options
         ));
     }
-    match identity::verify(
-        &plan.name,
-        &plan.host_token,
-        &plan.mountpoint.join(TOKEN_FILE),
-    ) {
+    match prove(plan) {
         Ok(()) => Leftover::Adopt,
-        Err(message) => Leftover::Close(message),
+        Err(failed) => Leftover::Close(failed.message),
     }
 }
 

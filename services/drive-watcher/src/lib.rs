@@ -22,7 +22,8 @@ use zbus::object_server::SignalEmitter;
 
 /// A request from the D-Bus interface to the service loop.
 enum Command {
-    Rescan(oneshot::Sender<u32>),
+    /// The number of present drives, or why udev could not be enumerated.
+    Rescan(oneshot::Sender<Result<u32, String>>),
 }
 
 /// The org.ferry.DriveWatcher1 object: validates, hands work to the loop,
@@ -52,7 +53,10 @@ impl DriveWatcherInterface {
             .send(Command::Rescan(reply))
             .await
             .map_err(|_| unavailable())?;
-        answer.await.map_err(|_| unavailable())
+        answer
+            .await
+            .map_err(|_| unavailable())?
+            .map_err(FerryError::Failed)
     }
 
     /// Every enrolled drive: (name, uuid, attached, device, since).
@@ -96,6 +100,18 @@ pub async fn run(
     let mut monitor = unsafe { AsyncFd::register_with_interest(monitor, interest) }
         .map_err(|e| ServiceError::Other(format!("cannot watch the udev socket: {e}")))?;
 
+    // Coldplug before the name is taken: whoever reads Drives as soon as
+    // the name appears (a peer rebuilding its view after this watcher
+    // restarted) sees every drive already plugged in, never an empty list.
+    let coldplug = match enumerate() {
+        Ok(devices) => tracker.rescan(devices, unix_now()),
+        Err(e) => {
+            tracing::error!(
+                "cannot enumerate block devices: {e}; drives already plugged in are announced on their next udev event or a Rescan"
+            );
+            Vec::new()
+        }
+    };
     let drives = Arc::new(Mutex::new(tracker.snapshot()));
     let interface = DriveWatcherInterface {
         commands,
@@ -111,8 +127,7 @@ pub async fn run(
     if config.drives.is_empty() {
         tracing::warn!("no drives are enrolled in the configuration; nothing will be announced");
     }
-
-    let coldplug = tracker.rescan(enumerate(), unix_now());
+    // Then announce them (DriveAttached for each).
     publish(&object, &drives, &tracker, coldplug).await;
 
     tokio::pin!(shutdown);
@@ -133,9 +148,21 @@ pub async fn run(
                 publish(&object, &drives, &tracker, changes).await;
             }
             Some(Command::Rescan(reply)) = requests.recv() => {
-                let changes = tracker.rescan(enumerate(), unix_now());
-                publish(&object, &drives, &tracker, changes).await;
-                let _ = reply.send(u32::try_from(tracker.present_count()).unwrap_or(u32::MAX));
+                let answer = match enumerate() {
+                    Ok(devices) => {
+                        let changes = tracker.rescan(devices, unix_now());
+                        publish(&object, &drives, &tracker, changes).await;
+                        Ok(u32::try_from(tracker.present_count()).unwrap_or(u32::MAX))
+                    }
+                    // A failed enumeration knows nothing: it detaches nothing.
+                    Err(e) => {
+                        tracing::error!("cannot enumerate block devices: {e}; nothing changed");
+                        Err(format!(
+                            "udev cannot enumerate block devices ({e}); nothing was detached or announced: check that systemd-udevd runs, then Rescan again"
+                        ))
+                    }
+                };
+                let _ = reply.send(answer);
             }
         }
     }
@@ -148,22 +175,15 @@ fn open_monitor() -> std::io::Result<udev::MonitorSocket> {
         .listen()
 }
 
-/// Every block device udev knows now. A failed enumeration is logged and
-/// yields nothing, so a rescan never detaches drives by mistake... unless
-/// udev itself is gone, which the log then says.
-fn enumerate() -> Vec<Observation> {
-    let scan = || -> std::io::Result<Vec<Observation>> {
-        let mut enumerator = udev::Enumerator::new()?;
-        enumerator.match_subsystem("block")?;
-        Ok(enumerator
-            .scan_devices()?
-            .map(|d| observation(&d, false))
-            .collect())
-    };
-    scan().unwrap_or_else(|e| {
-        tracing::error!("cannot enumerate block devices: {e}");
-        Vec::new()
-    })
+/// Every block device udev knows now, or why udev could not say: a
+/// failed enumeration must never be taken for "nothing is plugged in".
+fn enumerate() -> std::io::Result<Vec<Observation>> {
+    let mut enumerator = udev::Enumerator::new()?;
+    enumerator.match_subsystem("block")?;
+    Ok(enumerator
+        .scan_devices()?
+        .map(|d| observation(&d, false))
+        .collect())
 }
 
 /// What the tracker needs from a udev device. Labels, serials and models are
@@ -186,7 +206,7 @@ fn observation(device: &udev::Device, removed: bool) -> Observation {
 /// Updates the Drives property, then emits the signals, so a subscriber
 /// reacting to a signal reads a property that already agrees with it.
 async fn publish(
-    object: &zbus::object_server::InterfaceRef<DriveWatcherInterface>,
+    object: &ferry_service::Served<DriveWatcherInterface>,
     drives: &Mutex<Vec<WatchedDrive>>,
     tracker: &Tracker,
     changes: Vec<Change>,

@@ -30,7 +30,7 @@ use state::{DrivePolicy, Event, Indicator, LedState, PeerFacts};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 
 /// How long each colour shows during Test.
 const TEST_STEP: Duration = Duration::from_millis(700);
@@ -141,7 +141,7 @@ struct Lamp {
     colors: LedColors,
     output: Output,
     view: Arc<Mutex<View>>,
-    object: InterfaceRef<LedInterface>,
+    object: ferry_service::Served<LedInterface>,
     /// The colour last written, with its label.
     shown: Option<(Color, String)>,
     /// Remaining Test colours and when the next one is due.

@@ -38,7 +38,7 @@ use futures_util::StreamExt;
 use ledger::{Ledger, ProfileSeen, Staleness, DAY, HOUR};
 use outbox::Outbox;
 use tokio::sync::{mpsc, oneshot};
-use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 
 /// How long to wait for a peer's properties.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -246,7 +246,7 @@ struct Notifier {
     ledger: Ledger,
     ledger_path: PathBuf,
     view: Arc<Mutex<View>>,
-    object: InterfaceRef<NotifierInterface>,
+    object: ferry_service::Served<NotifierInterface>,
     /// Drives whose sync finished and that are not closed yet (for the
     /// success summary): bytes and seconds.
     synced: BTreeMap<String, (u64, f64)>,

@@ -429,9 +429,8 @@ enum Passphrase {
 impl Passphrase {
     fn of(repository: &Repository) -> Result<Passphrase, String> {
         if let Some(path) = &repository.passphrase_file {
-            return std::fs::File::open(path.as_ref() as &Path)
-                .map(Passphrase::File)
-                .map_err(|e| format!("cannot open the passphrase file {}: {e}", path.display()));
+            return ferry_config::paths::open_secret(path, "the passphrase file")
+                .map(Passphrase::File);
         }
         if let Some(command) = &repository.passcommand {
             return Ok(Passphrase::Command(command.clone()));

@@ -10,25 +10,64 @@
 //! `renameat2(RENAME_EXCHANGE)`, fsyncs the directory and only then removes
 //! the old generation. A crash at any point leaves `<repo>` complete; the
 //! `.new` and `.verify` leftovers are removed by the next sync.
+//!
+//! The drive is hostile input: every operation here goes through a
+//! [`Confined`] handle of ferry's directory on the drive ([`open_copies`]
+//! proves the mount and checks the tree first), never through a path, so
+//! a symlink, a `..` or another mount on the drive can never lead a file
+//! operation onto the host; trees are walked and removed iteratively
+//! within [`LIMITS`].
 
-use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::snapshot::{remove_tree, Entry};
+use ferry_service::confined::{layout_or_io, Confined, Kind, Limits, Meta, WalkError};
+
+use crate::snapshot::Entry;
 
 /// How much is copied between two looks at the stop flag and progress.
 const CHUNK: usize = 8 << 20;
 
-/// The paths of one repository's copy on a drive.
+/// How far ferry walks into its directory on a drive: a borg repository is
+/// `<repo>/data/<n>/<segment>`, four levels below the copies' directory;
+/// two more for slack. No copy holds a million files.
+pub const LIMITS: Limits = Limits {
+    depth: 6,
+    entries: 1_000_000,
+};
+
+/// The same bound seen from inside one generation.
+const GENERATION_LIMITS: Limits = Limits {
+    depth: LIMITS.depth - 1,
+    entries: LIMITS.entries,
+};
+
+/// Directories ferry makes on a drive.
+const DIR_MODE: u32 = 0o700;
+
+/// Opens ferry's directory `directory` on the drive mounted at
+/// `mountpoint` (making it if needed) as a confined handle, after proving
+/// the mountpoint is the root of a mounted filesystem, and checks that its
+/// whole tree holds only directories and regular files within
+/// [`LIMITS`]: a symlink, FIFO, socket or device node, or too deep a tree,
+/// is a [`WalkError::Layout`] naming the path.
+pub fn open_copies(mountpoint: &Path, directory: &Path) -> Result<Confined, WalkError> {
+    let root = Confined::open_mount_root(mountpoint).map_err(|e| WalkError::Io(e.to_string()))?;
+    let copies = root.make_dirs(directory, 0o755).map_err(layout_or_io)?;
+    copies.walk(Path::new(""), LIMITS)?;
+    Ok(copies)
+}
+
+/// The names of one repository's copy in ferry's directory on a drive,
+/// and that directory's handle: every operation goes through the handle.
 #[derive(Debug, Clone)]
 pub struct Layout {
-    /// The drive's directory for copies.
+    /// The drive's directory for copies (for messages and for borg).
     pub dir: PathBuf,
     /// The current generation: what a person restores from.
     pub current: PathBuf,
@@ -36,33 +75,120 @@ pub struct Layout {
     pub new: PathBuf,
     /// Hard links of the new generation for borg to check.
     pub verify: PathBuf,
+    /// The confined handle of `dir`.
+    copies: Confined,
+    current_name: OsString,
+    new_name: OsString,
+    verify_name: OsString,
+}
+
+/// Which generation of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// The one in place.
+    Current,
+    /// The one being built.
+    New,
 }
 
 impl Layout {
-    /// The copy of repository `name` under `dir`.
-    pub fn new(dir: &Path, name: &str) -> Layout {
+    /// The copy of repository `name` in ferry's directory `copies`.
+    pub fn new(copies: &Confined, name: &str) -> Layout {
+        let dir = copies.path().to_path_buf();
+        let current_name = OsString::from(name);
+        let new_name = OsString::from(format!(".{name}.new"));
+        let verify_name = OsString::from(format!(".{name}.verify"));
         Layout {
-            dir: dir.to_path_buf(),
-            current: dir.join(name),
-            new: dir.join(format!(".{name}.new")),
-            verify: dir.join(format!(".{name}.verify")),
+            current: dir.join(&current_name),
+            new: dir.join(&new_name),
+            verify: dir.join(&verify_name),
+            dir,
+            copies: copies.clone(),
+            current_name,
+            new_name,
+            verify_name,
+        }
+    }
+
+    fn name(&self, generation: Generation) -> &OsStr {
+        match generation {
+            Generation::Current => &self.current_name,
+            Generation::New => &self.new_name,
+        }
+    }
+
+    /// The identity (device, inode) of a generation; None when it is not
+    /// there. Looked up through the confined handle, never following links.
+    pub fn identity(&self, generation: Generation) -> io::Result<Option<(u64, u64)>> {
+        Ok(self
+            .copies
+            .metadata(Path::new(self.name(generation)))?
+            .map(|m| (m.dev, m.ino)))
+    }
+
+    /// The path of a generation (for messages).
+    pub fn path(&self, generation: Generation) -> &Path {
+        match generation {
+            Generation::Current => &self.current,
+            Generation::New => &self.new,
         }
     }
 
     /// Removes what an interrupted sync left beside the current generation.
-    pub fn remove_leftovers(&self) -> io::Result<()> {
+    pub fn remove_leftovers(&self) -> Result<(), WalkError> {
         let mut removed = false;
-        for dir in [&self.new, &self.verify] {
-            if fs::symlink_metadata(dir).is_ok() {
-                tracing::info!("removing {}, left by an interrupted sync", dir.display());
-                remove_tree(dir)?;
+        for name in [&self.new_name, &self.verify_name] {
+            let there = self
+                .copies
+                .metadata(Path::new(name))
+                .map_err(layout_or_io)?
+                .is_some();
+            if there {
+                tracing::info!(
+                    "removing {}, left by an interrupted sync",
+                    self.copies.display(Path::new(name)).display()
+                );
+                self.copies.remove_tree(name, LIMITS)?;
                 removed = true;
             }
         }
         if removed {
-            sync_directory(&self.dir)?;
+            self.copies
+                .sync()
+                .map_err(|e| WalkError::Io(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The regular files of a generation by path (empty when it does not
+    /// exist).
+    fn files(&self, generation: Generation) -> Result<BTreeMap<PathBuf, Meta>, WalkError> {
+        let name = Path::new(self.name(generation));
+        if self.copies.metadata(name).map_err(layout_or_io)?.is_none() {
+            return Ok(BTreeMap::new());
+        }
+        Ok(self
+            .copies
+            .walk(name, GENERATION_LIMITS)?
+            .into_iter()
+            .filter(|n| n.kind == Kind::File)
+            .map(|n| {
+                let meta = Meta {
+                    kind: n.kind,
+                    size: n.size,
+                    mtime: n.mtime,
+                    mode: n.mode,
+                    dev: n.dev,
+                    ino: n.ino,
+                };
+                (n.rel, meta)
+            })
+            .collect())
+    }
+
+    /// Free bytes on the drive.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        self.copies.free_bytes()
     }
 }
 
@@ -90,17 +216,18 @@ pub struct Plan {
 
 /// Compares the snapshot with the current generation: same path, size and
 /// modification time means unchanged (borg never rewrites a committed file,
-/// and the copy keeps the mtime).
-pub fn plan(entries: &[Entry], layout: &Layout) -> Plan {
+/// and the copy keeps the mtime). The current generation is walked
+/// confined, so a symlink or a FIFO in it is an error, never followed.
+pub fn plan(entries: &[Entry], layout: &Layout) -> Result<Plan, WalkError> {
+    let current = layout.files(Generation::Current)?;
     let mut copy_bytes = 0;
     let mut copy_files = 0;
     let items: Vec<(Entry, Action)> = entries
         .iter()
         .map(|entry| {
-            let current = fs::symlink_metadata(layout.current.join(&entry.rel));
-            let same = current.is_ok_and(|m| {
-                m.is_file() && m.len() == entry.size && m.modified().ok() == Some(entry.mtime)
-            });
+            let same = current
+                .get(&entry.rel)
+                .is_some_and(|m| m.size == entry.size && m.mtime == entry.mtime);
             if same {
                 (entry.clone(), Action::Link)
             } else {
@@ -110,28 +237,13 @@ pub fn plan(entries: &[Entry], layout: &Layout) -> Plan {
             }
         })
         .collect();
-    let unchanged = copy_files == 0 && count_files(&layout.current) == Some(items.len());
-    Plan {
+    let unchanged = copy_files == 0 && current.len() == items.len();
+    Ok(Plan {
         items,
         copy_bytes,
         copy_files,
         unchanged,
-    }
-}
-
-/// The number of regular files under `dir`, `None` when it cannot be read.
-fn count_files(dir: &Path) -> Option<usize> {
-    let mut count = 0;
-    for entry in fs::read_dir(dir).ok()? {
-        let entry = entry.ok()?;
-        let kind = entry.file_type().ok()?;
-        if kind.is_dir() {
-            count += count_files(&entry.path())?;
-        } else {
-            count += 1;
-        }
-    }
-    Some(count)
+    })
 }
 
 /// Why building stopped.
@@ -141,6 +253,22 @@ pub enum BuildError {
     Stopped,
     /// A file operation failed; the message names the file.
     Io(String),
+    /// The drive holds something in ferry's directory that has no place
+    /// there (a symlink, a FIFO, …); the message names it.
+    Layout(String),
+}
+
+impl From<WalkError> for BuildError {
+    fn from(e: WalkError) -> Self {
+        match e {
+            WalkError::Layout(m) => BuildError::Layout(m),
+            WalkError::Io(m) => BuildError::Io(m),
+        }
+    }
+}
+
+fn drive_error(e: io::Error) -> BuildError {
+    layout_or_io(e).into()
 }
 
 fn io_error(what: &str, path: &Path, e: io::Error) -> BuildError {
@@ -157,61 +285,60 @@ pub fn build(
     progress: &AtomicU64,
     stopped: &dyn Fn() -> bool,
 ) -> Result<(), BuildError> {
-    remove_tree(&layout.new).map_err(|e| io_error("cannot remove", &layout.new, e))?;
-    make_dir(&layout.new)?;
+    let copies = &layout.copies;
+    copies.remove_tree(&layout.new_name, LIMITS)?;
+    let new = copies
+        .make_dir(&layout.new_name, DIR_MODE)
+        .map_err(drive_error)?;
+    let mut made = std::collections::BTreeSet::new();
     let mut buffer = Vec::new();
     for (entry, action) in &plan.items {
         if stopped() {
             return Err(BuildError::Stopped);
         }
-        let target = layout.new.join(&entry.rel);
-        if let Some(parent) = target.parent().filter(|p| !p.exists()) {
-            make_dir(parent)?;
+        if let Some(parent) = entry.rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if made.insert(parent.to_path_buf()) {
+                new.make_dirs(parent, DIR_MODE).map_err(drive_error)?;
+            }
         }
         if *action == Action::Link {
-            match fs::hard_link(layout.current.join(&entry.rel), &target) {
+            let from = Path::new(&layout.current_name).join(&entry.rel);
+            match copies.hard_link(&from, &new, &entry.rel) {
                 Ok(()) => continue,
+                Err(e) if ferry_service::confined::is_escape(&e) => return Err(drive_error(e)),
                 // Too many links or a vanished file: copy it instead.
                 Err(e) => tracing::debug!("cannot link {}: {e}; copying", entry.rel.display()),
             }
         }
         copy_file(
             &snapshot_dir.join(&entry.rel),
-            &target,
+            &new,
             entry,
             progress,
             stopped,
             &mut buffer,
         )?;
     }
-    syncfs(&layout.new)
+    copies.sync_filesystem().map_err(drive_error)
 }
 
-fn make_dir(path: &Path) -> Result<(), BuildError> {
-    fs::create_dir_all(path)
-        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o700)))
-        .map_err(|e| io_error("cannot create", path, e))
-}
-
-/// Copies one file with copy_file_range (read/write where the kernel
-/// cannot), keeping its mode and mtime.
+/// Copies one file of the snapshot into `new` with copy_file_range
+/// (read/write where the kernel cannot), keeping its mode and mtime.
 fn copy_file(
     source: &Path,
-    target: &Path,
+    new: &Confined,
     entry: &Entry,
     progress: &AtomicU64,
     stopped: &dyn Fn() -> bool,
     buffer: &mut Vec<u8>,
 ) -> Result<(), BuildError> {
+    let target = new.display(&entry.rel);
     let mut input = File::open(source).map_err(|e| io_error("cannot open", source, e))?;
     // SAFETY: advice on a descriptor we own.
     unsafe { libc::posix_fadvise(input.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-    let mut output = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(entry.mode)
-        .open(target)
-        .map_err(|e| io_error("cannot create", target, e))?;
+    let mut output = new
+        .create_file(&entry.rel, entry.mode)
+        .map_err(drive_error)?;
     let mut kernel_copy = true;
     let mut copied = 0u64;
     loop {
@@ -241,7 +368,7 @@ fn copy_file(
                     kernel_copy = false;
                     continue;
                 }
-                return Err(io_error("cannot copy to", target, e));
+                return Err(io_error("cannot copy to", &target, e));
             }
             n as usize
         } else {
@@ -251,7 +378,7 @@ fn copy_file(
                 .map_err(|e| io_error("cannot read", source, e))?;
             output
                 .write_all(&buffer[..n])
-                .map_err(|e| io_error("cannot write", target, e))?;
+                .map_err(|e| io_error("cannot write", &target, e))?;
             n
         };
         if n == 0 {
@@ -267,44 +394,37 @@ fn copy_file(
             entry.size
         )));
     }
-    let times = fs::FileTimes::new()
-        .set_modified(entry.mtime)
-        .set_accessed(entry.mtime);
-    output
-        .set_times(times)
-        .map_err(|e| io_error("cannot set the times of", target, e))
+    Confined::set_times(&output, entry.mtime)
+        .map_err(|e| io_error("cannot set the times of", &target, e))
 }
 
-/// Flushes the whole filesystem holding `path` (all the new generation's
-/// data and directories at once), reporting writeback errors.
-fn syncfs(path: &Path) -> Result<(), BuildError> {
-    let dir = File::open(path).map_err(|e| io_error("cannot open", path, e))?;
-    // SAFETY: a descriptor we own.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(io_error(
-            "cannot flush the drive holding",
-            path,
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
-}
-
-/// Mirrors `from` into `to` as hard links (directories are made).
-pub fn mirror_links(from: &Path, to: &Path) -> io::Result<()> {
-    remove_tree(to)?;
-    fs::create_dir(to)?;
-    fs::set_permissions(to, fs::Permissions::from_mode(0o700))?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            mirror_links(&entry.path(), &target)?;
-        } else {
-            fs::hard_link(entry.path(), &target)?;
+/// Mirrors a generation into `layout.verify` as hard links (directories
+/// are made), walking it confined.
+pub fn mirror_links(layout: &Layout, from: Generation) -> Result<(), WalkError> {
+    let copies = &layout.copies;
+    copies.remove_tree(&layout.verify_name, LIMITS)?;
+    let mirror = copies
+        .make_dir(&layout.verify_name, DIR_MODE)
+        .map_err(layout_or_io)?;
+    let name = Path::new(layout.name(from));
+    for node in copies.walk(name, GENERATION_LIMITS)? {
+        match node.kind {
+            Kind::Dir => {
+                mirror
+                    .make_dirs(&node.rel, DIR_MODE)
+                    .map_err(layout_or_io)?;
+            }
+            _ => copies
+                .hard_link(&name.join(&node.rel), &mirror, &node.rel)
+                .map_err(layout_or_io)?,
         }
     }
     Ok(())
+}
+
+/// Removes the verify mirror.
+pub fn remove_mirror(layout: &Layout) -> Result<(), WalkError> {
+    layout.copies.remove_tree(&layout.verify_name, LIMITS)
 }
 
 /// Makes the new generation the current one atomically and durably, then
@@ -314,21 +434,17 @@ pub fn swap(layout: &Layout) -> io::Result<()> {
     // Only "nothing there" chooses a plain rename: any other error (EIO
     // from a shut-down filesystem) is the error, not a reason to try a
     // rename that then fails with "File exists".
-    let exchange = match fs::symlink_metadata(&layout.current) {
-        Ok(_) => true,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e),
-    };
-    let flags = if exchange {
-        libc::RENAME_EXCHANGE
-    } else {
-        libc::RENAME_NOREPLACE
-    };
-    rename(&layout.new, &layout.current, flags)?;
-    sync_directory(&layout.dir)?;
+    let copies = &layout.copies;
+    let exchange = copies.metadata(Path::new(&layout.current_name))?.is_some();
+    copies.rename(&layout.new_name, &layout.current_name, exchange)?;
+    copies.sync()?;
     if exchange {
         // `.new` now holds the old generation.
-        if let Err(e) = remove_tree(&layout.new).and_then(|()| sync_directory(&layout.dir)) {
+        let removed = copies
+            .remove_tree(&layout.new_name, LIMITS)
+            .map_err(io::Error::other)
+            .and_then(|()| copies.sync());
+        if let Err(e) = removed {
             tracing::warn!(
                 "the new copy is in place, but the old one at {} cannot be removed: {e}; the next sync removes it",
                 layout.new.display()
@@ -338,38 +454,11 @@ pub fn swap(layout: &Layout) -> io::Result<()> {
     Ok(())
 }
 
-fn rename(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-    };
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: valid C strings; plain syscall.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            flags,
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// fsyncs a directory so renames and removals in it are durable.
-pub fn sync_directory(dir: &Path) -> io::Result<()> {
-    ferry_service::durable::sync_directory(dir)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::snapshot;
+    use std::fs;
 
     fn write(path: &Path, text: &str) {
         fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
@@ -411,12 +500,13 @@ mod tests {
         }
         let drive = dir.path().join("drive");
         fs::create_dir(&drive).expect("drive");
-        let layout = Layout::new(&drive, "nas");
+        let copies = Confined::open_dir_at(&drive).expect("handle");
+        let layout = Layout::new(&copies, "nas");
         let never = || false;
 
         for round in 0..2 {
             let snap = snapshot::take(&repo, &dir.path().join(".snap")).expect("snapshot");
-            let planned = plan(&snap.entries, &layout);
+            let planned = plan(&snap.entries, &layout).expect("plan");
             if round == 1 {
                 // Only the new segment and the new index are copied.
                 let copied: Vec<_> = planned
@@ -433,7 +523,7 @@ mod tests {
             swap(&layout).expect("swap");
             assert_eq!(read_tree(&layout.current), read_tree(&snap.dir));
             assert!(!layout.new.exists());
-            let again = plan(&snap.entries, &layout);
+            let again = plan(&snap.entries, &layout).expect("plan");
             assert!(again.unchanged, "{again:?}");
             snap.release();
             // The next transaction: a new segment and index.
@@ -450,9 +540,10 @@ mod tests {
         write(&repo.join("config"), "c");
         write(&repo.join("index.1"), "i");
         write(&repo.join("data/0/1"), "x");
-        let layout = Layout::new(dir.path(), "copy");
+        let copies = Confined::open_dir_at(dir.path()).expect("handle");
+        let layout = Layout::new(&copies, "copy");
         let snap = snapshot::take(&repo, &dir.path().join(".snap")).expect("snapshot");
-        let planned = plan(&snap.entries, &layout);
+        let planned = plan(&snap.entries, &layout).expect("plan");
         let stop = || true;
         let result = build(&planned, &snap.dir, &layout, &AtomicU64::new(0), &stop);
         assert!(matches!(result, Err(BuildError::Stopped)));

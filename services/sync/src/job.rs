@@ -11,7 +11,8 @@
 //! SyncFailed.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,11 +21,12 @@ use ferry_config::{Config, Repository};
 use tokio::sync::watch;
 
 use crate::borg::Borg;
-use crate::generation::{self, BuildError, Layout, Plan};
+use crate::generation::{self, BuildError, Generation, Layout, Plan};
 use crate::mounts;
 use crate::snapshot::{self, Snapshot};
 use crate::truth;
 use crate::Reporter;
+use ferry_service::confined::{Confined, WalkError};
 
 /// At most this often a SyncProgress signal.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -116,6 +118,9 @@ pub enum Stage {
     Verify,
     /// Swapping it in.
     Swap,
+    /// ferry's directory on the drive holds what has no place there: a
+    /// symlink, a FIFO, a socket, a device node, too deep a tree.
+    DriveLayout,
     /// The drive was removed.
     Removed,
     /// Cancelled (or ferry-sync stopping).
@@ -132,6 +137,7 @@ impl Stage {
             Stage::Copy => "copy",
             Stage::Verify => "verify",
             Stage::Swap => "swap",
+            Stage::DriveLayout => "drive-layout",
             Stage::Removed => "removed",
             Stage::Cancelled => "cancelled",
         }
@@ -151,6 +157,18 @@ impl Failure {
     /// A failure in `stage`.
     pub fn new(stage: Stage, message: String) -> Failure {
         Failure { stage, message }
+    }
+
+    /// A failure of a confined operation on the drive in `stage`: what
+    /// the drive's layout caused is a `drive-layout` failure.
+    pub fn on_drive(stage: Stage, error: WalkError) -> Failure {
+        match error {
+            WalkError::Layout(m) => Failure::new(
+                Stage::DriveLayout,
+                format!("{m}; nothing outside the drive was touched, and the drive is closed"),
+            ),
+            WalkError::Io(m) => Failure::new(stage, m),
+        }
     }
 
     /// The failure a stop request turns into.
@@ -305,17 +323,27 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
 /// (on the blocking pool), as the sentence a failure message ends with.
 async fn look_at_drive(spec: &JobSpec, context: &Context, record: Arc<truth::Record>) -> String {
     let mountpoint = spec.mountpoint.clone();
-    let dir = context.config.sync.drive_directory(&spec.mountpoint);
+    let directory = context.config.sync.directory.clone();
     let names: Vec<String> = spec.repositories.iter().map(|(n, _)| n.clone()).collect();
     let looked = tokio::task::spawn_blocking(move || {
         if !mounts::is_mounted(&mountpoint) {
             return truth::describe(false, &[]);
         }
+        // Through a confined handle of the drive's root, as everything on a
+        // drive: a link on the way is "cannot be looked at", never followed.
+        let root = Confined::open_mount_root(&mountpoint);
         let looks: Vec<(String, truth::Holds)> = names
             .iter()
             .map(|name| {
-                let layout = Layout::new(&dir, name);
-                (name.clone(), truth::look(&layout.current, record.get(name)))
+                let found = root
+                    .as_ref()
+                    .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+                    .and_then(|root| {
+                        Ok(root
+                            .metadata(&directory.join(name))?
+                            .map(|m| (m.dev, m.ino)))
+                    });
+                (name.clone(), truth::look(found, record.get(name)))
             })
             .collect();
         truth::describe(true, &looks)
@@ -333,6 +361,18 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, Failure> {
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result.map_err(|m| Failure::new(stage, m)),
+        Err(e) => Err(Failure::new(stage, format!("internal error: {e}"))),
+    }
+}
+
+/// Runs confined drive work on the blocking pool; a layout error becomes a
+/// `drive-layout` failure, any other error a failure of `stage`.
+async fn on_drive<T: Send + 'static>(
+    stage: Stage,
+    work: impl FnOnce() -> Result<T, WalkError> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|e| Failure::on_drive(stage, e)),
         Err(e) => Err(Failure::new(stage, format!("internal error: {e}"))),
     }
 }
@@ -363,23 +403,22 @@ async fn sync_drive(
             ),
         ));
     }
-    let drive_dir = settings.drive_directory(&spec.mountpoint);
+    // From here on the drive is reached only through a confined handle of
+    // ferry's directory on it, whose whole tree was checked first.
+    let (mountpoint, directory) = (spec.mountpoint.clone(), settings.directory.clone());
+    let copies = on_drive(Stage::Copy, move || {
+        generation::open_copies(&mountpoint, &directory)
+    })
+    .await?;
     let layouts: Vec<Layout> = spec
         .repositories
         .iter()
-        .map(|(name, _)| Layout::new(&drive_dir, name))
+        .map(|(name, _)| Layout::new(&copies, name))
         .collect();
     {
-        let (dir, layouts) = (drive_dir.clone(), layouts.clone());
-        blocking(Stage::Copy, move || {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {} on the drive: {e}", dir.display()))?;
-            for layout in &layouts {
-                layout
-                    .remove_leftovers()
-                    .map_err(|e| format!("cannot clean up {}: {e}", layout.dir.display()))?;
-            }
-            Ok(())
+        let layouts = layouts.clone();
+        on_drive(Stage::Copy, move || {
+            layouts.iter().try_for_each(Layout::remove_leftovers)
         })
         .await?;
     }
@@ -389,7 +428,7 @@ async fn sync_drive(
         let layouts = layouts.clone();
         blocking(Stage::Copy, move || {
             for ((name, _), layout) in names.iter().zip(&layouts) {
-                let id = truth::identity(&layout.current).map_err(|e| {
+                let id = layout.identity(Generation::Current).map_err(|e| {
                     format!(
                         "cannot look at {} on the drive: {e}",
                         layout.current.display()
@@ -410,8 +449,9 @@ async fn sync_drive(
             return Err(Failure::stopped(reason));
         }
         let (repo, current) = (repository.path.to_path_buf(), layout.clone());
-        let unchanged = blocking(Stage::Snapshot, move || {
-            Ok(snapshot::observe(&repo).map(|entries| generation::plan(&entries, &current)))
+        let unchanged = on_drive(Stage::Snapshot, move || match snapshot::observe(&repo) {
+            Ok(entries) => generation::plan(&entries, &current).map(Ok),
+            Err(e) => Ok(Err(e)),
         })
         .await?;
         match &unchanged {
@@ -476,8 +516,8 @@ async fn sync_drive(
         let entries = snapshot.entries.clone();
         let plan_layout = layout.clone();
         held.snapshots.push(snapshot);
-        let plan = blocking(Stage::Snapshot, move || {
-            Ok(generation::plan(&entries, &plan_layout))
+        let plan = on_drive(Stage::Snapshot, move || {
+            generation::plan(&entries, &plan_layout)
         })
         .await?;
         prepared.push(Prepared {
@@ -496,7 +536,7 @@ async fn sync_drive(
         .map(|p| p.plan.copy_files * 4096 + p.plan.items.len() as u64 * 256)
         .sum();
     let need = total + blocks + settings.reserve_mib * MIB;
-    let free = free_bytes(&drive_dir).map_err(|e| Failure::new(Stage::Space, e))?;
+    let free = free_bytes(&copies).map_err(|e| Failure::new(Stage::Space, e))?;
     if need > free {
         return Err(Failure::new(
             Stage::Space,
@@ -527,12 +567,11 @@ async fn sync_drive(
                     .reporter
                     .phase(&spec.drive, &item.name, Phase::Verify, String::new())
                     .await;
-                let current = item.layout.current.clone();
                 inspect(
                     context,
                     &item.layout,
                     &item.repository,
-                    &current,
+                    Generation::Current,
                     false,
                     stop,
                 )
@@ -563,26 +602,15 @@ async fn sync_drive(
         }
     }
     summary.bytes = done_before;
-    summary.free = free_bytes(&drive_dir).unwrap_or(0);
+    summary.free = free_bytes(&copies).unwrap_or(0);
     Ok(summary)
 }
 
 const MIB: u64 = 1024 * 1024;
 
 /// Free bytes for an unprivileged writer... and root (f_bavail).
-fn free_bytes(path: &Path) -> Result<u64, String> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and a statvfs to fill.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } != 0 {
-        return Err(format!(
-            "cannot read the free space of {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+fn free_bytes(copies: &ferry_service::confined::Confined) -> Result<u64, String> {
+    copies.free_bytes().map_err(|e| e.to_string())
 }
 
 /// Builds, verifies and swaps in one repository's new generation; returns
@@ -639,6 +667,9 @@ async fn copy_one(
                 stop.reason().unwrap_or(StopReason::Shutdown),
             ))
         }
+        Ok(Err(BuildError::Layout(message))) => {
+            return Err(Failure::on_drive(Stage::Copy, WalkError::Layout(message)))
+        }
         Ok(Err(BuildError::Io(message))) => return Err(Failure::new(Stage::Copy, message)),
         Err(e) => return Err(Failure::new(Stage::Copy, format!("internal error: {e}"))),
     }
@@ -648,10 +679,11 @@ async fn copy_one(
         .await;
 
     {
-        let (name, new) = (item.name.clone(), item.layout.new.clone());
+        let (name, layout) = (item.name.clone(), item.layout.clone());
         blocking(Stage::Copy, move || {
-            let id = truth::identity(&new)
-                .map_err(|e| format!("cannot look at {}: {e}", new.display()))?;
+            let id = layout
+                .identity(Generation::New)
+                .map_err(|e| format!("cannot look at {}: {e}", layout.new.display()))?;
             record.new_generation(&name, id);
             Ok(())
         })
@@ -661,8 +693,15 @@ async fn copy_one(
         .reporter
         .phase(&spec.drive, &item.name, Phase::Verify, String::new())
         .await;
-    let new = item.layout.new.clone();
-    let archive = inspect(context, &item.layout, &item.repository, &new, true, stop).await?;
+    let archive = inspect(
+        context,
+        &item.layout,
+        &item.repository,
+        Generation::New,
+        true,
+        stop,
+    )
+    .await?;
     if let Some(reason) = stop.reason() {
         return Err(Failure::stopped(reason));
     }
@@ -692,14 +731,13 @@ async fn inspect(
     context: &Context,
     layout: &Layout,
     repository: &Repository,
-    generation: &Path,
+    generation: Generation,
     check: bool,
     stop: &mut Stop,
 ) -> Result<String, Failure> {
-    let (from, mirror) = (generation.to_path_buf(), layout.verify.clone());
-    blocking(Stage::Verify, move || {
-        generation::mirror_links(&from, &mirror)
-            .map_err(|e| format!("cannot prepare {} for borg: {e}", mirror.display()))
+    let mirrored = layout.clone();
+    on_drive(Stage::Verify, move || {
+        generation::mirror_links(&mirrored, generation)
     })
     .await?;
     let mut result = Ok(String::new());
@@ -716,11 +754,7 @@ async fn inspect(
             .newest_archive(&layout.verify, repository, stop)
             .await;
     }
-    let mirror = layout.verify.clone();
-    blocking(Stage::Verify, move || {
-        snapshot::remove_tree(&mirror)
-            .map_err(|e| format!("cannot remove {}: {e}", mirror.display()))
-    })
-    .await?;
+    let mirrored = layout.clone();
+    on_drive(Stage::Verify, move || generation::remove_mirror(&mirrored)).await?;
     result
 }

@@ -37,7 +37,7 @@ use job::{Context, JobSpec, Stop, StopReason, Summary};
 use ledger::Ledger;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
-use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::object_server::SignalEmitter;
 
 /// How long a peer may take to answer at start.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -201,7 +201,7 @@ impl SyncInterface {
 /// signal reads properties that agree with it.
 pub struct Reporter {
     shared: SharedState,
-    object: InterfaceRef<SyncInterface>,
+    object: ferry_service::Served<SyncInterface>,
     ledger_path: PathBuf,
     /// One ledger write at a time (they share a temp file name).
     saving: tokio::sync::Mutex<()>,

@@ -19,29 +19,7 @@ pub fn is_mounted(path: &Path) -> bool {
 fn mount_points(info: &str) -> impl Iterator<Item = PathBuf> + '_ {
     info.lines()
         .filter_map(|line| line.split(' ').nth(4))
-        .map(|point| PathBuf::from(unescape(point)))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = |b: &u8| (b'0'..=b'7').contains(b);
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let digits = &bytes[i + 1..i + 4];
-            if digits.iter().all(octal) {
-                let value = digits.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
-                out.push(u8::try_from(value).unwrap_or(b'?'));
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+        .map(|point| PathBuf::from(ferry_service::confined::unescape_mountinfo(point)))
 }
 
 #[cfg(test)]

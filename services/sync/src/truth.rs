@@ -5,14 +5,12 @@
 //! goes off-site), so it must be what is on the drive. During the job the
 //! identity (device, inode) of each repository's current generation and of
 //! the new one it built is recorded; after a failure, the drive's final
-//! name `<dir>/<repo>` is looked at (lstat, never followed) and compared
-//! with both. When the drive cannot be looked at (unmounted, or a shut-down
+//! name `<dir>/<repo>` is looked at (through a confined handle of the
+//! drive's root, no link ever followed) and compared with both. When the drive cannot be looked at (unmounted, or a shut-down
 //! filesystem answering EIO), the message says so instead of guessing.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::Mutex;
 
 /// A directory's identity: (device, inode).
@@ -54,16 +52,6 @@ impl Record {
     }
 }
 
-/// The identity of the directory at `path` (not following a symlink);
-/// None when nothing is there.
-pub fn identity(path: &Path) -> io::Result<Option<Identity>> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some((m.dev(), m.ino()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// What the drive holds of one repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holds {
@@ -83,9 +71,10 @@ pub enum Holds {
     Unreadable(String),
 }
 
-/// Looks at the name `current` and compares it with what was recorded.
-pub fn look(current: &Path, known: Generations) -> Holds {
-    match identity(current) {
+/// Compares what was `found` at the repository's final name on the drive
+/// (its identity, None for nothing) with what was recorded.
+pub fn look(found: io::Result<Option<Identity>>, known: Generations) -> Holds {
+    match found {
         Err(e) => Holds::Unreadable(e.to_string()),
         Ok(None) => Holds::Nothing {
             had: known.previous.is_some(),
@@ -136,6 +125,17 @@ pub fn describe(mounted: bool, looks: &[(String, Holds)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// What the job finds at `path` (the tests look with std; the job looks
+    /// through the drive's confined handle).
+    fn identity(path: &std::path::Path) -> io::Result<Option<Identity>> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) => Ok(Some((m.dev(), m.ino()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 
     #[test]
     fn an_exchange_is_seen_as_the_new_copy_and_no_exchange_as_the_previous() {
@@ -150,22 +150,25 @@ mod tests {
         let record = Record::default();
         record.previous("nas", identity(&current).expect("id"));
         record.new_generation("nas", identity(&new).expect("id"));
-        assert_eq!(look(&current, record.get("nas")), Holds::Previous);
+        assert_eq!(look(identity(&current), record.get("nas")), Holds::Previous);
         // The swap: the new generation takes the final name.
         std::fs::remove_dir(&current).expect("old");
         std::fs::rename(&new, &current).expect("swap");
-        assert_eq!(look(&current, record.get("nas")), Holds::New);
+        assert_eq!(look(identity(&current), record.get("nas")), Holds::New);
         std::fs::remove_dir(&current).expect("gone");
         assert_eq!(
-            look(&current, record.get("nas")),
+            look(identity(&current), record.get("nas")),
             Holds::Nothing { had: true }
         );
         assert_eq!(
-            look(&current, Generations::default()),
+            look(identity(&current), Generations::default()),
             Holds::Nothing { had: false }
         );
         std::fs::rename(&other, &current).expect("replace");
-        assert_eq!(look(&current, record.get("nas")), Holds::Unexpected);
+        assert_eq!(
+            look(identity(&current), record.get("nas")),
+            Holds::Unexpected
+        );
         let said = describe(
             true,
             &[
