@@ -422,15 +422,23 @@ impl Job {
                 command.env("BORG_PASSCOMMAND", passcommand);
                 None
             }
-            Passphrase::File(path) => match std::fs::read(path) {
-                Ok(bytes) => Some(bytes),
-                Err(e) => {
-                    return Attempt::Failed(Fail::new(
-                        "config",
-                        format!("cannot read the passphrase file {}: {e}", path.display()),
-                    ))
+            // Regular, root's, unreadable by others — or refused.
+            Passphrase::File(path) => {
+                let read = ferry_config::paths::open_secret(path, "the passphrase file").and_then(
+                    |mut file| {
+                        let mut bytes = Vec::new();
+                        std::io::Read::read_to_end(&mut file, &mut bytes)
+                            .map(|_| bytes)
+                            .map_err(|e| {
+                                format!("cannot read the passphrase file {}: {e}", path.display())
+                            })
+                    },
+                );
+                match read {
+                    Ok(bytes) => Some(bytes),
+                    Err(message) => return Attempt::Failed(Fail::new("config", message)),
                 }
-            },
+            }
             Passphrase::Inline(secret) => Some(secret.expose().as_bytes().to_vec()),
         };
         let pipe = match secret.as_deref().map(process::secret_pipe).transpose() {

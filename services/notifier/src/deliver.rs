@@ -372,10 +372,17 @@ impl Transport {
 /// neither).
 fn smtp_password(mail: &Mail) -> Result<String, String> {
     Ok(match (&mail.password_file, &mail.password_credential) {
-        (Some(file), _) => std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read the SMTP password file {}: {e}", file.display()))?
-            .trim_end_matches(['\r', '\n'])
-            .to_string(),
+        (Some(file), _) => {
+            let mut text = String::new();
+            ferry_config::paths::open_secret(file, "the SMTP password file").and_then(
+                |mut f| {
+                    std::io::Read::read_to_string(&mut f, &mut text).map_err(|e| {
+                        format!("cannot read the SMTP password file {}: {e}", file.display())
+                    })
+                },
+            )?;
+            text.trim_end_matches(['\r', '\n']).to_string()
+        }
         (None, Some(name)) => read_credential(name)?,
         (None, None) => String::new(),
     })
