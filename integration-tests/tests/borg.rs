@@ -447,6 +447,7 @@ async fn a_wrong_passphrase_fails_with_borgs_message() {
     world.init("repo").await;
     let wrong = world.path("wrong");
     std::fs::write(&wrong, "not the passphrase").expect("wrong");
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let config = world.config(&format!(
         "[repositories.wrong]\npath = \"{}\"\npassphrase-file = \"{}\"\n\n[profiles.home]\nrepository = \"wrong\"\nsources = [\"{}\"]\n",
         world.path("repo").display(),
@@ -1063,4 +1064,28 @@ async fn the_logind_inhibitor_is_held_while_a_job_runs() {
         writer_closed(&read, WAIT),
         "the inhibitor is released when the job ends"
     );
+}
+
+/// A passphrase file others can read is refused at stage config, naming its
+/// mode, before borg runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_passphrase_file_others_can_read_is_refused() {
+    let Some(world) = World::new() else { return };
+    world.init("repo").await;
+    std::fs::set_permissions(
+        world.passphrase_file(),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let config = world.config(&format!(
+        "[repositories.open]\npath = \"{}\"\npassphrase-file = \"{}\"\n\n[profiles.home]\nrepository = \"open\"\nsources = [\"{}\"]\n",
+        world.path("repo").display(),
+        world.passphrase_file().display(),
+        world.path("src").display()
+    ));
+    let bus = TestBus::start();
+    let service = start_service(&bus, &world, &config).await;
+    let (_, failed) = service.run("home", "BackupFailed").await;
+    assert_eq!(failed.args[2], "config", "{failed}");
+    assert!(failed.args[3].contains("mode 0644"), "{failed}");
 }
