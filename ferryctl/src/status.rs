@@ -93,93 +93,79 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
     };
     let mut unreachable = Vec::new();
 
-    let watched: Vec<WatchedDrive> =
-        match async { proxy!(DriveWatcherProxy, conn)?.drives().await }.await {
-            Ok(v) => v,
-            Err(e) => {
-                unreachable.push(status_unreachable("org.ferry.DriveWatcher1", e));
-                vec![]
-            }
-        };
-    let (crypt_drives, crypt_failures) = match async {
-        let p = proxy!(CryptProxy, conn)?;
-        Ok::<_, zbus::Error>((p.drives().await?, p.last_failures().await?))
-    }
-    .await
-    {
-        Ok(v) => v,
-        Err(e) => {
-            unreachable.push(status_unreachable("org.ferry.Crypt1", e));
-            (vec![], vec![])
+    let watched: Vec<WatchedDrive> = answer(
+        &mut unreachable,
+        "org.ferry.DriveWatcher1",
+        async { proxy!(DriveWatcherProxy, conn)?.drives().await }.await,
+    )
+    .unwrap_or_default();
+    let (crypt_drives, crypt_failures) = answer(
+        &mut unreachable,
+        "org.ferry.Crypt1",
+        async {
+            let p = proxy!(CryptProxy, conn)?;
+            Ok((p.drives().await?, p.last_failures().await?))
         }
-    };
-    let (running, syncs, sync_failures) = match async {
-        let p = proxy!(SyncProxy, conn)?;
-        Ok::<_, zbus::Error>((
-            p.running().await?,
-            p.last_syncs().await?,
-            p.last_failures().await?,
-        ))
-    }
-    .await
-    {
-        Ok(v) => v,
-        Err(e) => {
-            unreachable.push(status_unreachable("org.ferry.Sync1", e));
-            (vec![], vec![], vec![])
+        .await,
+    )
+    .unwrap_or_default();
+    let (running, syncs, sync_failures) = answer(
+        &mut unreachable,
+        "org.ferry.Sync1",
+        async {
+            let p = proxy!(SyncProxy, conn)?;
+            Ok((
+                p.running().await?,
+                p.last_syncs().await?,
+                p.last_failures().await?,
+            ))
         }
-    };
-    let (profiles, jobs, results, schedule, borg_failures) = match async {
-        let p = proxy!(BorgProxy, conn)?;
-        Ok::<_, zbus::Error>((
-            p.profiles().await?,
-            p.jobs().await?,
-            p.last_results().await?,
-            p.schedule().await?,
-            p.last_failures().await?,
-        ))
-    }
-    .await
-    {
-        Ok(v) => v,
-        Err(e) => {
-            unreachable.push(status_unreachable("org.ferry.Borg1", e));
-            (vec![], vec![], vec![], vec![], vec![])
+        .await,
+    )
+    .unwrap_or_default();
+    let (profiles, jobs, results, schedule, borg_failures) = answer(
+        &mut unreachable,
+        "org.ferry.Borg1",
+        async {
+            let p = proxy!(BorgProxy, conn)?;
+            Ok((
+                p.profiles().await?,
+                p.jobs().await?,
+                p.last_results().await?,
+                p.schedule().await?,
+                p.last_failures().await?,
+            ))
         }
-    };
-    status.led = match async {
-        let p = proxy!(LedProxy, conn)?;
-        Ok::<_, zbus::Error>(LedStatus {
-            state: p.state().await?,
-            color: p.current_color().await?,
-            reason: p.reason().await?,
-            device_present: p.device_present().await?,
-        })
-    }
-    .await
-    {
-        Ok(v) => Some(v),
-        Err(e) => {
-            unreachable.push(status_unreachable("org.ferry.Led1", e));
-            None
+        .await,
+    )
+    .unwrap_or_default();
+    status.led = answer(
+        &mut unreachable,
+        "org.ferry.Led1",
+        async {
+            let p = proxy!(LedProxy, conn)?;
+            Ok(LedStatus {
+                state: p.state().await?,
+                color: p.current_color().await?,
+                reason: p.reason().await?,
+                device_present: p.device_present().await?,
+            })
         }
-    };
-    status.mail = match async {
-        let p = proxy!(NotifierProxy, conn)?;
-        Ok::<_, zbus::Error>(MailStatus {
-            pending: p.pending().await?,
-            dead_letters: p.dead_letters().await?,
-            last_error: p.last_error().await?,
-        })
-    }
-    .await
-    {
-        Ok(v) => Some(v),
-        Err(e) => {
-            unreachable.push(status_unreachable("org.ferry.Notifier1", e));
-            None
+        .await,
+    );
+    status.mail = answer(
+        &mut unreachable,
+        "org.ferry.Notifier1",
+        async {
+            let p = proxy!(NotifierProxy, conn)?;
+            Ok(MailStatus {
+                pending: p.pending().await?,
+                dead_letters: p.dead_letters().await?,
+                last_error: p.last_error().await?,
+            })
         }
-    };
+        .await,
+    );
     status.unreachable = unreachable;
 
     let names: BTreeSet<String> = watched
@@ -215,6 +201,21 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
         })
         .collect();
     status
+}
+
+/// What one service answered, or (noted in `unreachable`) nothing.
+fn answer<T>(
+    unreachable: &mut Vec<(String, String)>,
+    service: &str,
+    read: zbus::Result<T>,
+) -> Option<T> {
+    match read {
+        Ok(v) => Some(v),
+        Err(e) => {
+            unreachable.push(status_unreachable(service, e));
+            None
+        }
+    }
 }
 
 fn status_unreachable(service: &str, e: zbus::Error) -> (String, String) {

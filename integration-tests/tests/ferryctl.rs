@@ -237,32 +237,9 @@ async fn check_config_names_every_problem_with_its_place() {
     );
 }
 
-/// Seed 000's borgmatic-config.yaml, comments shortened.
-const SEED_000_BORGMATIC: &str = r#"location:
-    source_directories:
-        - ~/.gnupg
-        - ~/.config/systemd/user
-        - ~/Private/borg
-        - ~/Private/other-important-files
-    repositories:
-        - david@myserver:backup_dir
-storage:
-    encryption_passphrase: "my-secure-passphrase"
-retention:
-    keep_within: 3H
-    keep_hourly: 24
-    keep_daily: 7
-    keep_weekly: 4
-    keep_monthly: 6
-    keep_yearly: 5
-hooks:
-    before_backup:
-        - echo "Starting a backup."
-    after_backup:
-        - echo "Created a backup."
-    on_error:
-        - echo "Error while creating a backup or running a backup hook."
-"#;
+/// Seed 000's borgmatic-config.yaml, as its author wrote it.
+const SEED_000_BORGMATIC: &str =
+    include_str!("../../services/borg/tests/fixtures/seed-000-borgmatic.yaml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_plug_says_what_would_be_copied_and_writes_nothing() {

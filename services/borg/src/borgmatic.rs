@@ -537,33 +537,7 @@ mod tests {
     }
 
     /// Seed 000's file as it was written (an ssh repository, `~` sources).
-    const SEED: &str = r#"
-location:
-    source_directories:
-        - ~/.gnupg
-        - ~/.config/systemd/user
-        - ~/Private/borg
-        - ~/Private/other-important-files
-    repositories:
-        - david@myserver:backup_dir
-storage:
-    encryption_passphrase: "my-secure-passphrase"
-retention:
-    keep_within: 3H
-    # keep_secondly: 60
-    keep_hourly: 24
-    keep_daily: 7
-    keep_weekly: 4
-    keep_monthly: 6
-    keep_yearly: 5
-hooks:
-    before_backup:
-        - echo "Starting a backup."
-    after_backup:
-        - echo "Created a backup."
-    on_error:
-        - echo "Error while creating a backup or running a backup hook."
-"#;
+    const SEED: &str = include_str!("../tests/fixtures/seed-000-borgmatic.yaml");
 
     #[test]
     fn seed_000_reads_completely() {
