@@ -34,21 +34,26 @@ services=(ferry-drive-watcher ferry-crypt ferry-sync ferry-borg ferry-led ferry-
 (cd "$REPO" && cargo build --locked --bins ${services[@]/#/-p }) || { echo "vm-test: FAIL: cargo build" >&2; exit 1; }
 echo "TIME cargo build (debug): $(elapsed "$t")s"
 
-RUN=$VM_WORK/run-$$
+# VM_REUSE=RUN (a guest left running by VM_KEEP=1): run scenarios in it
+# again, with freshly copied binaries and scripts, without booting.
+RUN=${VM_REUSE:-$VM_WORK/run-$$}
 export RUN
 mkdir -p "$RUN/share"
 cleanup() {
-  if [ "${VM_KEEP:-}" = 1 ]; then echo "vm-test: guest left running, RUN=$RUN"; return; fi
+  if [ "${VM_KEEP:-}" = 1 ] || [ -n "${VM_REUSE:-}" ]; then echo "vm-test: guest left running, RUN=$RUN"; return; fi
   vm_stop
   rm -rf "$RUN"
 }
 trap cleanup EXIT
 # What the guest installs from: the repository's files and the built binaries.
-mkdir -p "$RUN/share/ferry/target/debug"
+rm -rf "$RUN/share/ferry"; mkdir -p "$RUN/share/ferry/target/debug"
 cp -r "$REPO/scripts" "$REPO/units" "$REPO/examples" "$RUN/share/ferry/"
 for s in "${services[@]}"; do cp "$CARGO_TARGET_DIR/debug/$s" "$RUN/share/ferry/target/debug/"; done
 cp -r "$HERE/guest" "$RUN/share/guest"
 
+rm -rf "$RUN/share/guest"
+cp -r "$HERE/guest" "$RUN/share/guest"
+if [ -z "${VM_REUSE:-}" ]; then
 t=$(now)
 vm_boot "$IMG" || { echo "vm-test: FAIL: qemu did not start" >&2; exit 1; }
 vm_wait_ready 300 || { tail -40 "$RUN/console.log"; exit 1; }
@@ -57,6 +62,7 @@ vm_run boot-wait 300 <<'G' || true
 systemctl is-system-running --wait
 G
 echo "TIME boot -> system running: $(elapsed "$t")s"
+fi
 
 # g NAME SECS <<script: runs a guest script with guest/lib.sh sourced.
 g() {
@@ -74,6 +80,9 @@ run_scenario() {
   echo "--- $name"
   ( set -e; "scenario_$name" ) > "$RUN/$name.log" 2>&1
   rc=$?
+  # A failed scenario may leave the stick plugged in: pull it, so the next
+  # one starts from an empty USB bus.
+  if usb_present stick; then usb_del stick >> "$RUN/$name.log" 2>&1; fi
   sed 's/^/    /' "$RUN/$name.log"
   if [ $rc = 0 ]; then
     echo "PASS $name ($(elapsed "$t")s)"; passed+=("$name")

@@ -3,7 +3,7 @@
 # guest/lib.sh). They share one boot and run in this order; later ones build
 # on the install and the enrolled stick.
 SCENARIOS=(install enroll_and_flow wrong_key damaged_header pull_mid_sync
-  held_mount_pull policy notifier_credential activation kill_mid_flow watchdog_and_onfailure
+  held_mount_pull policy notifier_credential activation kill_mid_flow watchdog onfailure
   timer journald uninstall)
 
 
@@ -30,7 +30,7 @@ cp /etc/ferry/ferry.toml.example /etc/ferry/ferry.toml   # then edit it
 # (dbus-monitor as an unprivileged user).
 systemd-run --quiet --unit=vmtest-blinkstick -p StandardOutput=file:$BS python3 -u $G/fake-blinkstick.py
 wait_until 60 "the BlinkStick's hidraw node belongs to ferry-led" \
-  sh -c 'ls -l /dev/hidraw* 2>/dev/null | grep -q ferry-led'
+  bash -c 'ls -l /dev/hidraw* 2>/dev/null | grep -q ferry-led'
 install -d -m 0700 /etc/credstore
 head -c 12 /dev/urandom | base64 > /etc/credstore/ferry-smtp-password
 chmod 0600 /etc/credstore/ferry-smtp-password
@@ -106,7 +106,7 @@ scenario_enroll_and_flow() {
   truncate -s 96M "$STICK"
   plug "$STICK"
   g enroll 600 <<'G'
-wait_until 120 "the stick is /dev/sda on USB" sh -c 'udevadm settle; udevadm info -q property /dev/sda 2>/dev/null | grep -qx ID_BUS=usb'
+wait_until 120 "the stick is /dev/sda on USB" bash -c 'udevadm settle; udevadm info -q property /dev/sda 2>/dev/null | grep -qx ID_BUS=usb'
 ferry-crypt enroll --drive stick --yes-destroy-all-data-on /dev/sda /dev/sda > $T/section
 cat $T/section
 cryptsetup luksDump /dev/sda | grep -E '^Version|PBKDF' | sort -u
@@ -137,9 +137,17 @@ case "$between" in *"$OFF"*) fail "the LED went idle ($OFF) between working and 
 grep -q 'member=DriveClosed' $T/monitor.log || fail "dbus-monitor as nobody (the README's recipe) missed DriveClosed"
 grep -q 'member=DriveAttached' $T/monitor.log || fail "dbus-monitor as nobody missed DriveAttached"
 G
-  usb_gone stick 120 || { echo "power-off did not remove the USB stick"; return 1; }
-  qmp '{"execute":"blockdev-del","arguments":{"node-name":"stick-blk"}}' >/dev/null
-  echo "power-off removed the stick from the machine"
+  powered_off
+}
+
+# After a close with power-off = true: the guest removed the USB device
+# (QEMU still lists it: the guest only let go of it). Then pull it for good.
+powered_off() {
+  g poweroff 300 <<'G'
+wait_until 120 "power-off removed the USB device" bash -c '! grep -qs FERRY0001 /sys/bus/usb/devices/*/serial && ! test -b /dev/sda'
+echo "power-off removed the stick's USB device"
+G
+  unplug
 }
 
 # Marks the signals and LED reports and the mail directory before a plug-in.
@@ -157,10 +165,10 @@ m=\$(cat \$T/mark)
 wait_sig \$m 300 DriveAttached/stick DriveFailed/stick
 sigs_since \$m
 sigs_since \$m | grep '"DriveFailed", "stick", "$stage"' || fail "DriveFailed is not at stage $stage"
-wait_until 120 "the LED is red" sh -c '[ "\$(led_since \$(cat \$T/ledmark) | tail -1)" = "\$FAILED" ]'
-wait_until 300 "a mail about stick arrived" sh -c 'mails_after \$T/mailmark | grep -q stick'
+wait_until 120 "the LED is red" bash -c '[ "\$(led_since \$(cat \$T/ledmark) | tail -1)" = "\$FAILED" ]'
+wait_until 300 "a mail about stick arrived" bash -c 'mails_after \$T/mailmark | grep -q stick'
 mails_after \$T/mailmark | grep -E '^Subject:' | head -3
-wait_until 60 "nothing is mapped" sh -c '! dmsetup ls | grep -q ferry-stick'
+wait_until 60 "nothing is mapped" bash -c '! dmsetup ls | grep -q ferry-stick'
 mounted && fail "/run/ferry/stick is mounted"
 true
 G
@@ -208,9 +216,9 @@ m=$(cat $T/mark)
 wait_sig $m 300 SyncStarted/stick DriveFailed/stick
 sigs_since $m
 sigs_since $m | grep -q '"SyncFinished"' && fail "the sync finished before the pull: nothing was tested"
-wait_until 120 "nothing is mapped" sh -c '! dmsetup ls | grep -q ferry-stick'
-wait_until 60 "nothing is mounted" sh -c '! findmnt /run/ferry/stick >/dev/null'
-wait_until 120 "the LED is red" sh -c '[ "$(led_since $(cat $T/ledmark) | tail -1)" = "$FAILED" ]'
+wait_until 120 "nothing is mapped" bash -c '! dmsetup ls | grep -q ferry-stick'
+wait_until 60 "nothing is mounted" bash -c '! findmnt /run/ferry/stick >/dev/null'
+wait_until 120 "the LED is red" bash -c '[ "$(led_since $(cat $T/ledmark) | tail -1)" = "$FAILED" ]'
 G
   qmp '{"execute":"blockdev-del","arguments":{"node-name":"stick-blk"}}' >/dev/null 2>&1 || true
 }
@@ -222,7 +230,7 @@ scenario_held_mount_pull() {
 wait_sig $(cat $T/mark) 300 DriveOpened/stick
 systemd-run --quiet --unit=vmtest-holder -p WorkingDirectory=/run/ferry/stick sleep infinity
 wait_until 600 "ferry-crypt names the holder of the busy drive" \
-  sh -c 'journalctl -b -u ferry-crypt --no-pager | grep -q "busy, held by pid [0-9]* (sleep"'
+  bash -c 'journalctl -b -u ferry-crypt --no-pager | grep -q "busy, held by pid [0-9]* (sleep"'
 journalctl -b -u ferry-crypt --no-pager | grep "held by" | tail -1
 mark > $T/mark2
 G
@@ -245,10 +253,9 @@ sigs_since $m
 journalctl -b -u ferry-crypt --no-pager | grep -E "left over|stale" | tail -2
 dmsetup ls
 systemctl stop vmtest-holder
-wait_until 120 "the stale mapping is gone once its holder let go" sh -c '! dmsetup ls | grep -q ferry-stick'
+wait_until 120 "the stale mapping is gone once its holder let go" bash -c '! dmsetup ls | grep -q ferry-stick'
 G
-  usb_gone stick 120
-  qmp '{"execute":"blockdev-del","arguments":{"node-name":"stick-blk"}}' >/dev/null 2>&1 || true
+  powered_off
 }
 
 scenario_policy() {
@@ -296,30 +303,49 @@ m=$(cat $T/mark)
 wait_sig $m 300 DriveOpened/stick
 before=$(systemctl show -p NRestarts --value ferry-sync)
 systemctl kill -s KILL ferry-sync
-wait_until 120 "systemd restarted ferry-sync" sh -c "[ \$(systemctl show -p NRestarts --value ferry-sync) -gt $before ] && systemctl is-active --quiet ferry-sync"
+wait_until 120 "systemd restarted ferry-sync" bash -c "[ \$(systemctl show -p NRestarts --value ferry-sync) -gt $before ] && systemctl is-active --quiet ferry-sync"
 python3 $G/vmtest.py wait $SIG $m 600 DriveClosed/stick || python3 $G/vmtest.py wait $SIG $m 10 DriveFailed/stick
 sigs_since $m
-wait_until 120 "nothing is mapped or mounted" sh -c '! dmsetup ls | grep -q ferry-stick && ! findmnt /run/ferry/stick >/dev/null'
+wait_until 120 "nothing is mapped or mounted" bash -c '! dmsetup ls | grep -q ferry-stick && ! findmnt /run/ferry/stick >/dev/null'
 G
   if usb_present stick; then unplug; else qmp '{"execute":"blockdev-del","arguments":{"node-name":"stick-blk"}}' >/dev/null 2>&1 || true; fi
 }
 
-scenario_watchdog_and_onfailure() {
+scenario_watchdog() {
   g watchdog 600 <<'G'
 mkdir -p /etc/systemd/system/ferry-led.service.d
 printf '[Service]\nWatchdogSec=10s\n' > /etc/systemd/system/ferry-led.service.d/vmtest-watchdog.conf
 systemctl daemon-reload && systemctl restart ferry-led
 wait_until 60 "ferry-led is active" systemctl is-active --quiet ferry-led
-touch $T/mailmark; sleep 0.01
 pid=$(systemctl show -p MainPID --value ferry-led)
 before=$(systemctl show -p NRestarts --value ferry-led)
 kill -STOP $pid
-wait_until 180 "the watchdog restarted ferry-led" sh -c "[ \$(systemctl show -p NRestarts --value ferry-led) -gt $before ] && [ \$(systemctl show -p MainPID --value ferry-led) != $pid ] && systemctl is-active --quiet ferry-led"
+wait_until 180 "the watchdog restarted ferry-led" bash -c "[ \$(systemctl show -p NRestarts --value ferry-led) -gt $before ] && [ \$(systemctl show -p MainPID --value ferry-led) != $pid ] && systemctl is-active --quiet ferry-led"
 journalctl -b -u ferry-led --no-pager | grep -i watchdog | tail -2
-wait_until 300 "OnFailure= mailed that ferry-led failed" sh -c 'mails_after $T/mailmark | grep -q ferry-led'
-mails_after $T/mailmark | grep -E '^Subject:'
 rm /etc/systemd/system/ferry-led.service.d/vmtest-watchdog.conf
 systemctl daemon-reload
+G
+}
+
+# A unit that fails for good (a bad configuration exits 78, which is not
+# restarted) starts ferry-notify-failure@, which mails with its journal lines.
+# (A watchdog restart is not a failure to systemd: Restart= retries first.)
+scenario_onfailure() {
+  g onfailure 600 <<'G'
+touch $T/mailmark; sleep 0.01
+printf '[led]\nbackend = "blinkstick"\nblink = 1\n' > $T/broken.toml
+mkdir -p /etc/systemd/system/ferry-led.service.d
+printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/ferry-led --config %s\n' $T/broken.toml \
+  > /etc/systemd/system/ferry-led.service.d/vmtest-broken.conf
+systemctl daemon-reload
+systemctl restart ferry-led || true
+wait_until 120 "ferry-led failed" bash -c '[ "$(systemctl is-active ferry-led)" = failed ]'
+wait_until 300 "OnFailure= mailed that ferry-led failed" bash -c 'mails_after $T/mailmark | grep -q ferry-led'
+mails_after $T/mailmark | grep -E '^Subject:'
+mails_after $T/mailmark | grep -q 'blink' || fail "the mail does not carry the journal line with the reason"
+rm /etc/systemd/system/ferry-led.service.d/vmtest-broken.conf
+systemctl daemon-reload; systemctl reset-failed ferry-led; systemctl restart ferry-led
+wait_until 60 "ferry-led is active again" systemctl is-active --quiet ferry-led
 G
 }
 
@@ -385,7 +411,7 @@ pid=$(systemctl show -p MainPID --value ferry-notifier)
 test -r /proc/$pid/environ
 tr '\0' '\n' < /proc/$pid/environ | grep -q '^CREDENTIALS_DIRECTORY=' || fail "ferry-notifier has no CREDENTIALS_DIRECTORY"
 as_user ferry-notifier cat /etc/credstore/ferry-smtp-password 2>/dev/null && fail "ferry-notifier's user can read /etc/credstore directly"
-as_user ferry-watcher sh -c 'cat /run/credentials/ferry-notifier.service/ferry-smtp-password' 2>/dev/null && fail "ferry-watcher can read the notifier's credential"
+as_user ferry-watcher bash -c 'cat /run/credentials/ferry-notifier.service/ferry-smtp-password' 2>/dev/null && fail "ferry-watcher can read the notifier's credential"
 as_user ferry-watcher cat /etc/ferry/ferry.toml >/dev/null || fail "ferry-watcher cannot read ferry.toml"
 # Without the file, the unit still starts (the credential is optional).
 mv /etc/credstore/ferry-smtp-password $T/pw

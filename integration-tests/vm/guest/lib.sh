@@ -27,10 +27,20 @@ wait_until() {
 led_mark() { wc -l < "$BS"; }
 led_since() { tail -n +"$(( $1 + 1 ))" "$BS" | sed -n 's/^SET_REPORT .* data=\([0-9a-f]*\)$/\1/p'; }
 mail_count() { find "$MAIL" -name '*.eml' | wc -l; }
-mails_after() { find "$MAIL" -name '*.eml' -newer "$1" -print0 | xargs -0 -r cat; }
+# The mails (subject and decoded body) that arrived after file $1 was touched.
+mails_after() {
+  find "$MAIL" -name '*.eml' -newer "$1" | sort | while read -r f; do
+    python3 -c 'import email, email.policy, sys
+m = email.message_from_binary_file(open(sys.argv[1], "rb"), policy=email.policy.default)
+print("Subject:", m["subject"]); print(m.get_body(preferencelist=("plain",)).get_content())' "$f"
+  done
+}
 mapped() { dmsetup ls 2>/dev/null | grep -q '^ferry-stick\b'; }
 mounted() { findmnt /run/ferry/stick >/dev/null; }
 fail() { echo "FAILED: $*"; exit 1; }
 as_user() { local u=$1; shift; setpriv --reuid="$u" --regid="$u" --init-groups "$@"; }
 # The BlinkStick's feature report 1 ([1, r, g, b]) for the tier's colours.
 WORKING=01102030 DONE=0100ff00 FAILED=01ff0000 OFF=01000000
+# For conditions checked in `bash -c` by wait_until.
+export T SIG BS MAIL G WORKING DONE FAILED OFF
+export -f mark sigs_since led_mark led_since mail_count mails_after mapped mounted

@@ -19,10 +19,13 @@ rm -rf "$ROOT"; mkdir -p "$ROOT"
 # What the tier needs in the guest: systemd/udev/dbus (the real platform),
 # cryptsetup + dmsetup (LUKS drives), borgbackup (repositories to sync and
 # back up), psmisc (fuser, a holder of a mount), python3-aiosmtpd (an SMTP
-# sink), python3-dbus + python3-gi (checks on the bus).
+# sink), python3-dbus + python3-gi (checks on the bus), libnss-systemd
+# (Priority: standard, so on every usual Debian install: it resolves the
+# DynamicUser= of ferry-backup@ and ferry-notify-failure@, without which
+# dbus-daemon drops their connections).
 PKGS=systemd,systemd-sysv,udev,dbus,cryptsetup,cryptsetup-bin,dmsetup,e2fsprogs,kmod,util-linux,mount,procps,\
 linux-image-amd64,initramfs-tools,python3-minimal,usbutils,less,borgbackup,psmisc,python3-aiosmtpd,\
-python3-dbus,python3-gi
+python3-dbus,python3-gi,libnss-systemd
 
 t0=$(date +%s)
 mmdebstrap --mode=root --skip=essential/unlink --variant=minbase --include="$PKGS" \
