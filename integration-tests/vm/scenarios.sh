@@ -76,6 +76,9 @@ username = "ferry"
 password-credential = "ferry-smtp-password"
 timeout-seconds = 10
 
+[notify]
+repeat-window-minutes = 0
+
 [profiles.nas]
 repository = "nas"
 sources = ["/srv/data"]
@@ -165,7 +168,7 @@ m=\$(cat \$T/mark)
 wait_sig \$m 300 DriveAttached/stick DriveFailed/stick
 sigs_since \$m
 sigs_since \$m | grep '"DriveFailed", "stick", "$stage"' || fail "DriveFailed is not at stage $stage"
-wait_until 120 "the LED is red" bash -c '[ "\$(led_since \$(cat \$T/ledmark) | tail -1)" = "\$FAILED" ]'
+wait_until 120 "the LED shows red" bash -c '[ "\$(led_since 0 | tail -1)" = "\$FAILED" ]'
 wait_until 300 "a mail about stick arrived" bash -c 'mails_after \$T/mailmark | grep -q stick'
 mails_after \$T/mailmark | grep -E '^Subject:' | head -3
 wait_until 60 "nothing is mapped" bash -c '! dmsetup ls | grep -q ferry-stick'
@@ -218,7 +221,7 @@ sigs_since $m
 sigs_since $m | grep -q '"SyncFinished"' && fail "the sync finished before the pull: nothing was tested"
 wait_until 120 "nothing is mapped" bash -c '! dmsetup ls | grep -q ferry-stick'
 wait_until 60 "nothing is mounted" bash -c '! findmnt /run/ferry/stick >/dev/null'
-wait_until 120 "the LED is red" bash -c '[ "$(led_since $(cat $T/ledmark) | tail -1)" = "$FAILED" ]'
+wait_until 120 "the LED shows red" bash -c '[ "$(led_since 0 | tail -1)" = "$FAILED" ]'
 G
   qmp '{"execute":"blockdev-del","arguments":{"node-name":"stick-blk"}}' >/dev/null 2>&1 || true
 }
@@ -246,14 +249,24 @@ dmsetup info ferry-stick | grep -q 'DEFERRED REMOVE' || fail "ferry-stick is not
 mark > $T/mark
 G
   plug "$STICK"
+  g replug_held 600 <<'G'
+m=$(cat $T/mark)
+wait_sig $m 300 DriveAttached/stick DriveFailed/stick
+msg=$(sigs_since $m | grep DriveFailed)
+echo "$msg"
+echo "$msg" | grep -q 'still in use' || fail "the message does not say the old mapping is still in use"
+echo "$msg" | grep -q 'sleep' || fail "the message does not name the holder (sleep)"
+mounted && fail "mounted although the old mapping is still held"
+systemctl stop vmtest-holder
+wait_until 120 "the kernel removed the old mapping once its holder let go" bash -c '! dmsetup ls | grep -q ferry-stick'
+mark > $T/mark
+G
+  unplug
+  plug "$STICK"
   g replug 900 <<'G'
 m=$(cat $T/mark)
 wait_sig $m 600 DriveAttached/stick DriveOpened/stick SyncFinished/stick DriveClosed/stick
-sigs_since $m
-journalctl -b -u ferry-crypt --no-pager | grep -E "left over|stale" | tail -2
-dmsetup ls
-systemctl stop vmtest-holder
-wait_until 120 "the stale mapping is gone once its holder let go" bash -c '! dmsetup ls | grep -q ferry-stick'
+sigs_since $m | grep -E '"Drive|"Sync(Started|Finished|Failed)'
 G
   powered_off
 }

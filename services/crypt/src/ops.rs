@@ -278,33 +278,68 @@ async fn stale_mapping(plan: &Plan, device: &Path) -> Option<String> {
     })
 }
 
-/// Gets a stale mapping out of the way of a fresh unlock: closes it, or, if
-/// something still holds it (a lazily unmounted filesystem with an open
-/// file), renames it so the kernel removes it once its last user lets go.
+/// Gets a stale mapping out of the way of a fresh unlock by closing it. One
+/// that something still holds (a lazily unmounted filesystem with an open
+/// file or a working directory on it) cannot be closed, nor renamed aside:
+/// its device-mapper UUID (from the LUKS UUID and the mapping name) would
+/// clash with the fresh mapping's. The kernel removes it once the last user
+/// lets go; until then the drive cannot be opened, and the message says who
+/// holds it.
 async fn set_aside(plan: &Plan, why: &str) -> Result<(), String> {
     let mapping = plan.mapping_name();
+    let number = mounts::device_number(&plan.mapping_path());
     let closed = plan.run("cryptsetup", &[&"close", &mapping]).await;
     if closed.is_ok() || !plan.mapped() {
         tracing::warn!("{}: {why}; closed it", plan.name);
         return Ok(());
     }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+    let holders = number
+        .map(|n| holders_of_device(&n))
+        .filter(|h| !h.is_empty())
+        .map(|h| format!(" (held by {h})"))
         .unwrap_or_default();
-    let aside = format!("{mapping}-stale-{stamp}");
-    plan.run("dmsetup", &[&"rename", &mapping, &aside])
-        .await
-        .map_err(|e| {
-            format!(
-                "{why}, still in use, and cannot be renamed out of the way: {e}; stop the processes using it (`dmsetup info {mapping}`), then plug the drive in again"
-            )
-        })?;
-    tracing::warn!(
-        "{}: {why}; it is still in use, so it was renamed to {aside} and the kernel removes it once its last user lets go",
-        plan.name
-    );
-    Ok(())
+    Err(format!(
+        "{why} and still in use{holders}, so the drive cannot be unlocked again yet; stop what uses it (its files were on the drive when it was pulled), the kernel then removes {mapping} by itself, and plug the drive in again"
+    ))
+}
+
+/// Processes whose working directory, root or an open file is on the
+/// filesystem of device `majmin` (also once it is detached from any mount):
+/// "pid 12 (sleep, working directory)".
+fn holders_of_device(majmin: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let on_device = |path: &Path| {
+        std::fs::metadata(path)
+            .is_ok_and(|m| format!("{}:{}", libc::major(m.dev()), libc::minor(m.dev())) == majmin)
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let how = if on_device(&dir.join("cwd")) {
+            Some("working directory")
+        } else if on_device(&dir.join("root")) {
+            Some("root directory")
+        } else {
+            std::fs::read_dir(dir.join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| on_device(&fd.path()))
+                .then_some("open file")
+        };
+        if let Some(how) = how {
+            let command = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            found.push(format!("pid {pid} ({}, {how})", command.trim_end()));
+        }
+    }
+    found.join(", ")
 }
 
 /// Mounts `source` read-only, checks the identity token, then remounts it
