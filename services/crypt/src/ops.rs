@@ -294,52 +294,13 @@ async fn set_aside(plan: &Plan, why: &str) -> Result<(), String> {
         return Ok(());
     }
     let holders = number
-        .map(|n| holders_of_device(&n))
+        .map(|n| mounts::holders_of_device(&n))
         .filter(|h| !h.is_empty())
-        .map(|h| format!(" (held by {h})"))
+        .map(|h| format!(" (held by {})", mounts::describe(&h)))
         .unwrap_or_default();
     Err(format!(
         "{why} and still in use{holders}, so the drive cannot be unlocked again yet; stop what uses it (its files were on the drive when it was pulled), the kernel then removes {mapping} by itself, and plug the drive in again"
     ))
-}
-
-/// Processes whose working directory, root or an open file is on the
-/// filesystem of device `majmin` (also once it is detached from any mount):
-/// "pid 12 (sleep, working directory)".
-fn holders_of_device(majmin: &str) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let on_device = |path: &Path| {
-        std::fs::metadata(path)
-            .is_ok_and(|m| format!("{}:{}", libc::major(m.dev()), libc::minor(m.dev())) == majmin)
-    };
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
-        let how = if on_device(&dir.join("cwd")) {
-            Some("working directory")
-        } else if on_device(&dir.join("root")) {
-            Some("root directory")
-        } else {
-            std::fs::read_dir(dir.join("fd"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|fd| on_device(&fd.path()))
-                .then_some("open file")
-        };
-        if let Some(how) = how {
-            let command = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-            found.push(format!("pid {pid} ({}, {how})", command.trim_end()));
-        }
-    }
-    found.join(", ")
 }
 
 /// Mounts `source` read-only, checks the identity token, then remounts it
