@@ -371,7 +371,13 @@ systemctl daemon-reload
 n=$(BORG_PASSCOMMAND="cat /etc/ferry/nas.passphrase" borg list --short /srv/borg/nas | wc -l)
 m=$(mark)
 systemctl start ferry-backup@nas.timer
-wait_sig $m 600 BackupStarted BackupFinished
+wait_until 600 "the timer's backup finished, or its unit failed" bash -c \
+  "sigs_since $m | grep -q BackupFinished || [ \$(systemctl show -p ActiveState --value ferry-backup@nas.service) = failed ]"
+if [ "$(systemctl show -p ActiveState --value ferry-backup@nas.service)" = failed ]; then
+  journalctl -b --no-pager -u ferry-backup@nas.service | tail -4
+  fail "the timer fired, but ferry-backup@nas.service failed"
+fi
+wait_sig $m 60 BackupStarted BackupFinished
 sigs_since $m
 systemctl show -p Result --value ferry-backup@nas.service | grep -qx success || fail "ferry-backup@nas.service did not succeed"
 n2=$(BORG_PASSCOMMAND="cat /etc/ferry/nas.passphrase" borg list --short /srv/borg/nas | wc -l)
