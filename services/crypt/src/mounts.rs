@@ -103,10 +103,26 @@ pub struct Holder {
 /// Every process with an open file, its working directory or its root under
 /// `point` (as far as /proc lets us see; other namespaces may hide some).
 pub fn holders(point: &Path) -> Vec<Holder> {
+    let under = |target: &Path| target == point || target.starts_with(point);
+    holders_by(|link| std::fs::read_link(link).ok().filter(|t| under(t)))
+}
+
+/// Every process with an open file, its working directory or its root on
+/// the filesystem of device `majmin` (also one detached from every mount).
+pub fn holders_of_device(majmin: &str) -> Vec<Holder> {
+    holders_by(|link| {
+        let dev = std::fs::metadata(link).ok()?.dev();
+        (format!("{}:{}", libc::major(dev), libc::minor(dev)) == majmin)
+            .then(|| std::fs::read_link(link).unwrap_or_default())
+    })
+}
+
+/// The processes for which `on` accepts the /proc/PID/cwd or root link, or
+/// one of /proc/PID/fd/*, returning the target it names.
+fn holders_by(on: impl Fn(&Path) -> Option<PathBuf>) -> Vec<Holder> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let under = |target: &Path| target == point || target.starts_with(point);
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
@@ -122,7 +138,7 @@ pub fn holders(point: &Path) -> Vec<Holder> {
             .unwrap_or_else(|_| "?".into());
         let mut how = None;
         for (link, label) in [("cwd", "working directory"), ("root", "root directory")] {
-            if std::fs::read_link(proc_dir.join(link)).is_ok_and(|t| under(&t)) {
+            if on(&proc_dir.join(link)).is_some() {
                 how = Some(label.to_string());
             }
         }
@@ -130,8 +146,7 @@ pub fn holders(point: &Path) -> Vec<Holder> {
             if let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) {
                 how = fds
                     .flatten()
-                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-                    .find(|t| under(t))
+                    .find_map(|fd| on(&fd.path()))
                     .map(|t| format!("open file {}", t.display()));
             }
         }

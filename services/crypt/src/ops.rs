@@ -303,33 +303,29 @@ async fn stale_mapping(plan: &Plan, device: &Path) -> Option<String> {
     })
 }
 
-/// Gets a stale mapping out of the way of a fresh unlock: closes it, or, if
-/// something still holds it (a lazily unmounted filesystem with an open
-/// file), renames it so the kernel removes it once its last user lets go.
+/// Gets a stale mapping out of the way of a fresh unlock by closing it. One
+/// that something still holds (a lazily unmounted filesystem with an open
+/// file or a working directory on it) cannot be closed, nor renamed aside:
+/// its device-mapper UUID (from the LUKS UUID and the mapping name) would
+/// clash with the fresh mapping's. The kernel removes it once the last user
+/// lets go; until then the drive cannot be opened, and the message says who
+/// holds it.
 async fn set_aside(plan: &Plan, why: &str) -> Result<(), String> {
     let mapping = plan.mapping_name();
+    let number = mounts::device_number(&plan.mapping_path());
     let closed = plan.run("cryptsetup", &[&"close", &mapping]).await;
     if closed.is_ok() || !plan.mapped() {
         tracing::warn!("{}: {why}; closed it", plan.name);
         return Ok(());
     }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+    let holders = number
+        .map(|n| mounts::holders_of_device(&n))
+        .filter(|h| !h.is_empty())
+        .map(|h| format!(" (held by {})", mounts::describe(&h)))
         .unwrap_or_default();
-    let aside = format!("{mapping}-stale-{stamp}");
-    plan.run("dmsetup", &[&"rename", &mapping, &aside])
-        .await
-        .map_err(|e| {
-            format!(
-                "{why}, still in use, and cannot be renamed out of the way: {e}; stop the processes using it (`dmsetup info {mapping}`), then plug the drive in again"
-            )
-        })?;
-    tracing::warn!(
-        "{}: {why}; it is still in use, so it was renamed to {aside} and the kernel removes it once its last user lets go",
-        plan.name
-    );
-    Ok(())
+    Err(format!(
+        "{why} and still in use{holders}, so the drive cannot be unlocked again yet; stop what uses it (its files were on the drive when it was pulled), the kernel then removes {mapping} by itself, and plug the drive in again"
+    ))
 }
 
 /// Mounts `source` read-only in a way that writes nothing (only as the

@@ -1,0 +1,444 @@
+# The VM tier's scenarios (sourced by run.sh). Each is a function run with
+# `set -e`: host steps (QMP) and guest scripts (g NAME SECS <<script, with
+# guest/lib.sh). They share one boot and run in this order; later ones build
+# on the install and the enrolled stick.
+SCENARIOS=(install enroll_and_flow wrong_key damaged_header pull_mid_sync
+  held_mount_pull policy notifier_credential activation kill_mid_flow watchdog onfailure
+  timer journald uninstall)
+
+
+scenario_install() {
+  g install 900 <<'G'
+mkdir -p $T $MAIL
+# Test-only udev rule: the uhid BlinkStick has no USB parent, so the
+# product's rule (ATTRS{idVendor}) cannot match it; its HID parent can.
+cat > /etc/udev/rules.d/70-ferry-vm-uhid-blinkstick.rules <<'R'
+SUBSYSTEM=="hidraw", KERNELS=="0003:20A0:41E5.*", GROUP="ferry-led", MODE="0660"
+R
+systemd-run --quiet --unit=vmtest-recorder python3 $G/vmtest.py record $SIG
+wait_until 120 "the signal recorder listens" test -e $SIG.ready
+
+echo "== the README's install, literally"
+cd /mnt/share/ferry
+NO_BUILD=1 BUILD=debug scripts/install >/dev/null
+systemd-sysusers && systemd-tmpfiles --create
+systemctl daemon-reload && udevadm control --reload && systemctl reload dbus
+cp /etc/ferry/ferry.toml.example /etc/ferry/ferry.toml   # then edit it
+
+# The emulated BlinkStick, the SMTP sink (its password as a credential), a
+# borg repository with an archive, and the watcher of the README's recipe
+# (dbus-monitor as an unprivileged user).
+systemd-run --quiet --unit=vmtest-blinkstick -p StandardOutput=file:$BS python3 -u $G/fake-blinkstick.py
+wait_until 60 "the BlinkStick's hidraw node belongs to ferry-led" \
+  bash -c 'ls -l /dev/hidraw* 2>/dev/null | grep -q ferry-led'
+install -d -m 0700 /etc/credstore
+head -c 12 /dev/urandom | base64 > /etc/credstore/ferry-smtp-password
+chmod 0600 /etc/credstore/ferry-smtp-password
+systemd-run --quiet --unit=vmtest-smtp python3 $G/vmtest.py smtp $MAIL 2525 ferry /etc/credstore/ferry-smtp-password
+wait_until 60 "the SMTP sink listens" test -e $MAIL/.ready
+touch $T/monitor.log && chown nobody $T/monitor.log
+systemd-run --quiet --unit=vmtest-monitor -p User=nobody -p StandardOutput=file:$T/monitor.log \
+  dbus-monitor --system "type='signal',path_namespace='/org/ferry'"
+
+head -c 32 /dev/urandom | base64 > /etc/ferry/nas.passphrase; chmod 0600 /etc/ferry/nas.passphrase
+mkdir -p /srv/borg /srv/data
+head -c 8M /dev/urandom > /srv/data/a
+export BORG_PASSCOMMAND="cat /etc/ferry/nas.passphrase"
+borg init -e repokey /srv/borg/nas
+borg create /srv/borg/nas::first /srv/data
+
+cat > /etc/ferry/ferry.toml <<'C'
+[repositories.nas]
+path = "/srv/borg/nas"
+passphrase-file = "/etc/ferry/nas.passphrase"
+
+[crypt]
+close-timeout = 120
+
+[led]
+backend = "blinkstick"
+brightness-limit = 100
+
+[led.colors]
+idle = "off"
+working = "#102030"
+done = "#00ff00"
+failed = "#ff0000"
+
+[mail]
+transport = "smtp"
+from = "ferry@ferryvm.example.org"
+to = ["admin@ferryvm.example.org"]
+smtp-host = "127.0.0.1"
+smtp-port = 2525
+security = "none"
+username = "ferry"
+password-credential = "ferry-smtp-password"
+timeout-seconds = 10
+
+[notify]
+repeat-window-minutes = 0
+
+[profiles.nas]
+repository = "nas"
+sources = ["/srv/data"]
+C
+echo "== systemctl enable --now (the six services)"
+systemctl enable --now ferry-drive-watcher ferry-crypt ferry-sync ferry-borg ferry-led ferry-notifier
+for s in drive-watcher crypt sync borg led notifier; do
+  wait_until 120 "ferry-$s is active" systemctl is-active --quiet ferry-$s
+done
+for n in DriveWatcher1 Crypt1 Sync1 Borg1 Led1 Notifier1; do
+  busctl --system status org.ferry.$n >/dev/null || fail "nobody owns org.ferry.$n"
+done
+systemctl show -p User ferry-drive-watcher ferry-led ferry-notifier
+stat -c '%A %U %n' /etc/ferry /etc/ferry/ferry.toml /etc/ferry/keys
+echo "six services active, each owns its name"
+G
+}
+
+# Plugs the stick image in and waits for the guest to see it.
+plug() {
+  usb_add "$1" stick "${2:-FERRY0001}"
+}
+unplug() {
+  usb_del stick
+}
+
+scenario_enroll_and_flow() {
+  truncate -s 96M "$STICK"
+  plug "$STICK"
+  g enroll 600 <<'G'
+wait_until 120 "the stick is /dev/sda on USB" bash -c 'udevadm settle; udevadm info -q property /dev/sda 2>/dev/null | grep -qx ID_BUS=usb'
+ferry-crypt enroll --drive stick --yes-destroy-all-data-on /dev/sda /dev/sda > $T/section
+cat $T/section
+cryptsetup luksDump /dev/sda | grep -E '^Version|PBKDF' | sort -u
+G
+  unplug
+  g configure 300 <<'G'
+sed -e 's/^repositories = \[\]$/repositories = ["nas"]/' $T/section >> /etc/ferry/ferry.toml
+echo 'power-off = true' >> /etc/ferry/ferry.toml
+systemctl restart ferry-drive-watcher ferry-crypt ferry-sync ferry-borg ferry-led ferry-notifier
+for s in drive-watcher crypt sync borg led notifier; do
+  wait_until 120 "ferry-$s is active" systemctl is-active --quiet ferry-$s
+done
+mark > $T/mark; led_mark > $T/ledmark
+G
+  plug "$STICK"
+  g flow 900 <<'G'
+m=$(cat $T/mark)
+wait_sig $m 600 DriveAttached/stick DriveOpened/stick SyncStarted/stick SyncFinished/stick DriveClosed/stick
+mapped && fail "ferry-stick is still mapped"
+mounted && fail "/run/ferry/stick is still mounted"
+sigs_since $m
+reports=$(led_since $(cat $T/ledmark) | tr '\n' ' ')
+echo "BlinkStick reports: $reports"
+case " $reports " in *" $WORKING "*) ;; *) fail "the LED never showed working ($WORKING)";; esac
+case " $reports " in *" $DONE "*) ;; *) fail "the LED never showed done ($DONE)";; esac
+between=${reports#*$WORKING}; between=${between%%$DONE*}
+case "$between" in *"$OFF"*) fail "the LED went idle ($OFF) between working and done";; esac
+grep -q 'member=DriveClosed' $T/monitor.log || fail "dbus-monitor as nobody (the README's recipe) missed DriveClosed"
+grep -q 'member=DriveAttached' $T/monitor.log || fail "dbus-monitor as nobody missed DriveAttached"
+G
+  powered_off
+}
+
+# After a close with power-off = true: the guest removed the USB device
+# (QEMU still lists it: the guest only let go of it). Then pull it for good.
+powered_off() {
+  g poweroff 300 <<'G'
+wait_until 120 "power-off removed the USB device" bash -c '! grep -qs FERRY0001 /sys/bus/usb/devices/*/serial && ! test -b /dev/sda'
+echo "power-off removed the stick's USB device"
+G
+  unplug
+}
+
+# Marks the signals and LED reports and the mail directory before a plug-in.
+g_mark() {
+  g mark 60 <<'G'
+mark > $T/mark; led_mark > $T/ledmark; touch $T/mailmark; sleep 0.01
+G
+}
+
+# A failed plug-in of drive `stick` at STAGE: red, a mail, nothing mapped.
+expect_red_and_mail() {
+  local stage=$1
+  g red 600 <<G
+m=\$(cat \$T/mark)
+wait_sig \$m 300 DriveAttached/stick DriveFailed/stick
+sigs_since \$m
+sigs_since \$m | grep '"DriveFailed", "stick", "$stage"' || fail "DriveFailed is not at stage $stage"
+wait_until 120 "the LED shows red" bash -c '[ "\$(led_since 0 | tail -1)" = "\$FAILED" ]'
+wait_until 300 "a mail about stick arrived" bash -c 'mails_after \$T/mailmark | grep -q stick'
+mails_after \$T/mailmark | grep -E '^Subject:' | head -3
+wait_until 60 "nothing is mapped" bash -c '! dmsetup ls | grep -q ferry-stick'
+mounted && fail "/run/ferry/stick is mounted"
+true
+G
+}
+
+scenario_wrong_key() {
+  g wrongkey 60 <<'G'
+cp -p /etc/ferry/keys/stick.key $T/stick.key.good
+head -c "$(stat -c %s /etc/ferry/keys/stick.key)" /dev/urandom > /etc/ferry/keys/stick.key
+G
+  g_mark
+  plug "$STICK"
+  expect_red_and_mail unlock
+  unplug
+  g restorekey 60 <<'G'
+cp -p $T/stick.key.good /etc/ferry/keys/stick.key
+G
+}
+
+scenario_damaged_header() {
+  # The LUKS2 header is intact (the UUID is still seen), its key slot area
+  # (from 32 KiB) is zeroed: no key opens it.
+  cp --sparse=always "$STICK" "$RUN/damaged.img"
+  dd if=/dev/zero of="$RUN/damaged.img" bs=32K seek=1 count=32 conv=notrunc status=none
+  g_mark
+  plug "$RUN/damaged.img"
+  expect_red_and_mail unlock
+  unplug
+  rm -f "$RUN/damaged.img"
+}
+
+scenario_pull_mid_sync() {
+  g newdata 600 <<'G'
+head -c 24M /dev/urandom > /srv/data/b
+BORG_PASSCOMMAND="cat /etc/ferry/nas.passphrase" borg create /srv/borg/nas::second /srv/data
+mark > $T/mark; led_mark > $T/ledmark; touch $T/mailmark
+G
+  plug "$STICK"
+  g midsync 600 <<'G'
+wait_sig $(cat $T/mark) 300 DriveOpened/stick SyncStarted/stick
+G
+  unplug
+  g pulled 600 <<'G'
+m=$(cat $T/mark)
+wait_sig $m 300 SyncStarted/stick DriveFailed/stick
+sigs_since $m
+sigs_since $m | grep -q '"SyncFinished"' && fail "the sync finished before the pull: nothing was tested"
+wait_until 120 "nothing is mapped" bash -c '! dmsetup ls | grep -q ferry-stick'
+wait_until 60 "nothing is mounted" bash -c '! findmnt /run/ferry/stick >/dev/null'
+wait_until 120 "the LED shows red" bash -c '[ "$(led_since 0 | tail -1)" = "$FAILED" ]'
+G
+  qmp '{"execute":"blockdev-del","arguments":{"node-name":"stick-blk"}}' >/dev/null 2>&1 || true
+}
+
+scenario_held_mount_pull() {
+  g_mark
+  plug "$STICK"
+  g hold 600 <<'G'
+wait_sig $(cat $T/mark) 300 DriveOpened/stick
+systemd-run --quiet --unit=vmtest-holder -p WorkingDirectory=/run/ferry/stick sleep infinity
+wait_until 600 "ferry-crypt names the holder of the busy drive" \
+  bash -c 'journalctl -b -u ferry-crypt --no-pager | grep -q "busy, held by pid [0-9]* (sleep"'
+journalctl -b -u ferry-crypt --no-pager | grep "held by" | tail -1
+mark > $T/mark2
+G
+  unplug
+  g heldpulled 300 <<'G'
+m=$(cat $T/mark2)
+wait_sig $m 120 DriveFailed/stick
+msg=$(sigs_since $m | grep DriveFailed)
+echo "$msg"
+echo "$msg" | grep -q 'sleep' || fail "the message does not name the holder (sleep)"
+echo "$msg" | grep -q 'only scheduled for removal' || fail "the message does not say the mapping is only scheduled for removal"
+dmsetup info ferry-stick | grep -q 'DEFERRED REMOVE' || fail "ferry-stick is not in deferred removal"
+mark > $T/mark
+G
+  plug "$STICK"
+  g replug_held 600 <<'G'
+m=$(cat $T/mark)
+wait_sig $m 300 DriveAttached/stick DriveFailed/stick
+msg=$(sigs_since $m | grep DriveFailed)
+echo "$msg"
+echo "$msg" | grep -q 'still in use' || fail "the message does not say the old mapping is still in use"
+echo "$msg" | grep -q 'sleep' || fail "the message does not name the holder (sleep)"
+mounted && fail "mounted although the old mapping is still held"
+systemctl stop vmtest-holder
+wait_until 120 "the kernel removed the old mapping once its holder let go" bash -c '! dmsetup ls | grep -q ferry-stick'
+mark > $T/mark
+G
+  unplug
+  plug "$STICK"
+  g replug 900 <<'G'
+m=$(cat $T/mark)
+wait_sig $m 600 DriveAttached/stick DriveOpened/stick SyncFinished/stick DriveClosed/stick
+sigs_since $m | grep -E '"Drive|"Sync(Started|Finished|Failed)'
+G
+  powered_off
+}
+
+scenario_policy() {
+  g policy 300 <<'G'
+id alice >/dev/null 2>&1 || useradd -G ferry alice
+id bob >/dev/null 2>&1 || useradd bob
+L="org.ferry.Led1 /org/ferry/Led1 org.ferry.Led1"
+W="org.ferry.DriveWatcher1 /org/ferry/DriveWatcher1 org.ferry.DriveWatcher1"
+as_user alice busctl --system call $L Acknowledge || fail "alice (group ferry) may not Acknowledge"
+as_user alice busctl --system call $W Rescan || fail "alice (group ferry) may not Rescan"
+out=$(as_user bob busctl --system call $L Acknowledge 2>&1) && fail "bob could call Acknowledge"
+echo "bob: $out"; echo "$out" | grep -q 'Access denied' || fail "bob was not refused by the policy"
+as_user bob busctl --system get-property $L State || fail "bob cannot read Led1.State"
+as_user bob busctl --system get-property $W Drives || fail "bob cannot read DriveWatcher1.Drives"
+echo "== forged DriveAttached from bob and alice"
+m=$(mark); before=$(grep -c forged $T/monitor.log || true)
+uuid=$(sed -n 's/^uuid = "\(.*\)"$/\1/p' $T/section)
+as_user bob busctl --system emit /org/ferry/DriveWatcher1 org.ferry.DriveWatcher1 DriveAttached sss stick /dev/forged "$uuid"
+as_user alice busctl --system emit /org/ferry/DriveWatcher1 org.ferry.DriveWatcher1 DriveAttached sss stick /dev/forged "$uuid"
+# A barrier: a real signal sent after the forgeries.
+busctl --system call $L Test
+wait_sig $m 120 ColorChanged
+sigs_since $m | grep -q DriveAttached && fail "a forged DriveAttached reached the bus's listeners"
+sigs_since $m | grep -qE 'DriveOpened|DriveFailed' && fail "ferry-crypt acted on a forged DriveAttached"
+[ "$(grep -c forged $T/monitor.log || true)" = "$before" ] || fail "nobody's dbus-monitor received a forged signal"
+grep -q 'member=ColorChanged' $T/monitor.log || fail "nobody's dbus-monitor does not receive ferry-led's signals"
+echo "forgeries dropped; bob and nobody read properties and receive signals"
+G
+}
+
+scenario_activation() {
+  g activation 300 <<'G'
+systemctl stop ferry-drive-watcher
+systemctl is-active --quiet ferry-drive-watcher && fail "still active"
+as_user bob busctl --system get-property org.ferry.DriveWatcher1 /org/ferry/DriveWatcher1 org.ferry.DriveWatcher1 Drives
+wait_until 120 "ferry-drive-watcher was started by the call" systemctl is-active --quiet ferry-drive-watcher
+G
+}
+
+scenario_kill_mid_flow() {
+  g_mark
+  plug "$STICK"
+  g kill 900 <<'G'
+m=$(cat $T/mark)
+wait_sig $m 300 DriveOpened/stick
+before=$(systemctl show -p NRestarts --value ferry-sync)
+systemctl kill -s KILL ferry-sync
+wait_until 120 "systemd restarted ferry-sync" bash -c "[ \$(systemctl show -p NRestarts --value ferry-sync) -gt $before ] && systemctl is-active --quiet ferry-sync"
+python3 $G/vmtest.py wait $SIG $m 600 DriveClosed/stick || python3 $G/vmtest.py wait $SIG $m 10 DriveFailed/stick
+sigs_since $m
+wait_until 120 "nothing is mapped or mounted" bash -c '! dmsetup ls | grep -q ferry-stick && ! findmnt /run/ferry/stick >/dev/null'
+G
+  if usb_present stick; then unplug; else qmp '{"execute":"blockdev-del","arguments":{"node-name":"stick-blk"}}' >/dev/null 2>&1 || true; fi
+}
+
+scenario_watchdog() {
+  g watchdog 600 <<'G'
+mkdir -p /etc/systemd/system/ferry-led.service.d
+printf '[Service]\nWatchdogSec=10s\n' > /etc/systemd/system/ferry-led.service.d/vmtest-watchdog.conf
+systemctl daemon-reload && systemctl restart ferry-led
+wait_until 60 "ferry-led is active" systemctl is-active --quiet ferry-led
+pid=$(systemctl show -p MainPID --value ferry-led)
+before=$(systemctl show -p NRestarts --value ferry-led)
+kill -STOP $pid
+wait_until 180 "the watchdog restarted ferry-led" bash -c "[ \$(systemctl show -p NRestarts --value ferry-led) -gt $before ] && [ \$(systemctl show -p MainPID --value ferry-led) != $pid ] && systemctl is-active --quiet ferry-led"
+journalctl -b -u ferry-led --no-pager | grep -i watchdog | tail -2
+rm /etc/systemd/system/ferry-led.service.d/vmtest-watchdog.conf
+systemctl daemon-reload
+G
+}
+
+# A unit that fails for good (a bad configuration exits 78, which is not
+# restarted) starts ferry-notify-failure@, which mails with its journal lines.
+# (A watchdog restart is not a failure to systemd: Restart= retries first.)
+scenario_onfailure() {
+  g onfailure 600 <<'G'
+touch $T/mailmark; sleep 0.01
+printf '[led]\nbackend = "blinkstick"\nblink = 1\n' > $T/broken.toml
+mkdir -p /etc/systemd/system/ferry-led.service.d
+printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/ferry-led --config %s\n' $T/broken.toml \
+  > /etc/systemd/system/ferry-led.service.d/vmtest-broken.conf
+systemctl daemon-reload
+systemctl restart ferry-led || true
+wait_until 120 "ferry-led failed" bash -c '[ "$(systemctl is-active ferry-led)" = failed ]'
+wait_until 300 "OnFailure= mailed that ferry-led failed" bash -c 'mails_after $T/mailmark | grep -q ferry-led'
+mails_after $T/mailmark | grep -E '^Subject:'
+mails_after $T/mailmark | grep -q 'blink' || fail "the mail does not carry the journal line with the reason"
+rm /etc/systemd/system/ferry-led.service.d/vmtest-broken.conf
+systemctl daemon-reload; systemctl reset-failed ferry-led; systemctl restart ferry-led
+wait_until 60 "ferry-led is active again" systemctl is-active --quiet ferry-led
+G
+}
+
+scenario_timer() {
+  g timer 900 <<'G'
+mkdir -p /etc/systemd/system/ferry-backup@nas.timer.d
+printf '[Timer]\nOnCalendar=\nOnActiveSec=1s\nAccuracySec=10ms\nRandomizedDelaySec=0\nPersistent=false\n' \
+  > /etc/systemd/system/ferry-backup@nas.timer.d/vmtest.conf
+systemctl daemon-reload
+n=$(BORG_PASSCOMMAND="cat /etc/ferry/nas.passphrase" borg list --short /srv/borg/nas | wc -l)
+m=$(mark)
+systemctl start ferry-backup@nas.timer
+wait_until 600 "the timer's backup finished, or its unit failed" bash -c \
+  "sigs_since $m | grep -q BackupFinished || [ \$(systemctl show -p ActiveState --value ferry-backup@nas.service) = failed ]"
+if [ "$(systemctl show -p ActiveState --value ferry-backup@nas.service)" = failed ]; then
+  journalctl -b --no-pager -u ferry-backup@nas.service | tail -4
+  fail "the timer fired, but ferry-backup@nas.service failed"
+fi
+wait_sig $m 60 BackupStarted BackupFinished
+sigs_since $m
+systemctl show -p Result --value ferry-backup@nas.service | grep -qx success || fail "ferry-backup@nas.service did not succeed"
+n2=$(BORG_PASSCOMMAND="cat /etc/ferry/nas.passphrase" borg list --short /srv/borg/nas | wc -l)
+[ "$n2" -gt "$n" ] || fail "no new archive ($n -> $n2)"
+systemctl stop ferry-backup@nas.timer
+rm -r /etc/systemd/system/ferry-backup@nas.timer.d; systemctl daemon-reload
+G
+}
+
+scenario_journald() {
+  g journald 120 <<'G'
+for s in ferry-crypt ferry-drive-watcher ferry-led ferry-notifier ferry-sync ferry-borg; do
+  journalctl -b -o json --no-pager SYSLOG_IDENTIFIER=$s | python3 -c '
+import json, sys
+name = sys.argv[1]
+entries = [json.loads(l) for l in sys.stdin if l.strip()]
+assert entries, f"no journal entries with SYSLOG_IDENTIFIER={name}"
+e = entries[-1]
+for field in ("MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "_SYSTEMD_UNIT"):
+    assert field in e, f"{name}: no {field} in {sorted(e)}"
+assert e["_SYSTEMD_UNIT"] == name + ".service", e["_SYSTEMD_UNIT"]
+print(name, len(entries), "entries; fields:", " ".join(k for k in sorted(e) if not k.startswith("_") and not k.startswith("__")))
+' $s
+done
+G
+}
+
+scenario_uninstall() {
+  g uninstall 300 <<'G'
+systemctl enable ferry-backup@nas.timer
+cd /mnt/share/ferry
+scripts/install --uninstall
+left=$(systemctl list-units --all --plain --no-legend 'ferry*' | grep -v 'not-found' || true)
+[ -z "$left" ] || fail "units still loaded: $left"
+files=$(systemctl list-unit-files --no-legend 'ferry*' || true)
+[ -z "$files" ] || fail "unit files left: $files"
+ls /etc/systemd/system/*.wants/ferry* 2>/dev/null && fail "enablement links left"
+found=$(find /usr/local /etc/dbus-1 /etc/udev/rules.d /etc/sysusers.d /etc/tmpfiles.d /etc/ferry/ferry.toml.example \
+  \( -name 'ferry*' -o -name 'org.ferry*' -o -name '70-ferry-blinkstick.rules' \) 2>/dev/null || true)
+[ -z "$found" ] || fail "files left: $found"
+busctl --system list --no-legend | grep -q org.ferry && fail "a ferry name is still on the bus"
+echo "nothing of ferry's installed files is left; /etc/ferry and /var/lib/ferry stay"
+G
+}
+
+scenario_notifier_credential() {
+  g credential 300 <<'G'
+# Only ferry-notifier gets the password, and only from systemd's copy.
+pid=$(systemctl show -p MainPID --value ferry-notifier)
+test -r /proc/$pid/environ
+tr '\0' '\n' < /proc/$pid/environ | grep -q '^CREDENTIALS_DIRECTORY=' || fail "ferry-notifier has no CREDENTIALS_DIRECTORY"
+as_user ferry-notifier cat /etc/credstore/ferry-smtp-password 2>/dev/null && fail "ferry-notifier's user can read /etc/credstore directly"
+as_user ferry-watcher bash -c 'cat /run/credentials/ferry-notifier.service/ferry-smtp-password' 2>/dev/null && fail "ferry-watcher can read the notifier's credential"
+as_user ferry-watcher cat /etc/ferry/ferry.toml >/dev/null || fail "ferry-watcher cannot read ferry.toml"
+# Without the file, the unit still starts (the credential is optional).
+mv /etc/credstore/ferry-smtp-password $T/pw
+systemctl restart ferry-notifier
+wait_until 60 "ferry-notifier runs without the credential file" systemctl is-active --quiet ferry-notifier
+mv $T/pw /etc/credstore/ferry-smtp-password
+systemctl restart ferry-notifier
+wait_until 60 "ferry-notifier is active" systemctl is-active --quiet ferry-notifier
+echo "the SMTP password reaches ferry-notifier alone; a missing credential file does not fail the unit"
+G
+}
