@@ -368,7 +368,7 @@ impl Confined {
         } else {
             rel
         };
-        rustix::fs::openat2(
+        match rustix::fs::openat2(
             &*self.fd,
             rel,
             // RESOLVE_NO_SYMLINKS refuses a symlink as the last component
@@ -376,8 +376,74 @@ impl Confined {
             flags | OFlags::CLOEXEC | OFlags::NOCTTY,
             Mode::from_raw_mode(mode),
             resolve(),
-        )
-        .map_err(io::Error::from)
+        ) {
+            // systemd answers openat2 with ENOSYS under RestrictSUIDSGID=
+            // (it cannot see the flags inside struct open_how), as do
+            // kernels before 5.6: resolve by hand, to the same rules.
+            Err(rustix::io::Errno::NOSYS) => self.open_stepwise(rel, flags, mode),
+            other => other.map_err(io::Error::from),
+        }
+    }
+
+    /// What openat2 with [`resolve`] does, one component at a time: an
+    /// absolute path or `..` is refused (EXDEV, as RESOLVE_BENEATH does),
+    /// every component is opened with O_NOFOLLOW (a symlink is ELOOP, as
+    /// RESOLVE_NO_SYMLINKS), and every directory on the way and the result
+    /// must be on this handle's mount (same mount id; else EXDEV, as
+    /// RESOLVE_NO_XDEV). Magic links are symlinks to O_NOFOLLOW.
+    fn open_stepwise(&self, rel: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+        use std::path::Component;
+        let mount_of = |fd: BorrowedFd<'_>| -> io::Result<u64> {
+            let stx = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)?;
+            Ok(stx.stx_mnt_id)
+        };
+        let home = mount_of(self.fd.as_fd())?;
+        let mut names = Vec::new();
+        for component in rel.components() {
+            match component {
+                Component::Normal(name) => names.push(name),
+                Component::CurDir => {}
+                Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                    return Err(io::Error::from_raw_os_error(libc::EXDEV))
+                }
+            }
+        }
+        // O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR: say ELOOP, as
+        // openat2 does, so a link on a drive reads as one.
+        let step = |at: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: Mode| {
+            rustix::fs::openat(at, name, flags, mode).map_err(|e| {
+                let link = e == rustix::io::Errno::NOTDIR
+                    && rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
+                io::Error::from(if link { rustix::io::Errno::LOOP } else { e })
+            })
+        };
+        let last = names.pop().unwrap_or(OsStr::new("."));
+        let mut dir: Option<OwnedFd> = None;
+        for name in names {
+            let at = dir.as_ref().map_or(self.fd.as_fd(), |d| d.as_fd());
+            let next = step(
+                at,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            if mount_of(next.as_fd())? != home {
+                return Err(io::Error::from_raw_os_error(libc::EXDEV));
+            }
+            dir = Some(next);
+        }
+        let at = dir.as_ref().map_or(self.fd.as_fd(), |d| d.as_fd());
+        let fd = step(
+            at,
+            last,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::from_raw_mode(mode),
+        )?;
+        if mount_of(fd.as_fd())? != home {
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        }
+        Ok(fd)
     }
 
     /// The directory `rel` below this handle ("" is the handle itself).
@@ -819,6 +885,67 @@ mod tests {
                 .map(|m| m.kind),
             Some(Kind::Symlink)
         );
+    }
+
+    /// The by-hand resolution used where openat2 is ENOSYS (systemd's
+    /// RestrictSUIDSGID=) keeps openat2's rules: links are ELOOP, `..` and
+    /// absolute paths EXDEV, what is inside opens.
+    #[test]
+    fn stepwise_lookups_keep_openat2s_rules() {
+        let outside = tempfile::tempdir().expect("dir");
+        let drive = tempfile::tempdir().expect("dir");
+        let root = drive.path();
+        std::fs::create_dir_all(root.join("ferry/nas/data")).expect("mkdir");
+        std::fs::write(root.join("ferry/nas/config"), "c").expect("write");
+        symlink(outside.path(), root.join("ferry/abs")).expect("symlink");
+        symlink("../..", root.join("ferry/rel")).expect("symlink");
+        symlink("config", root.join("ferry/nas/link")).expect("symlink");
+        let confined = handle(root);
+        let dir = OFlags::RDONLY | OFlags::DIRECTORY;
+        for rel in [
+            "ferry/abs",
+            "ferry/rel",
+            "ferry/abs/x",
+            "ferry/rel/etc",
+            "ferry/nas/link",
+        ] {
+            let flags = if rel.ends_with("link") {
+                OFlags::RDONLY
+            } else {
+                dir
+            };
+            let e = confined
+                .open_stepwise(Path::new(rel), flags, 0)
+                .expect_err(rel);
+            assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{rel}: {e}");
+        }
+        for rel in ["../x", "ferry/../../x", "/etc"] {
+            let e = confined
+                .open_stepwise(Path::new(rel), dir, 0)
+                .expect_err(rel);
+            assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{rel}: {e}");
+        }
+        assert!(confined
+            .open_stepwise(Path::new("ferry/nas/data"), dir, 0)
+            .is_ok());
+        assert!(confined
+            .open_stepwise(Path::new("ferry/nas/config"), OFlags::RDONLY, 0)
+            .is_ok());
+        assert!(confined.open_stepwise(Path::new(""), dir, 0).is_ok());
+        let made = confined.open_stepwise(
+            Path::new("ferry/nas/new"),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            0o600,
+        );
+        assert!(made.is_ok() && root.join("ferry/nas/new").is_file());
+        assert!(confined
+            .open_stepwise(
+                Path::new("ferry/abs/new"),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                0o600
+            )
+            .is_err());
+        assert!(!outside.path().join("new").exists());
     }
 
     #[test]
