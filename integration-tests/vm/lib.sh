@@ -103,8 +103,10 @@ qmp() { /usr/bin/python3 "$VM_DIR/qmp.py" "$RUN/qmp.sock" "$@"; }
 
 # usb_add IMAGE ID SERIAL: plugs a disk image in as a USB stick.
 usb_add() {
-  qmp "{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"$2-blk\",\"file\":{\"driver\":\"file\",\"filename\":\"$1\"}}}" \
-      "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"usb-storage\",\"bus\":\"xhci.0\",\"drive\":\"$2-blk\",\"id\":\"$2\",\"serial\":\"$3\",\"removable\":true}}" >/dev/null
+  local out
+  out=$(qmp "{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"$2-blk\",\"file\":{\"driver\":\"file\",\"filename\":\"$1\"}}}" \
+      "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"usb-storage\",\"bus\":\"xhci.0\",\"drive\":\"$2-blk\",\"id\":\"$2\",\"serial\":\"$3\",\"removable\":true}}" 2>/dev/null) \
+    || { echo "vm: plugging in $1 as $2 failed: $out" >&2; return 1; }
 }
 
 # usb_present ID: the USB device is still plugged in (QEMU's view).
@@ -117,7 +119,16 @@ usb_present() {
 usb_del() {
   qmp "{\"execute\":\"device_del\",\"arguments\":{\"id\":\"$1\"}}" >/dev/null || true
   usb_gone "$1" 60
-  qmp "{\"execute\":\"blockdev-del\",\"arguments\":{\"node-name\":\"$1-blk\"}}" >/dev/null 2>&1 || true
+  # QEMU may still hold the backend for a moment after the device is gone
+  # (or the guest powered the device off itself): retry until the node is
+  # dropped, or a later plug-in could not add it again.
+  local deadline=$(( $(date +%s) + 30 )) out
+  while :; do
+    out=$(qmp "{\"execute\":\"blockdev-del\",\"arguments\":{\"node-name\":\"$1-blk\"}}" 2>/dev/null) && return 0
+    case "$out" in *"Failed to find node"*|*"Cannot find node"*) return 0 ;; esac
+    [ "$(date +%s)" -ge "$deadline" ] && { echo "vm: cannot drop the block node $1-blk: $out" >&2; return 1; }
+    sleep 0.2
+  done
 }
 
 # usb_gone ID DEADLINE: waits until the USB device is gone from the machine
