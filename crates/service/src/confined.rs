@@ -138,18 +138,9 @@ impl std::error::Error for WalkError {}
 pub struct Node {
     /// Path relative to the walked directory.
     pub rel: PathBuf,
-    /// A directory or a regular file (anything else fails the walk).
-    pub kind: Kind,
-    /// Size in bytes.
-    pub size: u64,
-    /// Modification time.
-    pub mtime: SystemTime,
-    /// Permission bits.
-    pub mode: u32,
-    /// The device it is on.
-    pub dev: u64,
-    /// Its inode number.
-    pub ino: u64,
+    /// What it is (a directory or a regular file: anything else fails the
+    /// walk), its size, times, mode and identity.
+    pub meta: Meta,
 }
 
 /// Metadata of one name, not following it.
@@ -683,15 +674,7 @@ impl Confined {
                         )))
                     }
                 }
-                out.push(Node {
-                    rel: child,
-                    kind: meta.kind,
-                    size: meta.size,
-                    mtime: meta.mtime,
-                    mode: meta.mode,
-                    dev: meta.dev,
-                    ino: meta.ino,
-                });
+                out.push(Node { rel: child, meta });
             }
         }
         out.sort_by(|a, b| a.rel.cmp(&b.rel));

@@ -171,18 +171,8 @@ impl Layout {
             .copies
             .walk(name, GENERATION_LIMITS)?
             .into_iter()
-            .filter(|n| n.kind == Kind::File)
-            .map(|n| {
-                let meta = Meta {
-                    kind: n.kind,
-                    size: n.size,
-                    mtime: n.mtime,
-                    mode: n.mode,
-                    dev: n.dev,
-                    ino: n.ino,
-                };
-                (n.rel, meta)
-            })
+            .filter(|n| n.meta.kind == Kind::File)
+            .map(|n| (n.rel, n.meta))
             .collect())
     }
 
@@ -408,7 +398,7 @@ pub fn mirror_links(layout: &Layout, from: Generation) -> Result<(), WalkError> 
         .map_err(layout_or_io)?;
     let name = Path::new(layout.name(from));
     for node in copies.walk(name, GENERATION_LIMITS)? {
-        match node.kind {
+        match node.meta.kind {
             Kind::Dir => {
                 mirror
                     .make_dirs(&node.rel, DIR_MODE)
