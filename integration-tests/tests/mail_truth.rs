@@ -27,6 +27,11 @@ fn config(dir: &Path, port: u16) -> std::path::PathBuf {
     let src = dir.join("src");
     std::fs::create_dir_all(&src).expect("src");
     std::fs::write(dir.join("passphrase"), "not used").expect("passphrase");
+    std::fs::set_permissions(
+        dir.join("passphrase"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
     // Grouping of identical failures is turned off: every failure is its
     // own mail, so the count says whether one was lost.
     let text = format!(

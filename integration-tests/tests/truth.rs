@@ -116,6 +116,11 @@ impl BorgWorld {
             dir: dir.to_path_buf(),
         };
         std::fs::write(world.passphrase(), "truth-test-passphrase").expect("passphrase");
+        std::fs::set_permissions(
+            world.passphrase(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
         let src = dir.join("src");
         std::fs::create_dir_all(&src).expect("src");
         std::fs::write(src.join("note.txt"), "a note\n").expect("file");
