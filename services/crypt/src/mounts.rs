@@ -9,6 +9,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use ferry_service::confined::unescape_mountinfo;
+
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
@@ -37,9 +39,9 @@ pub fn parse(text: &str) -> Vec<Mount> {
             let separator = fields.iter().position(|f| *f == "-")?;
             Some(Mount {
                 majmin: fields.get(2)?.to_string(),
-                point: PathBuf::from(unescape(fields.get(4)?)),
+                point: PathBuf::from(unescape_mountinfo(fields.get(4)?)),
                 options: fields.get(5)?.to_string(),
-                source: unescape(fields.get(separator + 2)?),
+                source: unescape_mountinfo(fields.get(separator + 2)?),
             })
         })
         .collect()
@@ -66,27 +68,6 @@ pub fn of_device(majmin: &str) -> Vec<Mount> {
 pub fn device_number(device: &Path) -> Option<String> {
     let rdev = std::fs::metadata(device).ok()?.rdev();
     Some(format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = |b: &u8| (b'0'..=b'7').contains(b);
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(octal) {
-            let value = u32::from(bytes[i + 1] - b'0') * 64
-                + u32::from(bytes[i + 2] - b'0') * 8
-                + u32::from(bytes[i + 3] - b'0');
-            out.push(u8::try_from(value).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A process using something under a mountpoint.
