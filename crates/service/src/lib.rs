@@ -11,10 +11,13 @@ pub mod caller;
 pub mod confined;
 pub mod durable;
 pub mod history;
+pub mod host;
 mod logging;
 pub mod notify;
+pub mod process;
 mod shutdown;
 pub mod strict;
+mod udev_monitor;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -28,6 +31,7 @@ use zbus::names::WellKnownName;
 pub use args::Args;
 pub use logging::init_logging;
 pub use shutdown::{shutdown_signal, Shutdown};
+pub use udev_monitor::UdevMonitor;
 
 /// How long any D-Bus method call may take before it fails. Nothing on the
 /// bus times out by default; ferry never waits forever.
@@ -201,30 +205,12 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Makes the child `command` will start die (SIGKILL) when this process
-/// dies, so a service killed outright leaves no child working on behind the
-/// back of its restarted successor. A parent already gone by the time the
-/// child gets there kills it too.
-pub fn die_with_parent(command: &mut tokio::process::Command) {
-    let parent = std::process::id();
-    // SAFETY: the closure only makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != parent {
-                libc::raise(libc::SIGKILL);
-            }
-            Ok(())
-        });
+/// Waits until `due`, or forever when nothing is due: the one timer in a
+/// service's `select!` loop, so an idle service sleeps without waking.
+pub async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }
 

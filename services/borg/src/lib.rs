@@ -798,7 +798,7 @@ pub async fn run(
         stored,
     }));
     check_borgmatic_files(&config);
-    let host_id = system::host_id(&config.borg);
+    let host_id = ferry_service::host::borg_host_id(config.borg.host_id.as_deref());
     tracing::info!("BORG_HOST_ID is {host_id}");
 
     let (commands, mut requests) = mpsc::channel(16);
@@ -837,7 +837,7 @@ pub async fn run(
         let next_retry = service.next_retry();
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = sleep_until(next_retry), if next_retry.is_some() => {
+            _ = ferry_service::sleep_until(next_retry), if next_retry.is_some() => {
                 for (id, profile) in service.start_due_retries() {
                     service.announce_start(&id, &profile).await;
                 }
@@ -889,11 +889,4 @@ pub async fn run(
         }
     }
     Ok(())
-}
-
-async fn sleep_until(due: Option<tokio::time::Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(due).await,
-        None => std::future::pending().await,
-    }
 }

@@ -10,7 +10,7 @@
 use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -85,36 +85,13 @@ pub fn secret_pipe(secret: &[u8]) -> io::Result<OwnedFd> {
 /// with `death_signal` if this process dies, and `inherit` (if any) left
 /// open across exec.
 pub fn prepare(command: &mut Command, inherit: Option<&OwnedFd>, death_signal: libc::c_int) {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let keep = inherit.map(|fd| fd.as_raw_fd());
-    // SAFETY: the closure only makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                death_signal as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(fd) = keep {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    ferry_service::process::prepare_child(
+        command,
+        ferry_service::process::ChildSetup {
+            death_signal,
+            keep_open: inherit.map(|fd| fd.as_raw_fd()),
+        },
+    );
 }
 
 /// Spawns a prepared `command` and supervises it until it exits, giving
@@ -169,7 +146,7 @@ pub async fn supervise(
                 stopped = Some(Stop::TimedOut);
                 next_signal = Some(Instant::now());
             }
-            _ = sleep_until(next_signal), if next_signal.is_some() => {
+            _ = ferry_service::sleep_until(next_signal), if next_signal.is_some() => {
                 if ladder.is_empty() {
                     ladder = escalation(limits.first_signal, limits.grace);
                 }
@@ -218,13 +195,6 @@ async fn next_line(
 ) -> Option<String> {
     match lines {
         Some(lines) => lines.next_line().await.ok().flatten(),
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(when: Option<Instant>) {
-    match when {
-        Some(when) => tokio::time::sleep_until(when).await,
         None => std::future::pending().await,
     }
 }

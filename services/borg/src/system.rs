@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferry_config::BorgSettings;
 
 /// Where the kernel lists power supplies.
 const POWER_SUPPLIES: &str = "/sys/class/power_supply";
@@ -99,30 +98,6 @@ pub fn on_mains_power(supplies: &Path) -> bool {
         }
     }
     !found_mains
-}
-
-/// BORG_HOST_ID: the configured one, else the machine id with `@ferry`, so
-/// every ferry-borg run on this machine is the same host to borg (and a
-/// crashed run's lock is recognised as stale by the next).
-pub fn host_id(settings: &BorgSettings) -> String {
-    if let Some(id) = &settings.host_id {
-        return id.clone();
-    }
-    let machine = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
-        .iter()
-        .find_map(|p| {
-            std::fs::read_to_string(p)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        })
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "localhost".into());
-    format!("{machine}@ferry")
 }
 
 /// Whether "logind is not on the bus" has been logged already.
@@ -225,13 +200,5 @@ mod tests {
         assert!(!on_mains_power(dir.path()), "mains unplugged");
         supply("AC2", "Mains", "1");
         assert!(on_mains_power(dir.path()));
-    }
-
-    #[test]
-    fn host_id_is_configured_or_from_the_machine() {
-        let mut settings = BorgSettings::default();
-        assert!(host_id(&settings).ends_with("@ferry"));
-        settings.host_id = Some("nas@ferry".into());
-        assert_eq!(host_id(&settings), "nas@ferry");
     }
 }

@@ -12,7 +12,6 @@
 use std::ffi::OsStr;
 use std::fmt;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 /// Why a helper program did not succeed.
@@ -130,27 +129,8 @@ pub async fn run<S: AsRef<OsStr>>(
     let mut command = tokio::process::Command::new(path);
     command
         .args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let parent = std::process::id();
-    // SAFETY: between fork and exec the closure calls only the
-    // async-signal-safe prctl, getppid and _exit.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died before the prctl took effect.
-            if libc::getppid() as u32 != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
+        .env("LC_ALL", "C");
+    ferry_service::process::prepare_child(&mut command, Default::default());
     let child = command.spawn().map_err(|e| CommandError::Start {
         program: program.to_string(),
         reason: e.to_string(),
@@ -167,10 +147,7 @@ pub async fn run<S: AsRef<OsStr>>(
         // Dropping the future drops the child, which kills it; its
         // group (anything it started) goes too.
         Err(_) => {
-            if let Some(group) = group.and_then(|g| libc::pid_t::try_from(g).ok()) {
-                // SAFETY: kill(2) on the group ferry-crypt created for the child.
-                unsafe { libc::kill(-group, libc::SIGKILL) };
-            }
+            ferry_service::process::signal_group(group, libc::SIGKILL);
             return Err(CommandError::TimedOut {
                 program: program.to_string(),
                 after: timeout,

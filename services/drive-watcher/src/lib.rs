@@ -15,7 +15,6 @@ use ferry_config::Config;
 use ferry_interfaces::{drive_watcher, Error as FerryError, WatchedDrive};
 use ferry_service::caller::authorize;
 use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tracker::{Change, Observation, Tracker};
 use zbus::object_server::SignalEmitter;
@@ -92,13 +91,8 @@ pub async fn run(
     let (commands, mut requests) = mpsc::channel(8);
     let mut tracker = Tracker::new(&config);
     // Monitor first, then enumerate: nothing falls between the two.
-    let monitor =
-        open_monitor().map_err(|e| ServiceError::Other(format!("cannot listen to udev: {e}")))?;
-    let interest = tokio::io::Interest::READABLE;
-    // SAFETY: the monitor socket owns its descriptor; it stays open and the
-    // same for as long as the AsyncFd owns the monitor.
-    let mut monitor = unsafe { AsyncFd::register_with_interest(monitor, interest) }
-        .map_err(|e| ServiceError::Other(format!("cannot watch the udev socket: {e}")))?;
+    let mut monitor = ferry_service::UdevMonitor::listen("block")
+        .map_err(|e| ServiceError::Other(format!("cannot listen to udev: {e}")))?;
 
     // Coldplug before the name is taken: whoever reads Drives as soon as
     // the name appears (a peer rebuilding its view after this watcher
@@ -134,17 +128,14 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            ready = monitor.readable_mut() => {
-                let mut guard = match ready {
-                    Ok(guard) => guard,
-                    Err(e) => return Err(ServiceError::Other(format!("udev socket failed: {e}"))),
-                };
+            events = monitor.next_events() => {
+                let events = events
+                    .map_err(|e| ServiceError::Other(format!("udev socket failed: {e}")))?;
                 let mut changes = Vec::new();
-                for event in guard.get_inner().iter() {
+                for event in events {
                     tracing::debug!("udev {:?} {:?}", event.event_type(), event.syspath());
                     changes.extend(tracker.observe(observation(&event, event.event_type() == udev::EventType::Remove), unix_now()));
                 }
-                guard.clear_ready();
                 publish(&object, &drives, &tracker, changes).await;
             }
             Some(Command::Rescan(reply)) = requests.recv() => {
@@ -167,12 +158,6 @@ pub async fn run(
         }
     }
     Ok(())
-}
-
-fn open_monitor() -> std::io::Result<udev::MonitorSocket> {
-    udev::MonitorBuilder::new()?
-        .match_subsystem("block")?
-        .listen()
 }
 
 /// Every block device udev knows now, or why udev could not say: a

@@ -27,7 +27,6 @@ use ferry_service::{claim_name, subscribe, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use output::Output;
 use state::{DrivePolicy, Event, Indicator, LedState, PeerFacts};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use zbus::object_server::SignalEmitter;
@@ -347,7 +346,7 @@ pub async fn run(
                     let _ = reply.send(lamp.start_test());
                 }
             },
-            _ = sleep_until(test_due), if test_due.is_some() => lamp.test_step().await,
+            _ = ferry_service::sleep_until(test_due), if test_due.is_some() => lamp.test_step().await,
             added = hidraw_added(hotplug.as_mut()), if hotplug.is_some() => {
                 if added {
                     tracing::info!("a hidraw device appeared; writing the LED again");
@@ -361,51 +360,23 @@ pub async fn run(
     Ok(())
 }
 
-async fn sleep_until(due: Option<Instant>) {
-    if let Some(due) = due {
-        tokio::time::sleep_until(due).await;
-    }
-}
-
 /// A udev monitor for hidraw devices, so a replugged BlinkStick is written
 /// again the moment it appears.
-fn hidraw_monitor() -> Option<AsyncFd<udev::MonitorSocket>> {
-    let socket = udev::MonitorBuilder::new()
-        .and_then(|b| b.match_subsystem("hidraw"))
-        .and_then(|b| b.listen());
-    match socket {
-        // SAFETY: the monitor owns its descriptor for as long as the AsyncFd owns the monitor.
-        Ok(socket) => {
-            match unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
-            {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    tracing::warn!("cannot watch udev for a replugged BlinkStick: {e}");
-                    None
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!("cannot listen to udev for a replugged BlinkStick: {e}");
-            None
-        }
-    }
+fn hidraw_monitor() -> Option<ferry_service::UdevMonitor> {
+    ferry_service::UdevMonitor::listen("hidraw")
+        .map_err(|e| tracing::warn!("cannot listen to udev for a replugged BlinkStick: {e}"))
+        .ok()
 }
 
 /// Waits for hidraw events; true when a device was added.
-async fn hidraw_added(monitor: Option<&mut AsyncFd<udev::MonitorSocket>>) -> bool {
+async fn hidraw_added(monitor: Option<&mut ferry_service::UdevMonitor>) -> bool {
     let Some(monitor) = monitor else {
         return std::future::pending().await;
     };
-    match monitor.readable_mut().await {
-        Ok(mut guard) => {
-            let added = guard
-                .get_inner()
-                .iter()
-                .any(|e| e.event_type() == udev::EventType::Add);
-            guard.clear_ready();
-            added
-        }
+    match monitor.next_events().await {
+        Ok(events) => events
+            .iter()
+            .any(|e| e.event_type() == udev::EventType::Add),
         Err(e) => {
             tracing::warn!("udev hidraw socket: {e}");
             std::future::pending().await

@@ -832,7 +832,7 @@ pub async fn run(
             }
             Some(command) = requests.recv() => notifier.command(command).await,
             Some(report) = reports.recv() => notifier.report(report).await,
-            _ = sleep_until(due), if due.is_some() => notifier.tick().await,
+            _ = ferry_service::sleep_until(due), if due.is_some() => notifier.tick().await,
         }
     };
     if let Some(task) = delivery_task {
@@ -856,12 +856,6 @@ async fn ordered_signals(
         .path_namespace("/org/ferry")?
         .build();
     Ok(zbus::MessageStream::for_match_rule(rule, connection, Some(1024)).await?)
-}
-
-async fn sleep_until(due: Option<tokio::time::Instant>) {
-    if let Some(due) = due {
-        tokio::time::sleep_until(due).await;
-    }
 }
 
 async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {

@@ -159,36 +159,12 @@ fn find_program(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// The host id borg records in its locks, the same one ferry-borg uses:
-/// `[borg] host-id`, else /etc/machine-id followed by `@ferry` (stable
-/// across private network namespaces, so a lock left by a killed helper is
-/// recognised as stale by the next borg on this machine).
-fn host_id(settings: &BorgSettings) -> String {
-    if let Some(id) = &settings.host_id {
-        return id.clone();
-    }
-    let machine = [
-        "/etc/machine-id",
-        "/var/lib/dbus/machine-id",
-        "/proc/sys/kernel/hostname",
-    ]
-    .iter()
-    .find_map(|p| {
-        std::fs::read_to_string(p)
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-    })
-    .unwrap_or_else(|| "localhost".into());
-    format!("{machine}@ferry")
-}
-
 impl Borg {
     /// borg as `[borg]` in ferry.toml names it (program and host id).
     pub fn new(settings: &BorgSettings) -> Borg {
         Borg {
             program: find_program(&settings.program),
-            host_id: host_id(settings),
+            host_id: ferry_service::host::borg_host_id(settings.host_id.as_deref()),
         }
     }
 
@@ -215,12 +191,8 @@ impl Borg {
             .env("BORG_BASE_DIR", base_dir)
             .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
             .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
-            .env("BORG_DISPLAY_PASSPHRASE", "no")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        ferry_service::die_with_parent(&mut command);
+            .env("BORG_DISPLAY_PASSPHRASE", "no");
+        ferry_service::process::prepare_child(&mut command, Default::default());
         command
     }
 
