@@ -23,9 +23,11 @@
 //! # }
 //! ```
 //!
-//! Prerequisites (root, udevd, loop devices, commands) are checked with
-//! [`require`] and friends: a test returns early with `SKIP` on stderr when one
-//! is missing, and fails instead under `CI=true`.
+//! What a test needs from the machine (root, udevd, loop devices, Debian
+//! packages, device-mapper) is declared with its name in the file's
+//! [`integration_tests!`] list ([`trials`]): a test the machine cannot run is
+//! reported skipped by the runner, and under `CI=true` it runs and fails on
+//! what is missing ([`require`] and friends say what).
 
 mod bus;
 pub mod introspection;
@@ -35,12 +37,13 @@ mod process;
 mod signals;
 pub mod smtp;
 pub mod system;
+pub mod trials;
 
 pub use bus::{bin_dir, binary_path, wait_for_name, ServiceProcess, TestBus, METHOD_TIMEOUT};
 pub use loopdev::{udev_property, udev_settle, LoopImage};
 pub use prereq::{
     command_path, have_command, have_loop_devices, have_root, have_udevd, in_ci, require,
-    require_command, require_device_mapper, require_loop_devices, require_root, require_udevd,
+    require_command, require_loop_devices, require_root, require_udevd,
 };
 pub use process::run;
 pub use signals::{Recorded, SignalRecorder};

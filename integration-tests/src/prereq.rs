@@ -1,16 +1,9 @@
-//! Prerequisites: skip a test when the machine lacks something, or fail it
-//! under `CI=true`, where everything must be there.
-//!
-//! ```no_run
-//! # use ferry_integration_tests::*;
-//! #[test]
-//! fn plug_in() {
-//!     if !(require_root() && require_udevd() && require_loop_devices()) {
-//!         return;
-//!     }
-//!     // …
-//! }
-//! ```
+//! Prerequisites, checked inside a test: what it needs is declared in its
+//! file's `integration_tests!` list ([`crate::trials`]), where the runner
+//! skips a test this machine cannot run. A `require_…` call that still finds
+//! something missing means the declaration is wrong (or, under `CI=true`,
+//! the machine is): the test fails, saying what is missing and how to get
+//! it. Never a silent pass.
 
 use std::path::{Path, PathBuf};
 
@@ -34,9 +27,8 @@ fn test_name() -> String {
     }
 }
 
-/// `true` when `ok`. Otherwise prints `SKIP <test>: <what>` to stderr and
-/// returns `false` (the test should `return`), except under `CI=true`, where
-/// it panics: `what` should say what is missing and how to install or start it.
+/// `true` when `ok`; otherwise the test fails with `what` (which should say
+/// what is missing and how to install or start it).
 pub fn require(what: &str, ok: bool) -> bool {
     if ok {
         return true;
@@ -47,20 +39,12 @@ pub fn require(what: &str, ok: bool) -> bool {
              (.ci/run installs and starts everything the tests need)"
         );
     }
-    eprintln!("SKIP {}: {what}", test_name());
-    false
-}
-
-/// Skips (never fails, not even under CI) when the kernel has no
-/// device-mapper, which mapping a LUKS device needs.
-pub fn require_device_mapper() -> bool {
-    if Path::new("/sys/class/misc/device-mapper").exists()
-        && Path::new("/dev/mapper/control").exists()
-    {
-        return true;
-    }
-    eprintln!("SKIP {}: this kernel has no device-mapper", test_name());
-    false
+    panic!(
+        "prerequisite missing: {what}; this test's entry in its file's \
+         integration_tests! list should name it (Needs::Machine), so that the \
+         runner skips it here ({})",
+        test_name()
+    );
 }
 
 /// Running as root (uid 0).

@@ -198,7 +198,6 @@ impl Running {
 /// The whole cycle: create, prune, compact, check; archives listed after;
 /// stats, results and the schedule on the bus and across a restart; Start of
 /// a running profile returns its job; the contract.
-#[tokio::test(flavor = "multi_thread")]
 async fn full_cycle_then_results_survive_a_restart() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
@@ -298,7 +297,6 @@ async fn full_cycle_then_results_survive_a_restart() {
 
 /// Retention prunes exactly the archives borg's rules say, and only this
 /// profile's archives.
-#[tokio::test(flavor = "multi_thread")]
 async fn retention_prunes_exactly_the_expected_archives() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
@@ -334,7 +332,6 @@ async fn retention_prunes_exactly_the_expected_archives() {
 /// Hooks run in order with the profile, repository and error in their
 /// environment; a before hook exiting 75 skips; another exit fails at
 /// "hook" and runs on-error.
-#[tokio::test(flavor = "multi_thread")]
 async fn hooks_run_in_order_and_exit_75_skips() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
@@ -397,7 +394,6 @@ async fn hooks_run_in_order_and_exit_75_skips() {
 
 /// A precondition that does not hold skips the run with its reason and shows
 /// in Schedule; one that holds lets it run.
-#[tokio::test(flavor = "multi_thread")]
 async fn an_unmet_precondition_skips_and_shows_in_the_schedule() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
@@ -441,7 +437,6 @@ async fn an_unmet_precondition_skips_and_shows_in_the_schedule() {
 }
 
 /// A wrong passphrase fails at create with borg's own message.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_passphrase_fails_with_borgs_message() {
     let Some(world) = World::new() else { return };
     world.init("repo").await;
@@ -474,7 +469,6 @@ async fn a_wrong_passphrase_fails_with_borgs_message() {
 
 /// Another borg holding the lock longer than --lock-wait: the job waits,
 /// retries and succeeds after the lock is gone.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_lock_held_by_another_borg_is_waited_out() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
@@ -551,7 +545,6 @@ fn borg_children(pid: u32) -> Vec<i32> {
 /// "interrupted" (BackupFailed, LastFailures, LastResults), the next job
 /// gets a new id, the stale lock is recognised by the next run (same
 /// BORG_HOST_ID, dead pid) and the backup succeeds.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_crash_mid_create_is_reported_and_the_next_run_clears_the_lock() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
@@ -652,7 +645,6 @@ async fn a_crash_mid_create_is_reported_and_the_next_run_clears_the_lock() {
 
 /// Cancel interrupts borg, which releases its lock; BackupFailed says
 /// "cancelled"; an unknown job is refused with a usable error.
-#[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_borg_and_frees_the_repository() {
     let Some(world) = World::new() else { return };
     let repo = world.init("repo").await;
@@ -696,7 +688,6 @@ async fn cancel_stops_borg_and_frees_the_repository() {
 
 /// Seed 000's borgmatic file, local paths put in, runs as a profile: its
 /// passphrase, sources, retention and hooks are all used.
-#[tokio::test(flavor = "multi_thread")]
 async fn seed_000_borgmatic_file_runs() {
     let Some(world) = World::new() else { return };
     let repo = world.path("seed-repo");
@@ -809,7 +800,6 @@ fn processes_showing(needle: &str) -> Vec<String> {
 /// While borg runs (passphrase from a file, and one written in a borgmatic
 /// file), the passphrase is on no process's command line or environment,
 /// and never in the service log.
-#[tokio::test(flavor = "multi_thread")]
 async fn the_passphrase_is_on_no_command_line_environment_or_log() {
     let Some(world) = World::new() else { return };
     world.init("repo").await;
@@ -883,7 +873,6 @@ async fn the_passphrase_is_on_no_command_line_environment_or_log() {
 /// A repository under a drive's mountpoint is refused: by the config check
 /// (the service does not start), and at run time through a symlink or from
 /// a borgmatic file.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_repository_on_a_drive_is_refused() {
     let Some(world) = World::new() else { return };
     let mountpoint = world.path("drive");
@@ -1001,7 +990,6 @@ fn writer_closed(read: &OwnedFd, wait: Duration) -> bool {
 
 /// While a job runs, ferry-borg holds a sleep/shutdown "block" inhibitor
 /// from logind, and lets go of it when the job ends.
-#[tokio::test(flavor = "multi_thread")]
 async fn the_logind_inhibitor_is_held_while_a_job_runs() {
     let Some(world) = World::new() else { return };
     world.init("repo").await;
@@ -1068,7 +1056,6 @@ async fn the_logind_inhibitor_is_held_while_a_job_runs() {
 
 /// A passphrase file others can read is refused at stage config, naming its
 /// mode, before borg runs.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_passphrase_file_others_can_read_is_refused() {
     let Some(world) = World::new() else { return };
     world.init("repo").await;
@@ -1088,4 +1075,22 @@ async fn a_passphrase_file_others_can_read_is_refused() {
     let (_, failed) = service.run("home", "BackupFailed").await;
     assert_eq!(failed.args[2], "config", "{failed}");
     assert!(failed.args[3].contains("mode 0644"), "{failed}");
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        full_cycle_then_results_survive_a_restart,
+        retention_prunes_exactly_the_expected_archives,
+        hooks_run_in_order_and_exit_75_skips,
+        an_unmet_precondition_skips_and_shows_in_the_schedule,
+        a_wrong_passphrase_fails_with_borgs_message,
+        a_lock_held_by_another_borg_is_waited_out,
+        a_crash_mid_create_is_reported_and_the_next_run_clears_the_lock,
+        cancel_stops_borg_and_frees_the_repository,
+        seed_000_borgmatic_file_runs,
+        the_passphrase_is_on_no_command_line_environment_or_log,
+        a_repository_on_a_drive_is_refused,
+        the_logind_inhibitor_is_held_while_a_job_runs,
+        a_passphrase_file_others_can_read_is_refused,
+    ],
 }

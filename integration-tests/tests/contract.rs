@@ -8,7 +8,6 @@ use ferry_integration_tests::introspection::{assert_matches_contract, assert_sta
 use ferry_integration_tests::{random_uuid, TestBus};
 use ferry_interfaces::{borg, crypt, drive_watcher, led, notifier, sync};
 
-#[tokio::test(flavor = "multi_thread")]
 async fn running_services_match_their_xml() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -38,4 +37,10 @@ async fn running_services_match_their_xml() {
         assert_standard_errors(&conn, interface).await;
         running.push(process);
     }
+}
+
+ferry_integration_tests::integration_tests! {
+    async Nothing: [
+        running_services_match_their_xml,
+    ],
 }

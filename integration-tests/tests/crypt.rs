@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use common::*;
 use ferry_integration_tests::introspection::assert_matches_contract;
 use ferry_integration_tests::{
-    binary_path, random_uuid, require_device_mapper, run, udev_property, LoopImage, Recorded,
-    ServiceProcess, SignalRecorder, TestBus,
+    binary_path, random_uuid, run, udev_property, LoopImage, Recorded, ServiceProcess,
+    SignalRecorder, TestBus,
 };
 use ferry_interfaces::crypt::{self, CryptProxy};
 use ferry_interfaces::{drive_watcher, CryptDrive};
@@ -26,12 +26,6 @@ fn crypt_section(dir: &Path) -> String {
         "[crypt]\nkey-directory = \"{}\"\nclose-timeout = 2\n\n",
         dir.join("keys").display()
     )
-}
-
-/// The kernel has device-mapper (as `require_device_mapper` decides;
-/// cryptsetup itself may create /dev/mapper/control without it).
-fn have_device_mapper() -> bool {
-    Path::new("/sys/class/misc/device-mapper").exists()
 }
 
 /// Where a test mounts drive `name`.
@@ -233,7 +227,6 @@ fn method_error(result: zbus::Result<()>) -> (String, String) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn plain_drive_opens_on_attach_is_visible_to_others_and_closes() {
     if !udev_and_loop() {
         return;
@@ -318,7 +311,6 @@ async fn plain_drive_opens_on_attach_is_visible_to_others_and_closes() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_busy_drive_names_its_holder_refuses_a_second_request_and_closes_later() {
     if !udev_and_loop() {
         return;
@@ -368,7 +360,6 @@ async fn a_busy_drive_names_its_holder_refuses_a_second_request_and_closes_later
     assert_eq!(mounted_at(&point), None);
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_missing_wrong_or_linked_identity_token_fails_and_writes_nothing() {
     if !udev_and_loop() {
         return;
@@ -517,7 +508,6 @@ fn write_key(path: &Path, bytes: &[u8], mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn luks_wrong_key_and_loose_key_file_fail_at_unlock_and_the_right_key_reaches_the_mapping() {
     if !(udev_and_loop()
         && ferry_integration_tests::require_command("cryptsetup", "cryptsetup-bin"))
@@ -575,7 +565,7 @@ async fn luks_wrong_key_and_loose_key_file_fail_at_unlock_and_the_right_key_reac
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let before = signals.len();
     proxy.open("offsite-a").await.expect("Open");
-    let has_mapper = have_device_mapper();
+    let has_mapper = ferry_integration_tests::trials::have_device_mapper();
     if has_mapper {
         // The key is right, but this drive was never given a filesystem and token.
         let failed = signals
@@ -592,7 +582,8 @@ async fn luks_wrong_key_and_loose_key_file_fail_at_unlock_and_the_right_key_reac
             "{}",
             failed.args[2]
         );
-        require_device_mapper();
+        // Without device-mapper this is where the flow must stop; the
+        // mapping itself is an_enrolled_luks_drive_opens_and_closes_through_its_mapping.
     }
     let log = crypt.log();
     assert!(
@@ -601,7 +592,6 @@ async fn luks_wrong_key_and_loose_key_file_fail_at_unlock_and_the_right_key_reac
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_mountpoint_in_use_is_refused_and_left_alone() {
     if !udev_and_loop() {
         return;
@@ -655,7 +645,6 @@ async fn a_mountpoint_in_use_is_refused_and_left_alone() {
     assert!(mounted_at(&point).is_some(), "the tmpfs is still mounted");
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_drive_pulled_out_while_open_is_unmounted_and_reported() {
     if !udev_and_loop() {
         return;
@@ -713,7 +702,6 @@ async fn a_drive_pulled_out_while_open_is_unmounted_and_reported() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn killed_and_restarted_it_adopts_and_announces_an_open_drive_and_closes_a_stray_mount() {
     if !udev_and_loop() {
         return;
@@ -817,7 +805,6 @@ async fn kill_mid_open(
     MountGuard(point.to_path_buf())
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_open_it_opens_again_proving_identity_and_adopts_a_late_mount() {
     if !udev_and_loop() {
         return;
@@ -889,7 +876,6 @@ async fn killed_mid_open_it_opens_again_proving_identity_and_adopts_a_late_mount
     assert_eq!(mounted_at(&point), None);
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn two_drives_plugged_in_together_open_and_close_independently() {
     if !udev_and_loop() {
         return;
@@ -933,7 +919,6 @@ async fn two_drives_plugged_in_together_open_and_close_independently() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn plain_enrolment_refuses_until_confirmed_and_prepares_a_drive_that_opens() {
     if !udev_and_loop() {
         return;
@@ -1058,7 +1043,6 @@ async fn plain_enrolment_refuses_until_confirmed_and_prepares_a_drive_that_opens
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_without_device_mapper(
 ) {
     if !(udev_and_loop()
@@ -1094,7 +1078,7 @@ async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_wi
     let luks_uuid = run("cryptsetup", &["luksUUID", device.as_str()])
         .trim()
         .to_string();
-    let has_mapper = have_device_mapper();
+    let has_mapper = ferry_integration_tests::trials::have_device_mapper();
     if has_mapper {
         assert_eq!(code, Some(0), "{stderr}");
         assert!(
@@ -1157,10 +1141,26 @@ async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_wi
         run("cryptsetup", &["luksUUID", device.as_str()]).trim(),
         luks_uuid
     );
+}
 
-    if !require_device_mapper() {
-        return;
-    }
+/// Past the mapping (a kernel with device-mapper; the VM tier runs the
+/// same steps under real systemd): an enrolled LUKS drive opens and closes
+/// through ferry-crypt, and its mapping is gone afterwards.
+async fn an_enrolled_luks_drive_opens_and_closes_through_its_mapping() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut image = LoopImage::blank(dir.path(), 32);
+    let device = image.attach();
+    let (code, section, stderr) = enroll(&[
+        "--drive",
+        "offsite-a",
+        "--config",
+        &base.to_string_lossy(),
+        "--yes-destroy-all-data-on",
+        &device,
+        &device,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
     image.detach();
     let bus = TestBus::start();
     let config = write_config(
@@ -1186,7 +1186,6 @@ async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_wi
     assert!(!Path::new("/dev/mapper/ferry-offsite-a").exists());
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn the_interface_matches_its_xml_and_refuses_unknown_and_absent_drives() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1233,4 +1232,22 @@ async fn the_interface_matches_its_xml_and_refuses_unknown_and_absent_drives() {
         .await
         .expect("LastFailures")
         .is_empty());
+}
+
+ferry_integration_tests::integration_tests! {
+    async DeviceMapper: [an_enrolled_luks_drive_opens_and_closes_through_its_mapping],
+    async Machine: [
+        plain_drive_opens_on_attach_is_visible_to_others_and_closes,
+        a_busy_drive_names_its_holder_refuses_a_second_request_and_closes_later,
+        a_missing_wrong_or_linked_identity_token_fails_and_writes_nothing,
+        luks_wrong_key_and_loose_key_file_fail_at_unlock_and_the_right_key_reaches_the_mapping,
+        a_mountpoint_in_use_is_refused_and_left_alone,
+        a_drive_pulled_out_while_open_is_unmounted_and_reported,
+        killed_and_restarted_it_adopts_and_announces_an_open_drive_and_closes_a_stray_mount,
+        killed_mid_open_it_opens_again_proving_identity_and_adopts_a_late_mount,
+        two_drives_plugged_in_together_open_and_close_independently,
+        plain_enrolment_refuses_until_confirmed_and_prepares_a_drive_that_opens,
+        luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_without_device_mapper,
+        the_interface_matches_its_xml_and_refuses_unknown_and_absent_drives,
+    ],
 }

@@ -22,7 +22,6 @@ async fn watcher(
     process
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn attach_and_detach_announce_the_enrolled_name() {
     if !udev_and_loop() {
         return;
@@ -71,7 +70,6 @@ async fn attach_and_detach_announce_the_enrolled_name() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn unknown_devices_and_repeated_change_events_announce_nothing() {
     if !udev_and_loop() {
         return;
@@ -122,7 +120,6 @@ async fn unknown_devices_and_repeated_change_events_announce_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_drive_present_before_start_is_announced_and_rescan_reannounces() {
     if !udev_and_loop() {
         return;
@@ -164,7 +161,6 @@ async fn a_drive_present_before_start_is_announced_and_rescan_reannounces() {
     assert_eq!(names, vec![("offsite-a", true), ("offsite-b", false)]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_bad_config_stops_the_service_with_line_key_and_reason() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -190,4 +186,13 @@ async fn a_bad_config_stops_the_service_with_line_key_and_reason() {
         log.contains("ferry.toml:3: drives.offsite-a.uuid:") && log.contains("not a UUID"),
         "{log}"
     );
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        attach_and_detach_announce_the_enrolled_name,
+        unknown_devices_and_repeated_change_events_announce_nothing,
+        a_drive_present_before_start_is_announced_and_rescan_reannounces,
+        a_bad_config_stops_the_service_with_line_key_and_reason,
+    ],
 }

@@ -38,7 +38,6 @@ const SETTLE: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------- the tests
 
 /// The timer flow and the plug-in flow through all six real binaries.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_flows_through_all_six_services() {
     let Some(mut system) = start(Options::default()).await else {
         return;
@@ -98,7 +97,6 @@ async fn both_flows_through_all_six_services() {
 /// A stranger's drive that copies the enrolled UUID but lacks ferry's
 /// identity token: DriveFailed at identity, LED failed, a mail naming the
 /// drive and the stage, nothing mounted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drive_with_a_copied_uuid_fails_identity_and_is_mailed() {
     let Some(system) = start(Options::default()).await else {
         return;
@@ -124,7 +122,6 @@ async fn a_drive_with_a_copied_uuid_fails_identity_and_is_mailed() {
 
 /// A drive too small for the repository: SyncFailed, the drive closed
 /// (unmounted), LED failed, a mail naming the drive and the stage.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drive_too_small_fails_the_sync_closes_and_is_mailed() {
     // 10 MiB of incompressible data for an 8 MiB drive.
     let options = Options {
@@ -159,7 +156,6 @@ async fn a_drive_too_small_fails_the_sync_closes_and_is_mailed() {
 /// ferry-led stopped and a few lines of Python (dbus-python) speaking
 /// org.ferry.Led1 run instead: the plug-in flow still ends with the LED
 /// done, in the stand-in's colour file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_led_in_place_of_ferry_led() {
     let python = Path::new("/usr/bin/python3");
     let have_dbus_python = std::process::Command::new(python)
@@ -212,32 +208,26 @@ async fn a_python_led_in_place_of_ferry_led() {
     assert_clean(&system, "with the stand-in LED").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferry_drive_watcher_killed_mid_flow() {
     killed_mid_flow("ferry-drive-watcher").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferry_crypt_killed_mid_flow() {
     killed_mid_flow("ferry-crypt").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferry_sync_killed_mid_flow() {
     killed_mid_flow("ferry-sync").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferry_borg_killed_mid_flow() {
     killed_mid_flow("ferry-borg").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferry_led_killed_mid_flow() {
     killed_mid_flow("ferry-led").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferry_notifier_killed_mid_flow() {
     killed_mid_flow("ferry-notifier").await;
 }
@@ -1269,4 +1259,19 @@ fn listing(system: &FerrySystem, from: usize) -> String {
             )
         })
         .collect()
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        both_flows_through_all_six_services,
+        a_drive_with_a_copied_uuid_fails_identity_and_is_mailed,
+        a_drive_too_small_fails_the_sync_closes_and_is_mailed,
+        a_python_led_in_place_of_ferry_led,
+        ferry_drive_watcher_killed_mid_flow,
+        ferry_crypt_killed_mid_flow,
+        ferry_sync_killed_mid_flow,
+        ferry_borg_killed_mid_flow,
+        ferry_led_killed_mid_flow,
+        ferry_notifier_killed_mid_flow,
+    ],
 }

@@ -58,7 +58,6 @@ async fn plug_in_and_sync(system: &mut FerrySystem) -> String {
     device
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_words_what_the_services_report() {
     let Some(mut system) = start(Options::default()).await else {
         return;
@@ -107,7 +106,6 @@ async fn status_words_what_the_services_report() {
     assert_eq!(json["led"]["state"], "done");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_a_flow_for_a_user_who_is_not_root() {
     let Some(mut system) = start(Options {
         open_bus: true,
@@ -160,7 +158,6 @@ async fn watch_prints_a_flow_for_a_user_who_is_not_root() {
     eprintln!("ferryctl watch as nobody printed:\n{}", seen.join("\n"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_wait_exits_with_the_outcome_of_the_job() {
     let Some(system) = start(Options::default()).await else {
         return;
@@ -188,7 +185,6 @@ async fn backup_wait_exits_with_the_outcome_of_the_job() {
     assert!(err.contains("no-such-profile"), "{err}");
 }
 
-#[tokio::test]
 async fn check_config_names_every_problem_with_its_place() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broken = dir.path().join("broken.toml");
@@ -241,7 +237,6 @@ async fn check_config_names_every_problem_with_its_place() {
 const SEED_000_BORGMATIC: &str =
     include_str!("../../services/borg/tests/fixtures/seed-000-borgmatic.yaml");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_plug_says_what_would_be_copied_and_writes_nothing() {
     let Some(system) = start(Options::default()).await else {
         return;
@@ -302,7 +297,6 @@ fn files_and_times(root: &std::path::Path) -> Vec<(std::path::PathBuf, u64, i64)
     all
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_hold_mounts_read_only_without_a_sync_and_archives_lists_the_copy() {
     let Some(mut system) = start(Options::default()).await else {
         return;
@@ -384,4 +378,15 @@ fn mount_options(mountpoint: &std::path::Path) -> Option<String> {
         let fields: Vec<&str> = line.split(' ').collect();
         (fields.get(4) == Some(&wanted.as_str())).then(|| fields[5].to_string())
     })
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        status_words_what_the_services_report,
+        watch_prints_a_flow_for_a_user_who_is_not_root,
+        backup_wait_exits_with_the_outcome_of_the_job,
+        check_config_names_every_problem_with_its_place,
+        simulate_plug_says_what_would_be_copied_and_writes_nothing,
+        open_hold_mounts_read_only_without_a_sync_and_archives_lists_the_copy,
+    ],
 }

@@ -379,7 +379,6 @@ fn old_copy(root: &Path) -> PathBuf {
 /// copy should be (absolute, relative `../..`, at the local repository's
 /// parent), FIFOs and a device node: each a SyncFailed at drive-layout,
 /// the host untouched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symlinks_fifos_and_device_nodes_never_reach_the_host() {
     let Some(mut rig) = Rig::start(Options::default()).await else {
         return;
@@ -496,7 +495,6 @@ async fn symlinks_fifos_and_device_nodes_never_reach_the_host() {
 /// A 20 000-level directory chain inside the copy and inside a leftover
 /// generation: a clean SyncFailed at drive-layout, no crash, the host
 /// untouched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20000_level_chain_is_a_clean_failure() {
     // Room for 20 000 directories' inodes.
     let options = Options {
@@ -631,7 +629,6 @@ fn random_tree(root: &Path, host: &[PathBuf], rng: &mut Rng) -> bool {
 /// Many rounds of seeded random trees: nothing outside the drive changes,
 /// ever; a tree with anything but directories and regular files fails at
 /// drive-layout. `FERRY_HOSTILE_SEED=<n>` repeats a run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_hostile_trees_never_reach_the_host() {
     let seed = std::env::var("FERRY_HOSTILE_SEED")
         .ok()
@@ -696,7 +693,6 @@ impl Drop for Child {
 /// ferry-sync killed (SIGKILL, not restarted) while a drive's sync waits
 /// for borg's lock: ferry-crypt sees Sync1 lose its owner, closes the
 /// drive and ends the flow red (DriveFailed at `sync`), LED failed, mailed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_worker_dying_mid_job_still_ends_the_flow_red() {
     let Some(mut rig) = Rig::start(Options::default()).await else {
         return;
@@ -845,7 +841,6 @@ async fn stranger_round(rig: &mut Rig, image: &mut LoopImage, what: &str) {
 /// (needs_recovery), and an XFS image with the enrolled ext4 drive's UUID:
 /// both DriveFailed at identity, both images byte-identical afterwards
 /// (the identity mount replays no journal; XFS is never mounted at all).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strangers_drive_is_never_written_nor_mounted_as_another_type() {
     if !(require_command("xfs_io", "xfsprogs")
         && require_command("mkfs.xfs", "xfsprogs")
@@ -908,7 +903,6 @@ async fn a_strangers_drive_is_never_written_nor_mounted_as_another_type() {
 /// A clone of the enrolled drive's UUID plugged in first, the real drive
 /// second, the clone pulled: the clone fails at identity, and the real
 /// drive is announced and synced with no manual step (no Rescan).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_plugged_in_first_does_not_hide_the_real_drive() {
     let Some(mut rig) = Rig::start(Options::default()).await else {
         return;
@@ -981,4 +975,15 @@ async fn a_clone_plugged_in_first_does_not_hide_the_real_drive() {
         listing(&rig.system, pulled)
     );
     assert!(!rig.system.drive_mounted());
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        symlinks_fifos_and_device_nodes_never_reach_the_host,
+        a_20000_level_chain_is_a_clean_failure,
+        random_hostile_trees_never_reach_the_host,
+        a_sync_worker_dying_mid_job_still_ends_the_flow_red,
+        a_strangers_drive_is_never_written_nor_mounted_as_another_type,
+        a_clone_plugged_in_first_does_not_hide_the_real_drive,
+    ],
 }

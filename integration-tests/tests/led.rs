@@ -24,7 +24,6 @@ fn written(file: &std::path::Path) -> Vec<String> {
 /// The foundation's slice end to end: a real loop device plugged in makes the
 /// real watcher announce it and the real LED turn to working; the rest of the
 /// flow's signals are emitted by the test on the services' behalf.
-#[tokio::test(flavor = "multi_thread")]
 async fn plugged_in_drive_lights_the_led_through_the_whole_flow() {
     if !udev_and_loop() {
         return;
@@ -177,7 +176,6 @@ async fn plugged_in_drive_lights_the_led_through_the_whole_flow() {
 
 /// The LED asks the peers what is going on when it starts: a drive that the
 /// crypt manager reports closed shows done, a running sync shows working.
-#[tokio::test(flavor = "multi_thread")]
 async fn on_start_the_state_comes_from_the_peers_properties() {
     struct FakeCrypt(Vec<CryptDrive>);
     #[zbus::interface(name = "org.ferry.Crypt1")]
@@ -233,7 +231,6 @@ async fn on_start_the_state_comes_from_the_peers_properties() {
 /// The service's entry point runs in-process on a connection the test made,
 /// stops when the shutdown future resolves, and Test cycles the colours and
 /// refuses a second test while one runs.
-#[tokio::test(flavor = "multi_thread")]
 async fn runs_in_process_and_test_cycles_the_colours() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -314,7 +311,6 @@ async fn runs_in_process_and_test_cycles_the_colours() {
 
 /// When a peer restarts, the LED asks it again instead of holding on to what
 /// it said before: a job its new instance does not run is no longer working.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_peer_is_asked_again() {
     struct FakeBorg;
     #[zbus::interface(name = "org.ferry.Borg1")]
@@ -358,4 +354,13 @@ async fn a_restarted_peer_is_asked_again() {
     signals
         .wait_for_from(before, "ColorChanged", |s| s.args[1] == "idle", WAIT)
         .await;
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        plugged_in_drive_lights_the_led_through_the_whole_flow,
+        on_start_the_state_comes_from_the_peers_properties,
+        runs_in_process_and_test_cycles_the_colours,
+        a_restarted_peer_is_asked_again,
+    ],
 }

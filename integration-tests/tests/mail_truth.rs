@@ -51,7 +51,6 @@ fn config(dir: &Path, port: u16) -> std::path::PathBuf {
     write_config(dir, &text)
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn twelve_failures_while_the_notifier_is_stopped_are_twelve_mails_when_it_starts() {
     if !require_aiosmtpd() || !require_command("borg", "borgbackup") {
         return;
@@ -127,4 +126,10 @@ async fn twelve_failures_while_the_notifier_is_stopped_are_twelve_mails_when_it_
         "nothing mailed twice: {:#?}",
         smtp.mails()
     );
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        twelve_failures_while_the_notifier_is_stopped_are_twelve_mails_when_it_starts,
+    ],
 }

@@ -88,7 +88,6 @@ fn outbox_files(dir: &Path, sub: &str) -> Vec<String> {
     names
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn failures_are_mailed_with_what_where_and_the_message() {
     if !require_aiosmtpd() {
         return;
@@ -218,7 +217,6 @@ async fn failures_are_mailed_with_what_where_and_the_message() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn mail_waits_while_the_server_is_down_and_goes_when_it_is_back() {
     if !require_aiosmtpd() {
         return;
@@ -283,7 +281,6 @@ async fn mail_waits_while_the_server_is_down_and_goes_when_it_is_back() {
     assert!(outbox_files(dir.path(), "outbox").is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_4xx_is_retried_and_a_5xx_is_dead_lettered() {
     if !require_aiosmtpd() {
         return;
@@ -371,7 +368,6 @@ fn random_below(n: u64) -> u64 {
     u64::from_str_radix(&uuid[..12], 16).unwrap_or(0) % n
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
     if !require_aiosmtpd() {
         return;
@@ -470,7 +466,6 @@ async fn sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once() {
 /// The one window a crash can duplicate in: the server has the message and
 /// the notifier is killed before it hears "250". The message is sent again
 /// once, with the same event id, so a person (or a filter) sees it is the same.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_crash_after_the_server_accepted_duplicates_once_with_the_same_id() {
     if !require_aiosmtpd() {
         return;
@@ -568,7 +563,6 @@ fn record(drive: &str, time: u64) -> SyncRecord {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn stale_drives_and_profiles_are_mailed_on_a_test_clock_once_a_day() {
     if !require_aiosmtpd() {
         return;
@@ -681,7 +675,6 @@ async fn stale_drives_and_profiles_are_mailed_on_a_test_clock_once_a_day() {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_failure_while_the_notifier_was_stopped_is_mailed_when_it_starts() {
     if !require_aiosmtpd() {
         return;
@@ -749,7 +742,6 @@ async fn a_failure_while_the_notifier_was_stopped_is_mailed_when_it_starts() {
     assert_eq!(smtp.mails().len(), 2, "{:#?}", smtp.mails());
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_hostile_label_or_message_cannot_add_a_header() {
     if !require_aiosmtpd() {
         return;
@@ -829,7 +821,6 @@ async fn a_hostile_label_or_message_cannot_add_a_header() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn identical_failures_are_grouped_and_the_hourly_limit_holds_the_rest() {
     if !require_aiosmtpd() {
         return;
@@ -877,7 +868,6 @@ async fn identical_failures_are_grouped_and_the_hourly_limit_holds_the_rest() {
     assert!(notifier.log().contains("held for the next digest"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn sendmail_gets_the_message_on_stdin_and_a_success_summary_is_mailed() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -966,7 +956,6 @@ async fn backup_finished(conn: &zbus::Connection, job: &str, profile: &str) {
 
 /// max-per-hour is counted per class: success summaries and test mails
 /// that used up their hour never hold a failure back.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_failure_is_mailed_while_success_and_test_mails_used_up_the_hourly_limit() {
     if !require_aiosmtpd() {
         return;
@@ -1026,7 +1015,6 @@ async fn a_failure_is_mailed_while_success_and_test_mails_used_up_the_hourly_lim
 /// ferry-notifier is killed before it hears "250" — five times in a row on
 /// one message. It arrives at most twice; then it is a dead letter that
 /// says why, listed over the bus and sent again only when asked.
-#[tokio::test(flavor = "multi_thread")]
 async fn killed_at_the_250_five_times_a_message_arrives_at_most_twice() {
     if !require_aiosmtpd() {
         return;
@@ -1125,4 +1113,21 @@ async fn killed_at_the_250_five_times_a_message_arrives_at_most_twice() {
     })
     .await;
     assert_eq!(proxy.dead_letters().await.expect("DeadLetters"), 0);
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        failures_are_mailed_with_what_where_and_the_message,
+        mail_waits_while_the_server_is_down_and_goes_when_it_is_back,
+        a_4xx_is_retried_and_a_5xx_is_dead_lettered,
+        sigkill_at_random_points_loses_nothing_and_duplicates_at_most_once,
+        a_crash_after_the_server_accepted_duplicates_once_with_the_same_id,
+        stale_drives_and_profiles_are_mailed_on_a_test_clock_once_a_day,
+        a_failure_while_the_notifier_was_stopped_is_mailed_when_it_starts,
+        a_hostile_label_or_message_cannot_add_a_header,
+        identical_failures_are_grouped_and_the_hourly_limit_holds_the_rest,
+        sendmail_gets_the_message_on_stdin_and_a_success_summary_is_mailed,
+        a_failure_is_mailed_while_success_and_test_mails_used_up_the_hourly_limit,
+        killed_at_the_250_five_times_a_message_arrives_at_most_twice,
+    ],
 }

@@ -455,7 +455,6 @@ fn error_name(result: zbus::Result<()>) -> String {
 /// segment names cross 99 → 100; the contract; progress rate-limited; the
 /// ledger persisted across a restart; a second sync with nothing to do
 /// copies nothing; a new archive copies only what is new.
-#[tokio::test(flavor = "multi_thread")]
 async fn drive_opened_makes_a_verified_copy_and_the_ledger_survives_a_restart() {
     if !borg_ready() {
         return;
@@ -574,7 +573,6 @@ async fn drive_opened_makes_a_verified_copy_and_the_ledger_survives_a_restart() 
 /// Start, Cancel and their errors; Busy while a sync waits for borg's lock
 /// (held by `borg with-lock`, as a long backup would); Cancel leaves the
 /// previous copy.
-#[tokio::test(flavor = "multi_thread")]
 async fn start_and_cancel_by_hand() {
     if !borg_ready() {
         return;
@@ -662,7 +660,6 @@ fn live_children(pid: u32) -> Vec<(u32, String)> {
 /// by `borg with-lock`, as a long backup would): the helper dies with it
 /// at once instead of taking the lock behind the restarted ferry-sync's
 /// back, and the next sync completes.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_killed_ferry_sync_takes_its_children_with_it() {
     if !borg_ready() {
         return;
@@ -721,7 +718,6 @@ async fn a_killed_ferry_sync_takes_its_children_with_it() {
 
 /// The drive is too small: SyncFailed(space) with the numbers, and the
 /// copy on it is untouched.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_full_drive_fails_at_space_and_keeps_the_copy() {
     if !borg_ready() {
         return;
@@ -751,7 +747,6 @@ async fn a_full_drive_fails_at_space_and_keeps_the_copy() {
 /// A borg create against the repository during a sync succeeds (with
 /// borg's default one-second lock wait), whether it starts while the sync
 /// copies or the sync starts while it runs.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_backup_during_the_sync_is_not_disturbed() {
     if !borg_ready() {
         return;
@@ -801,7 +796,6 @@ async fn a_backup_during_the_sync_is_not_disturbed() {
 /// create, prune, compact, config and check, every file in a hard-link
 /// snapshot taken before holds exactly the bytes it held then. Fails if
 /// borg ever rewrites a committed file in place.
-#[tokio::test(flavor = "multi_thread")]
 async fn borg_never_rewrites_a_committed_file() {
     if !(require_command("borg", "borgbackup") && require_command("cp", "coreutils")) {
         return;
@@ -878,7 +872,6 @@ async fn borg_never_rewrites_a_committed_file() {
 /// removed in the middle of a sync ends the job within seconds with
 /// SyncFailed(removed), with the snapshot gone and nothing held open on
 /// the drive (it unmounts at once).
-#[tokio::test(flavor = "multi_thread")]
 async fn two_drives_in_turn_and_one_removed_mid_sync() {
     if !borg_ready() {
         return;
@@ -949,7 +942,6 @@ async fn two_drives_in_turn_and_one_removed_mid_sync() {
 /// survives) at seeded random points of a sync. Every time the copy passes
 /// `borg check` and lists exactly the archives before or after; ferry-sync
 /// restarted cleans up and the next sync completes.
-#[tokio::test(flavor = "multi_thread")]
 async fn killed_or_yanked_at_random_points_the_copy_is_old_or_new() {
     if !borg_ready() {
         return;
@@ -1086,7 +1078,6 @@ async fn killed_or_yanked_at_random_points_the_copy_is_old_or_new() {
 /// second (the phase lock-wait, since when, and who holds it: borg's own
 /// lock files name the holding process), then goes through its phases in
 /// order, each in SyncProgress and the log, once the backup lets go.
-#[tokio::test(flavor = "multi_thread")]
 async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
     if !borg_ready() {
         return;
@@ -1221,7 +1212,6 @@ fn failing_borg(dir: &Path) -> (PathBuf, PathBuf) {
 /// swapped in (photos fails its check) says nas is new and photos
 /// previous; a failure before any swap says both are previous. The test
 /// then reads the drive: it holds what the message said.
-#[tokio::test(flavor = "multi_thread")]
 async fn the_failure_message_says_which_copy_the_drive_holds() {
     if !borg_ready() {
         return;
@@ -1282,4 +1272,19 @@ async fn the_failure_message_says_which_copy_the_drive_holds() {
         rig.copy_archives("offsite-a", &PHOTOS),
         ["photos-1", "photos-2"]
     );
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        drive_opened_makes_a_verified_copy_and_the_ledger_survives_a_restart,
+        start_and_cancel_by_hand,
+        a_killed_ferry_sync_takes_its_children_with_it,
+        a_full_drive_fails_at_space_and_keeps_the_copy,
+        a_backup_during_the_sync_is_not_disturbed,
+        borg_never_rewrites_a_committed_file,
+        two_drives_in_turn_and_one_removed_mid_sync,
+        killed_or_yanked_at_random_points_the_copy_is_old_or_new,
+        waiting_for_borgs_lock_and_every_phase_are_visible,
+        the_failure_message_says_which_copy_the_drive_holds,
+    ],
 }

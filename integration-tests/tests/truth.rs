@@ -165,7 +165,6 @@ impl BorgWorld {
 /// Issue 12: a sync fails, then an unrelated backup finishes: the LED
 /// stays red. ferry-led restarted after that: still red (from ferry-sync's
 /// persisted failure). Acknowledged, then restarted: not red again.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_sync_stays_red_through_a_backup_and_a_restart_of_the_led() {
     let bus = TestBus::start();
     let Some(world) = BorgWorld::new(bus.dir()) else {
@@ -251,7 +250,6 @@ async fn a_failed_sync_stays_red_through_a_backup_and_a_restart_of_the_led() {
 /// Issue 12: SyncFailed, the drive is pulled, then DriveClosed arrives:
 /// red, and after Acknowledge idle — never "safe to remove" for a drive
 /// that is gone.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_drive_pulled_before_its_close_stays_red() {
     let bus = TestBus::start();
     let (conn, signals, _led) = led_alone(&bus, &drive_section("offsite-a", &random_uuid())).await;
@@ -300,7 +298,6 @@ async fn a_failed_drive_pulled_before_its_close_stays_red() {
 
 /// Issue 13: with power-off the detach comes before DriveClosed. The LED
 /// goes working → done ("powered off") without idle in between.
-#[tokio::test(flavor = "multi_thread")]
 async fn power_off_goes_from_working_to_done_without_idle() {
     let bus = TestBus::start();
     let drive = format!(
@@ -347,7 +344,6 @@ async fn power_off_goes_from_working_to_done_without_idle() {
 /// Issue 12: the drive watcher restarts while a closed drive is plugged in
 /// and announces it again; nobody reopens it: the LED stays "done", never
 /// "working".
-#[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_watcher_does_not_make_a_closed_drive_working() {
     if !udev_and_loop() {
         return;
@@ -405,7 +401,6 @@ async fn a_restarted_watcher_does_not_make_a_closed_drive_working() {
 /// Issue 12: a drive that fails (a stranger's drive: no identity token)
 /// stays in Crypt1.LastFailures across a restart of ferry-crypt, and a
 /// restarted ferry-led shows it red.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_drive_failure_survives_restarts_of_crypt_and_led() {
     if !udev_and_loop() {
         return;
@@ -497,7 +492,6 @@ fn home_of(uid: u32) -> String {
 /// running with HOME unset: `~` is the file owner's home (here `nobody`'s,
 /// where the sources do not exist), so the job fails at `sources` naming
 /// them — never an empty "finished" archive, never /root.
-#[tokio::test(flavor = "multi_thread")]
 async fn seed_000_with_home_unset_fails_at_sources_in_the_owners_home() {
     if !ferry_integration_tests::require_root() {
         return;
@@ -655,7 +649,6 @@ async fn run_unit(bus: &TestBus, profile: &str) -> (Option<i32>, String) {
 /// Issue 12: borg's warning exit is "finished with warnings" in the signal,
 /// LastResults and the LED's reason; and ferry-backup@'s ExecStart exits
 /// with the job's outcome: 0 finished, 2 warnings, 1 failed (sources).
-#[tokio::test(flavor = "multi_thread")]
 async fn warnings_are_their_own_outcome_and_the_unit_exits_with_the_jobs_outcome() {
     let bus = TestBus::start();
     let Some(world) = BorgWorld::new(bus.dir()) else {
@@ -740,7 +733,6 @@ async fn warnings_are_their_own_outcome_and_the_unit_exits_with_the_jobs_outcome
 /// Issue 12: a skipped job is retried after retry-delay, Schedule shows
 /// the next attempt and why, the series stops at `retries`, and the retry
 /// that can run makes its archive.
-#[tokio::test(flavor = "multi_thread")]
 async fn a_skipped_job_is_retried_and_schedule_says_when_and_why() {
     let bus = TestBus::start();
     let Some(world) = BorgWorld::new(bus.dir()) else {
@@ -812,4 +804,17 @@ async fn a_skipped_job_is_retried_and_schedule_says_when_and_why() {
     );
     assert!(entry.last_success >= now, "{entry:?}");
     assert_eq!(signals.count("BackupStarted", |_| true), 3);
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        a_failed_sync_stays_red_through_a_backup_and_a_restart_of_the_led,
+        a_failed_drive_pulled_before_its_close_stays_red,
+        power_off_goes_from_working_to_done_without_idle,
+        a_restarted_watcher_does_not_make_a_closed_drive_working,
+        a_drive_failure_survives_restarts_of_crypt_and_led,
+        seed_000_with_home_unset_fails_at_sources_in_the_owners_home,
+        warnings_are_their_own_outcome_and_the_unit_exits_with_the_jobs_outcome,
+        a_skipped_job_is_retried_and_schedule_says_when_and_why,
+    ],
 }

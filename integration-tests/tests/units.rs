@@ -45,7 +45,6 @@ fn rendered_units(into: &Path) -> Vec<PathBuf> {
     rendered
 }
 
-#[test]
 fn every_unit_verifies_without_a_word() {
     if !require_command("systemd-analyze", "systemd") {
         return;
@@ -84,7 +83,6 @@ const THRESHOLDS: [(&str, f64); 6] = [
     ("ferry-crypt.service", 5.0),
 ];
 
-#[test]
 fn security_exposure_stays_under_each_units_threshold() {
     if !require_command("systemd-analyze", "systemd") {
         return;
@@ -121,7 +119,6 @@ fn security_exposure_stays_under_each_units_threshold() {
     eprintln!("{report}");
 }
 
-#[test]
 fn activation_files_name_units_that_exist_and_units_name_built_binaries() {
     let units = units_dir();
     let mut bus_names = Vec::new();
@@ -314,7 +311,6 @@ fn busctl_call<'a>(offer: &'a Offer, method: &'a str, arguments: &[&'a str]) -> 
 /// Methods anyone may call: they only read.
 const READ_ONLY_METHODS: [&str; 1] = ["GetStats"];
 
-#[test]
 fn the_policy_tests_cover_every_method_of_the_contract() {
     for offer in offers() {
         let (_, _, xml) = ferry_interfaces::ALL
@@ -350,7 +346,6 @@ fn config_for(dir: &Path) -> PathBuf {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn the_policy_lets_root_do_everything_and_others_only_read() {
     if !(ferry_integration_tests::require_root()
         && require_command("setpriv", "util-linux")
@@ -431,7 +426,6 @@ async fn the_policy_lets_root_do_everything_and_others_only_read() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn services_check_the_caller_themselves_when_the_policy_lets_anyone_through() {
     if !(ferry_integration_tests::require_root()
         && require_command("setpriv", "util-linux")
@@ -459,7 +453,6 @@ async fn services_check_the_caller_themselves_when_the_policy_lets_anyone_throug
     }
 }
 
-#[test]
 fn install_puts_every_file_in_place_and_uninstall_removes_them() {
     let root = tempfile::tempdir().expect("temp dir");
     let script = units_dir().join("../scripts/install");
@@ -596,7 +589,6 @@ fn emit_as(address: &str, uid: &str, gid: &str, groups: &str, args: &[&str]) {
 /// ferry-crypt is the whole plug-in flow), and must drop a ferry signal from
 /// anyone else — an unprivileged user, a member of `ferry`, or one service
 /// user speaking for another.
-#[tokio::test(flavor = "multi_thread")]
 async fn the_policy_carries_each_service_users_signals_to_every_service_and_drops_forgeries() {
     if !(ferry_integration_tests::require_root()
         && require_command("setpriv", "util-linux")
@@ -767,4 +759,19 @@ async fn the_policy_carries_each_service_users_signals_to_every_service_and_drop
             recorder.listing()
         );
     }
+}
+
+ferry_integration_tests::integration_tests! {
+    async Machine: [
+        the_policy_lets_root_do_everything_and_others_only_read,
+        services_check_the_caller_themselves_when_the_policy_lets_anyone_through,
+        the_policy_carries_each_service_users_signals_to_every_service_and_drops_forgeries,
+    ],
+    sync Machine: [
+        every_unit_verifies_without_a_word,
+        security_exposure_stays_under_each_units_threshold,
+        activation_files_name_units_that_exist_and_units_name_built_binaries,
+        the_policy_tests_cover_every_method_of_the_contract,
+        install_puts_every_file_in_place_and_uninstall_removes_them,
+    ],
 }

@@ -125,7 +125,10 @@ mod tests {
         unsafe { libc::close(leaky) };
         let text = String::from_utf8_lossy(&output.stdout).to_string();
         let lines: Vec<&str> = text.lines().map(str::trim).collect();
-        assert_eq!(lines[0], lines[1], "the child leads its own session: {text}");
+        assert_eq!(
+            lines[0], lines[1],
+            "the child leads its own session: {text}"
+        );
         let mut got = String::new();
         use std::io::Read;
         let mut reader = reader;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-
 /// Where the kernel lists power supplies.
 const POWER_SUPPLIES: &str = "/sys/class/power_supply";
 /// logind's bus name.

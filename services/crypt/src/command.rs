@@ -127,9 +127,7 @@ pub async fn run<S: AsRef<OsStr>>(
         program: program.to_string(),
     })?;
     let mut command = tokio::process::Command::new(path);
-    command
-        .args(args)
-        .env("LC_ALL", "C");
+    command.args(args).env("LC_ALL", "C");
     ferry_service::process::prepare_child(&mut command, Default::default());
     let child = command.spawn().map_err(|e| CommandError::Start {
         program: program.to_string(),
