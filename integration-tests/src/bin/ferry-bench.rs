@@ -3,11 +3,14 @@
 //! `udevadm monitor` sees the same event; plug-in → DriveOpened →
 //! SyncFinished → DriveClosed through all six services; signal fan-out
 //! throughput through ferry's subscribers against the bare bus; and each
-//! service's idle footprint (RSS, CPU, wake-ups) after a quiet minute.
+//! service's idle footprint (RSS, CPU, wake-ups) after a quiet minute; and
+//! how fast each service answers a Properties.Get while it does its
+//! heaviest I/O (a backup, a first sync, opening and closing a drive, a
+//! burst of mails into the outbox).
 //! (scripts/bench also runs the per-service benchmarks: sync against cp and
 //! rsync, a borg job against borg and borgmatic, open against mount.)
 //!
-//! Usage: ferry-bench [--attaches N] [--plugins N] [--idle-seconds S]
+//! Usage: ferry-bench [--attaches N] [--plugins N] [--idle-seconds S] [--busy-only]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -25,6 +28,7 @@ struct Options {
     attaches: usize,
     plugins: usize,
     idle_seconds: u64,
+    busy_only: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -32,6 +36,7 @@ fn options() -> Result<Options, String> {
         attaches: 50,
         plugins: 10,
         idle_seconds: 60,
+        busy_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -44,9 +49,10 @@ fn options() -> Result<Options, String> {
             "--attaches" => options.attaches = value("--attaches")? as usize,
             "--plugins" => options.plugins = value("--plugins")? as usize,
             "--idle-seconds" => options.idle_seconds = value("--idle-seconds")?,
+            "--busy-only" => options.busy_only = true,
             other => {
                 return Err(format!(
-                "unknown argument {other}; usage: ferry-bench [--attaches N] [--plugins N] [--idle-seconds S]"
+                "unknown argument {other}; usage: ferry-bench [--attaches N] [--plugins N] [--idle-seconds S] [--busy-only]"
             ))
             }
         }
@@ -71,7 +77,11 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(bench(options)),
+        Ok(runtime) if options.busy_only => runtime.block_on(answers_while_busy()),
+        Ok(runtime) => runtime.block_on(async {
+            bench(options).await;
+            answers_while_busy().await;
+        }),
         Err(e) => {
             eprintln!("ferry-bench: {e}");
             return std::process::ExitCode::FAILURE;
@@ -444,5 +454,163 @@ fn ticks_per_second() -> u64 {
         ticks as u64
     } else {
         100
+    }
+}
+
+/// How long each service takes to answer a Properties.Get while it works:
+/// a prober per service asks every 5 ms through a backup of 200 MiB, a
+/// plug-in whose first sync copies the repository, the drive pulled, and a
+/// burst of 100 test mails into the notifier's fsync'd outbox. A service
+/// that blocked its runtime on file, device or process I/O would answer
+/// late here.
+async fn answers_while_busy() {
+    use ferry_integration_tests::system::{FerrySystem, Options as SystemOptions, DRIVE, PROFILE};
+    use ferry_interfaces::{borg, crypt, notifier, sync};
+    let system_options = SystemOptions {
+        log: "warn",
+        sample_files: 800,
+        sample_kib: 256,
+        drive_mib: 1024,
+        ..SystemOptions::default()
+    };
+    let mut system = FerrySystem::start(system_options, &|_| {}).await;
+    let probes: [(&str, &str, &str, &str, &str); 6] = [
+        (
+            "ferry-drive-watcher",
+            drive_watcher::BUS_NAME,
+            drive_watcher::OBJECT_PATH,
+            drive_watcher::INTERFACE,
+            "Drives",
+        ),
+        (
+            "ferry-crypt",
+            crypt::BUS_NAME,
+            crypt::OBJECT_PATH,
+            crypt::INTERFACE,
+            "Drives",
+        ),
+        (
+            "ferry-sync",
+            sync::BUS_NAME,
+            sync::OBJECT_PATH,
+            sync::INTERFACE,
+            "Running",
+        ),
+        (
+            "ferry-borg",
+            borg::BUS_NAME,
+            borg::OBJECT_PATH,
+            borg::INTERFACE,
+            "Jobs",
+        ),
+        (
+            "ferry-led",
+            led::BUS_NAME,
+            led::OBJECT_PATH,
+            led::INTERFACE,
+            "State",
+        ),
+        (
+            "ferry-notifier",
+            notifier::BUS_NAME,
+            notifier::OBJECT_PATH,
+            notifier::INTERFACE,
+            "Pending",
+        ),
+    ];
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut probers = Vec::new();
+    for (service, name, path, interface, property) in probes {
+        let conn = system.conn.clone();
+        let mut stop = stop_rx.clone();
+        probers.push((
+            service,
+            tokio::spawn(async move {
+                let proxy = zbus::fdo::PropertiesProxy::builder(&conn)
+                    .destination(name)
+                    .and_then(|b| b.path(path))
+                    .expect("proxy address")
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+                    .expect("properties proxy");
+                let interface =
+                    zbus::names::InterfaceName::try_from(interface).expect("interface name");
+                let mut samples = Vec::new();
+                while !*stop.borrow() {
+                    let start = Instant::now();
+                    proxy
+                        .get(interface.clone(), property)
+                        .await
+                        .expect("Properties.Get");
+                    samples.push(start.elapsed());
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                samples
+            }),
+        ));
+    }
+    let started = Instant::now();
+    let borg_proxy = borg::BorgProxy::new(&system.conn).await.expect("Borg1");
+    let job = borg_proxy.start(PROFILE).await.expect("Borg1.Start");
+    system
+        .signals
+        .wait_for(
+            "BackupFinished",
+            |s| s.args[0] == job,
+            Duration::from_secs(300),
+        )
+        .await;
+    let before = system.signals.len();
+    system.drive.attach();
+    system
+        .signals
+        .wait_for_from(
+            before,
+            "DriveClosed",
+            |s| s.args[0] == DRIVE,
+            Duration::from_secs(300),
+        )
+        .await;
+    let before = system.signals.len();
+    system.drive.detach();
+    system
+        .signals
+        .wait_for_from(before, "DriveDetached", |s| s.args[0] == DRIVE, WAIT)
+        .await;
+    let notifier_proxy = notifier::NotifierProxy::new(&system.conn)
+        .await
+        .expect("Notifier1");
+    for _ in 0..100 {
+        notifier_proxy.send_test().await.expect("SendTest");
+    }
+    let busy = started.elapsed();
+    let _ = stop_tx.send(true);
+    println!(
+        "\n## answers while busy: Properties.Get to each service every 5 ms through a {} MiB backup, a first sync, open/close, a pull and 100 mails into the outbox ({:.1} s)",
+        dir_size(&system.repository) / (1 << 20),
+        busy.as_secs_f64()
+    );
+    println!(
+        "{:<22} {:>8} {:>9} {:>9} {:>9}",
+        "service", "answers", "p50 ms", "p99 ms", "max ms"
+    );
+    for (service, prober) in probers {
+        let samples = prober.await.expect("prober");
+        let max = samples
+            .iter()
+            .max()
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+        println!(
+            "{:<22} {:>8} {:>9.2} {:>9.2} {:>9.1}",
+            service,
+            samples.len(),
+            pct(&samples, 50),
+            pct(&samples, 99),
+            max
+        );
     }
 }

@@ -22,7 +22,7 @@ use zbus::object_server::SignalEmitter;
 /// A request from the D-Bus interface to the service loop.
 enum Command {
     /// The number of present drives, or why udev could not be enumerated.
-    Rescan(oneshot::Sender<Result<u32, String>>),
+    Rescan(oneshot::Sender<Result<u32, FerryError>>),
 }
 
 /// The org.ferry.DriveWatcher1 object: validates, hands work to the loop,
@@ -46,16 +46,7 @@ impl DriveWatcherInterface {
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<u32, FerryError> {
         authorize(connection, &header).await?;
-        let (reply, answer) = oneshot::channel();
-        let unavailable = || FerryError::Failed("the drive watcher is shutting down".into());
-        self.commands
-            .send(Command::Rescan(reply))
-            .await
-            .map_err(|_| unavailable())?;
-        answer
-            .await
-            .map_err(|_| unavailable())?
-            .map_err(FerryError::Failed)
+        ferry_service::ask_loop(&self.commands, "ferry-drive-watcher", Command::Rescan).await
     }
 
     /// Every enrolled drive: (name, uuid, attached, device, since).
@@ -97,7 +88,7 @@ pub async fn run(
     // Coldplug before the name is taken: whoever reads Drives as soon as
     // the name appears (a peer rebuilding its view after this watcher
     // restarted) sees every drive already plugged in, never an empty list.
-    let coldplug = match enumerate() {
+    let coldplug = match enumerate().await {
         Ok(devices) => tracker.rescan(devices, unix_now()),
         Err(e) => {
             tracing::error!(
@@ -131,38 +122,58 @@ pub async fn run(
             events = monitor.next_events() => {
                 let events = events
                     .map_err(|e| ServiceError::Other(format!("udev socket failed: {e}")))?;
-                let mut changes = Vec::new();
-                for event in events {
-                    tracing::debug!("udev {:?} {:?}", event.event_type(), event.syspath());
-                    changes.extend(tracker.observe(observation(&event, event.event_type() == udev::EventType::Remove), unix_now()));
-                }
+                let changes = events
+                    .iter()
+                    .flat_map(|event| {
+                        tracing::debug!("udev {:?} {:?}", event.event_type(), event.syspath());
+                        let removed = event.event_type() == udev::EventType::Remove;
+                        tracker.observe(observation(event, removed), unix_now())
+                    })
+                    .collect();
                 publish(&object, &drives, &tracker, changes).await;
             }
             Some(Command::Rescan(reply)) = requests.recv() => {
-                let answer = match enumerate() {
-                    Ok(devices) => {
-                        let changes = tracker.rescan(devices, unix_now());
-                        publish(&object, &drives, &tracker, changes).await;
-                        Ok(u32::try_from(tracker.present_count()).unwrap_or(u32::MAX))
-                    }
-                    // A failed enumeration knows nothing: it detaches nothing.
-                    Err(e) => {
-                        tracing::error!("cannot enumerate block devices: {e}; nothing changed");
-                        Err(format!(
-                            "udev cannot enumerate block devices ({e}); nothing was detached or announced: check that systemd-udevd runs, then Rescan again"
-                        ))
-                    }
-                };
-                let _ = reply.send(answer);
+                let answer = rescan(&mut tracker).await;
+                if let Ok((_, changes)) = &answer {
+                    publish(&object, &drives, &tracker, changes.clone()).await;
+                }
+                let _ = reply.send(answer.map(|(present, _)| present));
             }
         }
     }
     Ok(())
 }
 
+/// Rescan: what the tracker makes of udev's list now, and how many enrolled
+/// drives are present. A failed enumeration knows nothing: it detaches
+/// nothing.
+async fn rescan(tracker: &mut Tracker) -> Result<(u32, Vec<Change>), FerryError> {
+    match enumerate().await {
+        Ok(devices) => {
+            let changes = tracker.rescan(devices, unix_now());
+            let present = u32::try_from(tracker.present_count()).unwrap_or(u32::MAX);
+            Ok((present, changes))
+        }
+        Err(e) => {
+            tracing::error!("cannot enumerate block devices: {e}; nothing changed");
+            Err(FerryError::Failed(format!(
+                "udev cannot enumerate block devices ({e}); nothing was detached or announced: check that systemd-udevd runs, then Rescan again"
+            )))
+        }
+    }
+}
+
+/// [`enumerate_now`] off the runtime: udev reads sysfs and its database,
+/// which must not hold up the bus answers.
+async fn enumerate() -> std::io::Result<Vec<Observation>> {
+    tokio::task::spawn_blocking(enumerate_now)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 /// Every block device udev knows now, or why udev could not say: a
 /// failed enumeration must never be taken for "nothing is plugged in".
-fn enumerate() -> std::io::Result<Vec<Observation>> {
+fn enumerate_now() -> std::io::Result<Vec<Observation>> {
     let mut enumerator = udev::Enumerator::new()?;
     enumerator.match_subsystem("block")?;
     Ok(enumerator
