@@ -790,7 +790,13 @@ pub async fn run(
     };
 
     // Subscribe first, then read the peers: nothing falls between the two.
-    let mut signals = ordered_signals(&connection).await?;
+    // One stream for every interface: SyncFinished (Sync1) is seen before
+    // the DriveClosed (Crypt1) that follows it, as the summary needs.
+    let mut signals = ferry_service::subscribe(
+        &connection,
+        &[crypt::INTERFACE, sync::INTERFACE, borg::INTERFACE],
+    )
+    .await?;
     let mut notifier = Notifier {
         config: config.clone(),
         connection: connection.clone(),
@@ -839,23 +845,6 @@ pub async fn run(
         task.abort();
     }
     result
-}
-
-/// Every signal under /org/ferry, in the order the bus delivered them.
-///
-/// `ferry_service::subscribe` merges one stream per interface, which can
-/// reorder signals of different interfaces; the success summary needs
-/// SyncFinished (Sync1) before DriveClosed (Crypt1), so the notifier reads
-/// one stream and picks its members by interface and member (never by
-/// sender) in [`events::event_of`].
-async fn ordered_signals(
-    connection: &zbus::Connection,
-) -> Result<zbus::MessageStream, ServiceError> {
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .path_namespace("/org/ferry")?
-        .build();
-    Ok(zbus::MessageStream::for_match_rule(rule, connection, Some(1024)).await?)
 }
 
 async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {
