@@ -106,7 +106,7 @@ pub struct DecodeError {
     pub member: String,
     /// What deserialising the body said.
     #[source]
-    pub source: zbus::Error,
+    pub source: Box<zbus::Error>,
 }
 
 impl FerrySignal {
@@ -125,7 +125,7 @@ impl FerrySignal {
         decode(message, interface, member).map_err(|source| DecodeError {
             interface: interface.to_string(),
             member: member.to_string(),
-            source,
+            source: Box::new(source),
         })
     }
 
