@@ -191,7 +191,7 @@ pub async fn reopen(plan: &Plan, device: &Path) -> Result<(), Failed> {
 /// needed), then maps the unlocked drive.
 async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
     let fail = |m: String| Failed::new(CryptStage::Unlock, m);
-    secrets::check_key_file(key).map_err(fail)?;
+    secrets::check_key_file(key).map_err(|e| fail(e.to_string()))?;
     let test = plan
         .run(
             "cryptsetup",
@@ -420,7 +420,7 @@ fn prove_now(plan: &Plan) -> Result<(), Failed> {
         )
     })?;
     identity::verify_on(&plan.name, &plan.host_token, &root)
-        .map_err(|m| Failed::new(CryptStage::Identity, m))
+        .map_err(|e| Failed::new(CryptStage::Identity, e.to_string()))
 }
 
 /// The identity is proven: the read-only mount gives way to a read-write
