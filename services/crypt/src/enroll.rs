@@ -93,7 +93,10 @@ pub enum EnrollError {
     #[error("{source}; {} was left in place and can be deleted", key.display())]
     Format { source: CommandError, key: PathBuf },
     #[error("cannot back up the LUKS header: {source}; {}", left(files))]
-    HeaderBackup { source: CommandError, files: Left },
+    HeaderBackup {
+        source: CommandError,
+        files: Box<Left>,
+    },
     #[error(
         "cannot make the filesystem inside the LUKS drive: {why}: {source}; {}",
         left(files)
@@ -101,7 +104,7 @@ pub enum EnrollError {
     Mapping {
         why: &'static str,
         source: CommandError,
-        files: Left,
+        files: Box<Left>,
     },
     #[error("cannot make a token: {0}")]
     Token(io::Error),
@@ -311,11 +314,11 @@ async fn luks_format(
             source,
             key: key.clone(),
         })?;
-    let files = Left {
+    let files = Box::new(Left {
         device: device.clone(),
         key: key.clone(),
         header: files.header.clone(),
-    };
+    });
     let backup: [Arg<'_>; 4] = [
         &"luksHeaderBackup",
         device,
