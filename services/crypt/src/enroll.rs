@@ -432,10 +432,13 @@ mod tests {
         args: EnrollArgs,
     }
 
-    fn parse(args: &[&str]) -> Result<EnrollArgs, String> {
-        Cli::try_parse_from(std::iter::once("enroll").chain(args.iter().copied()))
-            .map(|c| c.args)
-            .map_err(|e| e.to_string())
+    fn parse(args: &[&str]) -> Result<EnrollArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("enroll").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    /// The refusal of `args`, as clap words it.
+    fn refusal(args: &[&str]) -> String {
+        parse(args).expect_err("refused").to_string()
     }
 
     #[test]
@@ -456,24 +459,12 @@ mod tests {
         let a =
             parse(&["--plain", "--config", "/f.toml", "--drive", "b", "/dev/sdy"]).expect("valid");
         assert!(a.plain && a.confirmed.is_none());
-        assert!(parse(&["/dev/sdx"])
-            .expect_err("no drive")
-            .contains("--drive"));
-        assert!(parse(&["--drive", "a"])
-            .expect_err("no device")
-            .contains("DEVICE"));
-        assert!(parse(&["--drive", "A B", "/dev/x"])
-            .expect_err("bad name")
-            .contains("not a valid name"));
-        assert!(parse(&["--drive", "a", "/dev/x", "/dev/y"])
-            .expect_err("two")
-            .contains("'/dev/y'"));
-        assert!(parse(&["--drive"])
-            .expect_err("value")
-            .contains("a value is required"));
-        assert!(parse(&["--force", "--drive", "a", "/dev/x"])
-            .expect_err("unknown")
-            .contains("--force"));
+        assert!(refusal(&["/dev/sdx"]).contains("--drive"));
+        assert!(refusal(&["--drive", "a"]).contains("DEVICE"));
+        assert!(refusal(&["--drive", "A B", "/dev/x"]).contains("not a valid name"));
+        assert!(refusal(&["--drive", "a", "/dev/x", "/dev/y"]).contains("'/dev/y'"));
+        assert!(refusal(&["--drive"]).contains("a value is required"));
+        assert!(refusal(&["--force", "--drive", "a", "/dev/x"]).contains("--force"));
     }
 
     #[test]
