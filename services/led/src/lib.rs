@@ -10,6 +10,12 @@
 //! acknowledged failure does not come back after a restart. A BlinkStick that is missing or
 //! unplugged is logged and written again when udev says a hidraw device
 //! appeared: no polling.
+//!
+//! The rules are [`state`]'s (pure, tested without a bus); this module is
+//! the adapter: it decodes the peers' signals ([`FerrySignal`]) into
+//! [`Event`]s, carries out method calls, and writes the colour — a HID
+//! write or a file append, on a blocking thread, so a wedged device never
+//! stalls the service's runtime.
 
 pub mod blinkstick;
 pub mod output;
@@ -21,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_config::{Color, Config, LedColors};
-use ferry_interfaces::{borg, crypt, drive_watcher, led, sync, Error as FerryError};
+use ferry_interfaces::{borg, crypt, drive_watcher, led, sync, Error as FerryError, FerrySignal};
 use ferry_service::caller::authorize;
 use ferry_service::{claim_name, subscribe, ServiceError, Shutdown};
 use futures_util::StreamExt;
@@ -139,7 +145,10 @@ impl LedInterface {
 struct Lamp {
     indicator: Indicator,
     colors: LedColors,
-    output: Output,
+    /// The backend, used only on blocking threads (one write at a time).
+    output: Arc<Mutex<Output>>,
+    /// Whether the backend's device was there at the last write.
+    present: bool,
     view: Arc<Mutex<View>>,
     object: ferry_service::Served<LedInterface>,
     /// The colour last written, with its label.
@@ -175,14 +184,16 @@ impl Lamp {
     async fn show(&mut self, color: Color, label: &str, force: bool) {
         let changed = self.shown.as_ref() != Some(&(color, label.to_string()));
         if changed || force {
-            if let Err(e) = self.output.show(color, label) {
+            let (written, present) = write_color(&self.output, color, label).await;
+            self.present = present;
+            if let Err(e) = written {
                 tracing::warn!(
                     "LED: {e}; the state stays on the bus and is shown when the device is back"
                 );
             }
         }
         let reason = self.indicator.reason();
-        let present = self.output.present();
+        let present = self.present;
         if let Ok(mut view) = self.view.lock() {
             view.color = color.to_hex();
             view.state = if label == "test" {
@@ -244,21 +255,57 @@ impl Lamp {
     }
 }
 
+/// Why a write of the colour did not happen at all.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Output(#[from] output::OutputError),
+    #[error("the write to the LED stopped unexpectedly: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Shows `color` through `output` on a blocking thread; returns the
+/// outcome and whether the device is there afterwards.
+async fn write_color(
+    output: &Arc<Mutex<Output>>,
+    color: Color,
+    label: &str,
+) -> (Result<(), WriteError>, bool) {
+    let output = output.clone();
+    let label = label.to_string();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut output = output
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (output.show(color, &label), output.present())
+    })
+    .await;
+    match written {
+        Ok((shown, present)) => (shown.map_err(WriteError::from), present),
+        Err(e) => (Err(e.into()), false),
+    }
+}
+
 /// Runs the LED service on `connection` until `shutdown` resolves.
 pub async fn run(
     connection: zbus::Connection,
     config: Arc<Config>,
     shutdown: Shutdown,
 ) -> Result<(), ServiceError> {
-    let output = Output::from_config(&config.led);
+    // Opening the BlinkStick enumerates HID devices: off the runtime.
+    let settings = config.led.clone();
+    let output = tokio::task::spawn_blocking(move || Output::from_config(&settings))
+        .await
+        .map_err(|e| ServiceError::Other(format!("cannot set up the LED backend: {e}")))?;
+    let present = output.present();
     let view = Arc::new(Mutex::new(View {
         color: config.led.colors.idle.to_hex(),
         state: LedState::Idle.as_str().into(),
         reason: String::new(),
         backend: output.name(),
-        device_present: output.present(),
+        device_present: present,
     }));
-    let (commands, mut requests) = mpsc::channel(8);
+    let (commands, requests) = mpsc::channel(8);
     let object = ferry_service::serve(
         &connection,
         led::OBJECT_PATH,
@@ -270,7 +317,7 @@ pub async fn run(
     .await?;
 
     // Subscribe first, then read the peers: nothing falls between the two.
-    let mut signals = subscribe(
+    let signals = subscribe(
         &connection,
         &[
             drive_watcher::INTERFACE,
@@ -280,7 +327,7 @@ pub async fn run(
         ],
     )
     .await?;
-    let mut hotplug = match &output {
+    let hotplug = match &output {
         Output::BlinkStick(_) => hidraw_monitor(),
         _ => None,
     };
@@ -288,7 +335,8 @@ pub async fn run(
     let mut lamp = Lamp {
         indicator: Indicator::default(),
         colors: config.led.colors.clone(),
-        output,
+        output: Arc::new(Mutex::new(output)),
+        present,
         view,
         object,
         shown: None,
@@ -296,59 +344,122 @@ pub async fn run(
         test_due: None,
         acknowledged: acknowledged.clone(),
     };
-    let policies = drive_policies(&config);
-    let facts = peer_facts(&connection, read_acknowledged(&acknowledged)).await;
-    lamp.indicator = Indicator::from_peers(policies, &facts);
-    if lamp.indicator.state() == LedState::Failed {
-        tracing::info!(
-            "failures the peers still report: {}",
-            lamp.indicator.reason()
-        );
-    }
-    lamp.refresh().await;
+    let since = read_acknowledged(acknowledged).await;
+    lamp.start(&connection, drive_policies(&config), since)
+        .await;
     claim_name(&connection, led::BUS_NAME, led::OBJECT_PATH).await?;
 
-    let mut peers_restarting = peer_owner_changes(&connection).await?;
+    let events = Events {
+        peers_restarting: peer_owner_changes(&connection).await?,
+        signals,
+        requests,
+        hotplug,
+    };
+    serve_loop(&connection, &mut lamp, events, shutdown).await
+}
+
+/// Where the loop's events come from.
+struct Events<S> {
+    peers_restarting: zbus::MessageStream,
+    signals: S,
+    requests: mpsc::Receiver<Command>,
+    hotplug: Option<AsyncFd<udev::MonitorSocket>>,
+}
+
+impl Lamp {
+    /// The indicator the peers' properties describe, shown.
+    async fn start(
+        &mut self,
+        connection: &zbus::Connection,
+        policies: BTreeMap<String, DrivePolicy>,
+        acknowledged: u64,
+    ) {
+        let facts = peer_facts(connection, acknowledged).await;
+        self.indicator = Indicator::from_peers(policies, &facts);
+        if self.indicator.state() == LedState::Failed {
+            tracing::info!(
+                "failures the peers still report: {}",
+                self.indicator.reason()
+            );
+        }
+        self.refresh().await;
+    }
+
+    /// A peer (re)started: what it was doing before is gone or in its
+    /// properties now; ask instead of guessing.
+    async fn peer_restarted(&mut self, connection: &zbus::Connection, peer: &str) {
+        tracing::info!("{peer} has a new owner; reading the peers' state again");
+        let facts = peer_facts(connection, 0).await;
+        self.indicator = self.indicator.rebuilt(&facts);
+        self.refresh().await;
+    }
+
+    /// A peer's signal: decoded once, applied if the LED acts on it.
+    async fn signal(&mut self, message: zbus::Result<zbus::Message>) {
+        let decoded = match message {
+            Ok(message) => FerrySignal::from_message(&message),
+            Err(e) => {
+                tracing::warn!("cannot read a message from the bus: {e}");
+                return;
+            }
+        };
+        let signal = match decoded {
+            Ok(Some(signal)) => signal,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("ignoring a peer's signal: {e}");
+                return;
+            }
+        };
+        if let Some(event) = Event::from_signal(signal) {
+            tracing::debug!("{event:?}");
+            self.indicator.apply(event);
+            self.refresh().await;
+        }
+    }
+
+    /// A method call handed over by the interface.
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Acknowledge => {
+                write_acknowledged(&self.acknowledged, ferry_service::unix_now()).await;
+                self.indicator.apply(Event::Acknowledge);
+                self.refresh().await;
+            }
+            Command::Test(reply) => {
+                let _ = reply.send(self.start_test());
+            }
+        }
+    }
+}
+
+/// The service loop: peers restarting, their signals, method calls, the
+/// Test's steps and a replugged BlinkStick, until `shutdown`.
+async fn serve_loop<S>(
+    connection: &zbus::Connection,
+    lamp: &mut Lamp,
+    mut events: Events<S>,
+    shutdown: Shutdown,
+) -> Result<(), ServiceError>
+where
+    S: futures_util::Stream<Item = zbus::Result<zbus::Message>> + Unpin,
+{
+    let closed = || ServiceError::Other("the bus connection closed".into());
     tokio::pin!(shutdown);
     loop {
         let test_due = lamp.test_due;
         tokio::select! {
-            _ = &mut shutdown => break,
-            change = peers_restarting.next() => {
-                let Some(change) = change else {
-                    return Err(ServiceError::Other("the bus connection closed".into()));
-                };
+            _ = &mut shutdown => return Ok(()),
+            change = events.peers_restarting.next() => {
+                let change = change.ok_or_else(closed)?;
                 if let Some(peer) = change.ok().as_ref().and_then(peer_that_started) {
-                    // A peer (re)started: what it was doing before is gone or
-                    // in its properties now; ask instead of guessing.
-                    tracing::info!("{peer} has a new owner; reading the peers' state again");
-                    let facts = peer_facts(&connection, 0).await;
-                    lamp.indicator = lamp.indicator.rebuilt(&facts);
-                    lamp.refresh().await;
+                    lamp.peer_restarted(connection, &peer).await;
                 }
             }
-            message = signals.next() => {
-                let Some(message) = message else {
-                    return Err(ServiceError::Other("the bus connection closed".into()));
-                };
-                if let Some(event) = message.ok().as_ref().and_then(event_of) {
-                    tracing::debug!("{event:?}");
-                    lamp.indicator.apply(event);
-                    lamp.refresh().await;
-                }
-            }
-            Some(command) = requests.recv() => match command {
-                Command::Acknowledge => {
-                    write_acknowledged(&lamp.acknowledged, ferry_service::unix_now()).await;
-                    lamp.indicator.apply(Event::Acknowledge);
-                    lamp.refresh().await;
-                }
-                Command::Test(reply) => {
-                    let _ = reply.send(lamp.start_test());
-                }
-            },
+            message = events.signals.next() => lamp.signal(message.ok_or_else(closed)?).await,
+            Some(command) = events.requests.recv() => lamp.command(command).await,
             _ = sleep_until(test_due), if test_due.is_some() => lamp.test_step().await,
-            added = hidraw_added(hotplug.as_mut()), if hotplug.is_some() => {
+            added = hidraw_added(events.hotplug.as_mut()), if events.hotplug.is_some() => {
                 if added {
                     tracing::info!("a hidraw device appeared; writing the LED again");
                     if let Some((color, label)) = lamp.shown.clone() {
@@ -358,7 +469,6 @@ pub async fn run(
             }
         }
     }
-    Ok(())
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -413,91 +523,6 @@ async fn hidraw_added(monitor: Option<&mut AsyncFd<udev::MonitorSocket>>) -> boo
     }
 }
 
-/// Translates a ferry signal into an LED event. Unknown members are ignored.
-fn event_of(message: &zbus::Message) -> Option<Event> {
-    let m = message.clone();
-    if let Some(s) = drive_watcher::DriveAttached::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::DriveAttached(a.drive.to_string()));
-    }
-    if let Some(s) = drive_watcher::DriveDetached::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::DriveDetached(a.drive.to_string()));
-    }
-    if let Some(s) = crypt::DriveOpened::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
-    }
-    // A drive held open for a person is in use, not safe to remove, until
-    // its DriveClosed.
-    if let Some(s) = crypt::DriveHeld::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
-    }
-    if let Some(s) = crypt::DriveClosed::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::DriveClosed(a.drive.to_string()));
-    }
-    if let Some(s) = crypt::DriveFailed::from_message(m.clone()) {
-        return s.args().ok().map(|a| {
-            Event::DriveFailed(a.drive.to_string(), format!("{}: {}", a.stage, a.message))
-        });
-    }
-    if let Some(s) = sync::SyncStarted::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
-    }
-    if let Some(s) = sync::SyncFinished::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::SyncFinished(a.drive.to_string()));
-    }
-    if let Some(s) = sync::SyncFailed::from_message(m.clone()) {
-        return s.args().ok().map(|a| {
-            Event::SyncFailed(
-                a.drive.to_string(),
-                format!("sync {}: {}", a.stage, a.message),
-            )
-        });
-    }
-    if let Some(s) = borg::BackupStarted::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupStarted {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-        });
-    }
-    if let Some(s) = borg::BackupFinished::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupFinished {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-        });
-    }
-    if let Some(s) = borg::BackupFinishedWithWarnings::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupWarned {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-            reason: format!("finished with warnings: {}", a.warnings),
-        });
-    }
-    if let Some(s) = borg::BackupFailed::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupFailed {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-            reason: format!("{}: {}", a.stage, a.message),
-        });
-    }
-    if let Some(s) = borg::BackupSkipped::from_message(m) {
-        return s.args().ok().map(|a| Event::BackupSkipped {
-            job: a.job.to_string(),
-        });
-    }
-    None
-}
-
 /// NameOwnerChanged for every org.ferry name: a peer started or went away.
 async fn peer_owner_changes(
     connection: &zbus::Connection,
@@ -536,8 +561,18 @@ fn drive_policies(config: &Config) -> BTreeMap<String, DrivePolicy> {
         .collect()
 }
 
-/// The unix time of the last Acknowledge, 0 if none is recorded.
-fn read_acknowledged(path: &Path) -> u64 {
+/// The unix time of the last Acknowledge, 0 if none is recorded (read off
+/// the runtime).
+async fn read_acknowledged(path: PathBuf) -> u64 {
+    tokio::task::spawn_blocking(move || read_acknowledged_now(&path))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!("cannot read the last acknowledgement: {e}");
+            0
+        })
+}
+
+fn read_acknowledged_now(path: &Path) -> u64 {
     match std::fs::read_to_string(path) {
         Ok(text) => text.trim().parse().unwrap_or_else(|_| {
             tracing::warn!(

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 
-use ferry_interfaces::{BackupOutcome, BackupResult, CryptDrive, Failure};
+use ferry_interfaces::{BackupOutcome, BackupResult, CryptDrive, CryptState, Failure, FerrySignal};
 
 /// What the LED shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +138,62 @@ pub enum Event {
     },
     /// The Acknowledge method.
     Acknowledge,
+}
+
+impl Event {
+    /// What a ferry signal tells the LED; `None` for one it does not act on
+    /// (progress, its own ColorChanged, the notifier's).
+    pub fn from_signal(signal: FerrySignal) -> Option<Event> {
+        use FerrySignal as S;
+        Some(match signal {
+            S::DriveAttached { drive, .. } => Event::DriveAttached(drive),
+            S::DriveDetached { drive, .. } => Event::DriveDetached(drive),
+            // A drive held open for a person is in use, not safe to remove,
+            // until its DriveClosed.
+            S::DriveOpened { drive, .. } | S::DriveHeld { drive, .. } => Event::DriveBusy(drive),
+            S::SyncStarted { drive, .. } => Event::DriveBusy(drive),
+            S::DriveClosed { drive } => Event::DriveClosed(drive),
+            S::DriveFailed {
+                drive,
+                stage,
+                message,
+            } => Event::DriveFailed(drive, format!("{stage}: {message}")),
+            S::SyncFinished { drive, .. } => Event::SyncFinished(drive),
+            S::SyncFailed {
+                drive,
+                stage,
+                message,
+            } => Event::SyncFailed(drive, format!("sync {stage}: {message}")),
+            S::BackupStarted { job, profile } => Event::BackupStarted { job, profile },
+            S::BackupFinished { job, profile, .. } => Event::BackupFinished { job, profile },
+            S::BackupFinishedWithWarnings {
+                job,
+                profile,
+                warnings,
+                ..
+            } => Event::BackupWarned {
+                job,
+                profile,
+                reason: format!("finished with warnings: {warnings}"),
+            },
+            S::BackupFailed {
+                job,
+                profile,
+                stage,
+                message,
+            } => Event::BackupFailed {
+                job,
+                profile,
+                reason: format!("{stage}: {message}"),
+            },
+            S::BackupSkipped { job, .. } => Event::BackupSkipped { job },
+            S::SyncProgress { .. }
+            | S::BackupProgress { .. }
+            | S::ColorChanged { .. }
+            | S::NotificationSent { .. }
+            | S::NotificationQueued { .. } => return None,
+        })
+    }
 }
 
 /// A drive's flow in progress.
@@ -352,17 +408,15 @@ impl Indicator {
                     let attached = !d.device.is_empty();
                     let facts = self.drive(&d.name);
                     facts.attached = attached;
-                    match d.state.as_str() {
-                        "opening" | "open" | "held" | "closing" => {
-                            facts.attached = true;
-                            // A flow that began before a failure still on
-                            // record cannot be told from one after it.
-                            facts.flow = Some(Flow {
-                                failed: failing,
-                                ..Flow::default()
-                            });
-                        }
-                        _ => {}
+                    use CryptState::{Closing, Held, Open, Opening};
+                    if let Some(Opening | Open | Held | Closing) = CryptState::from_wire(&d.state) {
+                        facts.attached = true;
+                        // A flow that began before a failure still on
+                        // record cannot be told from one after it.
+                        facts.flow = Some(Flow {
+                            failed: failing,
+                            ..Flow::default()
+                        });
                     }
                 }
             }
@@ -374,7 +428,8 @@ impl Indicator {
         }
         if let Some(drives) = &facts.crypt_drives {
             for d in drives {
-                if d.state == "closed" && !d.device.is_empty() && facts.ended_well(&d.name) {
+                let closed = CryptState::from_wire(&d.state) == Some(CryptState::Closed);
+                if closed && !d.device.is_empty() && facts.ended_well(&d.name) {
                     self.drive(&d.name).done = Some(Done::Present);
                 }
             }
