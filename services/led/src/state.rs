@@ -256,6 +256,28 @@ impl Indicator {
     /// Applies one event.
     pub fn apply(&mut self, event: Event) {
         match event {
+            Event::BackupStarted { .. }
+            | Event::BackupFinished { .. }
+            | Event::BackupWarned { .. }
+            | Event::BackupFailed { .. }
+            | Event::BackupSkipped { .. } => self.apply_backup(event),
+            Event::Acknowledge => {
+                self.failures.clear();
+                for facts in self.drives.values_mut() {
+                    if facts.done == Some(Done::PoweredOff) {
+                        facts.done = None;
+                    }
+                }
+            }
+            _ => self.apply_drive(event),
+        }
+        self.drives
+            .retain(|_, f| f.attached || f.flow.is_some() || f.done.is_some());
+    }
+
+    /// Applies an event about a drive.
+    fn apply_drive(&mut self, event: Event) {
+        match event {
             Event::DriveAttached(drive) => {
                 let opens = self.policy(&drive).opens_on_attach;
                 let facts = self.drive(&drive);
@@ -328,6 +350,13 @@ impl Indicator {
                 self.failures
                     .insert(Subject::Drive(drive.clone()), format!("{drive}: {reason}"));
             }
+            _ => {}
+        }
+    }
+
+    /// Applies an event about a backup job.
+    fn apply_backup(&mut self, event: Event) {
+        match event {
             Event::BackupStarted { job, profile } => {
                 self.jobs.insert(job, profile);
             }
@@ -354,17 +383,8 @@ impl Indicator {
             Event::BackupSkipped { job } => {
                 self.jobs.remove(&job);
             }
-            Event::Acknowledge => {
-                self.failures.clear();
-                for facts in self.drives.values_mut() {
-                    if facts.done == Some(Done::PoweredOff) {
-                        facts.done = None;
-                    }
-                }
-            }
+            _ => {}
         }
-        self.drives
-            .retain(|_, f| f.attached || f.flow.is_some() || f.done.is_some());
     }
 
     /// The indicator the peers' state describes (at start).
