@@ -85,8 +85,8 @@ wire_enum! {
         Close => "close",
         /// `removed`: the drive was pulled out while open.
         Removed => "removed",
-        /// `sync`: ferry-sync went away during the drive's sync; the drive
-        /// was closed and the flow ends failed.
+        /// `sync`: ferry-sync went away during the drive's sync without a
+        /// result; the drive was closed and its flow ends failed.
         Sync => "sync",
     }
 }

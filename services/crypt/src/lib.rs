@@ -41,7 +41,7 @@ use std::time::Duration;
 use domain::{Drives, Effect, Enrolled, Failed, Finding, Operation, Signal};
 use ferry_config::{Config, Name};
 use ferry_interfaces::{crypt, drive_watcher, sync, CryptStage, FerrySignal};
-use ferry_service::{claim_name, subscribe, unix_now, ServiceError, Shutdown};
+use ferry_service::{claim_name, subscribe_signals, unix_now, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use interface::{Command, CryptInterface, View};
 use ops::Plan;
@@ -378,7 +378,8 @@ pub async fn run(
     .await?;
 
     // Subscribe first, then read the system and the peers.
-    let signals = subscribe(&connection, &[drive_watcher::INTERFACE, sync::INTERFACE]).await?;
+    let signals =
+        subscribe_signals(&connection, &[drive_watcher::INTERFACE, sync::INTERFACE]).await?;
     let sync_owner = zbus::fdo::DBusProxy::new(&connection)
         .await?
         .receive_name_owner_changed_with_args(&[(0, sync::BUS_NAME)])
@@ -444,31 +445,18 @@ async fn serve_loop<S>(
     shutdown: Shutdown,
 ) -> Result<(), ServiceError>
 where
-    S: futures_util::Stream<Item = zbus::Result<zbus::Message>> + Unpin,
+    S: futures_util::Stream<Item = FerrySignal> + Unpin,
 {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            message = events.signals.next() => {
-                let Some(message) = message else {
+            signal = events.signals.next() => {
+                let Some(signal) = signal else {
                     return Err(ServiceError::Other("the bus connection closed".into()));
                 };
-                let decoded = match message {
-                    Ok(message) => FerrySignal::from_message(&message),
-                    Err(e) => {
-                        tracing::warn!("cannot read a message from the bus: {e}");
-                        continue;
-                    }
-                };
-                match decoded {
-                    Ok(Some(signal)) => {
-                        let effects = service.drives.signal(&signal);
-                        service.apply(effects).await;
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("ignoring a peer's signal: {e}"),
-                }
+                let effects = service.drives.signal(&signal);
+                service.apply(effects).await;
             }
             Some(command) = events.requests.recv() => service.request(command).await,
             Some(joined) = service.tasks.join_next_with_id() => service.joined(joined).await,

@@ -29,7 +29,7 @@ use std::time::Duration;
 use ferry_config::{Color, Config, LedColors};
 use ferry_interfaces::{borg, crypt, drive_watcher, led, sync, Error as FerryError, FerrySignal};
 use ferry_service::caller::authorize;
-use ferry_service::{claim_name, subscribe, ServiceError, Shutdown};
+use ferry_service::{claim_name, subscribe_signals, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use output::Output;
 use state::{DrivePolicy, Event, Indicator, LedState, PeerFacts};
@@ -317,7 +317,7 @@ pub async fn run(
     .await?;
 
     // Subscribe first, then read the peers: nothing falls between the two.
-    let signals = subscribe(
+    let signals = subscribe_signals(
         &connection,
         &[
             drive_watcher::INTERFACE,
@@ -394,23 +394,8 @@ impl Lamp {
         self.refresh().await;
     }
 
-    /// A peer's signal: decoded once, applied if the LED acts on it.
-    async fn signal(&mut self, message: zbus::Result<zbus::Message>) {
-        let decoded = match message {
-            Ok(message) => FerrySignal::from_message(&message),
-            Err(e) => {
-                tracing::warn!("cannot read a message from the bus: {e}");
-                return;
-            }
-        };
-        let signal = match decoded {
-            Ok(Some(signal)) => signal,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!("ignoring a peer's signal: {e}");
-                return;
-            }
-        };
+    /// A peer's signal, applied if the LED acts on it.
+    async fn signal(&mut self, signal: FerrySignal) {
         if let Some(event) = Event::from_signal(signal) {
             tracing::debug!("{event:?}");
             self.indicator.apply(event);
@@ -442,7 +427,7 @@ async fn serve_loop<S>(
     shutdown: Shutdown,
 ) -> Result<(), ServiceError>
 where
-    S: futures_util::Stream<Item = zbus::Result<zbus::Message>> + Unpin,
+    S: futures_util::Stream<Item = FerrySignal> + Unpin,
 {
     let closed = || ServiceError::Other("the bus connection closed".into());
     tokio::pin!(shutdown);
