@@ -16,7 +16,7 @@ mod wire;
 pub use error::Error;
 pub use events::{DecodeError, FerrySignal};
 pub use types::*;
-pub use wire::{CryptStage, CryptState};
+pub use wire::{CryptStage, CryptState, LedState};
 
 /// Re-exported so users of the proxies need no direct zbus dependency.
 pub use zbus;

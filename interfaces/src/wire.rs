@@ -91,6 +91,21 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// What the status LED shows: Led1.State, ColorChanged's state.
+    pub enum LedState {
+        /// `idle`: nothing to say; off.
+        Idle => "idle",
+        /// `working`: a drive or a backup is busy.
+        Working => "working",
+        /// `done`: a drive is safe to remove.
+        Done => "done",
+        /// `failed`: something failed (or finished with warnings) and
+        /// nobody has acknowledged it.
+        Failed => "failed",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +117,9 @@ mod tests {
         }
         for stage in CryptStage::ALL {
             assert_eq!(CryptStage::from_wire(stage.as_str()), Some(*stage));
+        }
+        for state in LedState::ALL {
+            assert_eq!(LedState::from_wire(state.as_str()), Some(*state));
         }
         assert_eq!(CryptState::from_wire("Open"), None);
         assert_eq!(CryptStage::Removed.to_string(), "removed");

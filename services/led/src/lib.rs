@@ -141,6 +141,25 @@ impl LedInterface {
     ) -> zbus::Result<()>;
 }
 
+/// What a colour on the LED stands for: ColorChanged's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// The indicator's state.
+    State(LedState),
+    /// `test`: one colour of the Test cycle.
+    Test,
+}
+
+impl Shown {
+    /// The wire name.
+    fn as_str(self) -> &'static str {
+        match self {
+            Shown::State(state) => state.as_str(),
+            Shown::Test => "test",
+        }
+    }
+}
+
 /// The service loop's own state.
 struct Lamp {
     indicator: Indicator,
@@ -151,10 +170,10 @@ struct Lamp {
     present: bool,
     view: Arc<Mutex<View>>,
     object: ferry_service::Served<LedInterface>,
-    /// The colour last written, with its label.
-    shown: Option<(Color, String)>,
+    /// The colour last written, with what it stands for.
+    shown: Option<(Color, Shown)>,
     /// Remaining Test colours and when the next one is due.
-    test: VecDeque<(Color, &'static str)>,
+    test: VecDeque<Color>,
     test_due: Option<Instant>,
     /// Where the time of the last Acknowledge is kept.
     acknowledged: PathBuf,
@@ -176,13 +195,15 @@ impl Lamp {
             return;
         }
         let state = self.indicator.state();
-        self.show(self.color_of(state), state.as_str(), false).await;
+        self.show(self.color_of(state), Shown::State(state), false)
+            .await;
     }
 
     /// Writes a colour when it differs from what is shown (or `force`),
     /// updates the properties and emits ColorChanged.
-    async fn show(&mut self, color: Color, label: &str, force: bool) {
-        let changed = self.shown.as_ref() != Some(&(color, label.to_string()));
+    async fn show(&mut self, color: Color, shown: Shown, force: bool) {
+        let changed = self.shown != Some((color, shown));
+        let label = shown.as_str();
         if changed || force {
             let (written, present) = write_color(&self.output, color, label).await;
             self.present = present;
@@ -196,11 +217,9 @@ impl Lamp {
         let present = self.present;
         if let Ok(mut view) = self.view.lock() {
             view.color = color.to_hex();
-            view.state = if label == "test" {
-                view.state.clone()
-            } else {
-                label.to_string()
-            };
+            if let Shown::State(state) = shown {
+                view.state = state.as_str().to_string();
+            }
             view.reason = reason;
             view.device_present = present;
         }
@@ -218,7 +237,7 @@ impl Lamp {
         }
         if changed {
             tracing::info!("LED {} ({label})", color.to_hex());
-            self.shown = Some((color, label.to_string()));
+            self.shown = Some((color, shown));
             if let Err(e) = LedInterface::announce_color(emitter, &color.to_hex(), label).await {
                 tracing::warn!("cannot emit ColorChanged: {e}");
             }
@@ -232,10 +251,10 @@ impl Lamp {
             ));
         }
         self.test = VecDeque::from([
-            (self.colors.working, "test"),
-            (self.colors.done, "test"),
-            (self.colors.failed, "test"),
-            (self.colors.idle, "test"),
+            self.colors.working,
+            self.colors.done,
+            self.colors.failed,
+            self.colors.idle,
         ]);
         self.test_due = Some(Instant::now());
         Ok(())
@@ -243,9 +262,9 @@ impl Lamp {
 
     async fn test_step(&mut self) {
         match self.test.pop_front() {
-            Some((color, label)) => {
+            Some(color) => {
                 self.test_due = Some(Instant::now() + TEST_STEP);
-                self.show(color, label, false).await;
+                self.show(color, Shown::Test, false).await;
             }
             None => {
                 self.test_due = None;
@@ -447,8 +466,8 @@ where
             added = hidraw_added(events.hotplug.as_mut()), if events.hotplug.is_some() => {
                 if added {
                     tracing::info!("a hidraw device appeared; writing the LED again");
-                    if let Some((color, label)) = lamp.shown.clone() {
-                        lamp.show(color, &label, true).await;
+                    if let Some((color, shown)) = lamp.shown {
+                        lamp.show(color, shown, true).await;
                     }
                 }
             }

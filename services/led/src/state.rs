@@ -29,30 +29,7 @@ use std::collections::BTreeMap;
 
 use ferry_interfaces::{BackupOutcome, BackupResult, CryptDrive, CryptState, Failure, FerrySignal};
 
-/// What the LED shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LedState {
-    /// Nothing to say: off.
-    Idle,
-    /// A drive or a backup is busy.
-    Working,
-    /// A drive is safe to remove.
-    Done,
-    /// Something failed (or finished with warnings) and nobody has seen it.
-    Failed,
-}
-
-impl LedState {
-    /// The name used on the bus.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LedState::Idle => "idle",
-            LedState::Working => "working",
-            LedState::Done => "done",
-            LedState::Failed => "failed",
-        }
-    }
-}
+pub use ferry_interfaces::LedState;
 
 /// Whom a failure belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

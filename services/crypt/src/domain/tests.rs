@@ -464,3 +464,18 @@ fn recovery_keeps_a_closed_drive_closed_and_opens_a_new_plug_in() {
     assert_eq!(states, ["absent", "closed", "attached", "opening"]);
     assert!(d.in_use().is_empty());
 }
+
+#[test]
+fn a_drive_failing_its_health_check_is_failed_and_left_closed() {
+    // Before opening, the drive's health is checked (ops::open_for): a
+    // failure there is a failed open, which left nothing mounted.
+    let mut d = drives();
+    d.signal(&attached("a"));
+    let sick = Failed::new(CryptStage::Health, "SMART says the drive is failing");
+    let effects = d.finished(&name("a"), Operation::Open, Err(sick), 3);
+    assert!(
+        matches!(&emitted(&effects)[..], [Signal::Failed { failed, .. }] if failed.stage.as_str() == "health")
+    );
+    assert!(d.in_use().is_empty());
+    assert_eq!(state(&d), "failed");
+}
