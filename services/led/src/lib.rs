@@ -53,8 +53,11 @@ struct View {
     device_present: bool,
 }
 
+/// A method call handed to the loop, with where its answer goes.
 enum Command {
-    Acknowledge,
+    /// Acknowledge: answered once the acknowledgement is recorded.
+    Acknowledge(oneshot::Sender<Result<(), FerryError>>),
+    /// Test: answered once the cycle is started (or refused).
     Test(oneshot::Sender<Result<(), FerryError>>),
 }
 
@@ -70,10 +73,6 @@ impl LedInterface {
     }
 }
 
-fn stopping() -> FerryError {
-    FerryError::Failed("the LED service is shutting down".into())
-}
-
 #[zbus::interface(name = "org.ferry.Led1")]
 impl LedInterface {
     /// A person has seen the failure: leave the failed state.
@@ -83,10 +82,7 @@ impl LedInterface {
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<(), FerryError> {
         authorize(connection, &header).await?;
-        self.commands
-            .send(Command::Acknowledge)
-            .await
-            .map_err(|_| stopping())
+        ferry_service::ask_loop(&self.commands, "ferry-led", Command::Acknowledge).await
     }
 
     /// Show each state's colour in turn, then the current state again.
@@ -425,9 +421,10 @@ impl Lamp {
     /// A method call handed over by the interface.
     async fn command(&mut self, command: Command) {
         match command {
-            Command::Acknowledge => {
+            Command::Acknowledge(reply) => {
                 write_acknowledged(&self.acknowledged, ferry_service::unix_now()).await;
                 self.indicator.apply(Event::Acknowledge);
+                let _ = reply.send(Ok(()));
                 self.refresh().await;
             }
             Command::Test(reply) => {
