@@ -605,14 +605,23 @@ async fn start_and_cancel_by_hand() {
     rig.add_archive(&NAS, "nas-2", 5, 3000);
     let repo = rig.repo("nas");
     let base = rig.base.clone();
+    let ready = rig.base.join("lock-held");
+    let script = format!("touch '{}'; sleep 6", ready.display());
     let holder = std::thread::spawn(move || {
         borg_output(
             &base,
             None,
-            &[os("with-lock"), repo.as_os_str(), os("sleep"), os("6")],
+            &[
+                os("with-lock"),
+                repo.as_os_str(),
+                os("sh"),
+                os("-c"),
+                os(&script),
+            ],
         )
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // borg runs the command only once it holds the lock.
+    wait_for_file(&ready).await;
     let from = rig.signals.len();
     proxy.start("offsite-a").await.expect("Start");
     assert_eq!(
@@ -633,6 +642,19 @@ async fn start_and_cancel_by_hand() {
     assert_eq!(failures[0].stage, "cancelled");
     assert!(holder.join().expect("holder").status.success());
     assert!(rig.snapshots_left().is_empty());
+}
+
+/// Waits (up to WAIT) until `path` exists.
+async fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The live children of `pid` (a zombie counts as dead), as
@@ -668,14 +690,23 @@ async fn a_killed_ferry_sync_takes_its_children_with_it() {
     rig.add_archive(&NAS, "nas-1", 5, 3000);
     let repo = rig.repo("nas");
     let base = rig.base.clone();
+    let ready = rig.base.join("lock-held");
+    let script = format!("touch '{}'; sleep 8", ready.display());
     let holder = std::thread::spawn(move || {
         borg_output(
             &base,
             None,
-            &[os("with-lock"), repo.as_os_str(), os("sleep"), os("8")],
+            &[
+                os("with-lock"),
+                repo.as_os_str(),
+                os("sh"),
+                os("-c"),
+                os(&script),
+            ],
         )
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // borg runs the command only once it holds the lock.
+    wait_for_file(&ready).await;
     let pid = rig.service.as_ref().expect("ferry-sync runs").pid();
     rig.proxy().await.start("offsite-a").await.expect("Start");
     let deadline = Instant::now() + WAIT;

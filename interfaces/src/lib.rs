@@ -9,10 +9,14 @@
 //! Each service's bus name equals its interface name.
 
 mod error;
+mod events;
 mod types;
+mod wire;
 
 pub use error::Error;
+pub use events::{DecodeError, FerrySignal};
 pub use types::*;
+pub use wire::{CryptStage, CryptState, LedState};
 
 /// Re-exported so users of the proxies need no direct zbus dependency.
 pub use zbus;

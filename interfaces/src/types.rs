@@ -26,7 +26,8 @@ pub struct WatchedDrive {
 pub struct CryptDrive {
     /// The enrolled drive name.
     pub name: String,
-    /// absent, attached, opening, open, closing, closed or failed.
+    /// A [`crate::CryptState`]'s wire name: absent, attached, opening,
+    /// open, held, closing, closed or failed.
     pub state: String,
     /// Where the drive is (or will be) mounted.
     pub mountpoint: String,

@@ -36,21 +36,26 @@ pub async fn authorize(
     if uid == 0 {
         return Ok(());
     }
-    let Some(ferry_gid) = group_id(FERRY_GROUP) else {
-        return Err(denied(&format!(
-            "user {uid} is not root and there is no `{FERRY_GROUP}` group"
-        )));
-    };
-    let in_group = match credentials.unix_group_ids() {
-        Some(groups) => groups.contains(&ferry_gid),
-        None => listed_member(uid, ferry_gid),
-    };
-    if in_group {
-        Ok(())
-    } else {
-        Err(denied(&format!(
+    // /etc/group and /etc/passwd are read off the runtime: a slow NSS
+    // file system must not stall the service's bus answers.
+    let groups = credentials.unix_group_ids().cloned();
+    let membership = tokio::task::spawn_blocking(move || {
+        let ferry_gid = group_id(FERRY_GROUP)?;
+        Some(match groups {
+            Some(groups) => groups.contains(&ferry_gid),
+            None => listed_member(uid, ferry_gid),
+        })
+    })
+    .await
+    .map_err(|_| denied("the caller's groups cannot be read"))?;
+    match membership {
+        Some(true) => Ok(()),
+        Some(false) => Err(denied(&format!(
             "user {uid} is not in the `{FERRY_GROUP}` group"
-        )))
+        ))),
+        None => Err(denied(&format!(
+            "user {uid} is not root and there is no `{FERRY_GROUP}` group"
+        ))),
     }
 }
 

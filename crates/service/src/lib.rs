@@ -250,6 +250,35 @@ pub async fn subscribe(
     }))
 }
 
+/// [`subscribe`], decoded: every org.ferry signal of `interfaces` as one
+/// [`ferry_interfaces::FerrySignal`], in bus order. A message that is not
+/// a signal of the contract is skipped; one that claims to be but breaks
+/// it (a wrong body), or that cannot be read, is logged and skipped. The
+/// stream ends when the connection closes.
+pub async fn subscribe_signals(
+    connection: &zbus::Connection,
+    interfaces: &[&'static str],
+) -> Result<
+    impl futures_util::Stream<Item = ferry_interfaces::FerrySignal> + Unpin + Send + 'static,
+    ServiceError,
+> {
+    use futures_util::StreamExt;
+    let decode = |message: zbus::Result<zbus::Message>| {
+        let decoded = match message {
+            Ok(message) => ferry_interfaces::FerrySignal::from_message(&message),
+            Err(e) => {
+                tracing::warn!("cannot read a message from the bus: {e}");
+                return std::future::ready(None);
+            }
+        };
+        std::future::ready(decoded.unwrap_or_else(|e| {
+            tracing::warn!("ignoring a peer's signal: {e}");
+            None
+        }))
+    };
+    Ok(subscribe(connection, interfaces).await?.filter_map(decode))
+}
+
 /// Hands a request from a D-Bus method to the service's own loop and waits
 /// for the loop's answer: the interface object stays thin, the loop owns
 /// the state. `make` builds the command around the reply channel. When the

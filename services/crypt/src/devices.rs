@@ -2,12 +2,13 @@
 //! deciding whether a device is free to be erased by enrolment.
 
 use std::fs::OpenOptions;
+use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ferry_config::FsUuid;
 
-use crate::mounts;
+use crate::mounts::{self, Mount};
 
 /// The device node udev knows with ID_FS_UUID `uuid` (the LUKS UUID of an
 /// encrypted drive, the filesystem UUID of a plain one), if any.
@@ -70,34 +71,74 @@ fn family(dir: &Path) -> Vec<(PathBuf, String, String)> {
         .collect()
 }
 
+/// Why a device may not be erased; each message says what uses it.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceRefused {
+    #[error("cannot use {device}: {source}")]
+    Unusable { device: String, source: io::Error },
+    #[error("{device} is not a block device")]
+    NotBlock { device: String },
+    #[error("{device} is not known to sysfs")]
+    NotInSysfs { device: String },
+    #[error("{device} holds the running system ({source_device} is mounted at {point}): ferry will not erase it")]
+    System {
+        device: String,
+        source_device: String,
+        point: String,
+    },
+    #[error("{device} is in use: /dev/{name} is mounted at {point}; unmount it first, and make sure it is the drive you mean to erase")]
+    Mounted {
+        device: String,
+        name: String,
+        point: String,
+    },
+    #[error("{device} is in use: /dev/{name} is held by {holders} (device-mapper, RAID or LVM); stop that first")]
+    Held {
+        device: String,
+        name: String,
+        holders: String,
+    },
+    #[error("{device} is in use as swap ({swap}): swapoff it first")]
+    Swap { device: String, swap: String },
+    #[error("{device} is in use (the kernel refuses to open it exclusively): close whatever uses it first")]
+    Busy { device: String },
+    #[error("cannot open {device}: {source}")]
+    Open { device: String, source: io::Error },
+}
+
 /// Refuses a device that is not a block device, or that is mounted, mapped,
-/// used as swap, part of a RAID or LVM, or holds the running system. The
-/// error says what uses it.
-pub fn check_unused(device: &Path) -> Result<(), String> {
-    let shown = device.display();
-    let meta = std::fs::metadata(device).map_err(|e| format!("cannot use {shown}: {e}"))?;
+/// used as swap, part of a RAID or LVM, or holds the running system.
+pub fn check_unused(device: &Path) -> Result<(), DeviceRefused> {
+    let shown = || device.display().to_string();
+    let meta = std::fs::metadata(device).map_err(|source| DeviceRefused::Unusable {
+        device: shown(),
+        source,
+    })?;
     if !meta.file_type().is_block_device() {
-        return Err(format!("{shown} is not a block device"));
+        return Err(DeviceRefused::NotBlock { device: shown() });
     }
-    let dir = sysfs_dir(device).ok_or_else(|| format!("{shown} is not known to sysfs"))?;
+    let dir = sysfs_dir(device).ok_or_else(|| DeviceRefused::NotInSysfs { device: shown() })?;
     let members = family(&dir);
     let table = mounts::table();
     for (sys, majmin, name) in &members {
+        let mounted = |m: &&Mount| m.majmin == *majmin;
         if let Some(m) = table
             .iter()
-            .find(|m| m.majmin == *majmin && m.point == Path::new("/"))
+            .filter(mounted)
+            .find(|m| m.point == Path::new("/"))
         {
-            return Err(format!(
-                "{shown} holds the running system ({} is mounted at {}): ferry will not erase it",
-                m.source,
-                m.point.display()
-            ));
+            return Err(DeviceRefused::System {
+                device: shown(),
+                source_device: m.source.clone(),
+                point: m.point.display().to_string(),
+            });
         }
-        if let Some(m) = table.iter().find(|m| m.majmin == *majmin) {
-            return Err(format!(
-                "{shown} is in use: /dev/{name} is mounted at {}; unmount it first, and make sure it is the drive you mean to erase",
-                m.point.display()
-            ));
+        if let Some(m) = table.iter().find(mounted) {
+            return Err(DeviceRefused::Mounted {
+                device: shown(),
+                name: name.clone(),
+                point: m.point.display().to_string(),
+            });
         }
         let holders: Vec<String> = std::fs::read_dir(sys.join("holders"))
             .map(|d| {
@@ -107,25 +148,18 @@ pub fn check_unused(device: &Path) -> Result<(), String> {
             })
             .unwrap_or_default();
         if !holders.is_empty() {
-            return Err(format!(
-                "{shown} is in use: /dev/{name} is held by {} (device-mapper, RAID or LVM); stop that first",
-                holders.join(", ")
-            ));
+            return Err(DeviceRefused::Held {
+                device: shown(),
+                name: name.clone(),
+                holders: holders.join(", "),
+            });
         }
     }
-    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
-    for swap in swaps
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-    {
-        if mounts::device_number(Path::new(swap))
-            .is_some_and(|d| members.iter().any(|(_, majmin, _)| *majmin == d))
-        {
-            return Err(format!(
-                "{shown} is in use as swap ({swap}): swapoff it first"
-            ));
-        }
+    if let Some(swap) = swap_among(&members) {
+        return Err(DeviceRefused::Swap {
+            device: shown(),
+            swap,
+        });
     }
     // The kernel's own answer: an exclusive open fails while anything
     // (a mount, a mapping, a RAID) has claimed the device.
@@ -134,10 +168,27 @@ pub fn check_unused(device: &Path) -> Result<(), String> {
         .custom_flags(libc::O_EXCL)
         .open(device)
         .map(drop)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EBUSY) => format!("{shown} is in use (the kernel refuses to open it exclusively): close whatever uses it first"),
-            _ => format!("cannot open {shown}: {e}"),
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EBUSY) => DeviceRefused::Busy { device: shown() },
+            _ => DeviceRefused::Open {
+                device: shown(),
+                source,
+            },
         })
+}
+
+/// The swap device among `members` (the device and its partitions), if any.
+fn swap_among(members: &[(PathBuf, String, String)]) -> Option<String> {
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    swaps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|swap| {
+            mounts::device_number(Path::new(swap))
+                .is_some_and(|d| members.iter().any(|(_, majmin, _)| *majmin == d))
+        })
+        .map(String::from)
 }
 
 #[cfg(test)]
@@ -146,9 +197,13 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_free_block_device() {
-        let err = check_unused(Path::new("/etc/hostname")).expect_err("a file");
+        let err = check_unused(Path::new("/etc/hostname"))
+            .expect_err("a file")
+            .to_string();
         assert!(err.contains("not a block device"), "{err}");
-        let err = check_unused(Path::new("/nonexistent-ferry")).expect_err("missing");
+        let err = check_unused(Path::new("/nonexistent-ferry"))
+            .expect_err("missing")
+            .to_string();
         assert!(err.contains("cannot use"), "{err}");
     }
 
@@ -165,7 +220,9 @@ mod tests {
             );
             return;
         }
-        let err = check_unused(&node).expect_err("the root device");
+        let err = check_unused(&node)
+            .expect_err("the root device")
+            .to_string();
         assert!(
             err.contains("running system") || err.contains("in use"),
             "{err}"

@@ -10,8 +10,8 @@
 //! `[drives.<name>]` section to paste into ferry.toml, on stdout. `--plain`
 //! leaves out LUKS.
 
-use std::ffi::OsString;
 use std::fs::DirBuilder;
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,7 +21,7 @@ use ferry_config::{Config, Name};
 use ferry_service::confined::Confined;
 use ferry_service::durable::write_atomically;
 
-use crate::command::{self, Arg};
+use crate::command::{self, Arg, CommandError};
 use crate::devices;
 use crate::identity::{Token, TOKEN_FILE};
 use crate::ops::MOUNT_OPTIONS;
@@ -33,26 +33,8 @@ const MIN_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// ext4 labels hold at most 16 bytes.
 const LABEL_BYTES: usize = 16;
 
-/// The parsed command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnrollArgs {
-    /// The drive's name in ferry.toml.
-    pub drive: Name,
-    /// The device to erase.
-    pub device: PathBuf,
-    /// The device repeated after --yes-destroy-all-data-on.
-    pub confirmed: Option<PathBuf>,
-    /// No LUKS.
-    pub plain: bool,
-    /// ferry.toml.
-    pub config: PathBuf,
-}
-
-/// The usage text.
-pub const USAGE: &str = "\
-usage: ferry-crypt enroll --drive NAME [--plain] [--config FILE] \\
-                          --yes-destroy-all-data-on DEVICE DEVICE
-
+/// What `ferry-crypt enroll --help` says before the options.
+pub const ABOUT: &str = "\
 Erases DEVICE and prepares it as the backup drive NAME: a random key file
 (0600) in [crypt] key-directory, LUKS2 unlocked by it, a backup of the LUKS
 header beside the key, an ext4 filesystem labelled NAME, and the identity
@@ -60,71 +42,101 @@ token that proves the drive is NAME. Prints the [drives.NAME] section to add
 to ferry.toml. Keep copies of the key file and the header backup somewhere
 safe, off this machine.
 
-  --drive NAME                      the drive's name in ferry.toml
-  --plain                           no encryption: ext4 directly on DEVICE
-  --config FILE                     ferry's configuration (default /etc/ferry/ferry.toml)
-  --yes-destroy-all-data-on DEVICE  the confirmation: repeat the device";
+Nothing is erased unless the device is named twice:
+  ferry-crypt enroll --drive NAME --yes-destroy-all-data-on DEVICE DEVICE";
 
-impl EnrollArgs {
-    /// Parses the arguments after `enroll`; the error is for the person.
-    pub fn parse(args: &[String]) -> Result<EnrollArgs, String> {
-        let mut drive = None;
-        let mut device = None;
-        let mut confirmed = None;
-        let mut plain = false;
-        let mut config = PathBuf::from(ferry_config::DEFAULT_PATH);
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let mut value = |flag: &str| {
-                args.next()
-                    .cloned()
-                    .ok_or_else(|| format!("{flag} needs a value"))
-            };
-            match arg.as_str() {
-                "--drive" => drive = Some(Name::new(&value("--drive")?)?),
-                "--yes-destroy-all-data-on" => {
-                    confirmed = Some(PathBuf::from(value("--yes-destroy-all-data-on")?))
-                }
-                "--config" | "-c" => config = PathBuf::from(value("--config")?),
-                "--plain" => plain = true,
-                other if other.starts_with('-') => {
-                    return Err(format!("unknown option `{}`", other.escape_debug()))
-                }
-                other => {
-                    if device.is_some() {
-                        return Err(format!(
-                            "one device at a time (`{}` is one too many)",
-                            other.escape_debug()
-                        ));
-                    }
-                    device = Some(PathBuf::from(other));
-                }
-            }
-        }
-        Ok(EnrollArgs {
-            drive: drive.ok_or("--drive NAME is missing")?,
-            device: device.ok_or("the DEVICE to erase is missing")?,
-            confirmed,
-            plain,
-            config,
-        })
-    }
+/// The command line of `ferry-crypt enroll`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct EnrollArgs {
+    /// The drive's name in ferry.toml.
+    #[arg(long, value_name = "NAME", value_parser = Name::new)]
+    pub drive: Name,
+    /// The device to erase.
+    #[arg(value_name = "DEVICE")]
+    pub device: PathBuf,
+    /// The confirmation: repeat the device.
+    #[arg(long = "yes-destroy-all-data-on", value_name = "DEVICE")]
+    pub confirmed: Option<PathBuf>,
+    /// No encryption: ext4 directly on DEVICE.
+    #[arg(long)]
+    pub plain: bool,
+    /// ferry's configuration file.
+    #[arg(short, long, value_name = "FILE", default_value = ferry_config::DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+/// Why enrolment refused or failed; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("enrolment erases a block device and needs root")]
+    NotRoot,
+    #[error("this erases everything on {device}. If that is what you want, say so: --yes-destroy-all-data-on {device}", device = device.display())]
+    Unconfirmed { device: PathBuf },
+    #[error("--yes-destroy-all-data-on names {}, not {}: nothing was erased", confirmed.display(), device.display())]
+    ConfirmedOther { confirmed: PathBuf, device: PathBuf },
+    #[error(transparent)]
+    Device(#[from] devices::DeviceRefused),
+    #[error("{} is the enrolled drive {name}: erasing it destroys its backups. If you mean it, remove [drives.{name}] from ferry.toml first", device.display())]
+    Enrolled { device: PathBuf, name: Name },
+    #[error("{} already exists: drive {drive} was enrolled before, and that drive needs it. Choose another name, or move the old drive's files away first", path.display())]
+    Exists { path: PathBuf, drive: Name },
+    #[error("cannot create the key directory {}: {source}", dir.display())]
+    KeyDirectory { dir: PathBuf, source: io::Error },
+    #[error("the key directory {} can be written by group or others: chmod 700 it", dir.display())]
+    KeyDirectoryLoose { dir: PathBuf },
+    #[error("cannot make a UUID: {0}")]
+    Uuid(io::Error),
+    #[error(transparent)]
+    Step(#[from] CommandError),
+    #[error("cannot write the key file {}: {source}", key.display())]
+    KeyFile { key: PathBuf, source: io::Error },
+    #[error("{source}; {} was left in place and can be deleted", key.display())]
+    Format { source: CommandError, key: PathBuf },
+    #[error("cannot back up the LUKS header: {source}; {}", left(files))]
+    HeaderBackup {
+        source: CommandError,
+        files: Box<Left>,
+    },
+    #[error(
+        "cannot make the filesystem inside the LUKS drive: {why}: {source}; {}",
+        left(files)
+    )]
+    Mapping {
+        why: &'static str,
+        source: CommandError,
+        files: Box<Left>,
+    },
+    #[error("cannot make a token: {0}")]
+    Token(io::Error),
+    #[error("cannot make a temporary mountpoint: {0}")]
+    Mountpoint(io::Error),
+    #[error("cannot write the identity token onto the drive: {0}")]
+    DriveToken(io::Error),
+    #[error("cannot write this host's identity token {}: {source}; enrol the drive again", path.display())]
+    HostToken { path: PathBuf, source: io::Error },
+}
+
+/// What a failed LUKS enrolment leaves behind.
+#[derive(Debug, Clone)]
+pub struct Left {
+    device: PathBuf,
+    key: PathBuf,
+    header: PathBuf,
+}
+
+fn left(files: &Left) -> String {
+    format!(
+        "{} is now a LUKS drive unlocked by {}; delete that file (and {}) before enrolling it again",
+        files.device.display(),
+        files.key.display(),
+        files.header.display()
+    )
 }
 
 /// `ferry-crypt enroll …`: exit 0 when the drive is ready, 1 when refused
-/// or failed, 64 on a usage mistake, 78 on a bad configuration.
-pub fn main(args: &[String]) -> ExitCode {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let args = match EnrollArgs::parse(args) {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("ferry-crypt enroll: {e}\n\n{USAGE}");
-            return ExitCode::from(64);
-        }
-    };
+/// or failed, 78 on a bad configuration (64 on a usage mistake is clap's,
+/// in main).
+pub fn main(args: EnrollArgs) -> ExitCode {
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => {
@@ -162,32 +174,26 @@ struct HostFiles {
 }
 
 /// Checks everything that must hold before anything is erased.
-fn preflight(args: &EnrollArgs, config: &Config) -> Result<HostFiles, String> {
+fn preflight(args: &EnrollArgs, config: &Config) -> Result<HostFiles, EnrollError> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("enrolment erases a block device and needs root".into());
+        return Err(EnrollError::NotRoot);
     }
-    let device = args.device.display();
-    let Some(confirmed) = &args.confirmed else {
-        return Err(format!(
-            "this erases everything on {device}. If that is what you want, say so: --yes-destroy-all-data-on {device}"
-        ));
+    let device = args.device.clone();
+    let Some(confirmed) = args.confirmed.clone() else {
+        return Err(EnrollError::Unconfirmed { device });
     };
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
     };
-    if !same(confirmed, &args.device) {
-        return Err(format!(
-            "--yes-destroy-all-data-on names {}, not {device}: nothing was erased",
-            confirmed.display()
-        ));
+    if !same(&confirmed, &device) {
+        return Err(EnrollError::ConfirmedOther { confirmed, device });
     }
-    devices::check_unused(&args.device)?;
-    if let Some((name, _)) = devices::uuid_of(&args.device).and_then(|u| config.drive_by_uuid(&u)) {
-        return Err(format!(
-            "{device} is the enrolled drive {name}: erasing it destroys its backups. If you mean it, remove [drives.{name}] from ferry.toml first"
-        ));
+    devices::check_unused(&device)?;
+    if let Some((name, _)) = devices::uuid_of(&device).and_then(|u| config.drive_by_uuid(&u)) {
+        let name = name.clone();
+        return Err(EnrollError::Enrolled { device, name });
     }
     let dir = &config.crypt.key_directory;
     let files = HostFiles {
@@ -197,154 +203,157 @@ fn preflight(args: &EnrollArgs, config: &Config) -> Result<HostFiles, String> {
     };
     for existing in [&files.key, &files.header, &files.token] {
         if existing.exists() {
-            return Err(format!(
-                "{} already exists: drive {} was enrolled before, and that drive needs it. Choose another name, or move the old drive's files away first",
-                existing.display(),
-                args.drive
-            ));
+            return Err(EnrollError::Exists {
+                path: existing.clone(),
+                drive: args.drive.clone(),
+            });
         }
     }
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create the key directory {}: {e}", dir.display()))?;
+        .map_err(|source| EnrollError::KeyDirectory {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     if std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o022 != 0) {
-        return Err(format!(
-            "the key directory {} can be written by group or others: chmod 700 it",
-            dir.display()
-        ));
+        return Err(EnrollError::KeyDirectoryLoose {
+            dir: dir.to_path_buf(),
+        });
     }
     Ok(files)
 }
 
+/// Runs one enrolment step, given at least [`MIN_STEP_TIMEOUT`].
+async fn step(config: &Config, program: &str, args: &[Arg<'_>]) -> Result<String, CommandError> {
+    let timeout = Duration::from_secs(config.crypt.command_timeout).max(MIN_STEP_TIMEOUT);
+    command::run(program, args, timeout).await
+}
+
 /// Prepares the drive and returns the configuration section to print.
-pub async fn enroll(args: &EnrollArgs, config: &Config) -> Result<String, String> {
+pub async fn enroll(args: &EnrollArgs, config: &Config) -> Result<String, EnrollError> {
     let files = preflight(args, config)?;
-    let step = Duration::from_secs(config.crypt.command_timeout).max(MIN_STEP_TIMEOUT);
-    let run = |program: &'static str, list: &[Arg<'_>]| {
-        let list: Vec<OsString> = list.iter().map(|a| a.as_ref().to_owned()).collect();
-        async move {
-            command::run(program, &list, step)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    };
     let device = &args.device;
     let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
         .map(|u| u.trim().to_string())
-        .map_err(|e| format!("cannot make a UUID: {e}"))?;
-    eprintln!("erasing {} for drive {}", args.device.display(), args.drive);
-    run("wipefs", &[&"--all", &"--quiet", device]).await?;
-
+        .map_err(EnrollError::Uuid)?;
+    eprintln!("erasing {} for drive {}", device.display(), args.drive);
+    step(config, "wipefs", &[&"--all", &"--quiet", device]).await?;
     let mapping = format!("ferry-enroll-{}", args.drive);
-    let filesystem_on = if args.plain {
-        args.device.clone()
-    } else {
-        secrets::create_key_file(&files.key)
-            .map_err(|e| format!("cannot write the key file {}: {e}", files.key.display()))?;
-        // The key is 512 random bits, not a passphrase: key stretching adds
-        // nothing to it, while argon2's memory cost (up to 1 GiB per unlock)
-        // can fail on a small backup box. So PBKDF2 at its minimum.
-        run(
-            "cryptsetup",
-            &[
-                &"luksFormat",
-                &"--type",
-                &"luks2",
-                &"--batch-mode",
-                &"--uuid",
-                &uuid,
-                &"--label",
-                &args.drive.as_str(),
-                &"--pbkdf",
-                &"pbkdf2",
-                &"--pbkdf-force-iterations",
-                &"1000",
-                &"--key-file",
-                &files.key,
-                device,
-            ],
-        )
-        .await
-        .map_err(|e| {
-            format!(
-                "{e}; {} was left in place and can be deleted",
-                files.key.display()
-            )
-        })?;
-        let left = format!(
-            "{} is now a LUKS drive unlocked by {}; delete that file (and {}) before enrolling it again",
-            args.device.display(),
-            files.key.display(),
-            files.header.display()
-        );
-        run(
-            "cryptsetup",
-            &[
-                &"luksHeaderBackup",
-                device,
-                &"--header-backup-file",
-                &files.header,
-            ],
-        )
-        .await
-        .map_err(|e| format!("cannot back up the LUKS header: {e}; {left}"))?;
-        run(
-            "cryptsetup",
-            &[
-                &"open",
-                &"--type",
-                &"luks",
-                &"--key-file",
-                &files.key,
-                device,
-                &mapping,
-            ],
-        )
-        .await
-        .map_err(|e| {
-            let why = if e.contains("device-mapper") {
-                "this kernel has no device-mapper (modprobe dm_crypt)"
-            } else {
-                "it cannot be unlocked"
-            };
-            format!("cannot make the filesystem inside the LUKS drive: {why}: {e}; {left}")
-        })?;
-        Path::new("/dev/mapper").join(&mapping)
+    let filesystem_on = match args.plain {
+        true => device.clone(),
+        false => {
+            luks_format(args, config, &files, &uuid, &mapping).await?;
+            Path::new("/dev/mapper").join(&mapping)
+        }
     };
-
-    let made = make_filesystem(args, &filesystem_on, &uuid, step).await;
+    let made = make_filesystem(args, config, &filesystem_on, &uuid).await;
     if !args.plain {
-        if let Err(e) = run("cryptsetup", &[&"close", &mapping]).await {
+        if let Err(e) = step(config, "cryptsetup", &[&"close", &mapping]).await {
             eprintln!("warning: cannot lock {mapping}: {e}");
         }
     }
     let token = made?;
-    write_atomically(&files.token, token.to_text().as_bytes(), 0o600).map_err(|e| {
-        format!(
-            "cannot write this host's identity token {}: {e}; enrol the drive again",
-            files.token.display()
-        )
+    write_atomically(&files.token, token.to_text().as_bytes(), 0o600).map_err(|source| {
+        EnrollError::HostToken {
+            path: files.token.clone(),
+            source,
+        }
     })?;
-    let _ = command::run("udevadm", &["settle", "--timeout=10"], step).await;
-    if devices::uuid_of(&args.device).is_some_and(|seen| !seen.eq_ignore_ascii_case(&uuid)) {
+    let _ = step(config, "udevadm", &[&"settle", &"--timeout=10"]).await;
+    if devices::uuid_of(device).is_some_and(|seen| !seen.eq_ignore_ascii_case(&uuid)) {
         eprintln!(
             "warning: udev does not report UUID {uuid} for {} yet; check with udevadm info --query=property {}",
-            args.device.display(),
-            args.device.display()
+            device.display(),
+            device.display()
         );
     }
     Ok(section(args, &files, &uuid))
 }
 
+/// The key file, LUKS2 with it, the header backup, and the drive unlocked
+/// as `mapping` for the filesystem to be made in.
+async fn luks_format(
+    args: &EnrollArgs,
+    config: &Config,
+    files: &HostFiles,
+    uuid: &str,
+    mapping: &str,
+) -> Result<(), EnrollError> {
+    let device = &args.device;
+    let key = &files.key;
+    secrets::create_key_file(key).map_err(|source| EnrollError::KeyFile {
+        key: key.clone(),
+        source,
+    })?;
+    // The key is 512 random bits, not a passphrase: key stretching adds
+    // nothing to it, while argon2's memory cost (up to 1 GiB per unlock)
+    // can fail on a small backup box. So PBKDF2 at its minimum.
+    let label = args.drive.as_str();
+    let format: [Arg<'_>; 15] = [
+        &"luksFormat",
+        &"--type",
+        &"luks2",
+        &"--batch-mode",
+        &"--uuid",
+        &uuid,
+        &"--label",
+        &label,
+        &"--pbkdf",
+        &"pbkdf2",
+        &"--pbkdf-force-iterations",
+        &"1000",
+        &"--key-file",
+        key,
+        device,
+    ];
+    step(config, "cryptsetup", &format)
+        .await
+        .map_err(|source| EnrollError::Format {
+            source,
+            key: key.clone(),
+        })?;
+    let files = Box::new(Left {
+        device: device.clone(),
+        key: key.clone(),
+        header: files.header.clone(),
+    });
+    let backup: [Arg<'_>; 4] = [
+        &"luksHeaderBackup",
+        device,
+        &"--header-backup-file",
+        &files.header,
+    ];
+    if let Err(source) = step(config, "cryptsetup", &backup).await {
+        return Err(EnrollError::HeaderBackup { source, files });
+    }
+    let open: [Arg<'_>; 7] = [
+        &"open",
+        &"--type",
+        &"luks",
+        &"--key-file",
+        key,
+        device,
+        &mapping,
+    ];
+    if let Err(source) = step(config, "cryptsetup", &open).await {
+        let why = match source.to_string().contains("device-mapper") {
+            true => "this kernel has no device-mapper (modprobe dm_crypt)",
+            false => "it cannot be unlocked",
+        };
+        return Err(EnrollError::Mapping { why, source, files });
+    }
+    Ok(())
+}
+
 /// mkfs.ext4 on `target`, then the drive's half of the identity token.
 async fn make_filesystem(
     args: &EnrollArgs,
+    config: &Config,
     target: &Path,
     uuid: &str,
-    step: Duration,
-) -> Result<Token, String> {
+) -> Result<Token, EnrollError> {
     let label: String = args
         .drive
         .as_str()
@@ -358,34 +367,18 @@ async fn make_filesystem(
         mkfs.extend([&"-U" as Arg<'_>, &uuid]);
     }
     mkfs.push(&target);
-    command::run("mkfs.ext4", &mkfs, step)
-        .await
-        .map_err(|e| e.to_string())?;
+    step(config, "mkfs.ext4", &mkfs).await?;
 
-    let token = Token::generate(&args.drive).map_err(|e| format!("cannot make a token: {e}"))?;
+    let token = Token::generate(&args.drive).map_err(EnrollError::Token)?;
     let mountpoint = tempfile::Builder::new()
         .prefix("ferry-enroll-")
         .tempdir()
-        .map_err(|e| format!("cannot make a temporary mountpoint: {e}"))?;
-    command::run(
-        "mount",
-        &[
-            &"-t" as Arg<'_>,
-            &"ext4",
-            &"-o",
-            &MOUNT_OPTIONS,
-            &target,
-            &mountpoint.path(),
-        ],
-        step,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let written = write_token(mountpoint.path(), &token)
-        .map_err(|e| format!("cannot write the identity token onto the drive: {e}"));
-    let unmounted = command::run("umount", &[mountpoint.path()], step)
-        .await
-        .map_err(|e| e.to_string());
+        .map_err(EnrollError::Mountpoint)?;
+    let point = mountpoint.path();
+    let mount: [Arg<'_>; 6] = [&"-t", &"ext4", &"-o", &MOUNT_OPTIONS, &target, &point];
+    step(config, "mount", &mount).await?;
+    let written = write_token(point, &token).map_err(EnrollError::DriveToken);
+    let unmounted = step(config, "umount", &[&point]).await;
     written?;
     unmounted?;
     Ok(token)
@@ -430,9 +423,22 @@ fn section(args: &EnrollArgs, files: &HostFiles, uuid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    fn parse(args: &[&str]) -> Result<EnrollArgs, String> {
-        EnrollArgs::parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    /// `ferry-crypt enroll`'s arguments as clap parses them in main.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EnrollArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<EnrollArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("enroll").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    /// The refusal of `args`, as clap words it.
+    fn refusal(args: &[&str]) -> String {
+        parse(args).expect_err("refused").to_string()
     }
 
     #[test]
@@ -453,24 +459,42 @@ mod tests {
         let a =
             parse(&["--plain", "--config", "/f.toml", "--drive", "b", "/dev/sdy"]).expect("valid");
         assert!(a.plain && a.confirmed.is_none());
-        assert!(parse(&["/dev/sdx"])
-            .expect_err("no drive")
-            .contains("--drive"));
-        assert!(parse(&["--drive", "a"])
-            .expect_err("no device")
-            .contains("DEVICE"));
-        assert!(parse(&["--drive", "A B", "/dev/x"])
-            .expect_err("bad name")
-            .contains("not a valid name"));
-        assert!(parse(&["--drive", "a", "/dev/x", "/dev/y"])
-            .expect_err("two")
-            .contains("one device"));
-        assert!(parse(&["--drive"])
-            .expect_err("value")
-            .contains("needs a value"));
-        assert!(parse(&["--force", "--drive", "a", "/dev/x"])
-            .expect_err("unknown")
-            .contains("--force"));
+        assert!(refusal(&["/dev/sdx"]).contains("--drive"));
+        assert!(refusal(&["--drive", "a"]).contains("DEVICE"));
+        assert!(refusal(&["--drive", "A B", "/dev/x"]).contains("not a valid name"));
+        assert!(refusal(&["--drive", "a", "/dev/x", "/dev/y"]).contains("'/dev/y'"));
+        assert!(refusal(&["--drive"]).contains("a value is required"));
+        assert!(refusal(&["--force", "--drive", "a", "/dev/x"]).contains("--force"));
+    }
+
+    #[test]
+    fn nothing_is_erased_unless_the_device_is_named_twice() {
+        let config = Config::parse("", Path::new("ferry.toml")).expect("config");
+        let unconfirmed = parse(&["--drive", "a", "/dev/sdx"]).expect("valid");
+        let other = parse(&[
+            "--drive",
+            "a",
+            "--yes-destroy-all-data-on",
+            "/dev/sdy",
+            "/dev/sdx",
+        ])
+        .expect("valid");
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(matches!(
+                preflight(&unconfirmed, &config),
+                Err(EnrollError::NotRoot)
+            ));
+            return;
+        }
+        let err = preflight(&unconfirmed, &config).err().expect("refused");
+        assert!(
+            err.to_string()
+                .ends_with("say so: --yes-destroy-all-data-on /dev/sdx"),
+            "{err}"
+        );
+        let err = preflight(&other, &config).err().expect("refused");
+        assert!(matches!(err, EnrollError::ConfirmedOther { .. }), "{err}");
     }
 
     #[test]

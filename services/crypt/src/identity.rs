@@ -14,7 +14,7 @@
 use std::fs::OpenOptions;
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ferry_config::Name;
 use ferry_service::confined::Confined;
@@ -112,10 +112,54 @@ pub fn read_token_file(path: &Path) -> io::Result<Option<String>> {
     Ok(Some(text))
 }
 
+/// Why a drive is not proven to be the enrolled one. Each message is a
+/// sentence that says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The host's half is unreadable as a token.
+    #[error("this host's identity token {} for drive {drive} is damaged: restore it from your backup of the keys, or {}", host.display(), reenrol(drive))]
+    HostTokenDamaged { drive: Name, host: PathBuf },
+    /// The host's half is missing.
+    #[error("this host has no identity token for drive {drive} ({} is missing): restore it from your backup of the keys, or {}", host.display(), reenrol(drive))]
+    HostTokenMissing { drive: Name, host: PathBuf },
+    /// The host's half cannot be read.
+    #[error("cannot read this host's identity token {}: {source}", host.display())]
+    HostTokenUnreadable { host: PathBuf, source: io::Error },
+    /// The drive has no token.
+    #[error("the drive carries no ferry identity token: it is not the drive enrolled as {drive} (a copy of its UUID or label?); plug in the right drive, or {}", reenrol(drive))]
+    NoToken { drive: Name },
+    /// The drive's token is a symlink, not a regular file, or unreadable.
+    #[error("the drive's identity token is not usable ({source}), so it was not read: this is not the drive enrolled as {drive}; plug in the right drive, or {}", reenrol(drive))]
+    TokenUnusable { drive: Name, source: io::Error },
+    /// The drive's token does not parse.
+    #[error(
+        "the drive's identity token is damaged or forged: plug in the right drive, or {}",
+        reenrol(drive)
+    )]
+    TokenDamaged { drive: Name },
+    /// The drive carries another drive's identity.
+    #[error(
+        "wrong drive: it carries the identity of {other}, not {drive}; plug in {drive}, or {}",
+        reenrol(drive)
+    )]
+    WrongDrive { drive: Name, other: String },
+    /// Same drive name, another secret.
+    #[error("the drive's identity token does not match this host's for {drive}: it was enrolled by another ferry or enrolled again elsewhere; plug in the right drive, or {}", reenrol(drive))]
+    Mismatch { drive: Name },
+}
+
+/// The way out when the drive really is the right one.
+fn reenrol(drive: &Name) -> String {
+    format!(
+        "if it is the right drive, enrol it again with `ferry-crypt enroll --drive {drive} …` (this erases it)"
+    )
+}
+
 /// Checks the host's token for `drive` (file `host`) against the token
 /// at the root of the drive whose confined root handle is `root`: read
 /// through the handle, never following a symlink, only a regular file.
-pub fn verify_on(drive: &Name, host: &Path, root: &Confined) -> Result<(), String> {
+/// Blocking: it reads the drive.
+pub fn verify_on(drive: &Name, host: &Path, root: &Confined) -> Result<(), IdentityError> {
     let found = match root.open_file(Path::new(TOKEN_FILE)) {
         Ok(file) => {
             let mut text = String::new();
@@ -140,63 +184,47 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Checks the host's token for `drive` (file `host`) against the drive's
-/// token file `on_drive` (in the mounted filesystem). The error is a
-/// sentence that says what to do.
-pub fn verify(drive: &Name, host: &Path, on_drive: &Path) -> Result<(), String> {
+/// token file `on_drive` (in the mounted filesystem).
+pub fn verify(drive: &Name, host: &Path, on_drive: &Path) -> Result<(), IdentityError> {
     check(drive, host, read_token_file(on_drive))
 }
 
-fn check(drive: &Name, host: &Path, on_drive: io::Result<Option<String>>) -> Result<(), String> {
-    let reenrol = format!(
-        "if it is the right drive, enrol it again with `ferry-crypt enroll --drive {drive} …` (this erases it)"
-    );
+fn check(
+    drive: &Name,
+    host: &Path,
+    on_drive: io::Result<Option<String>>,
+) -> Result<(), IdentityError> {
+    let drive = drive.clone();
     let expected = match read_token_file(host) {
-        Ok(Some(text)) => Token::parse(&text).ok_or_else(|| {
-            format!("this host's identity token {} for drive {drive} is damaged: restore it from your backup of the keys, or {reenrol}", host.display())
+        Ok(Some(text)) => Token::parse(&text).ok_or_else(|| IdentityError::HostTokenDamaged {
+            drive: drive.clone(),
+            host: host.to_path_buf(),
         })?,
         Ok(None) => {
-            return Err(format!(
-                "this host has no identity token for drive {drive} ({} is missing): restore it from your backup of the keys, or {reenrol}",
-                host.display()
-            ))
+            let host = host.to_path_buf();
+            return Err(IdentityError::HostTokenMissing { drive, host });
         }
-        Err(e) => {
-            return Err(format!(
-                "cannot read this host's identity token {}: {e}",
-                host.display()
-            ))
+        Err(source) => {
+            let host = host.to_path_buf();
+            return Err(IdentityError::HostTokenUnreadable { host, source });
         }
     };
     let found = match on_drive {
         Ok(Some(text)) => Token::parse(&text),
-        Ok(None) => {
-            return Err(format!(
-                "the drive carries no ferry identity token: it is not the drive enrolled as {drive} (a copy of its UUID or label?); plug in the right drive, or {reenrol}"
-            ))
-        }
-        Err(e) => {
-            return Err(format!(
-                "the drive's identity token is not usable ({e}), so it was not read: this is not the drive enrolled as {drive}; plug in the right drive, or {reenrol}"
-            ))
-        }
+        Ok(None) => return Err(IdentityError::NoToken { drive }),
+        Err(source) => return Err(IdentityError::TokenUnusable { drive, source }),
     };
     let Some(found) = found else {
-        return Err(format!(
-            "the drive's identity token is damaged or forged: plug in the right drive, or {reenrol}"
-        ));
+        return Err(IdentityError::TokenDamaged { drive });
     };
     if found.drive != expected.drive {
         let other = Name::new(found.drive())
             .map(|n| format!("drive {n}"))
             .unwrap_or_else(|_| "a drive with an invalid name".into());
-        return Err(format!(
-            "wrong drive: it carries the identity of {other}, not {drive}; plug in {drive}, or {reenrol}"
-        ));
+        return Err(IdentityError::WrongDrive { drive, other });
     }
     if !constant_time_eq(&found.secret, &expected.secret) {
-        return Err(format!(
-            "the drive's identity token does not match this host's for {drive}: it was enrolled by another ferry or enrolled again elsewhere; plug in the right drive, or {reenrol}"
-        ));
+        return Err(IdentityError::Mismatch { drive });
     }
     Ok(())
 }
@@ -235,7 +263,7 @@ mod tests {
         let token = Token::generate(&n).expect("token");
         std::fs::write(&host, token.to_text()).expect("host");
 
-        let err = verify(&n, &host, &drive).expect_err("missing");
+        let err = verify(&n, &host, &drive).expect_err("missing").to_string();
         assert!(
             err.contains("carries no ferry identity token") && err.contains("enroll"),
             "{err}"
@@ -247,25 +275,33 @@ mod tests {
         let other = Token::generate(&n).expect("token");
         std::fs::write(&drive, other.to_text()).expect("drive");
         let err = verify(&n, &host, &drive).expect_err("other secret");
-        assert!(err.contains("does not match"), "{err}");
+        assert!(matches!(err, IdentityError::Mismatch { .. }), "{err}");
 
         let b = Token::generate(&name("offsite-b")).expect("token");
         std::fs::write(&drive, b.to_text()).expect("drive");
-        let err = verify(&n, &host, &drive).expect_err("other drive");
+        let err = verify(&n, &host, &drive)
+            .expect_err("other drive")
+            .to_string();
         assert!(err.contains("identity of drive offsite-b"), "{err}");
 
         std::fs::remove_file(&drive).expect("rm");
         std::os::unix::fs::symlink(&host, &drive).expect("symlink");
-        let err = verify(&n, &host, &drive).expect_err("symlink to the host's token");
+        let err = verify(&n, &host, &drive)
+            .expect_err("symlink to the host's token")
+            .to_string();
         assert!(err.contains("symbolic link"), "{err}");
 
         std::fs::remove_file(&drive).expect("rm");
         std::fs::create_dir(&drive).expect("dir");
-        let err = verify(&n, &host, &drive).expect_err("a directory");
+        let err = verify(&n, &host, &drive)
+            .expect_err("a directory")
+            .to_string();
         assert!(err.contains("not a regular file"), "{err}");
 
         std::fs::remove_file(&host).expect("rm");
-        let err = verify(&n, &host, &drive).expect_err("no host token");
+        let err = verify(&n, &host, &drive)
+            .expect_err("no host token")
+            .to_string();
         assert!(err.contains("this host has no identity token"), "{err}");
     }
 

@@ -19,9 +19,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_config::{CryptSettings, Drive, Filesystem, Name};
+use ferry_interfaces::CryptStage;
 use ferry_service::confined::Confined;
 
 use crate::command::{self, Arg, CommandError};
+use crate::domain::{Failed, Leftover, Operation};
 use crate::identity;
 use crate::mounts::{self, Mount};
 use crate::secrets;
@@ -57,24 +59,6 @@ pub struct Plan {
     pub close_timeout: Duration,
     /// How long one helper program may run.
     pub command_timeout: Duration,
-}
-
-/// An operation failed at `stage` (unlock, mount, identity, close, removed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failed {
-    /// Where it failed.
-    pub stage: &'static str,
-    /// What went wrong and what to do.
-    pub message: String,
-}
-
-impl Failed {
-    fn new(stage: &'static str, message: impl Into<String>) -> Failed {
-        Failed {
-            stage,
-            message: message.into(),
-        }
-    }
 }
 
 impl Plan {
@@ -159,8 +143,25 @@ pub async fn open(plan: &Plan, device: &Path) -> Result<(), Failed> {
     open_for(plan, device, Access::ReadWrite).await
 }
 
+/// Runs `operation` on the drive (on `device`, for the opening ones).
+pub async fn run(operation: Operation, plan: &Plan, device: Option<&Path>) -> Result<(), Failed> {
+    match (operation, device) {
+        (Operation::Open, Some(device)) => open(plan, device).await,
+        (Operation::Hold, Some(device)) => open_for(plan, device, Access::ReadOnly).await,
+        (Operation::Reopen, Some(device)) => reopen(plan, device).await,
+        (Operation::Open | Operation::Hold | Operation::Reopen, None) => Err(Failed::new(
+            CryptStage::Unlock,
+            format!("drive {} is not plugged in", plan.name),
+        )),
+        (Operation::Close, _) => close(plan).await,
+        (Operation::Remove, _) => Err(remove(plan).await),
+    }
+}
+
 /// [`open`], leaving the drive mounted as `access` says.
 pub async fn open_for(plan: &Plan, device: &Path, access: Access) -> Result<(), Failed> {
+    // Before opening, check health: a drive that reports itself failing is
+    // not opened (stage `health`, CryptStage::Health). The check goes here.
     let source = match &plan.key_file {
         Some(key) => {
             unlock(plan, device, key).await?;
@@ -189,8 +190,8 @@ pub async fn reopen(plan: &Plan, device: &Path) -> Result<(), Failed> {
 /// Checks the key file, then the key against the LUKS header (no mapping
 /// needed), then maps the unlocked drive.
 async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
-    let fail = |m: String| Failed::new("unlock", m);
-    secrets::check_key_file(key).map_err(fail)?;
+    let fail = |m: String| Failed::new(CryptStage::Unlock, m);
+    secrets::check_key_file(key).map_err(|e| fail(e.to_string()))?;
     let test = plan
         .run(
             "cryptsetup",
@@ -232,7 +233,7 @@ async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
                 tracing::warn!("{}: {mapping} is already unlocked; using it", plan.name);
                 return Ok(());
             }
-            Some(why) => set_aside(plan, &why).await.map_err(fail)?,
+            Some(why) => set_aside(plan, &why).await?,
         }
     }
     let opened = plan
@@ -310,7 +311,7 @@ async fn stale_mapping(plan: &Plan, device: &Path) -> Option<String> {
 /// clash with the fresh mapping's. The kernel removes it once the last user
 /// lets go; until then the drive cannot be opened, and the message says who
 /// holds it.
-async fn set_aside(plan: &Plan, why: &str) -> Result<(), String> {
+async fn set_aside(plan: &Plan, why: &str) -> Result<(), Failed> {
     let mapping = plan.mapping_name();
     let number = mounts::device_number(&plan.mapping_path());
     let closed = plan.run("cryptsetup", &[&"close", &mapping]).await;
@@ -323,9 +324,9 @@ async fn set_aside(plan: &Plan, why: &str) -> Result<(), String> {
         .filter(|h| !h.is_empty())
         .map(|h| format!(" (held by {})", mounts::describe(&h)))
         .unwrap_or_default();
-    Err(format!(
+    Err(Failed::new(CryptStage::Unlock, format!(
         "{why} and still in use{holders}, so the drive cannot be unlocked again yet; stop what uses it (its files were on the drive when it was pulled), the kernel then removes {mapping} by itself, and plug the drive in again"
-    ))
+    )))
 }
 
 /// Mounts `source` read-only in a way that writes nothing (only as the
@@ -366,7 +367,7 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
     if let Err(e) = mounted {
         remove_mountpoint(mountpoint);
         return Err(Failed::new(
-            "mount",
+            CryptStage::Mount,
             format!(
                 "cannot mount {} at {}: {e}",
                 source.display(),
@@ -374,7 +375,7 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
             ),
         ));
     }
-    let proven = prove(plan);
+    let proven = prove(plan).await;
     let result = match proven {
         Ok(()) if access == Access::ReadOnly => Ok(()),
         Ok(()) => mount_read_write(plan, source).await,
@@ -395,12 +396,31 @@ pub fn identity_mount_options(filesystem: Filesystem) -> String {
     format!("ro,{},{MOUNT_OPTIONS}", filesystem.no_replay())
 }
 
+/// [`prove_now`] on a blocking thread: reading the token reads the drive,
+/// and a slow or wedged drive must not stall the service's runtime.
+async fn prove(plan: &Plan) -> Result<(), Failed> {
+    let plan = plan.clone();
+    tokio::task::spawn_blocking(move || prove_now(&plan))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Failed::new(
+                CryptStage::Identity,
+                format!("the identity check stopped unexpectedly: {e}"),
+            ))
+        })
+}
+
 /// Checks the drive's identity token through a handle of the mount's root
 /// (proven to be the filesystem mounted at the mountpoint).
-fn prove(plan: &Plan) -> Result<(), Failed> {
-    let root = Confined::open_mount_root(&plan.mountpoint)
-        .map_err(|e| Failed::new("identity", format!("the drive cannot be checked: {e}")))?;
-    identity::verify_on(&plan.name, &plan.host_token, &root).map_err(|m| Failed::new("identity", m))
+fn prove_now(plan: &Plan) -> Result<(), Failed> {
+    let root = Confined::open_mount_root(&plan.mountpoint).map_err(|e| {
+        Failed::new(
+            CryptStage::Identity,
+            format!("the drive cannot be checked: {e}"),
+        )
+    })?;
+    identity::verify_on(&plan.name, &plan.host_token, &root)
+        .map_err(|e| Failed::new(CryptStage::Identity, e.to_string()))
 }
 
 /// The identity is proven: the read-only mount gives way to a read-write
@@ -409,7 +429,7 @@ async fn mount_read_write(plan: &Plan, source: &Path) -> Result<(), Failed> {
     let mountpoint = &plan.mountpoint;
     let fail = |e: CommandError| {
         Failed::new(
-            "mount",
+            CryptStage::Mount,
             format!("cannot mount {} read-write: {e}", mountpoint.display()),
         )
     };
@@ -433,7 +453,7 @@ async fn mount_read_write(plan: &Plan, source: &Path) -> Result<(), Failed> {
     .map(drop)
     .map_err(fail)?;
     // What is mounted now must be the drive just proven.
-    prove(plan)
+    prove(plan).await
 }
 
 /// Refuses a source whose filesystem (as blkid probes it, before any
@@ -449,7 +469,7 @@ async fn check_filesystem(plan: &Plan, source: &Path) -> Result<(), Failed> {
         Err(e) if e.code() == Some(2) => String::new(),
         Err(e) => {
             return Err(Failed::new(
-                "identity",
+                CryptStage::Identity,
                 format!(
                     "cannot tell which filesystem {} holds, so it is not mounted: {e}",
                     source.display()
@@ -464,7 +484,7 @@ async fn check_filesystem(plan: &Plan, source: &Path) -> Result<(), Failed> {
             format!("a filesystem of type {}", found.escape_debug())
         };
         return Err(Failed::new(
-            "identity",
+            CryptStage::Identity,
             format!(
                 "{} holds {holds}, but drive {} was enrolled with {expected}: this is not the enrolled drive (a copy of its UUID?), so it was not mounted; plug in the right drive (or, if this really is drive {}, set its `filesystem` in ferry.toml)",
                 source.display(),
@@ -480,7 +500,7 @@ async fn check_filesystem(plan: &Plan, source: &Path) -> Result<(), Failed> {
 /// that is already mounted elsewhere; creates the mountpoint.
 fn prepare_mountpoint(plan: &Plan, source: &Path) -> Result<(), Failed> {
     let mountpoint = &plan.mountpoint;
-    let fail = |m: String| Failed::new("mount", m);
+    let fail = |m: String| Failed::new(CryptStage::Mount, m);
     if let Some(other) = mounts::at(mountpoint) {
         return Err(fail(format!(
             "something else is already mounted at {} ({}); ferry never mounts over it: unmount it, or give drive {} another mountpoint in ferry.toml",
@@ -563,7 +583,7 @@ async fn unmount(plan: &Plan, lazy: bool) -> Result<(), Failed> {
     while plan.our_mount().is_some() {
         if started.elapsed() > plan.close_timeout + plan.command_timeout {
             return Err(Failed::new(
-                "close",
+                CryptStage::Close,
                 format!(
                     "{} stays mounted although umount succeeds; see `findmnt {}`",
                     plan.name,
@@ -582,7 +602,7 @@ async fn unmount(plan: &Plan, lazy: bool) -> Result<(), Failed> {
                 let holders = mounts::describe(&mounts::holders(mountpoint));
                 if started.elapsed() >= plan.close_timeout {
                     return Err(Failed::new(
-                        "close",
+                        CryptStage::Close,
                         format!(
                             "{} is still busy after {}s, so the drive stays mounted: held by {holders}; stop them, then close it again (busctl call org.ferry.Crypt1 /org/ferry/Crypt1 org.ferry.Crypt1 Close s {})",
                             mountpoint.display(),
@@ -604,7 +624,7 @@ async fn unmount(plan: &Plan, lazy: bool) -> Result<(), Failed> {
             }
             Err(e) => {
                 return Err(Failed::new(
-                    "close",
+                    CryptStage::Close,
                     format!("cannot unmount {}: {e}", mountpoint.display()),
                 ))
             }
@@ -629,7 +649,7 @@ async fn lock(plan: &Plan, deferred: bool) -> Result<(), Failed> {
     plan.run("cryptsetup", &args)
         .await
         .map(drop)
-        .map_err(|e| Failed::new("close", format!("cannot lock {mapping}: {e}")))
+        .map_err(|e| Failed::new(CryptStage::Close, format!("cannot lock {mapping}: {e}")))
 }
 
 /// Closes the drive: unmount (retrying while busy), lock, verify that
@@ -647,7 +667,7 @@ pub async fn close(plan: &Plan) -> Result<(), Failed> {
     lock(plan, false).await?;
     if plan.our_mount().is_some() || plan.mapped() {
         return Err(Failed::new(
-            "close",
+            CryptStage::Close,
             format!(
                 "{} is still mounted or unlocked after closing; see `findmnt {}`",
                 plan.name,
@@ -656,7 +676,10 @@ pub async fn close(plan: &Plan) -> Result<(), Failed> {
         ));
     }
     if plan.power_off {
-        power_off(plan);
+        let plan = plan.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || power_off(&plan)).await {
+            tracing::warn!("the power-off stopped unexpectedly: {e}");
+        }
     }
     Ok(())
 }
@@ -695,21 +718,11 @@ pub async fn remove(plan: &Plan) -> Failed {
     for problem in problems {
         message.push_str(&format!("; {problem}"));
     }
-    Failed::new("removed", message)
-}
-
-/// What a predecessor left behind for a drive.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Leftover {
-    /// Nothing: the drive is closed.
-    Nothing,
-    /// Mounted, ours, proven and usable: keep it open.
-    Adopt,
-    /// Unlocked or mounted but not usable as it is: close it (the reason).
-    Close(String),
+    Failed::new(CryptStage::Removed, message)
 }
 
 /// Looks at what is mounted and unlocked for the drive (after a crash).
+/// Blocking: it reads the mount table and the token on the drive.
 pub fn inspect(plan: &Plan) -> Leftover {
     let mapped = plan.mapped();
     let Some(mount) = plan.our_mount() else {
@@ -731,7 +744,7 @@ pub fn inspect(plan: &Plan) -> Leftover {
             mount.options
         ));
     }
-    match prove(plan) {
+    match prove_now(plan) {
         Ok(()) => Leftover::Adopt,
         Err(failed) => Leftover::Close(failed.message),
     }

@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How many random bytes a new key file holds (512 bits).
 pub const KEY_BYTES: usize = 64;
@@ -48,36 +48,52 @@ pub fn create_key_file(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Why a key file is refused; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("the key file {} does not exist: restore it from your backup of the keys, or fix key-file in ferry.toml", path.display())]
+    Missing { path: PathBuf },
+    #[error("cannot read the key file {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    #[error("the key file {} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+    #[error("the key file {shown} has mode {mode:04o}: it is readable or writable by group or others, so it is refused; run chmod 600 {shown}", shown = path.display())]
+    Loose { path: PathBuf, mode: u32 },
+    #[error("the key file {shown} belongs to user {uid}: it must belong to root; run chown root: {shown}", shown = path.display())]
+    Owner { path: PathBuf, uid: u32 },
+    #[error("the key file {} is empty", path.display())]
+    Empty { path: PathBuf },
+}
+
 /// Checks that the key file can be used: a regular, non-empty file that
-/// only its owner (root, or the user ferry-crypt runs as) can read. The
-/// error is a sentence that says what to do.
-pub fn check_key_file(path: &Path) -> Result<(), String> {
-    let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => format!(
-            "the key file {shown} does not exist: restore it from your backup of the keys, or fix key-file in ferry.toml"
-        ),
-        _ => format!("cannot read the key file {shown}: {e}"),
+/// only its owner (root, or the user ferry-crypt runs as) can read.
+pub fn check_key_file(path: &Path) -> Result<(), KeyFileError> {
+    let owned = || path.to_path_buf();
+    let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => KeyFileError::Missing { path: owned() },
+        _ => KeyFileError::Unreadable {
+            path: owned(),
+            source,
+        },
     })?;
     if !meta.is_file() {
-        return Err(format!("the key file {shown} is not a regular file"));
+        return Err(KeyFileError::NotAFile { path: owned() });
     }
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(format!(
-            "the key file {shown} has mode {mode:04o}: it is readable or writable by group or others, so it is refused; run chmod 600 {shown}"
-        ));
+        return Err(KeyFileError::Loose {
+            path: owned(),
+            mode,
+        });
     }
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != 0 && meta.uid() != me {
-        return Err(format!(
-            "the key file {shown} belongs to user {}: it must belong to root; run chown root: {shown}",
-            meta.uid()
-        ));
+        let uid = meta.uid();
+        return Err(KeyFileError::Owner { path: owned(), uid });
     }
     if meta.len() == 0 {
-        return Err(format!("the key file {shown} is empty"));
+        return Err(KeyFileError::Empty { path: owned() });
     }
     Ok(())
 }
@@ -115,7 +131,7 @@ mod tests {
         std::fs::write(&key, b"secret").expect("write");
         for mode in [0o644, 0o640, 0o604, 0o660] {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
-            let err = check_key_file(&key).expect_err("loose");
+            let err = check_key_file(&key).expect_err("loose").to_string();
             assert!(
                 err.contains(&format!("mode {mode:04o}")) && err.contains("chmod 600"),
                 "{err}"
@@ -123,7 +139,9 @@ mod tests {
         }
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).expect("chmod");
         check_key_file(&key).expect("0400 is fine");
-        let err = check_key_file(&dir.path().join("missing")).expect_err("missing");
+        let err = check_key_file(&dir.path().join("missing"))
+            .expect_err("missing")
+            .to_string();
         assert!(err.contains("does not exist"), "{err}");
         let empty = dir.path().join("empty");
         std::fs::File::options()
@@ -132,9 +150,13 @@ mod tests {
             .mode(0o600)
             .open(&empty)
             .expect("empty");
-        assert!(check_key_file(&empty).expect_err("empty").contains("empty"));
+        assert!(check_key_file(&empty)
+            .expect_err("empty")
+            .to_string()
+            .contains("empty"));
         assert!(check_key_file(dir.path())
             .expect_err("dir")
+            .to_string()
             .contains("not a regular file"));
     }
 }

@@ -120,18 +120,18 @@ pub enum BlinkStickError {
     NotFound,
     /// Writing the feature report failed (the stick was probably unplugged).
     #[error("writing to the BlinkStick failed: {0}")]
-    Write(String),
+    Write(#[source] std::io::Error),
 }
 
 /// Something a feature report can be written to: the opened hidapi device, or
 /// a recording fake in tests.
 trait ReportSink {
-    fn send_feature_report(&self, data: &[u8]) -> Result<(), String>;
+    fn send_feature_report(&self, data: &[u8]) -> std::io::Result<()>;
 }
 
 impl ReportSink for HidDevice {
-    fn send_feature_report(&self, data: &[u8]) -> Result<(), String> {
-        HidDevice::send_feature_report(self, data).map_err(|e| e.to_string())
+    fn send_feature_report(&self, data: &[u8]) -> std::io::Result<()> {
+        HidDevice::send_feature_report(self, data).map_err(std::io::Error::other)
     }
 }
 
@@ -456,9 +456,9 @@ mod tests {
     }
 
     impl ReportSink for FakeSink {
-        fn send_feature_report(&self, data: &[u8]) -> Result<(), String> {
+        fn send_feature_report(&self, data: &[u8]) -> std::io::Result<()> {
             if self.fail {
-                return Err("No such device".into());
+                return Err(std::io::Error::other("No such device"));
             }
             self.rec.writes.borrow_mut().push((self.id, data.to_vec()));
             Ok(())
@@ -535,7 +535,7 @@ mod tests {
             rec: Recorder::default(),
         };
         match write_report(&sink, &[1, 0, 0, 0]) {
-            Err(BlinkStickError::Write(m)) => assert_eq!(m, "No such device"),
+            Err(BlinkStickError::Write(e)) => assert_eq!(e.to_string(), "No such device"),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -10,6 +10,12 @@
 //! acknowledged failure does not come back after a restart. A BlinkStick that is missing or
 //! unplugged is logged and written again when udev says a hidraw device
 //! appeared: no polling.
+//!
+//! The rules are [`state`]'s (pure, tested without a bus); this module is
+//! the adapter: it decodes the peers' signals ([`FerrySignal`]) into
+//! [`Event`]s, carries out method calls, and writes the colour — a HID
+//! write or a file append, on a blocking thread, so a wedged device never
+//! stalls the service's runtime.
 
 pub mod blinkstick;
 pub mod output;
@@ -21,9 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_config::{Color, Config, LedColors};
-use ferry_interfaces::{borg, crypt, drive_watcher, led, sync, Error as FerryError};
+use ferry_interfaces::{borg, crypt, drive_watcher, led, sync, Error as FerryError, FerrySignal};
 use ferry_service::caller::authorize;
-use ferry_service::{claim_name, subscribe, ServiceError, Shutdown};
+use ferry_service::{claim_name, subscribe_signals, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use output::Output;
 use state::{DrivePolicy, Event, Indicator, LedState, PeerFacts};
@@ -46,8 +52,11 @@ struct View {
     device_present: bool,
 }
 
+/// A method call handed to the loop, with where its answer goes.
 enum Command {
-    Acknowledge,
+    /// Acknowledge: answered once the acknowledgement is recorded.
+    Acknowledge(oneshot::Sender<Result<(), FerryError>>),
+    /// Test: answered once the cycle is started (or refused).
     Test(oneshot::Sender<Result<(), FerryError>>),
 }
 
@@ -63,10 +72,6 @@ impl LedInterface {
     }
 }
 
-fn stopping() -> FerryError {
-    FerryError::Failed("the LED service is shutting down".into())
-}
-
 #[zbus::interface(name = "org.ferry.Led1")]
 impl LedInterface {
     /// A person has seen the failure: leave the failed state.
@@ -76,10 +81,7 @@ impl LedInterface {
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<(), FerryError> {
         authorize(connection, &header).await?;
-        self.commands
-            .send(Command::Acknowledge)
-            .await
-            .map_err(|_| stopping())
+        ferry_service::ask_loop(&self.commands, "ferry-led", Command::Acknowledge).await
     }
 
     /// Show each state's colour in turn, then the current state again.
@@ -134,17 +136,39 @@ impl LedInterface {
     ) -> zbus::Result<()>;
 }
 
+/// What a colour on the LED stands for: ColorChanged's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// The indicator's state.
+    State(LedState),
+    /// `test`: one colour of the Test cycle.
+    Test,
+}
+
+impl Shown {
+    /// The wire name.
+    fn as_str(self) -> &'static str {
+        match self {
+            Shown::State(state) => state.as_str(),
+            Shown::Test => "test",
+        }
+    }
+}
+
 /// The service loop's own state.
 struct Lamp {
     indicator: Indicator,
     colors: LedColors,
-    output: Output,
+    /// The backend, used only on blocking threads (one write at a time).
+    output: Arc<Mutex<Output>>,
+    /// Whether the backend's device was there at the last write.
+    present: bool,
     view: Arc<Mutex<View>>,
     object: ferry_service::Served<LedInterface>,
-    /// The colour last written, with its label.
-    shown: Option<(Color, String)>,
+    /// The colour last written, with what it stands for.
+    shown: Option<(Color, Shown)>,
     /// Remaining Test colours and when the next one is due.
-    test: VecDeque<(Color, &'static str)>,
+    test: VecDeque<Color>,
     test_due: Option<Instant>,
     /// Where the time of the last Acknowledge is kept.
     acknowledged: PathBuf,
@@ -166,29 +190,31 @@ impl Lamp {
             return;
         }
         let state = self.indicator.state();
-        self.show(self.color_of(state), state.as_str(), false).await;
+        self.show(self.color_of(state), Shown::State(state), false)
+            .await;
     }
 
     /// Writes a colour when it differs from what is shown (or `force`),
     /// updates the properties and emits ColorChanged.
-    async fn show(&mut self, color: Color, label: &str, force: bool) {
-        let changed = self.shown.as_ref() != Some(&(color, label.to_string()));
+    async fn show(&mut self, color: Color, shown: Shown, force: bool) {
+        let changed = self.shown != Some((color, shown));
+        let label = shown.as_str();
         if changed || force {
-            if let Err(e) = self.output.show(color, label) {
+            let (written, present) = write_color(&self.output, color, label).await;
+            self.present = present;
+            if let Err(e) = written {
                 tracing::warn!(
                     "LED: {e}; the state stays on the bus and is shown when the device is back"
                 );
             }
         }
         let reason = self.indicator.reason();
-        let present = self.output.present();
+        let present = self.present;
         if let Ok(mut view) = self.view.lock() {
             view.color = color.to_hex();
-            view.state = if label == "test" {
-                view.state.clone()
-            } else {
-                label.to_string()
-            };
+            if let Shown::State(state) = shown {
+                view.state = state.as_str().to_string();
+            }
             view.reason = reason;
             view.device_present = present;
         }
@@ -206,7 +232,7 @@ impl Lamp {
         }
         if changed {
             tracing::info!("LED {} ({label})", color.to_hex());
-            self.shown = Some((color, label.to_string()));
+            self.shown = Some((color, shown));
             if let Err(e) = LedInterface::announce_color(emitter, &color.to_hex(), label).await {
                 tracing::warn!("cannot emit ColorChanged: {e}");
             }
@@ -220,10 +246,10 @@ impl Lamp {
             ));
         }
         self.test = VecDeque::from([
-            (self.colors.working, "test"),
-            (self.colors.done, "test"),
-            (self.colors.failed, "test"),
-            (self.colors.idle, "test"),
+            self.colors.working,
+            self.colors.done,
+            self.colors.failed,
+            self.colors.idle,
         ]);
         self.test_due = Some(Instant::now());
         Ok(())
@@ -231,9 +257,9 @@ impl Lamp {
 
     async fn test_step(&mut self) {
         match self.test.pop_front() {
-            Some((color, label)) => {
+            Some(color) => {
                 self.test_due = Some(Instant::now() + TEST_STEP);
-                self.show(color, label, false).await;
+                self.show(color, Shown::Test, false).await;
             }
             None => {
                 self.test_due = None;
@@ -243,21 +269,57 @@ impl Lamp {
     }
 }
 
+/// Why a write of the colour did not happen at all.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Output(#[from] output::OutputError),
+    #[error("the write to the LED stopped unexpectedly: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Shows `color` through `output` on a blocking thread; returns the
+/// outcome and whether the device is there afterwards.
+async fn write_color(
+    output: &Arc<Mutex<Output>>,
+    color: Color,
+    label: &str,
+) -> (Result<(), WriteError>, bool) {
+    let output = output.clone();
+    let label = label.to_string();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut output = output
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (output.show(color, &label), output.present())
+    })
+    .await;
+    match written {
+        Ok((shown, present)) => (shown.map_err(WriteError::from), present),
+        Err(e) => (Err(e.into()), false),
+    }
+}
+
 /// Runs the LED service on `connection` until `shutdown` resolves.
 pub async fn run(
     connection: zbus::Connection,
     config: Arc<Config>,
     shutdown: Shutdown,
 ) -> Result<(), ServiceError> {
-    let output = Output::from_config(&config.led);
+    // Opening the BlinkStick enumerates HID devices: off the runtime.
+    let settings = config.led.clone();
+    let output = tokio::task::spawn_blocking(move || Output::from_config(&settings))
+        .await
+        .map_err(|e| ServiceError::Other(format!("cannot set up the LED backend: {e}")))?;
+    let present = output.present();
     let view = Arc::new(Mutex::new(View {
         color: config.led.colors.idle.to_hex(),
         state: LedState::Idle.as_str().into(),
         reason: String::new(),
         backend: output.name(),
-        device_present: output.present(),
+        device_present: present,
     }));
-    let (commands, mut requests) = mpsc::channel(8);
+    let (commands, requests) = mpsc::channel(8);
     let object = ferry_service::serve(
         &connection,
         led::OBJECT_PATH,
@@ -269,7 +331,7 @@ pub async fn run(
     .await?;
 
     // Subscribe first, then read the peers: nothing falls between the two.
-    let mut signals = subscribe(
+    let signals = subscribe_signals(
         &connection,
         &[
             drive_watcher::INTERFACE,
@@ -279,7 +341,7 @@ pub async fn run(
         ],
     )
     .await?;
-    let mut hotplug = match &output {
+    let hotplug = match &output {
         Output::BlinkStick(_) => hidraw_monitor(),
         _ => None,
     };
@@ -287,7 +349,8 @@ pub async fn run(
     let mut lamp = Lamp {
         indicator: Indicator::default(),
         colors: config.led.colors.clone(),
-        output,
+        output: Arc::new(Mutex::new(output)),
+        present,
         view,
         object,
         shown: None,
@@ -295,69 +358,117 @@ pub async fn run(
         test_due: None,
         acknowledged: acknowledged.clone(),
     };
-    let policies = drive_policies(&config);
-    let facts = peer_facts(&connection, read_acknowledged(&acknowledged)).await;
-    lamp.indicator = Indicator::from_peers(policies, &facts);
-    if lamp.indicator.state() == LedState::Failed {
-        tracing::info!(
-            "failures the peers still report: {}",
-            lamp.indicator.reason()
-        );
-    }
-    lamp.refresh().await;
+    let since = read_acknowledged(acknowledged).await;
+    lamp.start(&connection, drive_policies(&config), since)
+        .await;
     claim_name(&connection, led::BUS_NAME, led::OBJECT_PATH).await?;
 
-    let mut peers_restarting = peer_owner_changes(&connection).await?;
+    let events = Events {
+        peers_restarting: peer_owner_changes(&connection).await?,
+        signals,
+        requests,
+        hotplug,
+    };
+    serve_loop(&connection, &mut lamp, events, shutdown).await
+}
+
+/// Where the loop's events come from.
+struct Events<S> {
+    peers_restarting: zbus::MessageStream,
+    signals: S,
+    requests: mpsc::Receiver<Command>,
+    hotplug: Option<ferry_service::UdevMonitor>,
+}
+
+impl Lamp {
+    /// The indicator the peers' properties describe, shown.
+    async fn start(
+        &mut self,
+        connection: &zbus::Connection,
+        policies: BTreeMap<String, DrivePolicy>,
+        acknowledged: u64,
+    ) {
+        let facts = peer_facts(connection, acknowledged).await;
+        self.indicator = Indicator::from_peers(policies, &facts);
+        if self.indicator.state() == LedState::Failed {
+            tracing::info!(
+                "failures the peers still report: {}",
+                self.indicator.reason()
+            );
+        }
+        self.refresh().await;
+    }
+
+    /// A peer (re)started: what it was doing before is gone or in its
+    /// properties now; ask instead of guessing.
+    async fn peer_restarted(&mut self, connection: &zbus::Connection, peer: &str) {
+        tracing::info!("{peer} has a new owner; reading the peers' state again");
+        let facts = peer_facts(connection, 0).await;
+        self.indicator = self.indicator.rebuilt(&facts);
+        self.refresh().await;
+    }
+
+    /// A peer's signal, applied if the LED acts on it.
+    async fn signal(&mut self, signal: FerrySignal) {
+        if let Some(event) = Event::from_signal(signal) {
+            tracing::debug!("{event:?}");
+            self.indicator.apply(event);
+            self.refresh().await;
+        }
+    }
+
+    /// A method call handed over by the interface.
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Acknowledge(reply) => {
+                write_acknowledged(&self.acknowledged, ferry_service::unix_now()).await;
+                self.indicator.apply(Event::Acknowledge);
+                let _ = reply.send(Ok(()));
+                self.refresh().await;
+            }
+            Command::Test(reply) => {
+                let _ = reply.send(self.start_test());
+            }
+        }
+    }
+}
+
+/// The service loop: peers restarting, their signals, method calls, the
+/// Test's steps and a replugged BlinkStick, until `shutdown`.
+async fn serve_loop<S>(
+    connection: &zbus::Connection,
+    lamp: &mut Lamp,
+    mut events: Events<S>,
+    shutdown: Shutdown,
+) -> Result<(), ServiceError>
+where
+    S: futures_util::Stream<Item = FerrySignal> + Unpin,
+{
+    let closed = || ServiceError::Other("the bus connection closed".into());
     tokio::pin!(shutdown);
     loop {
         let test_due = lamp.test_due;
         tokio::select! {
-            _ = &mut shutdown => break,
-            change = peers_restarting.next() => {
-                let Some(change) = change else {
-                    return Err(ServiceError::Other("the bus connection closed".into()));
-                };
+            _ = &mut shutdown => return Ok(()),
+            change = events.peers_restarting.next() => {
+                let change = change.ok_or_else(closed)?;
                 if let Some(peer) = change.ok().as_ref().and_then(peer_that_started) {
-                    // A peer (re)started: what it was doing before is gone or
-                    // in its properties now; ask instead of guessing.
-                    tracing::info!("{peer} has a new owner; reading the peers' state again");
-                    let facts = peer_facts(&connection, 0).await;
-                    lamp.indicator = lamp.indicator.rebuilt(&facts);
-                    lamp.refresh().await;
+                    lamp.peer_restarted(connection, &peer).await;
                 }
             }
-            message = signals.next() => {
-                let Some(message) = message else {
-                    return Err(ServiceError::Other("the bus connection closed".into()));
-                };
-                if let Some(event) = message.ok().as_ref().and_then(event_of) {
-                    tracing::debug!("{event:?}");
-                    lamp.indicator.apply(event);
-                    lamp.refresh().await;
-                }
-            }
-            Some(command) = requests.recv() => match command {
-                Command::Acknowledge => {
-                    write_acknowledged(&lamp.acknowledged, ferry_service::unix_now()).await;
-                    lamp.indicator.apply(Event::Acknowledge);
-                    lamp.refresh().await;
-                }
-                Command::Test(reply) => {
-                    let _ = reply.send(lamp.start_test());
-                }
-            },
+            message = events.signals.next() => lamp.signal(message.ok_or_else(closed)?).await,
+            Some(command) = events.requests.recv() => lamp.command(command).await,
             _ = ferry_service::sleep_until(test_due), if test_due.is_some() => lamp.test_step().await,
-            added = hidraw_added(hotplug.as_mut()), if hotplug.is_some() => {
+            added = hidraw_added(events.hotplug.as_mut()), if events.hotplug.is_some() => {
                 if added {
                     tracing::info!("a hidraw device appeared; writing the LED again");
-                    if let Some((color, label)) = lamp.shown.clone() {
-                        lamp.show(color, &label, true).await;
+                    if let Some((color, shown)) = lamp.shown {
+                        lamp.show(color, shown, true).await;
                     }
                 }
             }
         }
     }
-    Ok(())
 }
 
 /// A udev monitor for hidraw devices, so a replugged BlinkStick is written
@@ -382,91 +493,6 @@ async fn hidraw_added(monitor: Option<&mut ferry_service::UdevMonitor>) -> bool 
             std::future::pending().await
         }
     }
-}
-
-/// Translates a ferry signal into an LED event. Unknown members are ignored.
-fn event_of(message: &zbus::Message) -> Option<Event> {
-    let m = message.clone();
-    if let Some(s) = drive_watcher::DriveAttached::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::DriveAttached(a.drive.to_string()));
-    }
-    if let Some(s) = drive_watcher::DriveDetached::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::DriveDetached(a.drive.to_string()));
-    }
-    if let Some(s) = crypt::DriveOpened::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
-    }
-    // A drive held open for a person is in use, not safe to remove, until
-    // its DriveClosed.
-    if let Some(s) = crypt::DriveHeld::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
-    }
-    if let Some(s) = crypt::DriveClosed::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::DriveClosed(a.drive.to_string()));
-    }
-    if let Some(s) = crypt::DriveFailed::from_message(m.clone()) {
-        return s.args().ok().map(|a| {
-            Event::DriveFailed(a.drive.to_string(), format!("{}: {}", a.stage, a.message))
-        });
-    }
-    if let Some(s) = sync::SyncStarted::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::DriveBusy(a.drive.to_string()));
-    }
-    if let Some(s) = sync::SyncFinished::from_message(m.clone()) {
-        return s
-            .args()
-            .ok()
-            .map(|a| Event::SyncFinished(a.drive.to_string()));
-    }
-    if let Some(s) = sync::SyncFailed::from_message(m.clone()) {
-        return s.args().ok().map(|a| {
-            Event::SyncFailed(
-                a.drive.to_string(),
-                format!("sync {}: {}", a.stage, a.message),
-            )
-        });
-    }
-    if let Some(s) = borg::BackupStarted::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupStarted {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-        });
-    }
-    if let Some(s) = borg::BackupFinished::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupFinished {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-        });
-    }
-    if let Some(s) = borg::BackupFinishedWithWarnings::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupWarned {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-            reason: format!("finished with warnings: {}", a.warnings),
-        });
-    }
-    if let Some(s) = borg::BackupFailed::from_message(m.clone()) {
-        return s.args().ok().map(|a| Event::BackupFailed {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-            reason: format!("{}: {}", a.stage, a.message),
-        });
-    }
-    if let Some(s) = borg::BackupSkipped::from_message(m) {
-        return s.args().ok().map(|a| Event::BackupSkipped {
-            job: a.job.to_string(),
-        });
-    }
-    None
 }
 
 /// NameOwnerChanged for every org.ferry name: a peer started or went away.
@@ -507,8 +533,18 @@ fn drive_policies(config: &Config) -> BTreeMap<String, DrivePolicy> {
         .collect()
 }
 
-/// The unix time of the last Acknowledge, 0 if none is recorded.
-fn read_acknowledged(path: &Path) -> u64 {
+/// The unix time of the last Acknowledge, 0 if none is recorded (read off
+/// the runtime).
+async fn read_acknowledged(path: PathBuf) -> u64 {
+    tokio::task::spawn_blocking(move || read_acknowledged_now(&path))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!("cannot read the last acknowledgement: {e}");
+            0
+        })
+}
+
+fn read_acknowledged_now(path: &Path) -> u64 {
     match std::fs::read_to_string(path) {
         Ok(text) => text.trim().parse().unwrap_or_else(|_| {
             tracing::warn!(

@@ -5,7 +5,27 @@ use std::path::PathBuf;
 
 use ferry_config::{Color, Led, LedBackend};
 
-use crate::blinkstick::BlinkStick;
+use crate::blinkstick::{BlinkStick, BlinkStickError};
+
+/// Why a colour could not be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The BlinkStick is missing or its write failed.
+    #[error(transparent)]
+    BlinkStick(#[from] BlinkStickError),
+    /// The file backend's file cannot be opened.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file backend's file cannot be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// The configured LED backend.
 #[derive(Debug)]
@@ -54,17 +74,24 @@ impl Output {
     }
 
     /// Shows `color`; `label` is what the file backend records beside it.
-    pub fn show(&mut self, color: Color, label: &str) -> Result<(), String> {
+    /// Blocking (a HID write, a file append): the service calls it off its
+    /// runtime.
+    pub fn show(&mut self, color: Color, label: &str) -> Result<(), OutputError> {
         match self {
-            Output::BlinkStick(stick) => stick.set(color).map_err(|e| e.to_string()),
+            Output::BlinkStick(stick) => Ok(stick.set(color)?),
             Output::File(path) => {
                 let mut file = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&*path)
-                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-                writeln!(file, "{} {label}", color.to_hex())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                    .map_err(|source| OutputError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
+                writeln!(file, "{} {label}", color.to_hex()).map_err(|source| OutputError::Write {
+                    path: path.clone(),
+                    source,
+                })
             }
             Output::None => Ok(()),
         }

@@ -27,32 +27,9 @@
 
 use std::collections::BTreeMap;
 
-use ferry_interfaces::{BackupOutcome, BackupResult, CryptDrive, Failure};
+use ferry_interfaces::{BackupOutcome, BackupResult, CryptDrive, CryptState, Failure, FerrySignal};
 
-/// What the LED shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LedState {
-    /// Nothing to say: off.
-    Idle,
-    /// A drive or a backup is busy.
-    Working,
-    /// A drive is safe to remove.
-    Done,
-    /// Something failed (or finished with warnings) and nobody has seen it.
-    Failed,
-}
-
-impl LedState {
-    /// The name used on the bus.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LedState::Idle => "idle",
-            LedState::Working => "working",
-            LedState::Done => "done",
-            LedState::Failed => "failed",
-        }
-    }
-}
+pub use ferry_interfaces::LedState;
 
 /// Whom a failure belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -140,6 +117,62 @@ pub enum Event {
     Acknowledge,
 }
 
+impl Event {
+    /// What a ferry signal tells the LED; `None` for one it does not act on
+    /// (progress, its own ColorChanged, the notifier's).
+    pub fn from_signal(signal: FerrySignal) -> Option<Event> {
+        use FerrySignal as S;
+        Some(match signal {
+            S::DriveAttached { drive, .. } => Event::DriveAttached(drive),
+            S::DriveDetached { drive, .. } => Event::DriveDetached(drive),
+            // A drive held open for a person is in use, not safe to remove,
+            // until its DriveClosed.
+            S::DriveOpened { drive, .. } | S::DriveHeld { drive, .. } => Event::DriveBusy(drive),
+            S::SyncStarted { drive, .. } => Event::DriveBusy(drive),
+            S::DriveClosed { drive } => Event::DriveClosed(drive),
+            S::DriveFailed {
+                drive,
+                stage,
+                message,
+            } => Event::DriveFailed(drive, format!("{stage}: {message}")),
+            S::SyncFinished { drive, .. } => Event::SyncFinished(drive),
+            S::SyncFailed {
+                drive,
+                stage,
+                message,
+            } => Event::SyncFailed(drive, format!("sync {stage}: {message}")),
+            S::BackupStarted { job, profile } => Event::BackupStarted { job, profile },
+            S::BackupFinished { job, profile, .. } => Event::BackupFinished { job, profile },
+            S::BackupFinishedWithWarnings {
+                job,
+                profile,
+                warnings,
+                ..
+            } => Event::BackupWarned {
+                job,
+                profile,
+                reason: format!("finished with warnings: {warnings}"),
+            },
+            S::BackupFailed {
+                job,
+                profile,
+                stage,
+                message,
+            } => Event::BackupFailed {
+                job,
+                profile,
+                reason: format!("{stage}: {message}"),
+            },
+            S::BackupSkipped { job, .. } => Event::BackupSkipped { job },
+            S::SyncProgress { .. }
+            | S::BackupProgress { .. }
+            | S::ColorChanged { .. }
+            | S::NotificationSent { .. }
+            | S::NotificationQueued { .. } => return None,
+        })
+    }
+}
+
 /// A drive's flow in progress.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Flow {
@@ -199,6 +232,28 @@ impl Indicator {
 
     /// Applies one event.
     pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::BackupStarted { .. }
+            | Event::BackupFinished { .. }
+            | Event::BackupWarned { .. }
+            | Event::BackupFailed { .. }
+            | Event::BackupSkipped { .. } => self.apply_backup(event),
+            Event::Acknowledge => {
+                self.failures.clear();
+                for facts in self.drives.values_mut() {
+                    if facts.done == Some(Done::PoweredOff) {
+                        facts.done = None;
+                    }
+                }
+            }
+            _ => self.apply_drive(event),
+        }
+        self.drives
+            .retain(|_, f| f.attached || f.flow.is_some() || f.done.is_some());
+    }
+
+    /// Applies an event about a drive.
+    fn apply_drive(&mut self, event: Event) {
         match event {
             Event::DriveAttached(drive) => {
                 let opens = self.policy(&drive).opens_on_attach;
@@ -272,6 +327,13 @@ impl Indicator {
                 self.failures
                     .insert(Subject::Drive(drive.clone()), format!("{drive}: {reason}"));
             }
+            _ => {}
+        }
+    }
+
+    /// Applies an event about a backup job.
+    fn apply_backup(&mut self, event: Event) {
+        match event {
             Event::BackupStarted { job, profile } => {
                 self.jobs.insert(job, profile);
             }
@@ -298,17 +360,8 @@ impl Indicator {
             Event::BackupSkipped { job } => {
                 self.jobs.remove(&job);
             }
-            Event::Acknowledge => {
-                self.failures.clear();
-                for facts in self.drives.values_mut() {
-                    if facts.done == Some(Done::PoweredOff) {
-                        facts.done = None;
-                    }
-                }
-            }
+            _ => {}
         }
-        self.drives
-            .retain(|_, f| f.attached || f.flow.is_some() || f.done.is_some());
     }
 
     /// The indicator the peers' state describes (at start).
@@ -352,17 +405,15 @@ impl Indicator {
                     let attached = !d.device.is_empty();
                     let facts = self.drive(&d.name);
                     facts.attached = attached;
-                    match d.state.as_str() {
-                        "opening" | "open" | "held" | "closing" => {
-                            facts.attached = true;
-                            // A flow that began before a failure still on
-                            // record cannot be told from one after it.
-                            facts.flow = Some(Flow {
-                                failed: failing,
-                                ..Flow::default()
-                            });
-                        }
-                        _ => {}
+                    use CryptState::{Closing, Held, Open, Opening};
+                    if let Some(Opening | Open | Held | Closing) = CryptState::from_wire(&d.state) {
+                        facts.attached = true;
+                        // A flow that began before a failure still on
+                        // record cannot be told from one after it.
+                        facts.flow = Some(Flow {
+                            failed: failing,
+                            ..Flow::default()
+                        });
                     }
                 }
             }
@@ -374,7 +425,8 @@ impl Indicator {
         }
         if let Some(drives) = &facts.crypt_drives {
             for d in drives {
-                if d.state == "closed" && !d.device.is_empty() && facts.ended_well(&d.name) {
+                let closed = CryptState::from_wire(&d.state) == Some(CryptState::Closed);
+                if closed && !d.device.is_empty() && facts.ended_well(&d.name) {
                     self.drive(&d.name).done = Some(Done::Present);
                 }
             }

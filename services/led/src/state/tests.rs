@@ -530,3 +530,51 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn signals_become_events_with_their_reasons() {
+    let event = |s| Event::from_signal(s);
+    assert_eq!(
+        event(FerrySignal::DriveHeld {
+            drive: "a".into(),
+            mountpoint: "/m".into()
+        }),
+        Some(DriveBusy("a".into()))
+    );
+    assert_eq!(
+        event(FerrySignal::DriveFailed {
+            drive: "a".into(),
+            stage: "identity".into(),
+            message: "not ours".into()
+        }),
+        Some(DriveFailed("a".into(), "identity: not ours".into()))
+    );
+    assert_eq!(
+        event(FerrySignal::SyncFailed {
+            drive: "a".into(),
+            stage: "verify".into(),
+            message: "bad".into()
+        }),
+        Some(SyncFailed("a".into(), "sync verify: bad".into()))
+    );
+    assert_eq!(
+        event(FerrySignal::BackupFinishedWithWarnings {
+            job: "j".into(),
+            profile: "p".into(),
+            archive: "x".into(),
+            warnings: "w".into()
+        }),
+        Some(BackupWarned {
+            job: "j".into(),
+            profile: "p".into(),
+            reason: "finished with warnings: w".into()
+        })
+    );
+    let progress = FerrySignal::SyncProgress {
+        drive: "a".into(),
+        done: 1,
+        total: 2,
+        phase: "copy".into(),
+    };
+    assert_eq!(event(progress), None);
+}
