@@ -53,10 +53,10 @@ pub fn sync_directory(dir: &Path) -> io::Result<()> {
 /// `None`; one that does not parse is moved aside as `<path>.bad-<unix
 /// time>` (kept for a person, never deleted), logged, and `None`. `what`
 /// names the file's content in the log ("past backup results").
-pub fn load_or_move_aside<T>(
+pub fn load_or_move_aside<T, E: std::fmt::Display>(
     path: &Path,
     what: &str,
-    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+    parse: impl FnOnce(&[u8]) -> Result<T, E>,
 ) -> Option<T> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
