@@ -12,6 +12,7 @@ mod error;
 mod locate;
 mod notify;
 pub mod paths;
+mod remote;
 mod sync;
 mod values;
 
@@ -24,6 +25,7 @@ pub use borg::{BorgSettings, Checks, Frequency, Hooks, Preconditions, Profile, R
 pub use crypt::CryptSettings;
 pub use error::ConfigError;
 pub use notify::{Mail, MailTransport, NotifySettings, SmtpSecurity};
+pub use remote::{is_remote, HomePath, HomePathError, RemoteRepository, SshUrl, SshUrlError};
 pub use sync::SyncSettings;
 pub use values::{AbsolutePath, Color, FsUuid, Name};
 
@@ -44,6 +46,10 @@ pub struct Config {
     /// Borg repositories on this machine, by name.
     #[serde(default)]
     pub repositories: BTreeMap<Name, Repository>,
+    /// Borg repositories on other machines, reached over SSH, by name
+    /// (one namespace with `repositories`).
+    #[serde(default)]
+    pub remote_repositories: BTreeMap<Name, RemoteRepository>,
     /// The status LED.
     #[serde(default)]
     pub led: Led,
@@ -76,6 +82,7 @@ impl Default for Config {
             state_directory: default_state_directory(),
             drives: BTreeMap::new(),
             repositories: BTreeMap::new(),
+            remote_repositories: BTreeMap::new(),
             led: Led::default(),
             crypt: CryptSettings::default(),
             sync: SyncSettings::default(),
@@ -288,6 +295,7 @@ impl Config {
     /// Checks that need more than one value: references between sections
     /// and uniqueness. Returns the key path and the reason.
     fn check(&self) -> Result<(), (Vec<String>, String)> {
+        remote::check(self)?;
         let mut uuids = BTreeMap::new();
         let mut mountpoints = BTreeMap::new();
         for (name, drive) in &self.drives {
