@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::plan::{Passphrase, Plan, CHECK_KINDS};
 use crate::process::{self, Limits, Stop};
-use crate::{borgmatic, system};
+use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
+use crate::{borgmatic, network, system};
 
 /// The least time between two progress reports of one job.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -32,6 +33,9 @@ const SKIP_EXIT_CODE: i32 = 75;
 const LOCK_TIMEOUT: &str = "LockTimeout";
 /// How many of borg's error lines a failure message carries.
 const MESSAGE_LINES: usize = 5;
+/// How many of ssh's relayed lines are kept to diagnose a failure (a
+/// changed host key takes 16).
+const REMOTE_LINES: usize = 40;
 
 /// What a running job tells the loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +78,18 @@ pub enum End {
         /// Why.
         reason: String,
     },
+    /// The SSH server could not be reached (or the network is not online):
+    /// the loop makes it a skip, or a failure once past the grace
+    /// ([`crate::remote::settle_unreachable`]).
+    Unreachable {
+        /// Why.
+        reason: String,
+    },
 }
+
+/// The stages at which borg talked to the repository's server: a failure
+/// there means the server was reachable.
+pub const REACHES_SERVER: [&str; 4] = ["create", "prune", "compact", "check"];
 
 /// One repository, one job: a per-repository async lock shared by all jobs.
 #[derive(Clone, Default)]
@@ -137,6 +152,7 @@ impl Fail {
 enum Stopped {
     Skip(String),
     Fail(Fail),
+    Unreachable(String),
 }
 
 impl From<Fail> for Stopped {
@@ -164,6 +180,13 @@ impl Job {
         let pre = &profile.preconditions;
         if let Some(reason) = system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power) {
             return End::Skipped { reason };
+        }
+        if pre.network_online {
+            if let Err(offline) = network::online().await {
+                return End::Unreachable {
+                    reason: format!("{}: {offline}", Unreachable::NetworkOffline.describe()),
+                };
+            }
         }
         let plan = match profile.borgmatic_config {
             Some(_) => borgmatic::load(&self.config, &profile_name, &profile),
@@ -198,6 +221,7 @@ impl Job {
         match self.stages(&plan).await {
             Ok(end) => end,
             Err(Stopped::Skip(reason)) => End::Skipped { reason },
+            Err(Stopped::Unreachable(reason)) => End::Unreachable { reason },
             Err(Stopped::Fail(fail)) => {
                 if fail.stage != "cancelled" && !plan.hooks.on_error.is_empty() {
                     let error = format!("{}: {}", fail.stage, fail.message);
@@ -355,7 +379,7 @@ impl Job {
         plan: &Plan,
         stage: &'static str,
         args: &[String],
-    ) -> Result<BorgOutput, Fail> {
+    ) -> Result<BorgOutput, Stopped> {
         let config = self.config.clone();
         let settings = &config.borg;
         let mut delay = settings.busy_retry_delay.duration();
@@ -363,7 +387,8 @@ impl Job {
         loop {
             match self.borg_once(plan, stage, args).await {
                 Attempt::Done(output) => return Ok(output),
-                Attempt::Failed(fail) => return Err(fail),
+                Attempt::Failed(fail) => return Err(fail.into()),
+                Attempt::Unreachable(reason) => return Err(Stopped::Unreachable(reason)),
                 Attempt::Busy(message) if attempt < settings.busy_retries => {
                     attempt += 1;
                     tracing::info!(
@@ -374,7 +399,7 @@ impl Job {
                     self.stage("waiting").await;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting")),
+                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
                     }
                     delay = delay.saturating_mul(2);
                     self.stage(stage).await;
@@ -386,7 +411,8 @@ impl Job {
                         "the repository stayed locked by another borg through {} tries: {message}",
                         attempt + 1
                     ),
-                    ))
+                    )
+                    .into())
                 }
             }
         }
@@ -394,7 +420,12 @@ impl Job {
 
     async fn borg_once(&mut self, plan: &Plan, stage: &'static str, args: &[String]) -> Attempt {
         let settings = self.config.borg.clone();
-        let mut command = process::command(&settings.program, args);
+        let ssh = (!plan.is_local()).then(|| self.ssh_setup(plan));
+        let mut args = args.to_vec();
+        if let Some(remote_path) = &plan.remote_path {
+            args.insert(1, format!("--remote-path={remote_path}"));
+        }
+        let mut command = process::command(&settings.program, &args);
         for name in [
             "BORG_PASSPHRASE",
             "BORG_PASSCOMMAND",
@@ -413,8 +444,18 @@ impl Job {
             .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DISPLAY_PASSPHRASE", "no");
-        if let Some(rsh) = &plan.rsh {
-            command.env("BORG_RSH", rsh);
+        match &ssh {
+            Some(ssh) => match ssh.borg_rsh(|path| path.exists()) {
+                Ok(rsh) => {
+                    command.env("BORG_RSH", rsh);
+                }
+                Err(e) => return Attempt::Failed(Fail::new("config", e.to_string())),
+            },
+            None => {
+                if let Some(rsh) = &plan.rsh {
+                    command.env("BORG_RSH", rsh);
+                }
+            }
         }
         let secret = match &plan.passphrase {
             Passphrase::None => None,
@@ -526,7 +567,27 @@ impl Job {
                 })
             }
             _ if log.busy => Attempt::Busy(log.message(ended.status)),
-            _ => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
+            _ => match &ssh {
+                Some(ssh) => over_ssh(plan, ssh, stage, &log, ended.status),
+                None => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
+            },
+        }
+    }
+
+    /// How ssh runs for `plan`'s remote repository.
+    fn ssh_setup(&self, plan: &Plan) -> SshSetup {
+        let home = remote::service_home();
+        let settings = &self.config.borg;
+        SshSetup {
+            command: plan.rsh.clone(),
+            known_hosts: plan
+                .ssh
+                .known_hosts
+                .clone()
+                .or_else(|| settings.ssh_known_hosts.as_ref().map(|p| p.resolve(&home))),
+            identity: plan.ssh.identity.clone(),
+            connect_timeout: settings.ssh_connect_timeout.duration(),
+            home,
         }
     }
 
@@ -639,6 +700,41 @@ enum Attempt {
     Done(BorgOutput),
     Busy(String),
     Failed(Fail),
+    Unreachable(String),
+}
+
+/// A borg run over SSH that failed: the server unreachable (a skip), or
+/// refused (a failure that says what to do), or borg's own error.
+fn over_ssh(
+    plan: &Plan,
+    ssh: &SshSetup,
+    stage: &str,
+    log: &BorgLog,
+    status: std::process::ExitStatus,
+) -> Attempt {
+    let server = ferry_config::SshUrl::parse(&plan.repository)
+        .map(|url| url.known_hosts_name())
+        .unwrap_or_else(|_| plan.repository.clone());
+    match remote::diagnose(&log.remote, &log.msgids, &log.errors) {
+        Some(Diagnosis::Unreachable(why)) => Attempt::Unreachable(format!(
+            "the SSH server {server} is unreachable: {}",
+            why.describe()
+        )),
+        Some(Diagnosis::Refused(refused)) => {
+            let said = log.remote.last().cloned().unwrap_or_default();
+            Attempt::Failed(Fail::new(
+                stage,
+                remote::refusal_message(&refused, &server, &ssh.known_hosts(), &said),
+            ))
+        }
+        None => {
+            let mut message = log.message(status);
+            if !log.remote.is_empty() {
+                message = format!("{message} (ssh: {})", log.remote.join(" / "));
+            }
+            Attempt::Failed(Fail::new(stage, message))
+        }
+    }
 }
 
 /// Fails at stage `sources` when a source does not exist (each one missing
@@ -690,6 +786,10 @@ pub struct BorgLog {
     pub other: Vec<String>,
     /// borg gave up waiting for a lock.
     pub busy: bool,
+    /// What borg relayed from ssh and the server (`Remote: …`), the last ones.
+    pub remote: Vec<String>,
+    /// The msgids of borg's errors.
+    pub msgids: Vec<String>,
 }
 
 impl BorgLog {
@@ -711,10 +811,19 @@ impl BorgLog {
                     .unwrap_or_default()
                     .trim()
                     .to_string();
+                if let Some(relayed) = message.strip_prefix("Remote: ") {
+                    if self.remote.len() == REMOTE_LINES {
+                        self.remote.remove(0);
+                    }
+                    self.remote.push(relayed.trim().to_string());
+                }
                 match value["levelname"].as_str() {
                     Some("ERROR") | Some("CRITICAL") => {
                         if value["msgid"].as_str() == Some(LOCK_TIMEOUT) {
                             self.busy = true;
+                        }
+                        if let Some(id) = value["msgid"].as_str() {
+                            self.msgids.push(id.to_string());
                         }
                         keep_last(&mut self.errors, message);
                     }

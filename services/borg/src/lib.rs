@@ -19,8 +19,10 @@
 pub mod borgmatic;
 pub mod compat;
 pub mod job;
+pub mod network;
 pub mod plan;
 pub mod process;
+pub mod remote;
 pub mod state;
 pub mod system;
 pub mod tilde;
@@ -470,6 +472,8 @@ impl Service {
         };
         let profile = running.profile.to_string();
         let seconds = running.started.elapsed().as_secs_f64();
+        let grace = self.config.borg.unreachable_grace.duration();
+        let end = self.with_shared(|s| settle(&mut s.stored, &profile, end, grace, unix_now()));
         match &end {
             End::Finished {
                 archive, warnings, ..
@@ -483,7 +487,7 @@ impl Service {
             End::Failed { stage, message } => {
                 tracing::warn!("job {job}: profile {profile} failed at {stage}: {message}")
             }
-            End::Skipped { reason } => {
+            End::Skipped { reason } | End::Unreachable { reason } => {
                 tracing::info!("job {job}: profile {profile} skipped: {reason}")
             }
         }
@@ -538,7 +542,7 @@ impl Service {
             End::Failed { stage, message } => {
                 BorgInterface::backup_failed(emitter, job, profile, stage, message).await
             }
-            End::Skipped { reason } => {
+            End::Skipped { reason } | End::Unreachable { reason } => {
                 BorgInterface::backup_skipped(emitter, job, profile, reason).await
             }
         };
@@ -637,7 +641,7 @@ fn plan_retry(
     let why = match end {
         End::Failed { stage, .. } if stage == "cancelled" => return,
         End::Failed { stage, message } => format!("failed: {stage}: {message}"),
-        End::Skipped { reason } => format!("skipped: {reason}"),
+        End::Skipped { reason } | End::Unreachable { reason } => format!("skipped: {reason}"),
         End::Finished { .. } => return,
     };
     let total = retries.saturating_add(1);
@@ -684,7 +688,9 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
             String::new(),
             format!("{stage}: {message}"),
         ),
-        End::Skipped { reason } => (BackupOutcome::Skipped, String::new(), reason.clone()),
+        End::Skipped { reason } | End::Unreachable { reason } => {
+            (BackupOutcome::Skipped, String::new(), reason.clone())
+        }
     };
     let record = stored.profile(profile);
     record.last_result = Some(BackupResult {
@@ -711,7 +717,38 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
                 message: message.clone(),
             })
         }
-        End::Skipped { .. } => {}
+        End::Skipped { .. } | End::Unreachable { .. } => {}
+    }
+}
+
+/// Applies `[borg] unreachable-grace`: an unreachable server is a skip
+/// until it has been unreachable that long, then a failure at stage
+/// `unreachable` (mailed). The profile remembers since when; a run that
+/// reached borg's server or made an archive forgets it.
+fn settle(stored: &mut Stored, profile: &str, end: End, grace: Duration, now: u64) -> End {
+    let record = stored.profile(profile);
+    match end {
+        End::Unreachable { reason } => {
+            let (settled, since) =
+                remote::settle_unreachable(&reason, record.unreachable_since, now, grace);
+            record.unreachable_since = Some(since);
+            match settled {
+                remote::Settled::Skip { reason } => End::Skipped { reason },
+                remote::Settled::Fail { message } => End::Failed {
+                    stage: "unreachable".into(),
+                    message,
+                },
+            }
+        }
+        End::Finished { .. } => {
+            record.unreachable_since = None;
+            end
+        }
+        End::Failed { ref stage, .. } if job::REACHES_SERVER.contains(&stage.as_str()) => {
+            record.unreachable_since = None;
+            end
+        }
+        other => other,
     }
 }
 
@@ -895,5 +932,45 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
     match due {
         Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable() -> End {
+        End::Unreachable {
+            reason: "the SSH server nas is unreachable".into(),
+        }
+    }
+
+    #[test]
+    fn unreachable_is_a_skip_until_the_grace_then_a_failure_and_reaching_forgets() {
+        let mut stored = Stored::default();
+        let grace = Duration::from_secs(100);
+        let first = settle(&mut stored, "p", unreachable(), grace, 1000);
+        assert!(matches!(first, End::Skipped { .. }), "{first:?}");
+        assert_eq!(stored.profiles["p"].unreachable_since, Some(1000));
+        let within = settle(&mut stored, "p", unreachable(), grace, 1099);
+        assert!(matches!(within, End::Skipped { .. }), "{within:?}");
+        let past = settle(&mut stored, "p", unreachable(), grace, 1100);
+        assert!(
+            matches!(&past, End::Failed { stage, message } if stage == "unreachable" && message.contains("unreachable-grace")),
+            "{past:?}"
+        );
+        // A precondition's skip says nothing about the server.
+        let skipped = End::Skipped { reason: "x".into() };
+        settle(&mut stored, "p", skipped, grace, 1200);
+        assert_eq!(stored.profiles["p"].unreachable_since, Some(1000));
+        // A refusal means the server answered.
+        let refused = End::Failed {
+            stage: "create".into(),
+            message: "host key changed".into(),
+        };
+        settle(&mut stored, "p", refused, grace, 1300);
+        assert_eq!(stored.profiles["p"].unreachable_since, None);
+        let again = settle(&mut stored, "p", unreachable(), grace, 1400);
+        assert!(matches!(again, End::Skipped { .. }), "a new series starts");
     }
 }
