@@ -47,6 +47,10 @@ struct Cli {
     /// (DBUS_SYSTEM_BUS_ADDRESS when set).
     #[arg(long, global = true, value_name = "ADDRESS")]
     address: Option<String>,
+    /// Talk to the user's own ferry-borg on the session bus (`ferry-borg
+    /// --user`, a `systemctl --user` service) instead of the system's.
+    #[arg(long, global = true, conflicts_with = "address")]
+    user: bool,
     /// ferry.toml, for what only it says (repositories of a drive, when a
     /// drive is stale); the services' answers come from the bus.
     #[arg(long, global = true, value_name = "FILE", default_value = ferry_config::DEFAULT_PATH)]
@@ -165,10 +169,11 @@ fn main() -> ExitCode {
     runtime.block_on(on_the_bus(cli))
 }
 
-async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
-    let builder = match address {
-        Some(address) => zbus::connection::Builder::address(address)?,
-        None => zbus::connection::Builder::system()?,
+async fn connect(address: Option<&str>, user: bool) -> zbus::Result<zbus::Connection> {
+    let builder = match (address, user) {
+        (Some(address), _) => zbus::connection::Builder::address(address)?,
+        (None, true) => zbus::connection::Builder::session()?,
+        (None, false) => zbus::connection::Builder::system()?,
     };
     builder
         .method_timeout(Duration::from_secs(25))
@@ -184,7 +189,7 @@ fn now() -> u64 {
 }
 
 async fn on_the_bus(cli: Cli) -> ExitCode {
-    let conn = match connect(cli.address.as_deref()).await {
+    let conn = match connect(cli.address.as_deref(), cli.user).await {
         Ok(conn) => conn,
         Err(e) => {
             eprintln!("ferryctl: cannot connect to the bus: {e}");

@@ -584,7 +584,12 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
         ("hook-timeout", settings.hook_timeout, 1, 86_400),
         ("command-timeout", settings.command_timeout, 10, 7 * 86_400),
         ("ssh-connect-timeout", settings.ssh_connect_timeout, 1, 600),
-        ("unreachable-grace", settings.unreachable_grace, 0, 365 * 86_400),
+        (
+            "unreachable-grace",
+            settings.unreachable_grace,
+            0,
+            365 * 86_400,
+        ),
     ];
     for (key, span, min, max) in spans {
         if !(min..=max).contains(&span.as_secs()) {

@@ -31,6 +31,8 @@ pub use values::{AbsolutePath, Color, FsUuid, Name};
 
 /// Where the services look for their configuration unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/ferry/ferry.toml";
+/// The state directory unless the file says `state-directory`.
+pub const DEFAULT_STATE_DIRECTORY: &str = "/var/lib/ferry";
 
 /// The whole of ferry.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -73,7 +75,7 @@ pub struct Config {
 }
 
 fn default_state_directory() -> AbsolutePath {
-    AbsolutePath::from_static("/var/lib/ferry")
+    AbsolutePath::from_static(DEFAULT_STATE_DIRECTORY)
 }
 
 impl Default for Config {

@@ -249,8 +249,7 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
             ));
         }
         if let Some(path) = &remote.remote_path {
-            if path.trim().is_empty() || path.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+            if path.trim().is_empty() || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err((
                     key("remote-path"),
                     "must be one word: the borg program on the server, e.g. /usr/local/bin/borg"
@@ -321,7 +320,11 @@ mod tests {
             ("u@host:dir; rm -rf", SshUrlError::BadCharacter),
         ];
         for (text, expected) in cases {
-            assert_eq!(SshUrl::parse(text), Err(expected(text.to_string())), "{text}");
+            assert_eq!(
+                SshUrl::parse(text),
+                Err(expected(text.to_string())),
+                "{text}"
+            );
         }
     }
 

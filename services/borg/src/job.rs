@@ -113,8 +113,8 @@ pub struct Job {
     pub profile: Name,
     /// The configuration.
     pub config: Arc<Config>,
-    /// For logind.
-    pub connection: zbus::Connection,
+    /// The system bus, for logind (None: not reachable).
+    pub logind: Option<zbus::Connection>,
     /// Events to the loop.
     pub events: mpsc::Sender<(String, Event)>,
     /// True once Cancel (or shutdown) asked the job to stop.
@@ -212,11 +212,12 @@ impl Job {
             guard = turn.lock_owned() => guard,
             _ = cancelled(&mut self.cancel) => return Fail::cancelled("waiting").into_end(),
         };
-        let _inhibitor = system::inhibit(
-            &self.connection,
-            &format!("borg backup of profile {profile_name}"),
-        )
-        .await;
+        let _inhibitor = match &self.logind {
+            Some(bus) => {
+                system::inhibit(bus, &format!("borg backup of profile {profile_name}")).await
+            }
+            None => None,
+        };
 
         match self.stages(&plan).await {
             Ok(end) => end,

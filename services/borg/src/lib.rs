@@ -36,7 +36,7 @@ use ferry_config::{Config, Name};
 use ferry_interfaces::{
     borg, BackupJob, BackupOutcome, BackupResult, Error as FerryError, Failure, ScheduleEntry,
 };
-use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
+use ferry_service::{claim_name, unix_now, Bus, ServiceError, Shutdown};
 use job::{End, Event, Job, RepositoryLocks};
 use state::{PlannedRetry, RunningJob, Stored};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -65,6 +65,8 @@ pub struct BorgInterface {
     config: Arc<Config>,
     /// When the service started: a profile that never ran is due since then.
     started: u64,
+    /// The system bus, or a user's session bus (who may call differs).
+    bus: Bus,
 }
 
 fn stopping() -> FerryError {
@@ -107,7 +109,7 @@ impl BorgInterface {
         #[zbus(connection)] connection: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, FerryError> {
-        ferry_service::caller::authorize(connection, &header).await?;
+        ferry_service::caller::authorize_on(self.bus, connection, &header).await?;
         let name = self.profile(profile)?;
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -124,7 +126,7 @@ impl BorgInterface {
         #[zbus(connection)] connection: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<(), FerryError> {
-        ferry_service::caller::authorize(connection, &header).await?;
+        ferry_service::caller::authorize_on(self.bus, connection, &header).await?;
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Cancel(job.to_string(), reply))
@@ -305,7 +307,8 @@ struct Running {
 /// The service loop's own state.
 struct Service {
     config: Arc<Config>,
-    connection: zbus::Connection,
+    /// The system bus, where logind is (None: not reachable).
+    logind: Option<zbus::Connection>,
     shared: Arc<Mutex<Shared>>,
     object: ferry_service::Served<BorgInterface>,
     state_path: PathBuf,
@@ -358,7 +361,7 @@ impl Service {
             id: id.clone(),
             profile: profile.clone(),
             config: self.config.clone(),
-            connection: self.connection.clone(),
+            logind: self.logind.clone(),
             events: self.events.clone(),
             cancel: cancelled,
             locks: self.locks.clone(),
@@ -815,12 +818,35 @@ fn check_borgmatic_files(config: &Config) {
     }
 }
 
-/// Runs the borg service on `connection` until `shutdown` resolves.
+/// Runs the borg service on `connection` (the system bus) until
+/// `shutdown` resolves.
 pub async fn run(
     connection: zbus::Connection,
     config: Arc<Config>,
     shutdown: Shutdown,
 ) -> Result<(), ServiceError> {
+    run_on(connection, config, shutdown, Bus::System).await
+}
+
+/// Runs the borg service on `connection`, which is the system bus or (a
+/// user-level ferry-borg) the user's session bus, until `shutdown` resolves.
+pub async fn run_on(
+    connection: zbus::Connection,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+    bus: Bus,
+) -> Result<(), ServiceError> {
+    if bus == Bus::Session {
+        tracing::info!(
+            "a user-level ferry-borg: session bus, state in {}, `~` is {}",
+            config.state_directory.display(),
+            remote::service_home().display()
+        );
+    }
+    let logind = match bus {
+        Bus::System => Some(connection.clone()),
+        Bus::Session => system::system_bus().await,
+    };
     let state_path = config.state_directory.join(state::FILE_NAME);
     let mut stored = Stored::load(&state_path);
     let cut_short = interrupted(
@@ -847,13 +873,14 @@ pub async fn run(
             shared: shared.clone(),
             config: config.clone(),
             started: unix_now(),
+            bus,
         },
     )
     .await?;
     let (events, mut job_events) = mpsc::channel(256);
     let mut service = Service {
         config: config.clone(),
-        connection: connection.clone(),
+        logind,
         shared,
         object,
         state_path,
