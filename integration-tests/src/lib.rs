@@ -34,6 +34,7 @@ mod prereq;
 mod process;
 mod signals;
 pub mod smtp;
+pub mod sshd;
 pub mod system;
 
 pub use bus::{bin_dir, binary_path, wait_for_name, ServiceProcess, TestBus, METHOD_TIMEOUT};

@@ -448,6 +448,7 @@ impl Job {
         match &ssh {
             Some(ssh) => match ssh.borg_rsh(|path| path.exists()) {
                 Ok(rsh) => {
+                    tracing::debug!("BORG_RSH={rsh}");
                     command.env("BORG_RSH", rsh);
                 }
                 Err(e) => return Attempt::Failed(Fail::new("config", e.to_string())),
@@ -569,7 +570,7 @@ impl Job {
             }
             _ if log.busy => Attempt::Busy(log.message(ended.status)),
             _ => match &ssh {
-                Some(ssh) => over_ssh(plan, ssh, stage, &log, ended.status),
+                Some(ssh) => over_ssh(plan, ssh, stage, &log, ended.status).await,
                 None => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
             },
         }
@@ -705,18 +706,34 @@ enum Attempt {
 }
 
 /// A borg run over SSH that failed: the server unreachable (a skip), or
-/// refused (a failure that says what to do), or borg's own error.
-fn over_ssh(
+/// refused (a failure that says what to do), or borg's own error. When
+/// borg lost the connection without relaying why (it may exit before it
+/// has read ssh's last words), ssh is asked once more, by itself.
+async fn over_ssh(
     plan: &Plan,
     ssh: &SshSetup,
     stage: &str,
     log: &BorgLog,
     status: std::process::ExitStatus,
 ) -> Attempt {
-    let server = ferry_config::SshUrl::parse(&plan.repository)
+    let url = ferry_config::SshUrl::parse(&plan.repository).ok();
+    let server = url
+        .as_ref()
         .map(|url| url.known_hosts_name())
-        .unwrap_or_else(|_| plan.repository.clone());
-    match remote::diagnose(&log.remote, &log.msgids, &log.errors) {
+        .unwrap_or_else(|| plan.repository.clone());
+    let mut diagnosis = remote::diagnose(&log.remote, &log.msgids, &log.errors);
+    let lost = log.msgids.iter().any(|m| m.starts_with("ConnectionClosed"));
+    if let (None, true, Some(url)) = (&diagnosis, lost, &url) {
+        match ssh.borg_rsh(|path| path.exists()) {
+            Ok(rsh) => {
+                let said = remote::probe(&rsh, url, ssh.connect_timeout).await;
+                tracing::debug!("ssh probe of {server}: {}", said.join(" / "));
+                diagnosis = remote::diagnose(&said, &[], &[]);
+            }
+            Err(e) => tracing::debug!("no ssh probe: {e}"),
+        }
+    }
+    match diagnosis {
         Some(Diagnosis::Unreachable(why)) => Attempt::Unreachable(format!(
             "the SSH server {server} is unreachable: {}",
             why.describe()
@@ -816,6 +833,7 @@ impl BorgLog {
                     if self.remote.len() == REMOTE_LINES {
                         self.remote.remove(0);
                     }
+                    tracing::debug!("borg relayed: {relayed}");
                     self.remote.push(relayed.trim().to_string());
                 }
                 match value["levelname"].as_str() {

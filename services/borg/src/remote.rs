@@ -343,6 +343,46 @@ fn span(seconds: u64) -> String {
     out.join(" ")
 }
 
+/// Runs ssh once by itself, as borg would (`rsh`, the same options) but
+/// with no borg behind it, and returns what it wrote on stderr: its own
+/// words about why it could not connect or log in. stdin is empty, so a
+/// `borg serve` forced on the key by the server ends at once.
+pub async fn probe(
+    rsh: &str,
+    url: &ferry_config::SshUrl,
+    connect_timeout: Duration,
+) -> Vec<String> {
+    let Some(words) = shlex::split(rsh) else {
+        return Vec::new();
+    };
+    let Some((program, options)) = words.split_first() else {
+        return Vec::new();
+    };
+    let mut command = tokio::process::Command::new(program);
+    command.args(options);
+    if let Some(port) = url.port() {
+        command.arg("-p").arg(port.to_string());
+    }
+    command
+        .arg("-T")
+        .arg(format!("{}@{}", url.user(), url.host()))
+        .arg("true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let bound = connect_timeout + Duration::from_secs(10);
+    match tokio::time::timeout(bound, command.output()).await {
+        Ok(Ok(output)) => String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect(),
+        Ok(Err(e)) => vec![format!("cannot run ssh: {e}")],
+        Err(_) => vec!["ssh: connect to host: Connection timed out".to_string()],
+    }
+}
+
 /// The home `~` stands for: HOME when it is an absolute path (a user
 /// service, or a test's home), else the user database's home of the
 /// effective user (a system service has no HOME).

@@ -1,0 +1,384 @@
+//! ferry-borg over SSH against a real OpenSSH server on 127.0.0.1 (its
+//! own config, host key and port, key-only login, the key restricted to
+//! `borg serve --restrict-to-path`): backup, prune, compact and check; the
+//! server gone (skipped, retried, mailed only after unreachable-grace); a
+//! changed or unknown host key and a path outside the restriction (failed,
+//! saying what to do); and seed 000's borgmatic file run by a user-level
+//! ferry-borg on a private session bus with HOME set to a test home, its
+//! archives compared with what borgmatic itself makes from the same file.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use ferry_integration_tests::smtp::{require_aiosmtpd, Smtp};
+use ferry_integration_tests::sshd::{require_sshd, Sshd};
+use ferry_integration_tests::{
+    binary_path, require_command, Recorded, ServiceProcess, SignalRecorder, TestBus,
+};
+use ferry_interfaces::borg::{self, BorgProxy};
+
+/// Long enough for a small borg run over SSH on a busy 2-core machine.
+const BORG_WAIT: Duration = Duration::from_secs(180);
+
+/// A test's server and client: sshd, the repositories it may serve
+/// (`repos/`), the passphrase, the client's home, and the test's own borg.
+struct World {
+    // sshd is dropped (stopped, its log printed) before its directory goes.
+    sshd: Sshd,
+    dir: tempfile::TempDir,
+    passphrase: String,
+}
+
+impl World {
+    fn new() -> Option<World> {
+        if !(require_sshd() && require_command("borg", "borgbackup")) {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("repos")).expect("repos");
+        let sshd = Sshd::start(&dir.path().join("sshd"), &dir.path().join("repos"));
+        let passphrase = format!("ferry-ssh-{}", ferry_integration_tests::random_uuid());
+        let file = dir.path().join("passphrase");
+        std::fs::write(&file, &passphrase).expect("passphrase");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let world = World {
+            dir,
+            sshd,
+            passphrase,
+        };
+        let src = world.path("src");
+        std::fs::create_dir_all(src.join("docs")).expect("src");
+        std::fs::write(src.join("docs/note.txt"), "a note\n").expect("file");
+        std::fs::write(src.join("file1"), vec![7u8; 3115]).expect("file");
+        std::fs::create_dir_all(world.home()).expect("home");
+        Some(world)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// HOME of the ferry-borg under test (borg's cache and ssh's files).
+    fn home(&self) -> PathBuf {
+        self.path("home")
+    }
+
+    fn repo(&self, name: &str) -> PathBuf {
+        self.path("repos").join(name)
+    }
+
+    /// The test's own borg, on the server's side (local paths), with its
+    /// own base directory; returns stdout.
+    async fn borg(&self, args: &[&str]) -> String {
+        let run = tokio::process::Command::new("borg")
+            .args(args)
+            .env("BORG_BASE_DIR", self.path("test-borg-base"))
+            .env(
+                "BORG_PASSCOMMAND",
+                format!("cat {}", self.path("passphrase").display()),
+            )
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
+            .env_remove("BORG_PASSPHRASE")
+            .env_remove("BORG_RSH")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(BORG_WAIT, run)
+            .await
+            .unwrap_or_else(|_| panic!("borg {args:?} took longer than {BORG_WAIT:?}"))
+            .expect("run borg");
+        assert!(
+            output.status.success(),
+            "borg {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    async fn init(&self, name: &str) -> PathBuf {
+        let repo = self.repo(name);
+        self.borg(&["init", "--encryption=repokey", &repo.to_string_lossy()])
+            .await;
+        repo
+    }
+
+    async fn archives(&self, repo: &Path) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .borg(&["list", "--short", &repo.to_string_lossy()])
+            .await
+            .lines()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// `[remote-repositories.<name>]` for `repo` with the test's key and known_hosts.
+    fn remote_section(&self, name: &str, repo: &Path, known_hosts: &Path) -> String {
+        format!(
+            "[remote-repositories.{name}]\nurl = \"{}\"\npassphrase-file = \"{}\"\nidentity-file = \"{}\"\nknown-hosts = \"{}\"\n\n",
+            self.sshd.url(repo),
+            self.path("passphrase").display(),
+            self.sshd.client_key().display(),
+            known_hosts.display()
+        )
+    }
+
+    fn config(&self, body: &str) -> PathBuf {
+        write_config(self.dir.path(), body)
+    }
+}
+
+/// ferry-borg on a test bus, with HOME set to the world's home.
+struct Running {
+    signals: SignalRecorder,
+    process: ServiceProcess,
+    proxy: BorgProxy<'static>,
+    _conn: zbus::Connection,
+}
+
+async fn start(bus: &TestBus, world: &World, args: &[&str], envs: &[(&str, &str)]) -> Running {
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let home = world.home().display().to_string();
+    let mut all: Vec<(&str, &str)> = vec![("HOME", home.as_str())];
+    all.extend_from_slice(envs);
+    let process = bus.spawn("ferry-borg", args, &all);
+    process.wait_for_name(&conn, borg::BUS_NAME, WAIT).await;
+    let proxy: BorgProxy<'static> = uncached(&conn).await;
+    Running {
+        signals,
+        process,
+        proxy,
+        _conn: conn,
+    }
+}
+
+impl Running {
+    /// Start(profile) and wait for the job's end; returns (job, end signal).
+    async fn run(&self, profile: &str) -> (String, Recorded) {
+        let job = self.proxy.start(profile).await.expect("Start");
+        (job.clone(), self.ended(&job).await)
+    }
+
+    async fn ended(&self, job: &str) -> Recorded {
+        let ends = ["BackupFinished", "BackupFailed", "BackupSkipped"];
+        let deadline = tokio::time::Instant::now() + BORG_WAIT;
+        let mut watch = self.signals.watch();
+        loop {
+            watch.borrow_and_update();
+            if let Some(found) = self.signals.all().into_iter().find(|s| {
+                ends.contains(&s.member.as_str()) && s.args.first().map(String::as_str) == Some(job)
+            }) {
+                return found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {job} never ended:\n{}",
+                self.signals.listing()
+            );
+            let _ = tokio::time::timeout_at(deadline, watch.changed()).await;
+        }
+    }
+}
+
+/// Create, prune, compact and check over SSH; the retention prunes on the
+/// server; the login was by key, through the restricted command.
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_prune_compact_check_over_ssh() {
+    let Some(world) = World::new() else { return };
+    let repo = world.init("nas").await;
+    let config = world.config(&format!(
+        "{}[profiles.home]\nrepository = \"nas\"\nsources = [\"{}\"]\n\n[profiles.home.retention]\nkeep-secondly = 1\n\n[profiles.home.checks]\nrepository = \"always\"\narchives = \"always\"\n",
+        world.remote_section("nas", &repo, &world.sshd.known_hosts()),
+        world.path("src").display()
+    ));
+    let bus = TestBus::start();
+    let service = start(&bus, &world, &["--config", &config.to_string_lossy()], &[]).await;
+    let (_, first) = service.run("home").await;
+    assert_eq!(
+        first.member,
+        "BackupFinished",
+        "{first}\n{}",
+        service.process.log()
+    );
+    let (_, second) = service.run("home").await;
+    assert_eq!(second.member, "BackupFinished", "{second}");
+    assert_eq!(
+        world.archives(&repo).await,
+        [second.args[2].clone()],
+        "keep-secondly = 1 pruned the first archive on the server"
+    );
+    let files = world
+        .borg(&[
+            "list",
+            "--short",
+            &format!("{}::{}", repo.display(), second.args[2]),
+        ])
+        .await;
+    assert!(files.contains("docs/note.txt"), "{files}");
+    let log = service.process.log();
+    for stage in ["borg create", "borg prune", "borg compact", "borg check"] {
+        assert!(
+            log.contains(&format!("running {stage}")),
+            "{stage} ran:\n{log}"
+        );
+    }
+    assert!(
+        world.sshd.log().contains("Accepted publickey for root"),
+        "{}",
+        world.sshd.log()
+    );
+}
+
+/// The server stopped: the run is skipped (not failed) and retried; it is
+/// mailed as a failure only once unreachable-grace has passed; when the
+/// server is back, the next retry makes the archive.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_gone_is_skipped_and_retried_and_mailed_only_after_the_grace() {
+    let Some(mut world) = World::new() else {
+        return;
+    };
+    if !require_aiosmtpd() {
+        return;
+    }
+    let repo = world.init("nas").await;
+    let smtp = Smtp::start(&world.path("smtp"), 0);
+    let config = world.config(&format!(
+        "[mail]\nfrom = \"ferry@laptop.test\"\nto = [\"david@home.test\"]\nsmtp-host = \"127.0.0.1\"\nsmtp-port = {}\nsecurity = \"none\"\ntimeout-seconds = 10\nretry-min-seconds = 1\nretry-max-seconds = 2\n\n[borg]\nretries = 20\nretry-delay = \"2s\"\nunreachable-grace = \"6s\"\nssh-connect-timeout = \"5s\"\n\n{}[profiles.home]\nrepository = \"nas\"\nsources = [\"{}\"]\n",
+        smtp.port,
+        world.remote_section("nas", &repo, &world.sshd.known_hosts()),
+        world.path("src").display()
+    ));
+    let bus = TestBus::start();
+    let conn = bus.connect().await;
+    let notifier = bus.spawn(
+        "ferry-notifier",
+        &["--config", &config.to_string_lossy()],
+        &[],
+    );
+    notifier
+        .wait_for_name(&conn, ferry_interfaces::notifier::BUS_NAME, WAIT)
+        .await;
+    let service = start(&bus, &world, &["--config", &config.to_string_lossy()], &[]).await;
+
+    world.sshd.stop();
+    let (_, first) = service.run("home").await;
+    assert_eq!(first.member, "BackupSkipped", "{first}");
+    assert!(
+        first.args[2].contains("unreachable") && first.args[2].contains("refused"),
+        "{first}"
+    );
+    // The retry comes by itself and is skipped too, still within the grace.
+    let retried = service
+        .signals
+        .wait_for(
+            "BackupSkipped",
+            |s| s.args.first() != first.args.first(),
+            BORG_WAIT,
+        )
+        .await;
+    assert!(retried.args[2].contains("unreachable for"), "{retried}");
+    assert!(
+        smtp.mails().is_empty(),
+        "nothing is mailed within the grace: {:?}",
+        smtp.mails()
+    );
+    let failed = service
+        .signals
+        .wait_for("BackupFailed", |s| s.args[2] == "unreachable", BORG_WAIT)
+        .await;
+    assert!(failed.args[3].contains("unreachable-grace"), "{failed}");
+    assert_eq!(
+        service.signals.count("BackupFailed", |s| s.at < failed.at),
+        0,
+        "no failure before the grace"
+    );
+    let mails = smtp
+        .wait_for(1, |m| m.body.contains("unreachable"), BORG_WAIT)
+        .await;
+    assert!(mails[0].body.contains("home"), "{:?}", mails[0]);
+
+    world.sshd.restart();
+    let finished = service
+        .signals
+        .wait_for("BackupFinished", |_| true, BORG_WAIT)
+        .await;
+    assert_eq!(world.archives(&repo).await, [finished.args[2].clone()]);
+}
+
+/// A changed host key fails the job, saying the key changed and how to fix
+/// it; an unknown one fails too; nothing is sent to either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_or_unknown_host_key_fails_saying_so() {
+    let Some(mut world) = World::new() else {
+        return;
+    };
+    let repo = world.init("nas").await;
+    let empty = world.path("empty_known_hosts");
+    std::fs::write(&empty, "").expect("empty known_hosts");
+    let config = world.config(&format!(
+        "[borg]\nretries = 0\n\n{}{}[profiles.home]\nrepository = \"nas\"\nsources = [\"{src}\"]\n\n[profiles.stranger]\nrepository = \"unknown\"\nsources = [\"{src}\"]\n",
+        world.remote_section("nas", &repo, &world.sshd.known_hosts()),
+        world.remote_section("unknown", &repo, &empty),
+        src = world.path("src").display()
+    ));
+    let bus = TestBus::start();
+    let service = start(&bus, &world, &["--config", &config.to_string_lossy()], &[]).await;
+
+    let (_, unknown) = service.run("stranger").await;
+    assert_eq!(unknown.member, "BackupFailed", "{unknown}");
+    assert!(
+        unknown.args[3].contains("is not in")
+            && unknown.args[3].contains("never accepts an unknown host key"),
+        "{unknown}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&empty).expect("read"),
+        "",
+        "ferry added no key"
+    );
+
+    let (_, good) = service.run("home").await;
+    assert_eq!(good.member, "BackupFinished", "{good}");
+    world.sshd.change_host_key();
+    let (_, changed) = service.run("home").await;
+    assert_eq!(changed.member, "BackupFailed", "{changed}");
+    assert_eq!(changed.args[2], "create", "{changed}");
+    assert!(
+        changed.args[3].contains("has CHANGED") && changed.args[3].contains("ssh-keygen -R"),
+        "{changed}"
+    );
+    assert_eq!(world.archives(&repo).await, [good.args[2].clone()]);
+}
+
+/// A repository outside the server's `--restrict-to-path` fails the job
+/// with borg's refusal; nothing is made there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_outside_restrict_to_path_fails() {
+    let Some(world) = World::new() else { return };
+    let outside = world.path("elsewhere/repo");
+    let config = world.config(&format!(
+        "[borg]\nretries = 0\n\n{}[profiles.home]\nrepository = \"outside\"\nsources = [\"{}\"]\n",
+        world.remote_section("outside", &outside, &world.sshd.known_hosts()),
+        world.path("src").display()
+    ));
+    let bus = TestBus::start();
+    let service = start(&bus, &world, &["--config", &config.to_string_lossy()], &[]).await;
+    let (_, failed) = service.run("home").await;
+    assert_eq!(failed.member, "BackupFailed", "{failed}");
+    assert_eq!(failed.args[2], "create", "{failed}");
+    assert!(
+        failed.args[3].contains("refused the repository path")
+            && failed.args[3].contains(&outside.display().to_string()),
+        "{failed}"
+    );
+    assert!(
+        !world.path("elsewhere").exists(),
+        "nothing was made outside"
+    );
+}
