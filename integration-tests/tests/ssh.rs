@@ -222,6 +222,7 @@ async fn backup_prune_compact_check_over_ssh() {
         .await;
     assert!(files.contains("docs/note.txt"), "{files}");
     let log = service.process.log();
+    assert!(!log.contains(&world.passphrase), "the passphrase is not logged");
     for stage in ["borg create", "borg prune", "borg compact", "borg check"] {
         assert!(
             log.contains(&format!("running {stage}")),
@@ -380,5 +381,301 @@ async fn a_path_outside_restrict_to_path_fails() {
     assert!(
         !world.path("elsewhere").exists(),
         "nothing was made outside"
+    );
+}
+
+/// Seed 000's borgmatic file as its author wrote it.
+const SEED_000: &str = include_str!("../../services/borg/tests/fixtures/seed-000-borgmatic.yaml");
+
+/// `epoch` as borg's `--timestamp` (UTC, yyyy-mm-ddThh:mm:ss).
+fn utc(epoch: u64) -> String {
+    ferry_integration_tests::run(
+        "date",
+        &["-u", "-d", &format!("@{epoch}"), "+%Y-%m-%dT%H:%M:%S"],
+    )
+    .trim()
+    .to_string()
+}
+
+/// borg's `{hostname}`: the short host name.
+fn short_hostname() -> String {
+    ferry_integration_tests::run("hostname", &[] as &[&str])
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Runs a program to its end with `envs`; returns (success, stdout+stderr).
+async fn run_with(program: &Path, args: &[&str], envs: &[(&str, String)]) -> (bool, String) {
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(BORG_WAIT, run)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} {args:?} took longer than {BORG_WAIT:?}",
+                program.display()
+            )
+        })
+        .expect("run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// The paths (and modes) in an archive, sorted.
+async fn archive_files(world: &World, repo: &Path, archive: &str) -> Vec<String> {
+    let mut files: Vec<String> = world
+        .borg(&[
+            "list",
+            "--format={mode} {path}{NL}",
+            &format!("{}::{archive}", repo.display()),
+        ])
+        .await
+        .lines()
+        .map(str::to_string)
+        .collect();
+    files.sort();
+    files
+}
+
+/// `borg info --json`'s original and compressed size of an archive.
+async fn archive_sizes(world: &World, repo: &Path, archive: &str) -> (u64, u64) {
+    let info = world
+        .borg(&["info", "--json", &format!("{}::{archive}", repo.display())])
+        .await;
+    let info: serde_json::Value = serde_json::from_str(&info).expect("borg info --json");
+    let stats = &info["archives"][0]["stats"];
+    (
+        stats["original_size"].as_u64().expect("original_size"),
+        stats["compressed_size"].as_u64().expect("compressed_size"),
+    )
+}
+
+/// Seed 000 end to end: its borgmatic file, with only the server and the
+/// repository path changed to the loopback server, run by a user-level
+/// ferry-borg (`--user`, a private `dbus-daemon` session bus, HOME a test
+/// home with the user's SSH key and known_hosts, config under
+/// ~/.config/ferry) through `ferryctl --user backup --wait`; and by
+/// borgmatic itself into a copy of the same repository. After both, the
+/// archives kept by the retention are the same, and the new archives hold
+/// the same files at the same sizes (sources and compression).
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_000_in_a_user_level_ferry_borg_matches_borgmatic() {
+    let Some(world) = World::new() else { return };
+    if !require_command("borgmatic", "borgmatic") {
+        return;
+    }
+    // The seed's passphrase, in the test's own borg's file too.
+    std::fs::write(world.path("passphrase"), "my-secure-passphrase").expect("passphrase");
+    let home = world.home();
+    for (dir, file, text) in [
+        (".gnupg", "pubring.kbx", "keys"),
+        (
+            ".config/systemd/user",
+            "borgmatic.timer",
+            "[Timer]\nOnCalendar=daily\n",
+        ),
+        ("Private/borg", "notes", "borg helper scripts"),
+        ("Private/other-important-files", "file1", "important"),
+        ("Private/not-listed", "secret", "not a source"),
+    ] {
+        std::fs::create_dir_all(home.join(dir)).expect("source dir");
+        std::fs::write(home.join(dir).join(file), text.repeat(500)).expect("source file");
+    }
+    let ssh_dir = home.join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).expect(".ssh");
+    std::fs::copy(world.sshd.client_key(), ssh_dir.join("id_ed25519")).expect("the user's key");
+    std::fs::set_permissions(
+        ssh_dir.join("id_ed25519"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod key");
+    world.sshd.write_known_hosts(&ssh_dir.join("known_hosts"));
+
+    // One repository with history (archives made on earlier days), copied
+    // so ferry and borgmatic each start from the same one.
+    let ferry_repo = world.init("backup_dir").await;
+    let old = world.path("old-src");
+    std::fs::create_dir_all(&old).expect("old src");
+    std::fs::write(old.join("f"), "old").expect("old file");
+    let host = short_hostname();
+    let now = ferry_service::unix_now();
+    let mut history = Vec::new();
+    for age in [
+        3600,
+        26 * 3600,
+        26 * 3600 + 600,
+        40 * 86_400,
+        40 * 86_400 + 3600,
+        800 * 86_400,
+    ] {
+        let at = utc(now - age);
+        let name = format!("{host}-{at}.000000");
+        world
+            .borg(&[
+                "create",
+                &format!("--timestamp={at}"),
+                &format!("{}::{name}", ferry_repo.display()),
+                &old.to_string_lossy(),
+            ])
+            .await;
+        history.push(name);
+    }
+    let borgmatic_repo = world.repo("backup_dir_borgmatic");
+    ferry_integration_tests::run(
+        "cp",
+        &[
+            "-a",
+            &ferry_repo.to_string_lossy(),
+            &borgmatic_repo.to_string_lossy(),
+        ],
+    );
+
+    // The seed's file, the server and path changed; nothing else.
+    let seed_for =
+        |repo: &Path| SEED_000.replace("david@myserver:backup_dir", &world.sshd.url(repo));
+    let yaml = home.join("Private/borg/borgmatic-config.yaml");
+    std::fs::write(&yaml, seed_for(&ferry_repo)).expect("yaml");
+    let borgmatic_yaml = world.path("borgmatic-config.yaml");
+    std::fs::write(&borgmatic_yaml, seed_for(&borgmatic_repo)).expect("yaml");
+    let user_config = home.join(".config/ferry/ferry.toml");
+    std::fs::create_dir_all(user_config.parent().expect("dir")).expect("config dir");
+    std::fs::write(
+        &user_config,
+        format!(
+            "[borg]\nretries = 0\n\n[profiles.private]\nborgmatic-config = \"{}\"\n\n[profiles.private.preconditions]\nexists = [\"{}\"]\n",
+            yaml.display(),
+            yaml.display()
+        ),
+    )
+    .expect("ferry.toml");
+
+    let bus = TestBus::start_session();
+    let xdg_config = home.join(".config").display().to_string();
+    let xdg_state = home.join(".local/state").display().to_string();
+    let service = start(
+        &bus,
+        &world,
+        &["--user"],
+        &[
+            ("XDG_CONFIG_HOME", &xdg_config),
+            ("XDG_STATE_HOME", &xdg_state),
+        ],
+    )
+    .await;
+    let ferryctl = binary_path("ferryctl");
+    let (ok, said) = run_with(
+        &ferryctl,
+        &["--user", "backup", "--wait", "private"],
+        &[("DBUS_SESSION_BUS_ADDRESS", bus.address().to_string())],
+    )
+    .await;
+    assert!(
+        ok,
+        "ferryctl --user backup --wait private: {said}\n{}",
+        service.process.log()
+    );
+    let finished = service
+        .signals
+        .wait_for("BackupFinished", |_| true, BORG_WAIT)
+        .await;
+    let ferry_archive = finished.args[2].clone();
+    assert!(
+        home.join(".local/state/ferry/borg.json").is_file(),
+        "the user's state is under ~/.local/state/ferry"
+    );
+
+    let rsh = format!(
+        "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -i {} -o IdentitiesOnly=yes",
+        ssh_dir.join("known_hosts").display(),
+        ssh_dir.join("id_ed25519").display()
+    );
+    let borgmatic_env = [
+        ("HOME", home.display().to_string()),
+        (
+            "BORG_BASE_DIR",
+            world.path("borgmatic-base").display().to_string(),
+        ),
+        ("BORG_RSH", rsh),
+    ];
+    let borgmatic = ferry_integration_tests::command_path("borgmatic").expect("borgmatic");
+    let yaml_arg = borgmatic_yaml.to_string_lossy().into_owned();
+    // borgmatic 1.7 prunes before it creates; pruning once more afterwards
+    // leaves what its retention keeps with the new archive in place, as
+    // ferry's create-then-prune does.
+    for args in [
+        vec!["-c", yaml_arg.as_str()],
+        vec!["-c", yaml_arg.as_str(), "prune"],
+    ] {
+        let (ok, said) = run_with(&borgmatic, &args, &borgmatic_env).await;
+        assert!(ok, "borgmatic {args:?}: {said}");
+    }
+
+    let ferry_list = world.archives(&ferry_repo).await;
+    let borgmatic_list = world.archives(&borgmatic_repo).await;
+    let new_in = |list: &[String]| -> Vec<String> {
+        list.iter()
+            .filter(|a| !history.contains(a))
+            .cloned()
+            .collect()
+    };
+    let (ferry_new, borgmatic_new) = (new_in(&ferry_list), new_in(&borgmatic_list));
+    assert_eq!(ferry_new, [ferry_archive.clone()], "{ferry_list:?}");
+    assert_eq!(borgmatic_new.len(), 1, "{borgmatic_list:?}");
+    assert!(
+        ferry_archive.starts_with(&format!("{host}-")),
+        "{ferry_archive}"
+    );
+    assert!(
+        borgmatic_new[0].starts_with(&format!("{host}-")),
+        "{borgmatic_new:?}"
+    );
+    let kept = |list: &[String]| -> Vec<String> {
+        list.iter()
+            .filter(|a| history.contains(a))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        kept(&ferry_list),
+        kept(&borgmatic_list),
+        "the retention keeps the same archives"
+    );
+    assert!(
+        kept(&ferry_list).len() < history.len() && !kept(&ferry_list).is_empty(),
+        "the retention pruned some of the history and kept some: {ferry_list:?}"
+    );
+    let ferry_files = archive_files(&world, &ferry_repo, &ferry_archive).await;
+    assert_eq!(
+        ferry_files,
+        archive_files(&world, &borgmatic_repo, &borgmatic_new[0]).await,
+        "the same sources"
+    );
+    let home_rel = home.display().to_string();
+    let home_rel = home_rel.trim_start_matches('/');
+    assert!(
+        ferry_files
+            .iter()
+            .any(|f| f.ends_with(&format!("{home_rel}/Private/other-important-files/file1"))),
+        "`~` is the user's HOME: {ferry_files:?}"
+    );
+    assert!(
+        !ferry_files.iter().any(|f| f.contains("not-listed")),
+        "{ferry_files:?}"
+    );
+    assert_eq!(
+        archive_sizes(&world, &ferry_repo, &ferry_archive).await,
+        archive_sizes(&world, &borgmatic_repo, &borgmatic_new[0]).await,
+        "the same data, compressed the same way"
     );
 }
