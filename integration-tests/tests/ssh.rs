@@ -222,7 +222,10 @@ async fn backup_prune_compact_check_over_ssh() {
         .await;
     assert!(files.contains("docs/note.txt"), "{files}");
     let log = service.process.log();
-    assert!(!log.contains(&world.passphrase), "the passphrase is not logged");
+    assert!(
+        !log.contains(&world.passphrase),
+        "the passphrase is not logged"
+    );
     for stage in ["borg create", "borg prune", "borg compact", "borg check"] {
         assert!(
             log.contains(&format!("running {stage}")),
