@@ -633,7 +633,11 @@ async fn seed_000_in_a_user_level_ferry_borg_matches_borgmatic() {
             .collect()
     };
     let (ferry_new, borgmatic_new) = (new_in(&ferry_list), new_in(&borgmatic_list));
-    assert_eq!(ferry_new, [ferry_archive.clone()], "{ferry_list:?}");
+    assert_eq!(
+        ferry_new,
+        std::slice::from_ref(&ferry_archive),
+        "{ferry_list:?}"
+    );
     assert_eq!(borgmatic_new.len(), 1, "{borgmatic_list:?}");
     assert!(
         ferry_archive.starts_with(&format!("{host}-")),

@@ -309,7 +309,8 @@ mod tests {
 
     #[test]
     fn mistakes_are_named() {
-        let cases: [(&str, fn(String) -> SshUrlError); 8] = [
+        type Expected = fn(String) -> SshUrlError;
+        let cases: [(&str, Expected); 8] = [
             ("/srv/borg/nas", SshUrlError::NotSsh),
             ("myserver:backup_dir", SshUrlError::NoUser),
             ("ssh://host/r", SshUrlError::NoUser),

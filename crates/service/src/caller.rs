@@ -87,26 +87,26 @@ pub async fn authorize_on(
 #[derive(Debug, thiserror::Error)]
 enum Unidentified {
     #[error("the caller cannot be identified")]
-    NoSender,
+    Sender,
     #[error("the bus cannot be asked who the caller is")]
-    NoBus,
+    Bus,
     #[error("the caller's user cannot be determined")]
-    NoUser,
+    User,
 }
 
 async fn caller_uid(
     connection: &zbus::Connection,
     header: &Header<'_>,
 ) -> Result<u32, Unidentified> {
-    let sender = header.sender().ok_or(Unidentified::NoSender)?;
+    let sender = header.sender().ok_or(Unidentified::Sender)?;
     let dbus = zbus::fdo::DBusProxy::new(connection)
         .await
-        .map_err(|_| Unidentified::NoBus)?;
+        .map_err(|_| Unidentified::Bus)?;
     dbus.get_connection_credentials(sender.clone().into())
         .await
-        .map_err(|_| Unidentified::NoUser)?
+        .map_err(|_| Unidentified::User)?
         .unix_user_id()
-        .ok_or(Unidentified::NoUser)
+        .ok_or(Unidentified::User)
 }
 
 /// The gid of a group in /etc/group.
