@@ -505,15 +505,19 @@ async fn seed_000_in_a_user_level_ferry_borg_matches_borgmatic() {
     let host = short_hostname();
     let now = ferry_service::unix_now();
     let mut history = Vec::new();
-    for age in [
-        3600,
-        26 * 3600,
-        26 * 3600 + 600,
-        40 * 86_400,
-        40 * 86_400 + 3600,
-        800 * 86_400,
+    // Two archives in one hour a day ago and two in one hour 40 days ago
+    // (the retention keeps the newer of each), one 3 h ago, one 800 days ago.
+    let hour = |t: u64| t - t % 3600;
+    let (day_ago, long_ago) = (hour(now - 30 * 3600), hour(now - 40 * 86_400));
+    for at in [
+        now - 3 * 3600 - 600,
+        day_ago + 60,
+        day_ago + 660,
+        long_ago + 60,
+        long_ago + 660,
+        now - 800 * 86_400,
     ] {
-        let at = utc(now - age);
+        let at = utc(at);
         let name = format!("{host}-{at}.000000");
         world
             .borg(&[
