@@ -681,3 +681,48 @@ async fn seed_000_in_a_user_level_ferry_borg_matches_borgmatic() {
         "the same data, compressed the same way"
     );
 }
+
+/// A borgmatic file's own `ssh_command` (its key, its known_hosts, even
+/// `StrictHostKeyChecking=no`) with an `ssh://` repository: the backup runs
+/// with the user's words, but ferry's strict host key checking comes first,
+/// so a changed host key still fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_borgmatic_ssh_command_is_used_and_cannot_turn_off_host_key_checks() {
+    let Some(mut world) = World::new() else {
+        return;
+    };
+    let repo = world.init("nas").await;
+    let yaml = world.path("borgmatic.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "source_directories:\n    - {}\nrepositories:\n    - {}\nencryption_passcommand: cat {}\nssh_command: ssh -i {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=no\nkeep_daily: 7\n",
+            world.path("src").display(),
+            world.sshd.url(&repo),
+            world.path("passphrase").display(),
+            world.sshd.client_key().display(),
+            world.sshd.known_hosts().display()
+        ),
+    )
+    .expect("borgmatic file");
+    let config = world.config(&format!(
+        "[borg]\nretries = 0\n\n[profiles.laptop]\nborgmatic-config = \"{}\"\n",
+        yaml.display()
+    ));
+    let bus = TestBus::start();
+    let service = start(&bus, &world, &["--config", &config.to_string_lossy()], &[]).await;
+    let (_, finished) = service.run("laptop").await;
+    assert_eq!(
+        finished.member,
+        "BackupFinished",
+        "{finished}\n{}",
+        service.process.log()
+    );
+    assert_eq!(world.archives(&repo).await, [finished.args[2].clone()]);
+
+    world.sshd.change_host_key();
+    let (_, failed) = service.run("laptop").await;
+    assert_eq!(failed.member, "BackupFailed", "{failed}");
+    assert!(failed.args[3].contains("has CHANGED"), "{failed}");
+    assert_eq!(world.archives(&repo).await, [finished.args[2].clone()]);
+}
