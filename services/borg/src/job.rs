@@ -445,19 +445,8 @@ impl Job {
             .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DISPLAY_PASSPHRASE", "no");
-        match &ssh {
-            Some(ssh) => match ssh.borg_rsh(|path| path.exists()) {
-                Ok(rsh) => {
-                    tracing::debug!("BORG_RSH={rsh}");
-                    command.env("BORG_RSH", rsh);
-                }
-                Err(e) => return Attempt::Failed(Fail::new("config", e.to_string())),
-            },
-            None => {
-                if let Some(rsh) = &plan.rsh {
-                    command.env("BORG_RSH", rsh);
-                }
-            }
+        if let Err(fail) = set_rsh(&mut command, plan, ssh.as_ref()) {
+            return Attempt::Failed(fail);
         }
         let secret = match &plan.passphrase {
             Passphrase::None => None,
@@ -703,6 +692,27 @@ enum Attempt {
     Busy(String),
     Failed(Fail),
     Unreachable(String),
+}
+
+/// BORG_RSH for borg: ferry's ssh command for a remote repository, else
+/// the plan's own (a borgmatic ssh_command for a local repository).
+fn set_rsh(
+    command: &mut tokio::process::Command,
+    plan: &Plan,
+    ssh: Option<&SshSetup>,
+) -> Result<(), Fail> {
+    let rsh = match ssh {
+        Some(ssh) => ssh
+            .borg_rsh(|path| path.exists())
+            .map_err(|e| Fail::new("config", e.to_string()))?,
+        None => match &plan.rsh {
+            Some(rsh) => rsh.clone(),
+            None => return Ok(()),
+        },
+    };
+    tracing::debug!("BORG_RSH={rsh}");
+    command.env("BORG_RSH", rsh);
+    Ok(())
 }
 
 /// A borg run over SSH that failed: the server unreachable (a skip), or
