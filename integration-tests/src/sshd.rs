@@ -66,11 +66,28 @@ impl Sshd {
             port: 0,
             child: None,
         };
-        sshd.port = free_port();
-        sshd.write_config();
-        sshd.spawn();
-        sshd.write_known_hosts(&dir.join("known_hosts"));
-        sshd
+        // Another test may take the free port before sshd binds it: then
+        // sshd exits at once, and another port is tried.
+        for _ in 0..5 {
+            sshd.port = free_port();
+            sshd.write_config();
+            if sshd.try_spawn() {
+                sshd.write_known_hosts(&dir.join("known_hosts"));
+                return sshd;
+            }
+        }
+        panic!("sshd did not start on any of 5 free ports:\n{}", sshd.log());
+    }
+
+    /// Starts sshd on its port; panics if it cannot.
+    fn spawn(&mut self) {
+        if !self.try_spawn() {
+            panic!(
+                "sshd did not start listening on 127.0.0.1:{}:\n{}",
+                self.port,
+                self.log()
+            );
+        }
     }
 
     fn write_config(&self) {
@@ -85,8 +102,9 @@ impl Sshd {
         std::fs::write(self.dir.join("sshd_config"), config).expect("sshd_config");
     }
 
-    /// Starts sshd and returns once it listens (it says so on stderr).
-    fn spawn(&mut self) {
+    /// Starts sshd and returns once it listens (it says so on stderr):
+    /// true, or false when it exited or stayed silent for [`START`].
+    fn try_spawn(&mut self) -> bool {
         let sshd = command_path("sshd").expect("sshd");
         let mut child = Command::new(sshd)
             .arg("-D")
@@ -112,20 +130,19 @@ impl Sshd {
                     let _ = writeln!(log, "{line}");
                 }
                 if line.contains("Server listening on") {
-                    let _ = tx.send(());
+                    let _ = tx.send(true);
                 }
             }
+            // sshd closed stderr: it exited (a port taken, a bad config).
+            let _ = tx.send(false);
         });
-        if rx.recv_timeout(START).is_err() {
+        if rx.recv_timeout(START) != Ok(true) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "sshd did not start listening on 127.0.0.1:{} within {START:?}:\n{}",
-                self.port,
-                self.log()
-            );
+            return false;
         }
         self.child = Some(child);
+        true
     }
 
     /// Stops sshd: the server is gone (connection refused).
