@@ -47,10 +47,15 @@ struct Cli {
     /// (DBUS_SYSTEM_BUS_ADDRESS when set).
     #[arg(long, global = true, value_name = "ADDRESS")]
     address: Option<String>,
+    /// Talk to the user's own ferry-borg on the session bus (`ferry-borg
+    /// --user`, a `systemctl --user` service) instead of the system's.
+    #[arg(long, global = true, conflicts_with = "address")]
+    user: bool,
     /// ferry.toml, for what only it says (repositories of a drive, when a
     /// drive is stale); the services' answers come from the bus.
-    #[arg(long, global = true, value_name = "FILE", default_value = ferry_config::DEFAULT_PATH)]
-    config: PathBuf,
+    /// [default: /etc/ferry/ferry.toml; with --user ~/.config/ferry/ferry.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -165,10 +170,33 @@ fn main() -> ExitCode {
     runtime.block_on(on_the_bus(cli))
 }
 
-async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
-    let builder = match address {
-        Some(address) => zbus::connection::Builder::address(address)?,
-        None => zbus::connection::Builder::system()?,
+impl Cli {
+    /// ferry.toml: as given, else the system's, or with --user the user's
+    /// (`$XDG_CONFIG_HOME/ferry/ferry.toml`, the user-level ferry-borg's).
+    fn config_file(&self) -> PathBuf {
+        if let Some(path) = &self.config {
+            return path.clone();
+        }
+        if !self.user {
+            return PathBuf::from(ferry_config::DEFAULT_PATH);
+        }
+        let absolute = |name: &str| {
+            std::env::var_os(name)
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+        };
+        absolute("XDG_CONFIG_HOME")
+            .or_else(|| absolute("HOME").map(|home| home.join(".config")))
+            .unwrap_or_else(|| PathBuf::from("/"))
+            .join("ferry/ferry.toml")
+    }
+}
+
+async fn connect(address: Option<&str>, user: bool) -> zbus::Result<zbus::Connection> {
+    let builder = match (address, user) {
+        (Some(address), _) => zbus::connection::Builder::address(address)?,
+        (None, true) => zbus::connection::Builder::session()?,
+        (None, false) => zbus::connection::Builder::system()?,
     };
     builder
         .method_timeout(Duration::from_secs(25))
@@ -184,7 +212,8 @@ fn now() -> u64 {
 }
 
 async fn on_the_bus(cli: Cli) -> ExitCode {
-    let conn = match connect(cli.address.as_deref()).await {
+    let config = cli.config_file();
+    let conn = match connect(cli.address.as_deref(), cli.user).await {
         Ok(conn) => conn,
         Err(e) => {
             eprintln!("ferryctl: cannot connect to the bus: {e}");
@@ -195,7 +224,7 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Status { json } => {
                 let mut status = status::gather(&conn, now()).await;
-                status.drive_stale_days = ferry_config::Config::load(&cli.config)
+                status.drive_stale_days = ferry_config::Config::load(&config)
                     .ok()
                     .map(|c| c.notify.drive_stale_days);
                 if json {
@@ -231,7 +260,7 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
             }
             Command::Open { drive, hold } => drive::open(&conn, &drive, hold).await,
             Command::Close { drive } => drive::close(&conn, &drive).await,
-            Command::Archives { drive } => drive::archives(&conn, &drive, &cli.config).await,
+            Command::Archives { drive } => drive::archives(&conn, &drive, &config).await,
             Command::Acknowledge => {
                 LedProxy::new(&conn).await?.acknowledge().await?;
                 println!("the LED's failure is acknowledged");
@@ -239,7 +268,7 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
             }
             Command::Simulate {
                 what: Simulated::Plug { drive },
-            } => simulate_plug(&conn, &drive, &cli.config).await,
+            } => simulate_plug(&conn, &drive, &config).await,
             Command::CheckConfig { .. } | Command::Completions { .. } | Command::Man { .. } => {
                 Ok(ExitCode::SUCCESS)
             }

@@ -34,6 +34,8 @@ pub struct TestBus {
     address: String,
     daemon: Child,
     spawned: AtomicUsize,
+    /// A session bus ([`TestBus::start_session`]) rather than a system one.
+    session: bool,
 }
 
 /// Anyone may do anything: for tests of behaviour, not of policy.
@@ -66,12 +68,12 @@ const SYSTEM_POLICY: &str = r#"  <policy context="default">
     <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Debug.Stats"/>
   </policy>"#;
 
-fn config_xml(socket: &Path, policy: &str) -> String {
+fn config_xml(socket: &Path, policy: &str, kind: &str) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
-  <type>system</type>
+  <type>{kind}</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
 {policy}
@@ -86,6 +88,15 @@ impl TestBus {
     /// `dbus-daemon` is missing or does not come up within 10 s.
     pub fn start() -> TestBus {
         TestBus::start_with_policy(PERMISSIVE_POLICY.to_string(), false)
+    }
+
+    /// A private session bus (`<type>session</type>`, as `dbus-daemon
+    /// --session` runs for a user): services spawned on it get
+    /// `DBUS_SESSION_BUS_ADDRESS` and no system bus address.
+    pub fn start_session() -> TestBus {
+        let mut bus = TestBus::start_kind(PERMISSIVE_POLICY.to_string(), false, "session");
+        bus.session = true;
+        bus
     }
 
     /// The permissive bus of [`TestBus::start`], reachable by unprivileged
@@ -106,6 +117,10 @@ impl TestBus {
     }
 
     fn start_with_policy(policy: String, open_to_everyone: bool) -> TestBus {
+        TestBus::start_kind(policy, open_to_everyone, "system")
+    }
+
+    fn start_kind(policy: String, open_to_everyone: bool, kind: &str) -> TestBus {
         let dir = tempfile::Builder::new()
             .prefix("ferry-test-")
             .tempdir()
@@ -116,7 +131,8 @@ impl TestBus {
                 .expect("open the bus dir");
         }
         let config = dir.path().join("bus.conf");
-        fs::write(&config, config_xml(&dir.path().join("bus"), &policy)).expect("write bus.conf");
+        fs::write(&config, config_xml(&dir.path().join("bus"), &policy, kind))
+            .expect("write bus.conf");
         let log_path = dir.path().join("dbus-daemon.log");
         let log = fs::File::create(&log_path).expect("create dbus-daemon.log");
         let mut daemon =
@@ -160,6 +176,7 @@ impl TestBus {
             address,
             daemon,
             spawned: AtomicUsize::new(0),
+            session: false,
         }
     }
 
@@ -178,9 +195,18 @@ impl TestBus {
         self.daemon.id()
     }
 
-    /// `DBUS_SYSTEM_BUS_ADDRESS=<address>`, for `Command::envs`.
+    /// `DBUS_SYSTEM_BUS_ADDRESS=<address>` (`DBUS_SESSION_BUS_ADDRESS` for
+    /// a session bus), for `Command::envs`.
     pub fn env(&self) -> Vec<(String, String)> {
-        vec![("DBUS_SYSTEM_BUS_ADDRESS".to_string(), self.address.clone())]
+        vec![(self.address_variable().to_string(), self.address.clone())]
+    }
+
+    fn address_variable(&self) -> &'static str {
+        if self.session {
+            "DBUS_SESSION_BUS_ADDRESS"
+        } else {
+            "DBUS_SYSTEM_BUS_ADDRESS"
+        }
     }
 
     /// A new connection to the bus, with [`METHOD_TIMEOUT`] on method calls.
@@ -228,7 +254,8 @@ impl TestBus {
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .env(self.address_variable(), &self.address)
             .env("RUST_LOG", "debug")
             .env("RUST_BACKTRACE", "1")
             .envs(envs.iter().copied())

@@ -36,6 +36,7 @@ mod prereq;
 mod process;
 mod signals;
 pub mod smtp;
+pub mod sshd;
 pub mod system;
 pub mod trials;
 

@@ -185,10 +185,43 @@ impl SignalRecorder {
         }
     }
 
+    /// The first signal that is one of `members` and satisfies `pred`
+    /// (for example a job's end: finished, failed or skipped), waiting up
+    /// to `timeout`. Panics on timeout, listing everything recorded.
+    pub async fn wait_for_any(
+        &self,
+        members: &[&str],
+        pred: impl Fn(&Recorded) -> bool,
+        timeout: Duration,
+    ) -> Recorded {
+        let any = |r: &Recorded| members.contains(&r.member.as_str()) && pred(r);
+        match self.first_where(0, &any, timeout).await {
+            Some(found) => found,
+            None => panic!(
+                "none of {members:?} matching the predicate within {timeout:?}; recorded so far:\n{}",
+                self.listing()
+            ),
+        }
+    }
+
     async fn first_match(
         &self,
         start: usize,
         member: &str,
+        pred: &impl Fn(&Recorded) -> bool,
+        timeout: Duration,
+    ) -> Option<Recorded> {
+        self.first_where(
+            start,
+            &|r: &Recorded| r.member == member && pred(r),
+            timeout,
+        )
+        .await
+    }
+
+    async fn first_where(
+        &self,
+        start: usize,
         pred: &impl Fn(&Recorded) -> bool,
         timeout: Duration,
     ) -> Option<Recorded> {
@@ -199,7 +232,7 @@ impl SignalRecorder {
                 .borrow_and_update()
                 .iter()
                 .skip(start)
-                .find(|r| r.member == member && pred(r))
+                .find(|r| pred(r))
                 .cloned();
             if found.is_some() {
                 return found;

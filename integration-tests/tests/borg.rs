@@ -176,22 +176,13 @@ impl Running {
 
     async fn ended(&self, job: &str) -> ferry_integration_tests::Recorded {
         let ends = ["BackupFinished", "BackupFailed", "BackupSkipped"];
-        let deadline = tokio::time::Instant::now() + BORG_WAIT;
-        let mut watch = self.signals.watch();
-        loop {
-            watch.borrow_and_update();
-            if let Some(found) = self.signals.all().into_iter().find(|s| {
-                ends.contains(&s.member.as_str()) && s.args.first().map(String::as_str) == Some(job)
-            }) {
-                return found;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "job {job} never ended:\n{}",
-                self.signals.listing()
-            );
-            let _ = tokio::time::timeout_at(deadline, watch.changed()).await;
-        }
+        self.signals
+            .wait_for_any(
+                &ends,
+                |s| s.args.first().map(String::as_str) == Some(job),
+                BORG_WAIT,
+            )
+            .await
     }
 }
 

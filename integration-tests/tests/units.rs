@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -67,6 +68,48 @@ fn every_unit_verifies_without_a_word() {
     assert!(
         output.status.success() && said.trim().is_empty(),
         "systemd-analyze verify said:\n{said}"
+    );
+}
+
+/// The user units (a user's own ferry-borg) verify as user units too.
+fn every_user_unit_verifies_without_a_word() {
+    if !require_command("systemd-analyze", "systemd") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).expect("runtime dir");
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let mut units = Vec::new();
+    for entry in std::fs::read_dir(units_dir().join("user"))
+        .expect("units/user")
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).expect("read unit");
+        let target = dir.path().join(entry.file_name());
+        std::fs::write(
+            &target,
+            text.replace("@BINDIR@", &bin_dir().to_string_lossy()),
+        )
+        .expect("write unit");
+        units.push(target);
+    }
+    assert_eq!(units.len(), 3, "{units:?}");
+    let output = Command::new("systemd-analyze")
+        .args(["--user", "verify"])
+        .args(&units)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "systemd-analyze --user verify said:\n{said}"
     );
 }
 
@@ -509,9 +552,19 @@ fn install_puts_every_file_in_place_and_uninstall_removes_them() {
         "/etc/tmpfiles.d/ferry.conf",
         "/etc/ferry/ferry.toml.example",
         "/usr/local/lib/systemd/system/ferry-backup@.timer",
+        "/usr/local/lib/systemd/user/ferry-borg.service",
+        "/usr/local/lib/systemd/user/ferry-backup@.service",
+        "/usr/local/lib/systemd/user/ferry-backup@.timer",
+        "/usr/local/share/dbus-1/services/org.ferry.Borg1.service",
     ] {
         assert!(at(file).is_file(), "{file} installed");
     }
+    let user_unit = std::fs::read_to_string(at("/usr/local/lib/systemd/user/ferry-borg.service"))
+        .expect("user unit");
+    assert!(
+        user_unit.contains("ExecStart=/usr/local/bin/ferry-borg --user"),
+        "the user unit runs the same binary with --user"
+    );
     let example = std::fs::read_to_string(at("/etc/ferry/ferry.toml.example")).expect("example");
     ferry_config::Config::parse(&example, Path::new("ferry.toml.example"))
         .expect("the installed example parses");
@@ -773,5 +826,6 @@ ferry_integration_tests::integration_tests! {
         activation_files_name_units_that_exist_and_units_name_built_binaries,
         the_policy_tests_cover_every_method_of_the_contract,
         install_puts_every_file_in_place_and_uninstall_removes_them,
+        every_user_unit_verifies_without_a_word,
     ],
 }

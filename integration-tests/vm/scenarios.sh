@@ -4,7 +4,7 @@
 # on the install and the enrolled stick.
 SCENARIOS=(install enroll_and_flow wrong_key damaged_header pull_mid_sync
   held_mount_pull policy notifier_credential activation kill_mid_flow watchdog onfailure
-  timer journald uninstall)
+  timer user_service journald uninstall)
 
 
 scenario_install() {
@@ -387,6 +387,93 @@ n2=$(BORG_PASSCOMMAND="cat /etc/ferry/nas.passphrase" borg list --short /srv/bor
 [ "$n2" -gt "$n" ] || fail "no new archive ($n -> $n2)"
 systemctl stop ferry-backup@nas.timer
 rm -r /etc/systemd/system/ferry-backup@nas.timer.d; systemctl daemon-reload
+G
+}
+
+# A user-level ferry-borg (issue 17): the user units, installed by
+# scripts/install, run under `systemctl --user` for a real user with
+# lingering enabled (no login), on that user's session bus; its timer fires
+# and backs up over SSH to a restricted account on this machine (key-only,
+# `command="borg serve --restrict-to-path …",restrict`, the host key in the
+# user's known_hosts); `ferryctl --user` reaches it.
+scenario_user_service() {
+  g user_service 900 <<'G'
+id laptop >/dev/null 2>&1 || useradd -m -s /bin/bash laptop
+id borgsrv >/dev/null 2>&1 || useradd -m -s /bin/bash borgsrv
+uid=$(id -u laptop)
+U="setpriv --reuid=laptop --regid=laptop --init-groups env HOME=/home/laptop XDG_RUNTIME_DIR=/run/user/$uid DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/$uid/bus"
+
+echo "== the server side: sshd on loopback, a restricted key"
+systemctl is-active --quiet ssh || systemctl start ssh
+wait_until 60 "sshd is active" systemctl is-active --quiet ssh
+$U bash -c 'mkdir -p ~/.ssh && chmod 700 ~/.ssh && ssh-keygen -q -t ed25519 -N "" -f ~/.ssh/id_ed25519'
+install -d -o borgsrv -g borgsrv -m 0700 /home/borgsrv/.ssh /home/borgsrv/repos
+printf 'command="borg serve --restrict-to-path /home/borgsrv/repos",restrict %s\n' "$(cat /home/laptop/.ssh/id_ed25519.pub)" \
+  > /home/borgsrv/.ssh/authorized_keys
+chown borgsrv: /home/borgsrv/.ssh/authorized_keys; chmod 600 /home/borgsrv/.ssh/authorized_keys
+# The user checks the host key themselves (ferry never adds one): here the
+# server's own public key file is the fingerprint to trust.
+printf 'localhost %s\n' "$(cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub)" > /home/laptop/.ssh/known_hosts
+chown laptop: /home/laptop/.ssh/known_hosts
+
+echo "== the user's files: ferry.toml under ~/.config/ferry, the passphrase, data"
+$U bash -c '
+mkdir -p ~/.config/ferry ~/data
+echo "laptop data" > ~/data/notes
+head -c 24 /dev/urandom | base64 > ~/.config/ferry/offsite.pass; chmod 600 ~/.config/ferry/offsite.pass
+BORG_PASSCOMMAND="cat $HOME/.config/ferry/offsite.pass" borg init -e repokey borgsrv@localhost:repos/laptop
+cat > ~/.config/ferry/ferry.toml <<C
+[remote-repositories.offsite]
+url = "borgsrv@localhost:repos/laptop"
+passphrase-file = "~/.config/ferry/offsite.pass"
+
+[profiles.laptop]
+repository = "offsite"
+sources = ["/home/laptop/data"]
+
+[profiles.laptop.preconditions]
+network-online = true
+C
+mkdir -p ~/.config/systemd/user/ferry-backup@laptop.timer.d
+printf "[Timer]\nOnCalendar=\nOnActiveSec=1s\nAccuracySec=10ms\nRandomizedDelaySec=0\nPersistent=false\n" \
+  > ~/.config/systemd/user/ferry-backup@laptop.timer.d/vmtest.conf
+'
+
+echo "== lingering: the user's manager runs without a login"
+loginctl enable-linger laptop
+wait_until 120 "laptop's user manager is active" systemctl is-active --quiet user@$uid.service
+wait_until 60 "laptop's session bus socket exists" test -S /run/user/$uid/bus
+$U systemctl --user daemon-reload
+$U systemctl --user enable --now ferry-borg.service
+wait_until 120 "the user's ferry-borg is active" $U systemctl --user is-active --quiet ferry-borg.service
+$U busctl --user status org.ferry.Borg1 >/dev/null || fail "org.ferry.Borg1 is not on laptop's session bus"
+pid=$($U systemctl --user show -p MainPID --value ferry-borg.service)
+[ "$(stat -c %U /proc/$pid)" = laptop ] || fail "the user's ferry-borg does not run as laptop"
+
+echo "== the user's timer fires"
+backup_ended() {
+  local state exited
+  state=$($U systemctl --user show -p ActiveState --value ferry-backup@laptop.service)
+  exited=$($U systemctl --user show -p ExecMainExitTimestampMonotonic --value ferry-backup@laptop.service)
+  [ "$state" = failed ] || { [ "$state" = inactive ] && [ "${exited:-0}" != 0 ]; }
+}
+$U systemctl --user start ferry-backup@laptop.timer
+wait_until 600 "ferry-backup@laptop.service ran to its end" backup_ended
+journalctl -b --no-pager _UID=$uid | grep -E 'ferry|borg' | tail -8 || true
+[ "$($U systemctl --user show -p Result --value ferry-backup@laptop.service)" = success ] \
+  || fail "the user's backup did not succeed"
+list() { $U env BORG_PASSCOMMAND="cat /home/laptop/.config/ferry/offsite.pass" BORG_BASE_DIR=/home/laptop/.cache/vmtest-borg \
+  borg list --short borgsrv@localhost:repos/laptop; }
+n=$(list | wc -l)
+[ "$n" -ge 1 ] || fail "no archive in the server's repository (a skip? see the journal above)"
+test -s /home/laptop/.local/state/ferry/borg.json || fail "the user's state is not under ~/.local/state/ferry"
+echo "== ferryctl --user reaches it"
+$U ferryctl --user backup --wait laptop || fail "ferryctl --user backup --wait laptop failed"
+[ "$(list | wc -l)" -gt "$n" ] || fail "ferryctl --user's backup made no archive"
+echo "the user's ferry-borg ran under systemctl --user (lingering), its timer fired and backed up over SSH"
+
+$U systemctl --user disable --now ferry-backup@laptop.timer ferry-borg.service
+loginctl disable-linger laptop
 G
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::{AbsolutePath, Config, Name};
+use crate::{AbsolutePath, Config, HomePath, Name};
 
 /// `[borg]`: settings for every profile.
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +59,29 @@ pub struct BorgSettings {
     /// 000's `RestartSec=10m`).
     #[serde(default = "default_retry_delay")]
     pub retry_delay: Span,
+    /// The known_hosts file every SSH repository's host key must be in
+    /// (ssh's `StrictHostKeyChecking=yes`: an unknown or changed key fails
+    /// the job, and ferry never adds one). Default `~/.ssh/known_hosts` of
+    /// the user ferry-borg runs as (root's for the system service); the
+    /// system-wide /etc/ssh/ssh_known_hosts counts too.
+    pub ssh_known_hosts: Option<HomePath>,
+    /// How long ssh tries to reach a server before the run counts as
+    /// "server unreachable". Default 30 s.
+    #[serde(default = "default_ssh_connect_timeout")]
+    pub ssh_connect_timeout: Span,
+    /// A run that cannot reach its SSH server (connection refused, no
+    /// route, DNS failure, network not online) is skipped and retried, and
+    /// only reported as a failure (mailed) once the server has been
+    /// unreachable this long. Default 2 days.
+    #[serde(default = "default_unreachable_grace")]
+    pub unreachable_grace: Span,
+}
+
+fn default_ssh_connect_timeout() -> Span {
+    Span::secs(30)
+}
+fn default_unreachable_grace() -> Span {
+    Span::secs(2 * 86_400)
 }
 
 fn default_retries() -> u32 {
@@ -103,6 +126,9 @@ impl Default for BorgSettings {
             command_timeout: default_command_timeout(),
             retries: default_retries(),
             retry_delay: default_retry_delay(),
+            ssh_known_hosts: None,
+            ssh_connect_timeout: default_ssh_connect_timeout(),
+            unreachable_grace: default_unreachable_grace(),
         }
     }
 }
@@ -261,6 +287,13 @@ pub struct Preconditions {
     /// Run only on mains power (a machine without batteries always is).
     #[serde(default)]
     pub on_ac_power: bool,
+    /// Run only when the network is online: NetworkManager says connected
+    /// (site or global), or else systemd's network-online.target is
+    /// active, or else (neither on the system bus) the kernel has a default
+    /// route. Otherwise the run counts as "server unreachable" (skipped,
+    /// retried, a failure only after `[borg] unreachable-grace`).
+    #[serde(default)]
+    pub network_online: bool,
 }
 
 /// A length of time: an integer number of seconds, or text such as `90s`,
@@ -550,6 +583,13 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
         ("cancel-timeout", settings.cancel_timeout, 1, 3600),
         ("hook-timeout", settings.hook_timeout, 1, 86_400),
         ("command-timeout", settings.command_timeout, 10, 7 * 86_400),
+        ("ssh-connect-timeout", settings.ssh_connect_timeout, 1, 600),
+        (
+            "unreachable-grace",
+            settings.unreachable_grace,
+            0,
+            365 * 86_400,
+        ),
     ];
     for (key, span, min, max) in spans {
         if !(min..=max).contains(&span.as_secs()) {
@@ -595,13 +635,15 @@ fn check_profile(
                 "a profile needs `repository = \"<name>\"` (a [repositories.<name>] section) or `borgmatic-config = \"/path/config.yaml\"`".into(),
             ));
         };
-        let Some(found) = config.repositories.get(repository) else {
+        let found = config.repositories.get(repository);
+        if found.is_none() && !config.remote_repositories.contains_key(repository) {
             return Err((
                 key(&["repository"]),
-                format!("no repository named `{repository}`: add a [repositories.{repository}] section or fix the name"),
+                format!("no repository named `{repository}`: add a [repositories.{repository}] (local) or [remote-repositories.{repository}] (SSH) section or fix the name"),
             ));
-        };
-        if let Some((drive, mountpoint)) = drive_holding(config, &found.path) {
+        }
+        let on_a_drive = found.and_then(|f| drive_holding(config, &f.path).map(|d| (f, d)));
+        if let Some((found, (drive, mountpoint))) = on_a_drive {
             return Err((
                 key(&["repository"]),
                 format!(

@@ -12,6 +12,7 @@ mod error;
 mod locate;
 mod notify;
 pub mod paths;
+mod remote;
 mod sync;
 mod values;
 
@@ -24,11 +25,14 @@ pub use borg::{BorgSettings, Checks, Frequency, Hooks, Preconditions, Profile, R
 pub use crypt::CryptSettings;
 pub use error::ConfigError;
 pub use notify::{Mail, MailTransport, NotifySettings, SmtpSecurity};
+pub use remote::{is_remote, HomePath, HomePathError, RemoteRepository, SshUrl, SshUrlError};
 pub use sync::SyncSettings;
 pub use values::{AbsolutePath, Color, FsUuid, Name};
 
 /// Where the services look for their configuration unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/ferry/ferry.toml";
+/// The state directory unless the file says `state-directory`.
+pub const DEFAULT_STATE_DIRECTORY: &str = "/var/lib/ferry";
 
 /// The whole of ferry.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +48,10 @@ pub struct Config {
     /// Borg repositories on this machine, by name.
     #[serde(default)]
     pub repositories: BTreeMap<Name, Repository>,
+    /// Borg repositories on other machines, reached over SSH, by name
+    /// (one namespace with `repositories`).
+    #[serde(default)]
+    pub remote_repositories: BTreeMap<Name, RemoteRepository>,
     /// The status LED.
     #[serde(default)]
     pub led: Led,
@@ -67,7 +75,7 @@ pub struct Config {
 }
 
 fn default_state_directory() -> AbsolutePath {
-    AbsolutePath::from_static("/var/lib/ferry")
+    AbsolutePath::from_static(DEFAULT_STATE_DIRECTORY)
 }
 
 impl Default for Config {
@@ -76,6 +84,7 @@ impl Default for Config {
             state_directory: default_state_directory(),
             drives: BTreeMap::new(),
             repositories: BTreeMap::new(),
+            remote_repositories: BTreeMap::new(),
             led: Led::default(),
             crypt: CryptSettings::default(),
             sync: SyncSettings::default(),
@@ -288,6 +297,7 @@ impl Config {
     /// Checks that need more than one value: references between sections
     /// and uniqueness. Returns the key path and the reason.
     fn check(&self) -> Result<(), (Vec<String>, String)> {
+        remote::check(self)?;
         let mut uuids = BTreeMap::new();
         let mut mountpoints = BTreeMap::new();
         for (name, drive) in &self.drives {

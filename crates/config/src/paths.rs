@@ -174,8 +174,8 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
 const MAX_SECRET: u64 = 64 * 1024;
 
 /// Opens a file that holds a secret (`what`, e.g. "the passphrase file"),
-/// refusing anything but a regular file owned by root that others cannot
-/// read; a file under `$CREDENTIALS_DIRECTORY` (systemd's credentials,
+/// refusing anything but a regular file owned by root (or by the running
+/// user, when that is not root) that others cannot read; a file under `$CREDENTIALS_DIRECTORY` (systemd's credentials,
 /// owned by the service's user) may belong to the running user. Never
 /// blocks on a FIFO. The error names the file and its mode and says what
 /// to do.
@@ -206,10 +206,12 @@ pub fn open_secret(path: &Path, what: &str) -> Result<File, String> {
         let dir = canonical(Path::new(&dir));
         canonical(path).starts_with(&dir)
     });
-    let owner_ok = meta.uid() == 0 || (credential && meta.uid() == me);
+    // A user-level service (ferry-borg --user) runs as its user, whose own
+    // secrets are theirs; nobody else's are.
+    let owner_ok = meta.uid() == 0 || (meta.uid() == me && (credential || me != 0));
     if !owner_ok {
         return Err(format!(
-            "{what} {shown} belongs to user {} (mode {mode:04o}): a secret must belong to root, so it is refused; run chown root: {shown}",
+            "{what} {shown} belongs to user {} (mode {mode:04o}): a secret must belong to root (or, for a user's own ferry-borg, to that user), so it is refused; run chown root: {shown}",
             meta.uid()
         ));
     }

@@ -12,15 +12,40 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 #[command(
     version,
     after_help = "Log filter: FERRY_LOG (or RUST_LOG), e.g. FERRY_LOG=debug.\n\
-                  Bus: the system bus, or DBUS_SYSTEM_BUS_ADDRESS."
+                  Bus: the system bus, or DBUS_SYSTEM_BUS_ADDRESS; with --user the session bus \
+                  (DBUS_SESSION_BUS_ADDRESS)."
 )]
 pub struct Args {
-    /// ferry's configuration file.
-    #[arg(short, long, value_name = "FILE", default_value = ferry_config::DEFAULT_PATH)]
-    pub config: PathBuf,
+    /// ferry's configuration file [default: /etc/ferry/ferry.toml, with
+    /// --user ~/.config/ferry/ferry.toml].
+    #[arg(short, long = "config", value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Run as the user's own service: on the session bus, with the user's
+    /// configuration and state (only ferry-borg has a user-level service).
+    #[arg(long)]
+    pub user: bool,
 }
 
 impl Args {
+    /// The configuration file: as given, else the system's or (with
+    /// `--user`) the user's.
+    pub fn config(&self) -> PathBuf {
+        match (&self.config_file, self.user) {
+            (Some(path), _) => path.clone(),
+            (None, false) => PathBuf::from(ferry_config::DEFAULT_PATH),
+            (None, true) => crate::user::config_path(),
+        }
+    }
+
+    /// The bus the service goes on.
+    pub fn bus(&self) -> crate::Bus {
+        if self.user {
+            crate::Bus::Session
+        } else {
+            crate::Bus::System
+        }
+    }
+
     /// Parses the arguments after the program name. On `--help`,
     /// `--version` or a mistake it prints and returns the exit code (64,
     /// EX_USAGE, for a mistake).
@@ -60,20 +85,31 @@ mod tests {
     #[test]
     fn config_defaults_and_overrides() {
         assert_eq!(
-            parse(&[]).map(|a| a.config),
+            parse(&[]).map(|a| a.config()),
             Ok(PathBuf::from("/etc/ferry/ferry.toml"))
         );
+        assert_eq!(parse(&[]).map(|a| a.bus()), Ok(crate::Bus::System));
         assert_eq!(
-            parse(&["--config", "/x.toml"]).map(|a| a.config),
+            parse(&["--config", "/x.toml"]).map(|a| a.config()),
             Ok(PathBuf::from("/x.toml"))
         );
         assert_eq!(
-            parse(&["--config=/y.toml"]).map(|a| a.config),
+            parse(&["--config=/y.toml"]).map(|a| a.config()),
             Ok(PathBuf::from("/y.toml"))
         );
         assert_eq!(
-            parse(&["-c", "/z.toml"]).map(|a| a.config),
+            parse(&["-c", "/z.toml"]).map(|a| a.config()),
             Ok(PathBuf::from("/z.toml"))
+        );
+        let user = parse(&["--user"]).expect("--user");
+        assert_eq!(user.bus(), crate::Bus::Session);
+        assert!(
+            user.config().ends_with(".config/ferry/ferry.toml")
+                || std::env::var_os("XDG_CONFIG_HOME").is_some()
+        );
+        assert_eq!(
+            parse(&["--user", "-c", "/u.toml"]).map(|a| a.config()),
+            Ok(PathBuf::from("/u.toml"))
         );
     }
 

@@ -59,6 +59,61 @@ pub async fn authorize(
     }
 }
 
+/// [`authorize`] on the system bus; on a user's session bus (a user-level
+/// service) the caller must be that same user (or root).
+pub async fn authorize_on(
+    bus: crate::Bus,
+    connection: &zbus::Connection,
+    header: &Header<'_>,
+) -> Result<(), FerryError> {
+    match bus {
+        crate::Bus::System => authorize(connection, header).await,
+        crate::Bus::Session => {
+            // SAFETY: geteuid cannot fail.
+            let me = unsafe { libc::geteuid() };
+            let denied = |why: String| {
+                FerryError::AccessDenied(format!(
+                    "{why}; only user {me} (whose service this is) and root may do this"
+                ))
+            };
+            let uid = caller_uid(connection, header)
+                .await
+                .map_err(|why| denied(why.to_string()))?;
+            if uid == me || uid == 0 {
+                Ok(())
+            } else {
+                Err(denied(format!("the caller is user {uid}")))
+            }
+        }
+    }
+}
+
+/// Why the caller's user could not be found.
+#[derive(Debug, thiserror::Error)]
+enum Unidentified {
+    #[error("the caller cannot be identified")]
+    Sender,
+    #[error("the bus cannot be asked who the caller is")]
+    Bus,
+    #[error("the caller's user cannot be determined")]
+    User,
+}
+
+async fn caller_uid(
+    connection: &zbus::Connection,
+    header: &Header<'_>,
+) -> Result<u32, Unidentified> {
+    let sender = header.sender().ok_or(Unidentified::Sender)?;
+    let dbus = zbus::fdo::DBusProxy::new(connection)
+        .await
+        .map_err(|_| Unidentified::Bus)?;
+    dbus.get_connection_credentials(sender.clone().into())
+        .await
+        .map_err(|_| Unidentified::User)?
+        .unix_user_id()
+        .ok_or(Unidentified::User)
+}
+
 /// The gid of a group in /etc/group.
 fn group_id(name: &str) -> Option<u32> {
     let groups = std::fs::read_to_string("/etc/group").ok()?;

@@ -18,6 +18,7 @@ pub mod process;
 mod shutdown;
 pub mod strict;
 mod udev_monitor;
+pub mod user;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -32,6 +33,7 @@ pub use args::Args;
 pub use logging::init_logging;
 pub use shutdown::{shutdown_signal, Shutdown};
 pub use udev_monitor::UdevMonitor;
+pub use user::Bus;
 
 /// How long any D-Bus method call may take before it fails. Nothing on the
 /// bus times out by default; ferry never waits forever.
@@ -69,6 +71,15 @@ impl From<zbus::fdo::Error> for ServiceError {
 /// can point a service at a private daemon), with [`METHOD_TIMEOUT`] on every call.
 pub async fn connect_system_bus() -> Result<zbus::Connection, ServiceError> {
     Ok(zbus::connection::Builder::system()?
+        .method_timeout(METHOD_TIMEOUT)
+        .build()
+        .await?)
+}
+
+/// Connects to the user's session bus (DBUS_SESSION_BUS_ADDRESS, else
+/// `$XDG_RUNTIME_DIR/bus`), with [`METHOD_TIMEOUT`] on every call.
+pub async fn connect_session_bus() -> Result<zbus::Connection, ServiceError> {
+    Ok(zbus::connection::Builder::session()?
         .method_timeout(METHOD_TIMEOUT)
         .build()
         .await?)
@@ -140,19 +151,56 @@ async fn wait_for_object_server(
 /// system bus, sd_notify and signals around the service's `run`.
 ///
 /// `run` gets the connection, the checked configuration and a future that
-/// resolves when the service should stop (SIGTERM or SIGINT).
+/// resolves when the service should stop (SIGTERM or SIGINT). `--user` is
+/// refused: only [`main_on_either_bus`] services have a user-level form.
 pub fn main<F, Fut>(service: &'static str, run: F) -> ExitCode
 where
     F: FnOnce(zbus::Connection, Arc<Config>, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), ServiceError>>,
+{
+    serve_main(service, false, |connection, config, shutdown, _| {
+        run(connection, config, shutdown)
+    })
+}
+
+/// [`main`] for a service that also runs as a user's own service: with
+/// `--user` it goes on the session bus, reads `~/.config/ferry/ferry.toml`
+/// and keeps its state under `~/.local/state/ferry` ([`user`]); `run`
+/// learns which bus it is on.
+pub fn main_on_either_bus<F, Fut>(service: &'static str, run: F) -> ExitCode
+where
+    F: FnOnce(zbus::Connection, Arc<Config>, Shutdown, Bus) -> Fut,
+    Fut: Future<Output = Result<(), ServiceError>>,
+{
+    serve_main(service, true, run)
+}
+
+fn serve_main<F, Fut>(service: &'static str, user_capable: bool, run: F) -> ExitCode
+where
+    F: FnOnce(zbus::Connection, Arc<Config>, Shutdown, Bus) -> Fut,
     Fut: Future<Output = Result<(), ServiceError>>,
 {
     let args = match Args::parse(service, std::env::args().skip(1)) {
         Ok(args) => args,
         Err(exit) => return exit,
     };
+    if args.user && !user_capable {
+        eprintln!("{service}: --user: {service} runs on the system bus only (ferry-borg is the one service with a user-level form)");
+        return ExitCode::from(64);
+    }
     init_logging(service);
-    let config = match Config::load(&args.config) {
-        Ok(config) => Arc::new(config),
+    let bus = args.bus();
+    let config = match Config::load(&args.config()) {
+        Ok(mut config) => {
+            if bus == Bus::Session {
+                let state = user::user_state_directory(&config.state_directory);
+                match ferry_config::AbsolutePath::try_from(state) {
+                    Ok(state) => config.state_directory = state,
+                    Err(e) => tracing::warn!("keeping the configured state directory: {e}"),
+                }
+            }
+            Arc::new(config)
+        }
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("{service}: {e}");
@@ -170,15 +218,23 @@ where
         }
     };
     runtime.block_on(async move {
-        let connection = match connect_system_bus().await {
+        let connected = match bus {
+            Bus::System => connect_system_bus().await,
+            Bus::Session => connect_session_bus().await,
+        };
+        let connection = match connected {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!("cannot connect to the system bus: {e}");
+                let which = match bus {
+                    Bus::System => "the system bus",
+                    Bus::Session => "the session bus (is DBUS_SESSION_BUS_ADDRESS set, or does the user manager run?)",
+                };
+                tracing::error!("cannot connect to {which}: {e}");
                 return ExitCode::from(EXIT_UNAVAILABLE);
             }
         };
         let _watchdog = notify::spawn_watchdog();
-        let result = run(connection, config, shutdown_signal()).await;
+        let result = run(connection, config, shutdown_signal(), bus).await;
         notify::stopping();
         match result {
             Ok(()) => {

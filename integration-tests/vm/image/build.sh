@@ -22,10 +22,13 @@ rm -rf "$ROOT"; mkdir -p "$ROOT"
 # sink), python3-dbus + python3-gi (checks on the bus), libnss-systemd
 # (Priority: standard, so on every usual Debian install: it resolves the
 # DynamicUser= of ferry-backup@ and ferry-notify-failure@, without which
-# dbus-daemon drops their connections).
+# dbus-daemon drops their connections), dbus-user-session (a lingering
+# user's session bus, for the user-level ferry-borg), openssh-server and
+# openssh-client (that user backs up over SSH to a restricted account on the
+# guest itself; the guest has no network but its loopback).
 PKGS=systemd,systemd-sysv,udev,dbus,cryptsetup,cryptsetup-bin,dmsetup,e2fsprogs,kmod,util-linux,mount,procps,\
 linux-image-amd64,initramfs-tools,python3-minimal,usbutils,less,borgbackup,psmisc,python3-aiosmtpd,\
-python3-dbus,python3-gi,libnss-systemd
+python3-dbus,python3-gi,libnss-systemd,dbus-user-session,libpam-systemd,openssh-server,openssh-client
 
 t0=$(date +%s)
 mmdebstrap --mode=root --skip=essential/unlink --variant=minbase --include="$PKGS" \

@@ -421,6 +421,8 @@ impl Reader {
             repository,
             passphrase,
             rsh: self.ssh_command,
+            remote_path: None,
+            ssh: Default::default(),
             sources,
             create_options: self.create.arguments(),
             archive_name_format,

@@ -40,7 +40,7 @@ const HOOK: &str = "ferry-borg runs only the before_backup, after_backup and on_
 /// Every top-level option of borgmatic's schema, in the schema's order.
 pub const OPTIONS: &[(&str, Support)] = &[
     ("constants", Refused("ferry-borg does not substitute constants: write the values out")),
-    ("source_directories", Differs("globs are refused, not expanded; `~` is the home of the file's owner, not of the user running ferry-borg")),
+    ("source_directories", Differs("globs are refused, not expanded; `~` is the home of the file's owner, not of the user running ferry-borg (a user-level ferry-borg reading its own user's file: that user's HOME, as borgmatic)")),
     ("source_directories_must_exist", Differs("always true: a missing source root fails the job at stage `sources`, whatever the file says")),
     ("repositories", Differs("one repository per profile: with several, ferry.toml's borgmatic-repository picks one (by label or path)")),
     ("working_directory", Refused("relative source paths are not supported: write absolute paths")),
@@ -79,7 +79,7 @@ pub const OPTIONS: &[(&str, Support)] = &[
     ("retries", Refused("ferry-borg retries failed jobs by its own settings in ferry.toml, not the file's")),
     ("retry_wait", Refused("ferry-borg retries failed jobs by its own settings in ferry.toml, not the file's")),
     ("temporary_directory", Refused(BORG_DIRECTORY)),
-    ("ssh_command", Honoured),
+    ("ssh_command", Differs("used as BORG_RSH, with ferry's BatchMode=yes and StrictHostKeyChecking=yes before its own options (a host key is never accepted unchecked) and known_hosts, timeouts and ssh's files under `~` after them")),
     ("borg_base_directory", Refused(BORG_DIRECTORY)),
     ("borg_config_directory", Refused(BORG_DIRECTORY)),
     ("borg_cache_directory", Refused(BORG_DIRECTORY)),

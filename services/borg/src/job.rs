@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::plan::{Passphrase, Plan, CHECK_KINDS};
 use crate::process::{self, Limits, Stop};
-use crate::{borgmatic, system};
+use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
+use crate::{borgmatic, network, system};
 
 /// The least time between two progress reports of one job.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -32,6 +33,9 @@ const SKIP_EXIT_CODE: i32 = 75;
 const LOCK_TIMEOUT: &str = "LockTimeout";
 /// How many of borg's error lines a failure message carries.
 const MESSAGE_LINES: usize = 5;
+/// How many of ssh's relayed lines are kept to diagnose a failure (a
+/// changed host key takes 16).
+const REMOTE_LINES: usize = 40;
 
 /// What a running job tells the loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +78,18 @@ pub enum End {
         /// Why.
         reason: String,
     },
+    /// The SSH server could not be reached (or the network is not online):
+    /// the loop makes it a skip, or a failure once past the grace
+    /// ([`crate::remote::settle_unreachable`]).
+    Unreachable {
+        /// Why.
+        reason: String,
+    },
 }
+
+/// The stages at which borg talked to the repository's server: a failure
+/// there means the server was reachable.
+pub const REACHES_SERVER: [&str; 4] = ["create", "prune", "compact", "check"];
 
 /// One repository, one job: a per-repository async lock shared by all jobs.
 #[derive(Clone, Default)]
@@ -98,8 +113,8 @@ pub struct Job {
     pub profile: Name,
     /// The configuration.
     pub config: Arc<Config>,
-    /// For logind.
-    pub connection: zbus::Connection,
+    /// The system bus, for logind (None: not reachable).
+    pub logind: Option<zbus::Connection>,
     /// Events to the loop.
     pub events: mpsc::Sender<(String, Event)>,
     /// True once Cancel (or shutdown) asked the job to stop.
@@ -137,6 +152,7 @@ impl Fail {
 enum Stopped {
     Skip(String),
     Fail(Fail),
+    Unreachable(String),
 }
 
 impl From<Fail> for Stopped {
@@ -165,6 +181,13 @@ impl Job {
         if let Some(reason) = system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power) {
             return End::Skipped { reason };
         }
+        if pre.network_online {
+            if let Err(offline) = network::online().await {
+                return End::Unreachable {
+                    reason: format!("{}: {offline}", Unreachable::NetworkOffline.describe()),
+                };
+            }
+        }
         let plan = match profile.borgmatic_config {
             Some(_) => borgmatic::load(&self.config, &profile_name, &profile),
             None => Plan::from_profile(&self.config, &profile_name, &profile),
@@ -189,15 +212,17 @@ impl Job {
             guard = turn.lock_owned() => guard,
             _ = cancelled(&mut self.cancel) => return Fail::cancelled("waiting").into_end(),
         };
-        let _inhibitor = system::inhibit(
-            &self.connection,
-            &format!("borg backup of profile {profile_name}"),
-        )
-        .await;
+        let _inhibitor = match &self.logind {
+            Some(bus) => {
+                system::inhibit(bus, &format!("borg backup of profile {profile_name}")).await
+            }
+            None => None,
+        };
 
         match self.stages(&plan).await {
             Ok(end) => end,
             Err(Stopped::Skip(reason)) => End::Skipped { reason },
+            Err(Stopped::Unreachable(reason)) => End::Unreachable { reason },
             Err(Stopped::Fail(fail)) => {
                 if fail.stage != "cancelled" && !plan.hooks.on_error.is_empty() {
                     let error = format!("{}: {}", fail.stage, fail.message);
@@ -355,7 +380,7 @@ impl Job {
         plan: &Plan,
         stage: &'static str,
         args: &[String],
-    ) -> Result<BorgOutput, Fail> {
+    ) -> Result<BorgOutput, Stopped> {
         let config = self.config.clone();
         let settings = &config.borg;
         let mut delay = settings.busy_retry_delay.duration();
@@ -363,7 +388,8 @@ impl Job {
         loop {
             match self.borg_once(plan, stage, args).await {
                 Attempt::Done(output) => return Ok(output),
-                Attempt::Failed(fail) => return Err(fail),
+                Attempt::Failed(fail) => return Err(fail.into()),
+                Attempt::Unreachable(reason) => return Err(Stopped::Unreachable(reason)),
                 Attempt::Busy(message) if attempt < settings.busy_retries => {
                     attempt += 1;
                     tracing::info!(
@@ -374,7 +400,7 @@ impl Job {
                     self.stage("waiting").await;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting")),
+                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
                     }
                     delay = delay.saturating_mul(2);
                     self.stage(stage).await;
@@ -386,7 +412,8 @@ impl Job {
                         "the repository stayed locked by another borg through {} tries: {message}",
                         attempt + 1
                     ),
-                    ))
+                    )
+                    .into())
                 }
             }
         }
@@ -394,7 +421,12 @@ impl Job {
 
     async fn borg_once(&mut self, plan: &Plan, stage: &'static str, args: &[String]) -> Attempt {
         let settings = self.config.borg.clone();
-        let mut command = process::command(&settings.program, args);
+        let ssh = (!plan.is_local()).then(|| self.ssh_setup(plan));
+        let mut args = args.to_vec();
+        if let Some(remote_path) = &plan.remote_path {
+            args.insert(1, format!("--remote-path={remote_path}"));
+        }
+        let mut command = process::command(&settings.program, &args);
         for name in [
             "BORG_PASSPHRASE",
             "BORG_PASSCOMMAND",
@@ -413,8 +445,8 @@ impl Job {
             .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DISPLAY_PASSPHRASE", "no");
-        if let Some(rsh) = &plan.rsh {
-            command.env("BORG_RSH", rsh);
+        if let Err(fail) = set_rsh(&mut command, plan, ssh.as_ref()) {
+            return Attempt::Failed(fail);
         }
         let secret = match &plan.passphrase {
             Passphrase::None => None,
@@ -526,7 +558,27 @@ impl Job {
                 })
             }
             _ if log.busy => Attempt::Busy(log.message(ended.status)),
-            _ => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
+            _ => match &ssh {
+                Some(ssh) => over_ssh(plan, ssh, stage, &log, ended.status).await,
+                None => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
+            },
+        }
+    }
+
+    /// How ssh runs for `plan`'s remote repository.
+    fn ssh_setup(&self, plan: &Plan) -> SshSetup {
+        let home = remote::service_home();
+        let settings = &self.config.borg;
+        SshSetup {
+            command: plan.rsh.clone(),
+            known_hosts: plan
+                .ssh
+                .known_hosts
+                .clone()
+                .or_else(|| settings.ssh_known_hosts.as_ref().map(|p| p.resolve(&home))),
+            identity: plan.ssh.identity.clone(),
+            connect_timeout: settings.ssh_connect_timeout.duration(),
+            home,
         }
     }
 
@@ -639,6 +691,78 @@ enum Attempt {
     Done(BorgOutput),
     Busy(String),
     Failed(Fail),
+    Unreachable(String),
+}
+
+/// BORG_RSH for borg: ferry's ssh command for a remote repository, else
+/// the plan's own (a borgmatic ssh_command for a local repository).
+fn set_rsh(
+    command: &mut tokio::process::Command,
+    plan: &Plan,
+    ssh: Option<&SshSetup>,
+) -> Result<(), Fail> {
+    let rsh = match ssh {
+        Some(ssh) => ssh
+            .borg_rsh(|path| path.exists())
+            .map_err(|e| Fail::new("config", e.to_string()))?,
+        None => match &plan.rsh {
+            Some(rsh) => rsh.clone(),
+            None => return Ok(()),
+        },
+    };
+    tracing::debug!("BORG_RSH={rsh}");
+    command.env("BORG_RSH", rsh);
+    Ok(())
+}
+
+/// A borg run over SSH that failed: the server unreachable (a skip), or
+/// refused (a failure that says what to do), or borg's own error. When
+/// borg lost the connection without relaying why (it may exit before it
+/// has read ssh's last words), ssh is asked once more, by itself.
+async fn over_ssh(
+    plan: &Plan,
+    ssh: &SshSetup,
+    stage: &str,
+    log: &BorgLog,
+    status: std::process::ExitStatus,
+) -> Attempt {
+    let url = ferry_config::SshUrl::parse(&plan.repository).ok();
+    let server = url
+        .as_ref()
+        .map(|url| url.known_hosts_name())
+        .unwrap_or_else(|| plan.repository.clone());
+    let mut diagnosis = remote::diagnose(&log.remote, &log.msgids, &log.errors);
+    let lost = log.msgids.iter().any(|m| m.starts_with("ConnectionClosed"));
+    if let (None, true, Some(url)) = (&diagnosis, lost, &url) {
+        match ssh.borg_rsh(|path| path.exists()) {
+            Ok(rsh) => {
+                let said = remote::probe(&rsh, url, ssh.connect_timeout).await;
+                tracing::debug!("ssh probe of {server}: {}", said.join(" / "));
+                diagnosis = remote::diagnose(&said, &[], &[]);
+            }
+            Err(e) => tracing::debug!("no ssh probe: {e}"),
+        }
+    }
+    match diagnosis {
+        Some(Diagnosis::Unreachable(why)) => Attempt::Unreachable(format!(
+            "the SSH server {server} is unreachable: {}",
+            why.describe()
+        )),
+        Some(Diagnosis::Refused(refused)) => {
+            let said = log.remote.last().cloned().unwrap_or_default();
+            Attempt::Failed(Fail::new(
+                stage,
+                remote::refusal_message(&refused, &server, &ssh.known_hosts(), &said),
+            ))
+        }
+        None => {
+            let mut message = log.message(status);
+            if !log.remote.is_empty() {
+                message = format!("{message} (ssh: {})", log.remote.join(" / "));
+            }
+            Attempt::Failed(Fail::new(stage, message))
+        }
+    }
 }
 
 /// Fails at stage `sources` when a source does not exist (each one missing
@@ -690,6 +814,10 @@ pub struct BorgLog {
     pub other: Vec<String>,
     /// borg gave up waiting for a lock.
     pub busy: bool,
+    /// What borg relayed from ssh and the server (`Remote: …`), the last ones.
+    pub remote: Vec<String>,
+    /// The msgids of borg's errors.
+    pub msgids: Vec<String>,
 }
 
 impl BorgLog {
@@ -711,10 +839,20 @@ impl BorgLog {
                     .unwrap_or_default()
                     .trim()
                     .to_string();
+                if let Some(relayed) = message.strip_prefix("Remote: ") {
+                    if self.remote.len() == REMOTE_LINES {
+                        self.remote.remove(0);
+                    }
+                    tracing::debug!("borg relayed: {relayed}");
+                    self.remote.push(relayed.trim().to_string());
+                }
                 match value["levelname"].as_str() {
                     Some("ERROR") | Some("CRITICAL") => {
                         if value["msgid"].as_str() == Some(LOCK_TIMEOUT) {
                             self.busy = true;
+                        }
+                        if let Some(id) = value["msgid"].as_str() {
+                            self.msgids.push(id.to_string());
                         }
                         keep_last(&mut self.errors, message);
                     }

@@ -19,8 +19,10 @@
 pub mod borgmatic;
 pub mod compat;
 pub mod job;
+pub mod network;
 pub mod plan;
 pub mod process;
+pub mod remote;
 pub mod state;
 pub mod system;
 pub mod tilde;
@@ -34,7 +36,7 @@ use ferry_config::{Config, Name};
 use ferry_interfaces::{
     borg, BackupJob, BackupOutcome, BackupResult, Error as FerryError, Failure, ScheduleEntry,
 };
-use ferry_service::{claim_name, unix_now, ServiceError, Shutdown};
+use ferry_service::{claim_name, unix_now, Bus, ServiceError, Shutdown};
 use job::{End, Event, Job, RepositoryLocks};
 use state::{PlannedRetry, RunningJob, Stored};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -63,6 +65,8 @@ pub struct BorgInterface {
     config: Arc<Config>,
     /// When the service started: a profile that never ran is due since then.
     started: u64,
+    /// The system bus, or a user's session bus (who may call differs).
+    bus: Bus,
 }
 
 fn stopping() -> FerryError {
@@ -105,7 +109,7 @@ impl BorgInterface {
         #[zbus(connection)] connection: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<String, FerryError> {
-        ferry_service::caller::authorize(connection, &header).await?;
+        ferry_service::caller::authorize_on(self.bus, connection, &header).await?;
         let name = self.profile(profile)?;
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -122,7 +126,7 @@ impl BorgInterface {
         #[zbus(connection)] connection: &zbus::Connection,
         #[zbus(header)] header: zbus::message::Header<'_>,
     ) -> Result<(), FerryError> {
-        ferry_service::caller::authorize(connection, &header).await?;
+        ferry_service::caller::authorize_on(self.bus, connection, &header).await?;
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Cancel(job.to_string(), reply))
@@ -303,7 +307,8 @@ struct Running {
 /// The service loop's own state.
 struct Service {
     config: Arc<Config>,
-    connection: zbus::Connection,
+    /// The system bus, where logind is (None: not reachable).
+    logind: Option<zbus::Connection>,
     shared: Arc<Mutex<Shared>>,
     object: ferry_service::Served<BorgInterface>,
     state_path: PathBuf,
@@ -356,7 +361,7 @@ impl Service {
             id: id.clone(),
             profile: profile.clone(),
             config: self.config.clone(),
-            connection: self.connection.clone(),
+            logind: self.logind.clone(),
             events: self.events.clone(),
             cancel: cancelled,
             locks: self.locks.clone(),
@@ -470,6 +475,8 @@ impl Service {
         };
         let profile = running.profile.to_string();
         let seconds = running.started.elapsed().as_secs_f64();
+        let grace = self.config.borg.unreachable_grace.duration();
+        let end = self.with_shared(|s| settle(&mut s.stored, &profile, end, grace, unix_now()));
         match &end {
             End::Finished {
                 archive, warnings, ..
@@ -483,7 +490,7 @@ impl Service {
             End::Failed { stage, message } => {
                 tracing::warn!("job {job}: profile {profile} failed at {stage}: {message}")
             }
-            End::Skipped { reason } => {
+            End::Skipped { reason } | End::Unreachable { reason } => {
                 tracing::info!("job {job}: profile {profile} skipped: {reason}")
             }
         }
@@ -538,7 +545,7 @@ impl Service {
             End::Failed { stage, message } => {
                 BorgInterface::backup_failed(emitter, job, profile, stage, message).await
             }
-            End::Skipped { reason } => {
+            End::Skipped { reason } | End::Unreachable { reason } => {
                 BorgInterface::backup_skipped(emitter, job, profile, reason).await
             }
         };
@@ -637,7 +644,7 @@ fn plan_retry(
     let why = match end {
         End::Failed { stage, .. } if stage == "cancelled" => return,
         End::Failed { stage, message } => format!("failed: {stage}: {message}"),
-        End::Skipped { reason } => format!("skipped: {reason}"),
+        End::Skipped { reason } | End::Unreachable { reason } => format!("skipped: {reason}"),
         End::Finished { .. } => return,
     };
     let total = retries.saturating_add(1);
@@ -684,7 +691,9 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
             String::new(),
             format!("{stage}: {message}"),
         ),
-        End::Skipped { reason } => (BackupOutcome::Skipped, String::new(), reason.clone()),
+        End::Skipped { reason } | End::Unreachable { reason } => {
+            (BackupOutcome::Skipped, String::new(), reason.clone())
+        }
     };
     let record = stored.profile(profile);
     record.last_result = Some(BackupResult {
@@ -711,7 +720,38 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
                 message: message.clone(),
             })
         }
-        End::Skipped { .. } => {}
+        End::Skipped { .. } | End::Unreachable { .. } => {}
+    }
+}
+
+/// Applies `[borg] unreachable-grace`: an unreachable server is a skip
+/// until it has been unreachable that long, then a failure at stage
+/// `unreachable` (mailed). The profile remembers since when; a run that
+/// reached borg's server or made an archive forgets it.
+fn settle(stored: &mut Stored, profile: &str, end: End, grace: Duration, now: u64) -> End {
+    let record = stored.profile(profile);
+    match end {
+        End::Unreachable { reason } => {
+            let (settled, since) =
+                remote::settle_unreachable(&reason, record.unreachable_since, now, grace);
+            record.unreachable_since = Some(since);
+            match settled {
+                remote::Settled::Skip { reason } => End::Skipped { reason },
+                remote::Settled::Fail { message } => End::Failed {
+                    stage: "unreachable".into(),
+                    message,
+                },
+            }
+        }
+        End::Finished { .. } => {
+            record.unreachable_since = None;
+            end
+        }
+        End::Failed { ref stage, .. } if job::REACHES_SERVER.contains(&stage.as_str()) => {
+            record.unreachable_since = None;
+            end
+        }
+        other => other,
     }
 }
 
@@ -778,12 +818,35 @@ fn check_borgmatic_files(config: &Config) {
     }
 }
 
-/// Runs the borg service on `connection` until `shutdown` resolves.
+/// Runs the borg service on `connection` (the system bus) until
+/// `shutdown` resolves.
 pub async fn run(
     connection: zbus::Connection,
     config: Arc<Config>,
     shutdown: Shutdown,
 ) -> Result<(), ServiceError> {
+    run_on(connection, config, shutdown, Bus::System).await
+}
+
+/// Runs the borg service on `connection`, which is the system bus or (a
+/// user-level ferry-borg) the user's session bus, until `shutdown` resolves.
+pub async fn run_on(
+    connection: zbus::Connection,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+    bus: Bus,
+) -> Result<(), ServiceError> {
+    if bus == Bus::Session {
+        tracing::info!(
+            "a user-level ferry-borg: session bus, state in {}, `~` is {}",
+            config.state_directory.display(),
+            remote::service_home().display()
+        );
+    }
+    let logind = match bus {
+        Bus::System => Some(connection.clone()),
+        Bus::Session => system::system_bus().await,
+    };
     let state_path = config.state_directory.join(state::FILE_NAME);
     let mut stored = Stored::load(&state_path);
     let cut_short = interrupted(
@@ -810,13 +873,14 @@ pub async fn run(
             shared: shared.clone(),
             config: config.clone(),
             started: unix_now(),
+            bus,
         },
     )
     .await?;
     let (events, mut job_events) = mpsc::channel(256);
     let mut service = Service {
         config: config.clone(),
-        connection: connection.clone(),
+        logind,
         shared,
         object,
         state_path,
@@ -889,4 +953,44 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable() -> End {
+        End::Unreachable {
+            reason: "the SSH server nas is unreachable".into(),
+        }
+    }
+
+    #[test]
+    fn unreachable_is_a_skip_until_the_grace_then_a_failure_and_reaching_forgets() {
+        let mut stored = Stored::default();
+        let grace = Duration::from_secs(100);
+        let first = settle(&mut stored, "p", unreachable(), grace, 1000);
+        assert!(matches!(first, End::Skipped { .. }), "{first:?}");
+        assert_eq!(stored.profiles["p"].unreachable_since, Some(1000));
+        let within = settle(&mut stored, "p", unreachable(), grace, 1099);
+        assert!(matches!(within, End::Skipped { .. }), "{within:?}");
+        let past = settle(&mut stored, "p", unreachable(), grace, 1100);
+        assert!(
+            matches!(&past, End::Failed { stage, message } if stage == "unreachable" && message.contains("unreachable-grace")),
+            "{past:?}"
+        );
+        // A precondition's skip says nothing about the server.
+        let skipped = End::Skipped { reason: "x".into() };
+        settle(&mut stored, "p", skipped, grace, 1200);
+        assert_eq!(stored.profiles["p"].unreachable_since, Some(1000));
+        // A refusal means the server answered.
+        let refused = End::Failed {
+            stage: "create".into(),
+            message: "host key changed".into(),
+        };
+        settle(&mut stored, "p", refused, grace, 1300);
+        assert_eq!(stored.profiles["p"].unreachable_since, None);
+        let again = settle(&mut stored, "p", unreachable(), grace, 1400);
+        assert!(matches!(again, End::Skipped { .. }), "a new series starts");
+    }
 }

@@ -116,6 +116,16 @@ pub struct HookPlan {
     pub on_error: Vec<String>,
 }
 
+/// How ssh reaches a remote repository named in ferry.toml (a borgmatic
+/// file says it in its ssh_command instead).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshPlan {
+    /// The private key (`identity-file`).
+    pub identity: Option<PathBuf>,
+    /// The known_hosts file (`known-hosts`); else `[borg] ssh-known-hosts`.
+    pub known_hosts: Option<PathBuf>,
+}
+
 /// One run of a profile, fully resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -126,6 +136,10 @@ pub struct Plan {
     pub passphrase: Passphrase,
     /// BORG_RSH (borgmatic's ssh_command).
     pub rsh: Option<String>,
+    /// borg on the server (`--remote-path`).
+    pub remote_path: Option<String>,
+    /// The SSH key and known_hosts of a remote repository from ferry.toml.
+    pub ssh: SshPlan,
     /// What is backed up.
     pub sources: Vec<String>,
     /// `--exclude`, `--exclude-if-present`, `--exclude-caches`,
@@ -194,15 +208,7 @@ impl Plan {
             .repository
             .as_ref()
             .ok_or_else(|| format!("profile `{name}` names no repository"))?;
-        let repository = config
-            .repositories
-            .get(repository_name)
-            .ok_or_else(|| format!("no repository named `{repository_name}`"))?;
-        let passphrase = match (&repository.passphrase_file, &repository.passcommand) {
-            (Some(file), _) => Passphrase::File(file.to_path_buf()),
-            (None, Some(command)) => Passphrase::Command(command.clone()),
-            (None, None) => Passphrase::None,
-        };
+        let target = Target::of(config, repository_name)?;
         let options = CreateOptions {
             exclude_patterns: profile.exclude_patterns.clone().unwrap_or_default(),
             exclude_if_present: profile.exclude_if_present.clone().unwrap_or_default(),
@@ -235,9 +241,11 @@ impl Plan {
             })
             .unwrap_or_default();
         Ok(Plan {
-            repository: repository.path.to_string_lossy().into_owned(),
-            passphrase,
+            repository: target.repository,
+            passphrase: target.passphrase,
             rsh: None,
+            remote_path: target.remote_path,
+            ssh: target.ssh,
             sources: profile
                 .sources
                 .iter()
@@ -260,6 +268,52 @@ impl Plan {
                 .map(|w| w.duration())
                 .unwrap_or(config.borg.lock_wait.duration()),
             warnings: Vec::new(),
+        })
+    }
+}
+
+/// Where a ferry.toml profile's archives go: a local or a remote repository.
+struct Target {
+    repository: String,
+    passphrase: Passphrase,
+    remote_path: Option<String>,
+    ssh: SshPlan,
+}
+
+impl Target {
+    fn of(config: &Config, name: &Name) -> Result<Target, String> {
+        let passphrase = |file: Option<PathBuf>, command: &Option<String>| match (file, command) {
+            (Some(file), _) => Passphrase::File(file),
+            (None, Some(command)) => Passphrase::Command(command.clone()),
+            (None, None) => Passphrase::None,
+        };
+        if let Some(local) = config.repositories.get(name) {
+            return Ok(Target {
+                repository: local.path.to_string_lossy().into_owned(),
+                passphrase: passphrase(
+                    local.passphrase_file.as_ref().map(|p| p.to_path_buf()),
+                    &local.passcommand,
+                ),
+                remote_path: None,
+                ssh: SshPlan::default(),
+            });
+        }
+        let remote = config
+            .remote_repositories
+            .get(name)
+            .ok_or_else(|| format!("no repository named `{name}`"))?;
+        let home = crate::remote::service_home();
+        Ok(Target {
+            repository: remote.url.as_str().to_string(),
+            passphrase: passphrase(
+                remote.passphrase_file.as_ref().map(|p| p.resolve(&home)),
+                &remote.passcommand,
+            ),
+            remote_path: remote.remote_path.clone(),
+            ssh: SshPlan {
+                identity: remote.identity_file.as_ref().map(|p| p.resolve(&home)),
+                known_hosts: remote.known_hosts.as_ref().map(|p| p.resolve(&home)),
+            },
         })
     }
 }

@@ -30,6 +30,10 @@ pub struct ProfileRecord {
     /// Unix time each check kind last ran.
     #[serde(default)]
     pub checks: BTreeMap<String, u64>,
+    /// Since when (unix time) the profile's SSH server has been unreachable;
+    /// `None` while it is reachable.
+    #[serde(default)]
+    pub unreachable_since: Option<u64>,
 }
 
 /// A job that was running when the state was written.

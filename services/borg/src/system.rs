@@ -99,6 +99,24 @@ pub fn on_mains_power(supplies: &Path) -> bool {
     !found_mains
 }
 
+/// The system bus for a user-level ferry-borg (logind is there, not on
+/// the session bus); `None`, logged, when it cannot be reached.
+pub async fn system_bus() -> Option<zbus::Connection> {
+    match tokio::time::timeout(LOGIND_TIMEOUT, ferry_service::connect_system_bus()).await {
+        Ok(Ok(bus)) => Some(bus),
+        Ok(Err(e)) => {
+            tracing::info!(
+                "the system bus cannot be reached ({e}); backups run without logind's inhibitor"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::info!("the system bus did not answer; backups run without logind's inhibitor");
+            None
+        }
+    }
+}
+
 /// Whether "logind is not on the bus" has been logged already.
 static LOGIND_ABSENT_LOGGED: AtomicBool = AtomicBool::new(false);
 

@@ -7,8 +7,9 @@
 //! "No such file", made an empty archive and ferry said "finished"). So
 //! `~` and `~/x` mean the home directory of the user who **owns the file**,
 //! and `~name/x` the home of user `name`, both looked up in the user
-//! database (getpwuid_r / getpwnam_r, so NSS users work too); HOME never
-//! matters.
+//! database (getpwuid_r / getpwnam_r, so NSS users work too). Only for a
+//! file of the user ferry-borg itself runs as (a user-level ferry-borg)
+//! is `~` that user's HOME, exactly as borgmatic run by them would read it.
 
 use std::ffi::{CStr, CString};
 use std::os::unix::fs::MetadataExt;
@@ -29,9 +30,17 @@ impl Tilde {
         }
     }
 
-    /// `~` is the home of the user who owns `file`.
+    /// `~` is the home of the user who owns `file`. When that is the user
+    /// ferry-borg runs as (a user-level ferry-borg reading its user's own
+    /// file), it is that user's HOME, as borgmatic would expand it
+    /// ([`crate::remote::service_home`]).
     pub fn of_owner(file: &Path) -> Tilde {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
         let owner_home = match std::fs::metadata(file) {
+            Ok(meta) if meta.uid() == me => {
+                Ok(crate::remote::service_home().to_string_lossy().into_owned())
+            }
             Ok(meta) => home_of_uid(meta.uid()).ok_or_else(|| {
                 format!(
                     "`~` means the home of {}'s owner, uid {}, who has no entry in the user database",
@@ -129,12 +138,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let file = dir.path().join("b.yaml");
         std::fs::write(&file, "x").expect("write");
-        // The file is owned by whoever runs the test; HOME is not asked.
-        let me = home_of_uid(unsafe { libc::getuid() }).expect("my home");
+        // The file is owned by whoever runs the test: `~` is their HOME.
+        let me = crate::remote::service_home();
         assert_eq!(
             Tilde::of_owner(&file).expand("~/a"),
-            Ok(format!("{}/a", me.trim_end_matches('/')))
+            Ok(format!("{}/a", me.to_string_lossy().trim_end_matches('/')))
         );
+        // Another owner's `~` is theirs, from the user database.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&file, Some(65534), None).expect("chown");
+            let nobody = home_of_uid(65534).expect("nobody's home");
+            assert_eq!(
+                Tilde::of_owner(&file).expand("~/a"),
+                Ok(format!("{}/a", nobody.trim_end_matches('/')))
+            );
+        }
         assert!(Tilde::of_owner(&dir.path().join("missing"))
             .expand("~/a")
             .is_err());
