@@ -1,5 +1,5 @@
-//! The rotation ledger: per drive the last successful sync and the most
-//! recent failure, kept under the state directory so that a person who
+//! The rotation ledger: per drive the last successful sync, the most
+//! recent failure and how well the drive is verified, kept under the state directory so that a person who
 //! alternates drives can see which one is older, also after a restart.
 //!
 //! It is one JSON file written with `write_atomically` (temp, fsync,
@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferry_interfaces::{Failure, FailureEvent, SyncRecord};
+use ferry_interfaces::{DriveVerification, Failure, FailureEvent, SyncRecord};
 use serde::{Deserialize, Serialize};
 
 /// The ledger file's name under the state directory.
@@ -33,6 +33,11 @@ pub struct Ledger {
     /// Every failure, oldest first, bounded (Sync1.FailureHistory).
     #[serde(default)]
     pub failure_history: Vec<FailureEvent>,
+    /// Per drive, how well its copies are verified (Sync1.Verification):
+    /// what the last successful sync read back and repaired, and since
+    /// when every byte on it has been found intact.
+    #[serde(default)]
+    pub verification: BTreeMap<String, DriveVerification>,
 }
 
 impl Ledger {
