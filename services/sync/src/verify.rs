@@ -95,6 +95,11 @@ pub struct Known {
     /// Read back different from what was copied: never linked forward.
     #[serde(default)]
     pub damaged: bool,
+    /// The scrub round ([`DriveRecord::round`]) it was last read in: the
+    /// scrub goes on with the lowest, so it resumes where it stopped
+    /// whatever the clock says.
+    #[serde(default)]
+    pub round: u64,
 }
 
 impl Known {
@@ -129,6 +134,9 @@ pub struct DriveRecord {
     /// Per repository, per file of its current generation.
     #[serde(default)]
     pub repositories: BTreeMap<String, BTreeMap<String, Known>>,
+    /// Counts the syncs' scrubs.
+    #[serde(default)]
+    pub round: u64,
 }
 
 /// Why the record cannot be written.
@@ -184,6 +192,7 @@ impl DriveRecord {
         DriveRecord {
             algorithm: ALGORITHM.to_string(),
             repositories: BTreeMap::new(),
+            round: 0,
         }
     }
 
@@ -249,8 +258,8 @@ pub struct Candidate {
     pub rel: PathBuf,
     /// Its size.
     pub size: u64,
-    /// When it was last found intact.
-    pub verified: u64,
+    /// The scrub round it was last read in.
+    pub round: u64,
 }
 
 /// The files of a repository's current generation (path, size, mtime)
@@ -269,20 +278,21 @@ pub fn candidates<'a>(
                 repository: repository.to_string(),
                 rel: rel.to_path_buf(),
                 size,
-                verified: known.verified,
+                round: known.round,
             })
         })
         .collect()
 }
 
 /// The order the scrub reads in: borg's metadata files first (always read,
-/// whatever the budget), then the files read longest ago, so each sync
-/// goes on where the last one stopped and a full round covers every file.
+/// whatever the budget), then the files read longest ago (in the lowest
+/// round), so each sync goes on where the last one stopped and a full
+/// round covers every file.
 pub fn scrub_order(mut candidates: Vec<Candidate>) -> Vec<Candidate> {
     candidates.sort_by(|a, b| {
-        (!is_metadata(&a.rel), a.verified, &a.repository, &a.rel).cmp(&(
+        (!is_metadata(&a.rel), a.round, &a.repository, &a.rel).cmp(&(
             !is_metadata(&b.rel),
-            b.verified,
+            b.round,
             &b.repository,
             &b.rel,
         ))
@@ -407,6 +417,7 @@ pub fn adopt(
                     hash: digest.hex(),
                     verified: now,
                     damaged: false,
+                    round: record.round,
                 },
             );
         } else if let Some(known) = before {
@@ -458,6 +469,8 @@ pub fn scrub(
     progress: &dyn Fn(u64),
 ) -> Result<Scrubbed, ReadError> {
     let started = Instant::now();
+    record.round += 1;
+    let round = record.round;
     let mut done = Scrubbed::default();
     let mut sliced = 0u64;
     let mut buffer = Vec::new();
@@ -504,6 +517,7 @@ pub fn scrub(
         };
         if intact {
             known.verified = now;
+            known.round = round;
         } else {
             if !known.damaged {
                 tracing::warn!(
@@ -533,15 +547,16 @@ mod tests {
             hash: hash.hex(),
             verified,
             damaged: false,
+            round: 0,
         }
     }
 
-    fn candidate(rel: &str, size: u64, verified: u64) -> Candidate {
+    fn candidate(rel: &str, size: u64, round: u64) -> Candidate {
         Candidate {
             repository: "nas".into(),
             rel: rel.into(),
             size,
-            verified,
+            round,
         }
     }
 
