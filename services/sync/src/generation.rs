@@ -3,10 +3,12 @@
 //!
 //! `<drive>/<directory>/<repo>` is always a complete repository: the
 //! previous copy or the new one. A sync builds the new generation beside it
-//! in `.<repo>.new` (files unchanged since the current generation are hard
-//! links to it, the others are copied), makes it durable (syncfs), has it
-//! verified (through hard links in `.<repo>.verify`, so borg never writes
-//! to the generation itself), exchanges the two directories in one
+//! in `.<repo>.new` (files unchanged since the current generation, and
+//! known intact, are hard links to it, the others are copied and hashed),
+//! makes it durable (syncfs), has its copied files read back (see
+//! [`crate::verify`]) and borg open it (through hard links in
+//! `.<repo>.verify`, so borg never writes to the generation itself),
+//! exchanges the two directories in one
 //! `renameat2(RENAME_EXCHANGE)`, fsyncs the directory and only then removes
 //! the old generation. A crash at any point leaves `<repo>` complete; the
 //! `.new` and `.verify` leftovers are removed by the next sync.

@@ -21,6 +21,21 @@
 //! - a file found damaged is marked so; the plan never hard-links it into a
 //!   new generation (see [`DriveRecord::trusted`]), it is copied afresh.
 //!
+//! Why not `borg check --repository-only`, not even with `--max-duration`
+//! for the scrub: borg keeps its partial check's place in the repository's
+//! config (`last_segment_checked`), which must never be written in a
+//! generation (the verify mirror that would take the write is thrown away
+//! after each sync); a partial check does not even report an index it
+//! cannot read (only a full one compares the index); its unit is a time
+//! slice over segment numbers, not bytes; it reads through the page
+//! cache; and it finds a bad CRC in some segment, reported as text, where
+//! ferry needs the file to copy again. Reading the files back against the
+//! source's hashes checks more (every byte of every file, metadata
+//! included, against the source, not only against itself) at the drive's
+//! read speed. borg still opens every new copy before it is swapped in
+//! (`borg list` on its mirror names the newest archive), but only to name
+//! it: what gates the swap is the read-back.
+//!
 //! Why xxh3-128 and not BLAKE3: the damage looked for is the drive's (bit
 //! rot, lost writes), not an adversary's — whoever can write the drive can
 //! already destroy the copy, and borg authenticates what it reads back
