@@ -189,13 +189,15 @@ struct Ferry {
     pid: u32,
 }
 
-/// One ferry-sync run: end to end (ferry-sync's CPU and the borg it ran),
-/// its copy phase (from Start to the first `verify` phase, ferry-sync's
-/// own CPU), its verify phase (read-back and borg list, to `swap`), and
-/// the bytes copied.
+/// One ferry-sync run: end to end (ferry-sync's CPU and the borg it ran);
+/// its copy phase, from the `copy` phase to the `verify` phase (the copy,
+/// hashing and syncfs), with ferry-sync's own CPU sampled at both ends;
+/// what came before it (scrub, borg's lock, snapshot, plan); its verify
+/// phase (read-back and borg list, to `swap`); and the bytes copied.
 struct FerryRun {
     total: Took,
     copy: Took,
+    before_copy: f64,
     verify: f64,
     bytes: u64,
 }
@@ -207,18 +209,34 @@ impl Ferry {
         let cpu = process_cpu(self.pid);
         let start = Instant::now();
         self.proxy.start("bench").await.expect("Start");
+        // Polled, so ferry-sync's CPU is sampled within a few ms of the
+        // copy phase's start and end.
+        let (mut copy_cpu, mut verify_cpu) = (None, None);
         let finished = tokio::time::timeout(WAIT, async {
             loop {
-                let found = self
+                let seen = self
                     .signals
                     .all()
                     .into_iter()
                     .skip(from)
+                    .collect::<Vec<_>>();
+                let phase = |p: &str| {
+                    seen.iter()
+                        .any(|r| r.member == "SyncProgress" && r.args[3] == p)
+                };
+                if copy_cpu.is_none() && phase("copy") {
+                    copy_cpu = Some(process_cpu(self.pid).0);
+                }
+                if verify_cpu.is_none() && phase("verify") {
+                    verify_cpu = Some(process_cpu(self.pid).0);
+                }
+                let found = seen
+                    .into_iter()
                     .find(|r| r.member == "SyncFinished" || r.member == "SyncFailed");
                 if let Some(found) = found {
                     return found;
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
         .await
@@ -234,6 +252,7 @@ impl Ferry {
                 .find(|r| r.member == "SyncProgress" && r.args[3] == phase)
                 .map(|r| r.at.duration_since(start).as_secs_f64())
         };
+        let copy_at = phase_at("copy").unwrap_or(0.0);
         let verify_at = phase_at("verify").unwrap_or(wall);
         let swap_at = phase_at("swap").unwrap_or(verify_at);
         FerryRun {
@@ -242,9 +261,10 @@ impl Ferry {
                 cpu: own + children - cpu.0 - cpu.1,
             },
             copy: Took {
-                wall: verify_at,
-                cpu: own - cpu.0,
+                wall: verify_at - copy_at,
+                cpu: verify_cpu.unwrap_or(own) - copy_cpu.unwrap_or(cpu.0),
             },
+            before_copy: copy_at,
             verify: swap_at - verify_at,
             bytes: finished.args[1].parse().unwrap_or(0),
         }
@@ -596,7 +616,18 @@ async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &
         cp.wall + cp_read.wall,
     );
     f.add("initial: rsync -a --delete + syncfs", rsync.wall);
-    f.add("initial: ferry-sync copy phase", ferry.copy.wall);
+    f.add(
+        "initial: ferry-sync before the copy (scrub, lock, snapshot)",
+        ferry.before_copy,
+    );
+    f.add(
+        "initial: ferry-sync copy phase (copy, hash, syncfs)",
+        ferry.copy.wall,
+    );
+    f.add(
+        "initial: ferry-sync verify phase (read-back, borg list)",
+        ferry.verify,
+    );
     f.add("initial: ferry-sync end to end", ferry.total.wall);
     f.add(
         "initial: ratio cp / ferry copy phase (aim >= 0.95)",
@@ -611,6 +642,7 @@ async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &
         rsync.wall / ferry.total.wall,
     );
     f.add("initial: CPU s/GB cp -a", cp.cpu / gb);
+    f.add("initial: CPU s/GB cat (reading back)", cp_read.cpu / gb);
     f.add(
         "initial: CPU s/GB ferry-sync copy phase (hashing included)",
         ferry.copy.cpu / gb,
@@ -688,6 +720,12 @@ async fn incremental_round(
     );
     f.add("incremental: rsync -a --delete + syncfs", rsync.wall);
     f.add("incremental: ferry-sync end to end", ferry_inc.total.wall);
+    f.add(
+        "incremental: ferry-sync before the copy (scrub, lock, snapshot)",
+        ferry_inc.before_copy,
+    );
+    f.add("incremental: ferry-sync copy phase", ferry_inc.copy.wall);
+    f.add("incremental: ferry-sync verify phase", ferry_inc.verify);
     f.add(
         "incremental: ratio (cp new + read back) / ferry (aim >= 0.9)",
         (cp.wall + cp_read.wall) / ferry_inc.total.wall,

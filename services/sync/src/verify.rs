@@ -59,9 +59,10 @@ use crate::snapshot::Entry;
 /// The hash algorithm, recorded with the hashes.
 pub const ALGORITHM: &str = "xxh3-128";
 
-/// How much is read at a time (fits the CPU's cache, so the hash reads what
-/// `read` just wrote).
-pub const BUFFER: usize = 1 << 20;
+/// How much is read at a time: 128 KiB, what `cp` uses across
+/// filesystems; it stays in the CPU's L2 cache, so the hash and `write`
+/// read what `read` just wrote (1 MiB cost 2.3× cp's CPU per GB).
+pub const BUFFER: usize = 128 << 10;
 
 /// A file's xxh3-128 hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
