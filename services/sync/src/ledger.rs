@@ -49,33 +49,7 @@ impl Ledger {
     /// Reads the ledger; a missing file is an empty ledger, an unreadable
     /// one is moved aside.
     pub fn load(path: &Path) -> Ledger {
-        let text = match std::fs::read(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ledger::default(),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read the sync ledger {}: {e}; starting with an empty one",
-                    path.display()
-                );
-                return Ledger::default();
-            }
-        };
-        match serde_json::from_slice(&text) {
-            Ok(ledger) => ledger,
-            Err(e) => {
-                let aside = path.with_extension(format!("json.bad-{}", ferry_service::unix_now()));
-                let moved = std::fs::rename(path, &aside);
-                tracing::warn!(
-                    "the sync ledger {} does not parse ({e}); {} and starting with an empty one",
-                    path.display(),
-                    match moved {
-                        Ok(()) => format!("moved it to {}", aside.display()),
-                        Err(e) => format!("could not move it aside ({e})"),
-                    }
-                );
-                Ledger::default()
-            }
-        }
+        read_json(path, "the sync ledger").unwrap_or_default()
     }
 
     /// Writes the ledger durably and atomically, creating the directory.
@@ -85,6 +59,39 @@ impl Ledger {
         }
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         ferry_service::durable::write_atomically(path, &text, 0o644)
+    }
+}
+
+/// Reads the JSON file `path` (`what` it is, for the log): None when it is
+/// missing or unreadable, and when it does not parse, after moving it
+/// aside (never deleting it) with a warning saying where it went.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Option<T> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read {what} {}: {e}; starting afresh",
+                path.display()
+            );
+            return None;
+        }
+    };
+    match serde_json::from_slice(&text) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let aside = path.with_extension(format!("json.bad-{}", ferry_service::unix_now()));
+            let moved = std::fs::rename(path, &aside);
+            tracing::warn!(
+                "{what} {} does not parse ({e}); {} and starting afresh",
+                path.display(),
+                match moved {
+                    Ok(()) => format!("moved it to {}", aside.display()),
+                    Err(e) => format!("could not move it aside ({e})"),
+                }
+            );
+            None
+        }
     }
 }
 

@@ -174,34 +174,9 @@ impl DriveRecord {
     /// Reads a record; a missing, unreadable or foreign one is empty (then
     /// every file is copied afresh once), a bad one is moved aside.
     pub fn load(path: &Path) -> DriveRecord {
-        let text = match std::fs::read(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return DriveRecord::fresh(),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read {}: {e}; every file is copied and hashed afresh",
-                    path.display()
-                );
-                return DriveRecord::fresh();
-            }
-        };
-        match serde_json::from_slice::<DriveRecord>(&text) {
-            Ok(record) if record.algorithm == ALGORITHM => record,
-            Ok(_) => DriveRecord::fresh(),
-            Err(e) => {
-                let aside = path.with_extension(format!("json.bad-{}", ferry_service::unix_now()));
-                let moved = std::fs::rename(path, &aside);
-                tracing::warn!(
-                    "{} does not parse ({e}); {}; every file is copied and hashed afresh",
-                    path.display(),
-                    match moved {
-                        Ok(()) => format!("moved it to {}", aside.display()),
-                        Err(e) => format!("could not move it aside ({e})"),
-                    }
-                );
-                DriveRecord::fresh()
-            }
-        }
+        crate::ledger::read_json::<DriveRecord>(path, "the verification record")
+            .filter(|record| record.algorithm == ALGORITHM)
+            .unwrap_or_else(DriveRecord::fresh)
     }
 
     fn fresh() -> DriveRecord {
