@@ -1191,9 +1191,10 @@ async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
 /// A borg that, when told to (a file names the repository and the drive's
 /// image), damages one repository's new copy on the device just before
 /// ferry-sync reads it back: when ferry-sync runs `borg list` on the new
-/// copy's mirror it flips a byte of its biggest segment in the loop
-/// device's image file, under the drive's page cache, which still holds
-/// what was written. It is the real borg otherwise.
+/// copy's mirror it flips a byte of the biggest segment copied by this sync
+/// (two links: the new generation and the mirror; one linked forward has
+/// three) in the loop device's image file, under the drive's page cache,
+/// which still holds what was written. It is the real borg otherwise.
 fn corrupting_borg(dir: &Path) -> (PathBuf, PathBuf) {
     let real = String::from_utf8(
         Command::new("sh")
@@ -1222,6 +1223,7 @@ fn corrupting_borg(dir: &Path) -> (PathBuf, PathBuf) {
              \x20   target = [a for a in sys.argv if a.endswith('.' + repo + '.verify')]\n\
              \x20   if target:\n\
              \x20       segs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(target[0], 'data')) for f in fs]\n\
+             \x20       segs = [p for p in segs if os.stat(p).st_nlink == 2]\n\
              \x20       biggest = max(segs, key=os.path.getsize)\n\
              \x20       at = physical(biggest) + 100\n\
              \x20       with open(image, 'r+b') as f:\n\
