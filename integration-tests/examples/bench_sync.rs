@@ -288,7 +288,7 @@ impl Series {
         let v = self.sorted();
         match v.len() {
             0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
+            n if !n.is_multiple_of(2) => v[n / 2],
             n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
         }
     }
@@ -741,7 +741,7 @@ async fn incremental_round(
     // Nothing to do.
     let (mut rsync_none, mut ferry_none) = (None, None);
     for turn in 0..2 {
-        if (turn + round) % 2 == 0 {
+        if (turn + round).is_multiple_of(2) {
             rsync_none = Some(bench.rsync(&rsync_target));
         } else {
             ferry_none = Some(ferry.sync().await);

@@ -1,11 +1,14 @@
 //! One sync job: every repository assigned to a drive, copied onto it.
 //!
 //! The job runs in a task the service loop owns (file work in
-//! `spawn_blocking`), never inside a method call. In order: for each
-//! repository take borg's lock, hard-link a snapshot, let go of the lock
+//! `spawn_blocking`), never inside a method call. In order: re-read borg's
+//! metadata files and the scrub's slice of the drive ([`crate::verify`]),
+//! so what is found damaged is copied afresh below; for each repository
+//! take borg's lock, hard-link a snapshot, let go of the lock
 //! and plan the new generation against the current one; check the drive's
 //! free space for all of them at once; then for each repository build the
-//! new generation, make it durable, verify it and swap it in. Whatever
+//! new generation (hashing what it copies), make it durable, read what it
+//! copied back from the drive, and swap it in. Whatever
 //! happens, the snapshots are removed and (unless the drive is gone) the
 //! half-built generations too, before the job reports SyncFinished or
 //! SyncFailed.
@@ -486,11 +489,24 @@ async fn sync_drive(
             .await;
         }
     }
-    // What the drive no longer carries is no longer vouched for.
+    finish_record(spec, record, &record_path, &mut summary).await?;
+    summary.bytes = done_before;
+    summary.free = free_bytes(&copies).unwrap_or(0);
+    Ok(summary)
+}
+
+/// Forgets what the drive no longer carries, saves the record, and puts
+/// its coverage and the repairs into the summary (and the log).
+async fn finish_record(
+    spec: &JobSpec,
+    mut record: DriveRecord,
+    path: &std::path::Path,
+    summary: &mut Summary,
+) -> Result<(), Failure> {
     record
         .repositories
         .retain(|name, _| spec.repositories.iter().any(|(n, _)| n == name));
-    save_record(&record, &record_path).await?;
+    save_record(&record, path).await?;
     (summary.verified_since, summary.total) = verify::coverage(&record);
     if summary.repaired > 0 {
         tracing::warn!(
@@ -500,9 +516,7 @@ async fn sync_drive(
             if summary.repaired == 1 { "" } else { "s" }
         );
     }
-    summary.bytes = done_before;
-    summary.free = free_bytes(&copies).unwrap_or(0);
-    Ok(summary)
+    Ok(())
 }
 
 /// Proves the drive is mounted, opens ferry's directory on it confined,
@@ -846,36 +860,7 @@ async fn copy_one(
         .reporter
         .phase(&spec.drive, &item.name, Phase::Copy, String::new())
         .await;
-    let progress = Arc::new(AtomicU64::new(0));
-    let Some(snapshot_dir) = item.snapshot_dir.clone() else {
-        return Err(Failure::new(
-            Stage::Copy,
-            "internal error: no snapshot to copy from".into(),
-        ));
-    };
-    let build = {
-        let (plan, layout) = (item.plan.clone(), item.layout.clone());
-        let (progress, stop) = (progress.clone(), stop.clone());
-        tokio::task::spawn_blocking(move || {
-            generation::build(&plan, &snapshot_dir, &layout, &progress, &|| {
-                stop.reason().is_some()
-            })
-        })
-    };
-    let built = with_progress(context, &spec.drive, done_before, total, build, &progress).await;
-    let files = match built {
-        Ok(Ok(files)) => files,
-        Ok(Err(BuildError::Stopped)) => {
-            return Err(Failure::stopped(
-                stop.reason().unwrap_or(StopReason::Shutdown),
-            ))
-        }
-        Ok(Err(BuildError::Layout(message))) => {
-            return Err(Failure::on_drive(Stage::Copy, WalkError::Layout(message)))
-        }
-        Ok(Err(BuildError::Io(message))) => return Err(Failure::new(Stage::Copy, message)),
-        Err(e) => return Err(Failure::new(Stage::Copy, format!("internal error: {e}"))),
-    };
+    let files = build_new(spec, context, item, done_before, total, stop).await?;
     context
         .reporter
         .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
@@ -926,6 +911,46 @@ async fn copy_one(
         files,
         read,
     })
+}
+
+/// Builds `item`'s new generation on the blocking pool, with progress;
+/// returns the files copied and their hashes.
+async fn build_new(
+    spec: &JobSpec,
+    context: &Context,
+    item: &Prepared,
+    done_before: u64,
+    total: u64,
+    stop: &Stop,
+) -> Result<generation::Copied, Failure> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let Some(snapshot_dir) = item.snapshot_dir.clone() else {
+        return Err(Failure::new(
+            Stage::Copy,
+            "internal error: no snapshot to copy from".into(),
+        ));
+    };
+    let build = {
+        let (plan, layout) = (item.plan.clone(), item.layout.clone());
+        let (progress, stop) = (progress.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            generation::build(&plan, &snapshot_dir, &layout, &progress, &|| {
+                stop.reason().is_some()
+            })
+        })
+    };
+    let built = with_progress(context, &spec.drive, done_before, total, build, &progress).await;
+    match built {
+        Ok(Ok(files)) => Ok(files),
+        Ok(Err(BuildError::Stopped)) => Err(Failure::stopped(
+            stop.reason().unwrap_or(StopReason::Shutdown),
+        )),
+        Ok(Err(BuildError::Layout(message))) => {
+            Err(Failure::on_drive(Stage::Copy, WalkError::Layout(message)))
+        }
+        Ok(Err(BuildError::Io(message))) => Err(Failure::new(Stage::Copy, message)),
+        Err(e) => Err(Failure::new(Stage::Copy, format!("internal error: {e}"))),
+    }
 }
 
 /// Reads every file the build copied back from the drive (its pages
