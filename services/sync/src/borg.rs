@@ -36,6 +36,10 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 const LOCK_SCRIPT: &str = r#"
 import signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+from borg.logger import setup_logging
+# borg's locking code logs (e.g. "Killed stale lock" after a killed
+# helper); without setup_logging that raises instead of logging.
+setup_logging(stream=sys.stderr, level="warning")
 from borg.locking import Lock, LockTimeout
 path, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
 round = 0.1
