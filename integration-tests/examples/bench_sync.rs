@@ -1,14 +1,27 @@
-//! ferry-sync beside the practical copy limit, in one run, page cache
-//! dropped before each measurement: a borg repository of about 1 GiB copied
-//! onto ext4 on a loop device by `cp -a` (+ syncfs, so it is as durable as
-//! ferry's), by `rsync -a --delete` (+ syncfs) and by ferry-sync (which also
-//! verifies with `borg check` before it swaps the copy in); then an
-//! incremental sync after one new archive, and a sync with nothing to do
-//! beside rsync with nothing to do. CPU seconds per GB for each.
+//! ferry-sync beside what a person would use instead, as a measurement: the
+//! contenders interleaved (cp, rsync, ferry, then the next round in another
+//! order) over several rounds, each figure and each ratio reported as the
+//! median and min–max of the rounds, the page cache dropped (after `sync`)
+//! before every measurement.
+//!
+//! What made `cp -a` itself vary 2× between runs is controlled: the drive's
+//! image is allocated in full before mkfs (a sparse loop file allocates on
+//! first write, so the first copy paid for the host filesystem's allocation
+//! and a later one did not), mkfs neither discards (which punches the image
+//! sparse again) nor leaves inode tables for ext4lazyinit to write in the
+//! background during the measurements, and every contender starts from an
+//! empty target after `sync`, so no writeback of an earlier run overlaps.
+//!
+//! Per size (`--mib`, repeatable): initial copy (cp -a + syncfs, and + the
+//! bytes read back from the drive, which is what ferry does; rsync -a
+//! --delete + syncfs; ferry-sync end to end and its copy phase), incremental
+//! (+10 % in one new archive: cp -a of only the new files + read back;
+//! rsync; ferry-sync), nothing to do (rsync; ferry-sync with a scrub slice
+//! of `--scrub-mib`), and the read-back rate (ferry's verify phase beside
+//! `cat` of the same bytes).
 //!
 //! Usage (root, loop devices, borg, rsync):
-//!   cargo build --release -p ferry-sync
-//!   cargo run --release -p ferry-integration-tests --example bench_sync [-- --mib N]
+//!   scripts/bench sync [--mib N]... [--rounds R] [--scrub-mib M]
 //! (BENCH_SYNC_LOG=1 prints ferry-sync's log at the end)
 
 use std::ffi::OsStr;
@@ -62,7 +75,8 @@ fn process_cpu(pid: u32) -> (f64, f64) {
     (own / hz, children / hz)
 }
 
-/// Runs a shell command line (cp, rsync) plus syncfs on `fs`, timed.
+/// Runs a command (cp, rsync) plus syncfs on `fs`, timed, the page cache
+/// dropped first.
 fn timed_command(program: &str, args: &[&OsStr], fs: &Path) -> Took {
     drop_caches();
     let cpu = children_cpu();
@@ -118,6 +132,39 @@ fn archive(base: &Path, repo: &Path, name: &str, mib: u64) {
     let _ = std::fs::remove_dir_all(&source);
 }
 
+/// Every regular file below `dir`, recursively.
+fn tree_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let meta = entry.metadata().expect("stat");
+        if meta.is_dir() {
+            out.extend(tree_files(&entry.path()));
+        } else if meta.is_file() {
+            out.push(entry.path());
+        }
+    }
+    out
+}
+
+/// Reads every file below `dir` back after dropping the page cache (what
+/// verifying a copy from the device costs at the least), timed.
+fn read_back(dir: &Path) -> Took {
+    drop_caches();
+    let cpu = children_cpu();
+    let start = Instant::now();
+    let files = tree_files(dir);
+    let status = Command::new("cat")
+        .args(&files)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("cat");
+    assert!(status.success(), "cat failed");
+    Took {
+        wall: start.elapsed().as_secs_f64(),
+        cpu: children_cpu() - cpu,
+    }
+}
+
 fn tree_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -142,139 +189,338 @@ struct Ferry {
     pid: u32,
 }
 
+/// One ferry-sync run: end to end (ferry-sync's CPU and the borg it ran);
+/// its copy phase, from the `copy` phase to the `verify` phase (the copy,
+/// hashing and syncfs), with ferry-sync's own CPU sampled at both ends;
+/// what came before it (scrub, borg's lock, snapshot, plan); its verify
+/// phase (read-back and borg list, to `swap`); and the bytes copied.
+struct FerryRun {
+    total: Took,
+    copy: Took,
+    before_copy: f64,
+    verify: f64,
+    bytes: u64,
+}
+
 impl Ferry {
-    /// Start(drive) to SyncFinished: wall and CPU (ferry-sync and the borg
-    /// it ran), the copy phase (to the last progress) with ferry-sync's own
-    /// CPU, and the bytes copied.
-    async fn sync(&self) -> (Took, Took, u64) {
+    async fn sync(&self) -> FerryRun {
         drop_caches();
         let from = self.signals.len();
         let cpu = process_cpu(self.pid);
         let start = Instant::now();
         self.proxy.start("bench").await.expect("Start");
+        // Polled, so ferry-sync's CPU is sampled within a few ms of the
+        // copy phase's start and end.
+        let (mut copy_cpu, mut verify_cpu) = (None, None);
         let finished = tokio::time::timeout(WAIT, async {
             loop {
-                let found = self
+                let seen = self
                     .signals
                     .all()
                     .into_iter()
                     .skip(from)
+                    .collect::<Vec<_>>();
+                let phase = |p: &str| {
+                    seen.iter()
+                        .any(|r| r.member == "SyncProgress" && r.args[3] == p)
+                };
+                if copy_cpu.is_none() && phase("copy") {
+                    copy_cpu = Some(process_cpu(self.pid).0);
+                }
+                if verify_cpu.is_none() && phase("verify") {
+                    verify_cpu = Some(process_cpu(self.pid).0);
+                }
+                let found = seen
+                    .into_iter()
                     .find(|r| r.member == "SyncFinished" || r.member == "SyncFailed");
                 if let Some(found) = found {
                     return found;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
         .await
         .expect("sync result");
         let wall = start.elapsed().as_secs_f64();
-        assert_eq!(finished.member, "SyncFinished", "{finished}");
-        let copy_end = self
-            .signals
-            .all()
-            .into_iter()
-            .skip(from)
-            .rfind(|r| r.member == "SyncProgress")
-            .map(|r| r.at.duration_since(start).as_secs_f64())
-            .unwrap_or(0.0);
         let (own, children) = process_cpu(self.pid);
-        let took = Took {
-            wall,
-            cpu: own + children - cpu.0 - cpu.1,
+        assert_eq!(finished.member, "SyncFinished", "{finished}");
+        let phase_at = |phase: &str| {
+            self.signals
+                .all()
+                .into_iter()
+                .skip(from)
+                .find(|r| r.member == "SyncProgress" && r.args[3] == phase)
+                .map(|r| r.at.duration_since(start).as_secs_f64())
         };
-        let copy = Took {
-            wall: copy_end,
-            cpu: own - cpu.0,
-        };
-        (took, copy, finished.args[1].parse().unwrap_or(0))
+        let copy_at = phase_at("copy").unwrap_or(0.0);
+        let verify_at = phase_at("verify").unwrap_or(wall);
+        let swap_at = phase_at("swap").unwrap_or(verify_at);
+        FerryRun {
+            total: Took {
+                wall,
+                cpu: own + children - cpu.0 - cpu.1,
+            },
+            copy: Took {
+                wall: verify_at - copy_at,
+                cpu: verify_cpu.unwrap_or(own) - copy_cpu.unwrap_or(cpu.0),
+            },
+            before_copy: copy_at,
+            verify: swap_at - verify_at,
+            bytes: finished.args[1].parse().unwrap_or(0),
+        }
     }
 }
 
-fn line(what: &str, took: Took, bytes: u64) {
-    let gb = bytes as f64 / 1e9;
-    let rate = if took.wall > 0.0 {
-        bytes as f64 / 1048576.0 / took.wall
-    } else {
-        0.0
-    };
-    let cpu_per_gb = if gb > 0.0 {
-        format!("{:6.2}", took.cpu / gb)
-    } else {
-        "     -".into()
-    };
-    println!(
-        "{what:<44} {:8.2} s {:9.1} MiB/s {:7.2} CPU s {} CPU s/GB",
-        took.wall, rate, took.cpu, cpu_per_gb
-    );
+/// The rounds of one figure.
+#[derive(Default)]
+struct Series(Vec<f64>);
+
+impl Series {
+    fn push(&mut self, x: f64) {
+        self.0.push(x);
+    }
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+    fn median(&self) -> f64 {
+        let v = self.sorted();
+        match v.len() {
+            0 => f64::NAN,
+            n if !n.is_multiple_of(2) => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+    fn range(&self) -> (f64, f64) {
+        let v = self.sorted();
+        (
+            v.first().copied().unwrap_or(f64::NAN),
+            v.last().copied().unwrap_or(f64::NAN),
+        )
+    }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
-    let mut mib: u64 = 1100;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next().and_then(|v| v.parse().ok())) {
-            ("--mib", Some(n)) => mib = n,
+/// Every figure of one size, by name, in the order first measured.
+#[derive(Default)]
+struct Figures(Vec<(String, Series)>);
+
+impl Figures {
+    fn add(&mut self, name: &str, x: f64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, s)) => s.push(x),
+            None => {
+                let mut s = Series::default();
+                s.push(x);
+                self.0.push((name.to_string(), s));
+            }
+        }
+    }
+    fn print(&self) {
+        for (name, s) in &self.0 {
+            let (lo, hi) = s.range();
+            println!("  {name:<58} {:>9.3}  ({:.3}–{:.3})", s.median(), lo, hi);
+        }
+    }
+}
+
+/// Arguments.
+struct Args {
+    sizes: Vec<u64>,
+    rounds: usize,
+    scrub_mib: u64,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        sizes: Vec::new(),
+        rounds: 5,
+        scrub_mib: 64,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let value: Option<u64> = it.next().and_then(|v| v.parse().ok());
+        match (arg.as_str(), value) {
+            ("--mib", Some(n)) => args.sizes.push(n),
+            ("--rounds", Some(n)) if n >= 1 => args.rounds = n as usize,
+            ("--scrub-mib", Some(n)) if n >= 1 => args.scrub_mib = n,
             _ => {
-                eprintln!("usage: bench_sync [--mib N]");
+                eprintln!("usage: bench_sync [--mib N]... [--rounds R (5)] [--scrub-mib M (64)]");
                 std::process::exit(64);
             }
         }
     }
-    if !(have_root() && have_loop_devices()) {
-        eprintln!("bench_sync needs root and loop devices");
-        std::process::exit(2);
+    if args.sizes.is_empty() {
+        args.sizes.push(1024);
     }
-    let exe = std::env::current_exe().expect("exe");
-    let binary: PathBuf = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("ferry-sync"))
-        .expect("target dir");
-    if !binary.is_file() {
-        eprintln!(
-            "{} is missing: cargo build --release -p ferry-sync",
-            binary.display()
-        );
-        std::process::exit(2);
+    args
+}
+
+/// A drive image allocated in full (no first-write allocation by the host
+/// filesystem), ext4 without discard and without lazy initialisation.
+fn drive_image(dir: &Path, mib: u64, uuid: &str) -> LoopImage {
+    let path = dir.join("drive.img");
+    run(
+        "fallocate",
+        &[
+            OsStr::new("-l"),
+            OsStr::new(&format!("{mib}MiB")),
+            path.as_os_str(),
+        ],
+    );
+    run(
+        "mkfs.ext4",
+        &[
+            OsStr::new("-q"),
+            OsStr::new("-F"),
+            OsStr::new("-E"),
+            OsStr::new("nodiscard,lazy_itable_init=0,lazy_journal_init=0"),
+            OsStr::new("-U"),
+            OsStr::new(uuid),
+            path.as_os_str(),
+        ],
+    );
+    LoopImage::from_file(path)
+}
+
+/// Replaces the directory `at` with a hard-link clone of `state` (borg
+/// never rewrites a committed file, so the clone is that state).
+fn set_repository(state: &Path, at: &Path) {
+    let _ = std::fs::remove_dir_all(at);
+    run(
+        "cp",
+        &[OsStr::new("-al"), state.as_os_str(), at.as_os_str()],
+    );
+}
+
+fn remove(path: &Path) {
+    let _ = std::fs::remove_dir_all(path);
+}
+
+/// The files of `new` that `old` does not have (same relative path and
+/// size), relative.
+fn new_files(old: &Path, new: &Path) -> Vec<PathBuf> {
+    tree_files(new)
+        .into_iter()
+        .filter_map(|f| {
+            let rel = f.strip_prefix(new).ok()?.to_path_buf();
+            let same = std::fs::metadata(old.join(&rel))
+                .ok()
+                .is_some_and(|m| m.len() == std::fs::metadata(&f).map(|n| n.len()).unwrap_or(0));
+            (!same).then_some(rel)
+        })
+        .collect()
+}
+
+/// Everything one size needs.
+struct Bench {
+    work: PathBuf,
+    repo: PathBuf,
+    state_a: PathBuf,
+    state_b: PathBuf,
+    mountpoint: PathBuf,
+    state: PathBuf,
+}
+
+impl Bench {
+    fn rsync(&self, target: &Path) -> Took {
+        let source = std::ffi::OsString::from(format!("{}/", self.repo.display()));
+        timed_command(
+            "rsync",
+            &[
+                OsStr::new("-a"),
+                OsStr::new("--delete"),
+                &source,
+                target.as_os_str(),
+            ],
+            &self.mountpoint,
+        )
     }
 
+    /// ferry-sync's copy and what it knows of it, gone: the next sync is
+    /// an initial one.
+    fn forget_ferry(&self) {
+        remove(&self.mountpoint.join("ferry"));
+        remove(&self.state);
+        run("sync", &[] as &[&str]);
+    }
+}
+
+async fn one_size(mib: u64, args: &Args, binary: &Path) {
     let work = tempfile::Builder::new()
         .prefix("ferry-bench-sync-")
         .tempdir_in("/var/tmp")
         .expect("work dir");
     let base = work.path().join("borg");
-    let repo = work.path().join("repo");
-    println!("making a {mib} MiB borg repository (borg create, no compression) ...");
+    let bench = Bench {
+        work: work.path().to_path_buf(),
+        repo: work.path().join("repo"),
+        state_a: work.path().join("state-a"),
+        state_b: work.path().join("state-b"),
+        mountpoint: work.path().join("mnt"),
+        state: work.path().join("state"),
+    };
+    println!("\n######## {mib} MiB: making the repository (borg create, no compression) ...");
     borg(
         &base,
         &[
             OsStr::new("init"),
             OsStr::new("-e"),
             OsStr::new("none"),
-            repo.as_os_str(),
+            bench.repo.as_os_str(),
         ],
     );
-    archive(&base, &repo, "first", mib);
-    let repo_bytes = tree_bytes(&repo);
+    archive(&base, &bench.repo, "first", mib);
+    run(
+        "cp",
+        &[
+            OsStr::new("-al"),
+            bench.repo.as_os_str(),
+            bench.state_a.as_os_str(),
+        ],
+    );
+    let new_mib = (mib / 10).max(16);
+    archive(&base, &bench.repo, "second", new_mib);
+    run(
+        "cp",
+        &[
+            OsStr::new("-al"),
+            bench.repo.as_os_str(),
+            bench.state_b.as_os_str(),
+        ],
+    );
+    let bytes_a = tree_bytes(&bench.state_a);
+    let bytes_b = tree_bytes(&bench.state_b);
+    let added = new_files(&bench.state_a, &bench.state_b);
+    let added_bytes: u64 = added
+        .iter()
+        .map(|r| {
+            std::fs::metadata(bench.state_b.join(r))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum();
 
     let uuid = random_uuid();
-    let mut image = LoopImage::ext4(work.path(), mib * 4 + 1024, &uuid, "bench");
+    // cp, rsync and ferry's two generations, with room to spare.
+    let mut image = drive_image(&bench.work, mib * 5 + 2048, &uuid);
     let device = image.attach();
-    let mountpoint = work.path().join("mnt");
-    std::fs::create_dir_all(&mountpoint).expect("mountpoint");
-    run("mount", &[OsStr::new(&device), mountpoint.as_os_str()]);
+    std::fs::create_dir_all(&bench.mountpoint).expect("mountpoint");
+    run(
+        "mount",
+        &[OsStr::new(&device), bench.mountpoint.as_os_str()],
+    );
 
     let bus = TestBus::start();
-    let config = work.path().join("ferry.toml");
+    let config = bench.work.join("ferry.toml");
     std::fs::write(
         &config,
         format!(
-            "state-directory = \"{}\"\n[drives.bench]\nuuid = \"{uuid}\"\nmountpoint = \"{}\"\nrepositories = [\"repo\"]\n[repositories.repo]\npath = \"{}\"\n",
-            work.path().join("state").display(),
-            mountpoint.display(),
-            repo.display()
+            "state-directory = \"{}\"\n[sync]\nscrub-seconds = 0\nscrub-mib = {}\n[drives.bench]\nuuid = \"{uuid}\"\nmountpoint = \"{}\"\nrepositories = [\"repo\"]\n[repositories.repo]\npath = \"{}\"\n",
+            bench.state.display(),
+            args.scrub_mib,
+            bench.mountpoint.display(),
+            bench.repo.display()
         ),
     )
     .expect("config");
@@ -298,96 +544,256 @@ async fn main() {
         proxy,
         pid: service.pid(),
     };
-
     println!(
-        "repository: {:.2} GiB; drive: ext4 on {device}\n",
-        repo_bytes as f64 / 1073741824.0
+        "repository {:.2} GiB, +{:.0} MiB in {} new files; drive: ext4 on {device} (allocated, nodiscard, no lazy init); {} rounds, interleaved",
+        bytes_a as f64 / 1073741824.0,
+        added_bytes as f64 / 1048576.0,
+        added.len(),
+        args.rounds
     );
+    let mut f = Figures::default();
+    let gb_a = bytes_a as f64 / 1e9;
+    let gb_new = added_bytes as f64 / 1e9;
+    for round in 0..args.rounds {
+        eprintln!("round {} of {} ...", round + 1, args.rounds);
+        initial_round(&bench, &ferry, round, gb_a, &mut f).await;
+        incremental_round(&bench, &ferry, &added, round, gb_new, &mut f).await;
+    }
     println!(
-        "{:<44} {:>10} {:>15} {:>13} {:>16}",
-        "", "wall", "throughput", "CPU", "per GB"
+        "\n  (seconds unless named; median (min–max) of {} rounds)",
+        args.rounds
     );
-    let cp = timed_command(
-        "cp",
-        &[
-            OsStr::new("-a"),
-            repo.as_os_str(),
-            mountpoint.join("cp").as_os_str(),
-        ],
-        &mountpoint,
-    );
-    line("initial: cp -a + syncfs (the limit)", cp, repo_bytes);
-    let rsync_target = mountpoint.join("rsync");
-    let source = std::ffi::OsString::from(format!("{}/", repo.display()));
-    let rsync_cmd = |target: &Path| -> Vec<std::ffi::OsString> {
-        vec![
-            "-a".into(),
-            "--delete".into(),
-            source.clone(),
-            target.as_os_str().to_os_string(),
-        ]
-    };
-    let args = rsync_cmd(&rsync_target);
-    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let rsync = timed_command("rsync", &refs, &mountpoint);
-    line("initial: rsync -a --delete + syncfs", rsync, repo_bytes);
-    let (initial, copy_phase, bytes) = ferry.sync().await;
-    line(
-        "initial: ferry-sync (copy, borg check, swap)",
-        initial,
-        bytes,
-    );
-    line(
-        "initial: ferry-sync copy phase (own CPU)",
-        copy_phase,
-        bytes,
-    );
-    println!(
-        "  => copy phase at {:.0} % of cp -a's throughput, end to end (with borg check) {:.0} %; ferry-sync's own CPU/GB {:.2} vs cp's {:.2}\n",
-        100.0 * cp.wall / copy_phase.wall.max(1e-9),
-        100.0 * cp.wall / initial.wall,
-        copy_phase.cpu / (bytes as f64 / 1e9),
-        cp.cpu / (repo_bytes as f64 / 1e9)
-    );
-
-    let new_mib = (mib / 10).max(32);
-    println!("adding one archive of {new_mib} MiB of new data ...");
-    archive(&base, &repo, "second", new_mib);
-    let args = rsync_cmd(&rsync_target);
-    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let rsync_inc = timed_command("rsync", &refs, &mountpoint);
-    let (incremental, copy_phase, new_bytes) = ferry.sync().await;
-    line(
-        "incremental: rsync -a --delete + syncfs",
-        rsync_inc,
-        new_bytes,
-    );
-    line("incremental: ferry-sync", incremental, new_bytes);
-    line(
-        "incremental: ferry-sync copy phase (own CPU)",
-        copy_phase,
-        new_bytes,
-    );
-    let limit = new_bytes as f64 / (repo_bytes as f64 / cp.wall);
-    println!(
-        "  => new bytes at cp -a's rate would take {limit:.2} s: copy phase at {:.0} % of the limit, end to end {:.0} %\n",
-        100.0 * limit / copy_phase.wall.max(1e-9),
-        100.0 * limit / incremental.wall
-    );
-
-    let args = rsync_cmd(&rsync_target);
-    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let rsync_none = timed_command("rsync", &refs, &mountpoint);
-    let (nothing, _, _) = ferry.sync().await;
-    line("nothing to do: rsync -a --delete + syncfs", rsync_none, 0);
-    line("nothing to do: ferry-sync", nothing, 0);
-    println!(
-        "  => ferry-sync takes {:.0} % of rsync's time",
-        100.0 * nothing.wall / rsync_none.wall
-    );
+    f.print();
+    let _ = bytes_b;
     if std::env::var_os("BENCH_SYNC_LOG").is_some() {
         println!("\n----- ferry-sync log -----\n{}", service.log());
     }
     drop(service);
+    run("umount", &[bench.mountpoint.as_os_str()]);
     drop(image);
+}
+
+/// Initial copies of state A by cp, rsync and ferry, in an order that
+/// rotates with the round.
+async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &mut Figures) {
+    set_repository(&bench.state_a, &bench.repo);
+    let (mut cp, mut cp_read, mut rsync, mut run_) = (None, None, None, None);
+    for turn in 0..3 {
+        match (turn + round) % 3 {
+            0 => {
+                remove(&bench.mountpoint.join("cp"));
+                let target = bench.mountpoint.join("cp");
+                cp = Some(timed_command(
+                    "cp",
+                    &[OsStr::new("-a"), bench.repo.as_os_str(), target.as_os_str()],
+                    &bench.mountpoint,
+                ));
+                cp_read = Some(read_back(&target));
+                remove(&target);
+            }
+            1 => {
+                let target = bench.mountpoint.join("rsync");
+                remove(&target);
+                run("sync", &[] as &[&str]);
+                rsync = Some(bench.rsync(&target));
+                remove(&target);
+            }
+            _ => {
+                bench.forget_ferry();
+                run_ = Some(ferry.sync().await);
+            }
+        }
+    }
+    let (cp, cp_read, rsync, ferry) = (
+        cp.expect("cp"),
+        cp_read.expect("read"),
+        rsync.expect("rsync"),
+        run_.expect("ferry"),
+    );
+    f.add("initial: cp -a + syncfs", cp.wall);
+    f.add(
+        "initial: cp -a + syncfs + read back (cat)",
+        cp.wall + cp_read.wall,
+    );
+    f.add("initial: rsync -a --delete + syncfs", rsync.wall);
+    f.add(
+        "initial: ferry-sync before the copy (scrub, lock, snapshot)",
+        ferry.before_copy,
+    );
+    f.add(
+        "initial: ferry-sync copy phase (copy, hash, syncfs)",
+        ferry.copy.wall,
+    );
+    f.add(
+        "initial: ferry-sync verify phase (read-back, borg list)",
+        ferry.verify,
+    );
+    f.add("initial: ferry-sync end to end", ferry.total.wall);
+    f.add(
+        "initial: ratio cp / ferry copy phase (aim >= 0.95)",
+        cp.wall / ferry.copy.wall,
+    );
+    f.add(
+        "initial: ratio (cp + read back) / ferry end to end (aim >= 0.9)",
+        (cp.wall + cp_read.wall) / ferry.total.wall,
+    );
+    f.add(
+        "initial: ratio rsync / ferry end to end",
+        rsync.wall / ferry.total.wall,
+    );
+    f.add("initial: CPU s/GB cp -a", cp.cpu / gb);
+    f.add("initial: CPU s/GB cat (reading back)", cp_read.cpu / gb);
+    f.add(
+        "initial: CPU s/GB ferry-sync copy phase (hashing included)",
+        ferry.copy.cpu / gb,
+    );
+    f.add(
+        "initial: CPU s/GB ferry-sync end to end (with borg)",
+        ferry.total.cpu / gb,
+    );
+    f.add(
+        "read-back MiB/s: cat after drop_caches",
+        gb * 1e9 / 1048576.0 / cp_read.wall,
+    );
+    f.add(
+        "read-back MiB/s: ferry verify phase (incl. borg list)",
+        gb * 1e9 / 1048576.0 / ferry.verify.max(1e-9),
+    );
+}
+
+/// From state A to state B (+10 %): cp -a of only the new files + read
+/// back, rsync, ferry; then nothing to do for rsync and ferry.
+async fn incremental_round(
+    bench: &Bench,
+    ferry: &Ferry,
+    added: &[PathBuf],
+    round: usize,
+    gb_new: f64,
+    f: &mut Figures,
+) {
+    // Everyone at state A, untimed.
+    set_repository(&bench.state_a, &bench.repo);
+    let rsync_target = bench.mountpoint.join("rsync");
+    remove(&rsync_target);
+    bench.rsync(&rsync_target);
+    bench.forget_ferry();
+    ferry.sync().await;
+    set_repository(&bench.state_b, &bench.repo);
+    let (mut cp, mut rsync, mut run_) = (None, None, None);
+    for turn in 0..3 {
+        match (turn + round) % 3 {
+            0 => {
+                let target = bench.mountpoint.join("cp-new");
+                remove(&target);
+                std::fs::create_dir_all(&target).expect("cp-new");
+                drop_caches();
+                let cpu = children_cpu();
+                let start = Instant::now();
+                let status = Command::new("cp")
+                    .arg("-a")
+                    .arg("--parents")
+                    .args(added)
+                    .arg(&target)
+                    .current_dir(&bench.repo)
+                    .status()
+                    .expect("cp");
+                assert!(status.success(), "cp --parents failed");
+                run("sync", &[OsStr::new("-f"), bench.mountpoint.as_os_str()]);
+                let copied = Took {
+                    wall: start.elapsed().as_secs_f64(),
+                    cpu: children_cpu() - cpu,
+                };
+                let read = read_back(&target);
+                cp = Some((copied, read));
+                remove(&target);
+            }
+            1 => rsync = Some(bench.rsync(&rsync_target)),
+            _ => run_ = Some(ferry.sync().await),
+        }
+    }
+    let ((cp, cp_read), rsync, ferry_inc) =
+        (cp.expect("cp"), rsync.expect("rsync"), run_.expect("ferry"));
+    f.add("incremental: cp -a of the new files + syncfs", cp.wall);
+    f.add(
+        "incremental: cp -a new + syncfs + read back",
+        cp.wall + cp_read.wall,
+    );
+    f.add("incremental: rsync -a --delete + syncfs", rsync.wall);
+    f.add("incremental: ferry-sync end to end", ferry_inc.total.wall);
+    f.add(
+        "incremental: ferry-sync before the copy (scrub, lock, snapshot)",
+        ferry_inc.before_copy,
+    );
+    f.add("incremental: ferry-sync copy phase", ferry_inc.copy.wall);
+    f.add("incremental: ferry-sync verify phase", ferry_inc.verify);
+    f.add(
+        "incremental: ratio (cp new + read back) / ferry (aim >= 0.9)",
+        (cp.wall + cp_read.wall) / ferry_inc.total.wall,
+    );
+    f.add(
+        "incremental: ratio rsync / ferry",
+        rsync.wall / ferry_inc.total.wall,
+    );
+    f.add(
+        "incremental: CPU s/GB new, ferry-sync",
+        ferry_inc.total.cpu / gb_new.max(1e-9),
+    );
+    // Nothing to do.
+    let (mut rsync_none, mut ferry_none) = (None, None);
+    for turn in 0..2 {
+        if (turn + round).is_multiple_of(2) {
+            rsync_none = Some(bench.rsync(&rsync_target));
+        } else {
+            ferry_none = Some(ferry.sync().await);
+        }
+    }
+    let (rsync_none, ferry_none) = (rsync_none.expect("rsync"), ferry_none.expect("ferry"));
+    f.add("nothing to do: rsync -a --delete + syncfs", rsync_none.wall);
+    f.add(
+        "nothing to do: ferry-sync (scrub slice included)",
+        ferry_none.total.wall,
+    );
+    assert_eq!(ferry_none.bytes, 0, "nothing to do copied bytes");
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args = parse_args();
+    if !(have_root() && have_loop_devices()) {
+        eprintln!("bench_sync needs root and loop devices");
+        std::process::exit(2);
+    }
+    let exe = std::env::current_exe().expect("exe");
+    let binary: PathBuf = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("ferry-sync"))
+        .expect("target dir");
+    if !binary.is_file() {
+        eprintln!(
+            "{} is missing: cargo build --release -p ferry-sync",
+            binary.display()
+        );
+        std::process::exit(2);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load average at the start: {} (other work on the machine moves every figure)",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("ferry-sync's scrub slice per sync: {} MiB", args.scrub_mib);
+    for mib in args.sizes.clone() {
+        one_size(mib, &args, &binary).await;
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "\nload average at the end: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 }

@@ -1189,7 +1189,15 @@ async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
         });
     assert_eq!(
         phases,
-        ["lock", "lock-wait", "snapshot", "copy", "verify", "swap"],
+        [
+            "scrub",
+            "lock",
+            "lock-wait",
+            "snapshot",
+            "copy",
+            "verify",
+            "swap"
+        ],
         "{}",
         rig.signals.listing()
     );
@@ -1202,9 +1210,14 @@ async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
     assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1"]);
 }
 
-/// A borg that fails `borg check` of one repository's new copy when told to
-/// (a file names the repository), and is the real borg otherwise.
-fn failing_borg(dir: &Path) -> (PathBuf, PathBuf) {
+/// A borg that, when told to (a file names the repository and the drive's
+/// image), damages one repository's new copy on the device just before
+/// ferry-sync reads it back: when ferry-sync runs `borg list` on the new
+/// copy's mirror it flips a byte of the biggest segment copied by this sync
+/// (two links: the new generation and the mirror; one linked forward has
+/// three) in the loop device's image file, under the drive's page cache,
+/// which still holds what was written. It is the real borg otherwise.
+fn corrupting_borg(dir: &Path) -> (PathBuf, PathBuf) {
     let real = String::from_utf8(
         Command::new("sh")
             .args(["-c", "command -v borg"])
@@ -1215,17 +1228,28 @@ fn failing_borg(dir: &Path) -> (PathBuf, PathBuf) {
     .expect("utf-8")
     .trim()
     .to_string();
-    let flag = dir.join("fail-check-of");
+    let flag = dir.join("corrupt-new-copy-of");
     let program = dir.join("borg");
     std::fs::write(
         &program,
         format!(
-            "#!/usr/bin/python3\nimport os, sys\nflag = {flag:?}\n\
-             if sys.argv[1:2] == ['check'] and os.path.exists(flag):\n\
-             \x20   target = '.' + open(flag).read().strip() + '.verify'\n\
-             \x20   if any(a.endswith(target) for a in sys.argv):\n\
-             \x20       sys.stderr.write('segment 3 has a bad checksum (test)\\n')\n\
-             \x20       sys.exit(1)\n\
+            "#!/usr/bin/python3\nimport fcntl, os, struct, sys\nflag = {flag:?}\n\
+             def physical(path):\n\
+             \x20   fd = os.open(path, os.O_RDONLY)\n\
+             \x20   buf = bytearray(struct.pack('=QQLLLL', 0, 2**64 - 1, 1, 0, 1, 0) + bytes(56))\n\
+             \x20   fcntl.ioctl(fd, 0xC020660B, buf)\n\
+             \x20   os.close(fd)\n\
+             \x20   return struct.unpack_from('=QQQ', buf, 32)[1]\n\
+             if sys.argv[1:2] == ['list'] and os.path.exists(flag):\n\
+             \x20   repo, image = open(flag).read().split()\n\
+             \x20   target = [a for a in sys.argv if a.endswith('.' + repo + '.verify')]\n\
+             \x20   if target:\n\
+             \x20       segs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(target[0], 'data')) for f in fs]\n\
+             \x20       segs = [p for p in segs if os.stat(p).st_nlink == 2]\n\
+             \x20       biggest = max(segs, key=os.path.getsize)\n\
+             \x20       at = physical(biggest) + 100\n\
+             \x20       with open(image, 'r+b') as f:\n\
+             \x20           f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0xff]))\n\
              os.execv({real:?}, ['borg'] + sys.argv[1:])\n"
         ),
     )
@@ -1238,6 +1262,45 @@ fn failing_borg(dir: &Path) -> (PathBuf, PathBuf) {
     (program, flag)
 }
 
+/// Where the first byte of `path` lies on its device (FIEMAP).
+fn physical_offset(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    let file = std::fs::File::open(path).expect("open for FIEMAP");
+    // struct fiemap (32 bytes) with room for one struct fiemap_extent (56).
+    let mut buf = [0u64; (32 + 56) / 8];
+    buf[1] = u64::MAX; // fm_length
+    buf[2] = 1; // fm_flags = FIEMAP_FLAG_SYNC (low half), fm_mapped_extents = 0
+    buf[3] = 1; // fm_extent_count = 1 (low half), fm_reserved = 0
+                // SAFETY: FS_IOC_FIEMAP on an open file with a buffer of the size the
+                // header promises (one extent).
+    let done = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+    assert_eq!(
+        done,
+        0,
+        "FIEMAP {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(buf[2] >> 32, 1, "{} has no extent", path.display());
+    buf[4 + 1] // fm_extents[0].fe_physical
+}
+
+/// Flips the byte at `offset` of a drive's image file.
+fn flip_byte(image: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .expect("open image");
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).expect("read image");
+    byte[0] ^= 0xff;
+    file.write_all_at(&byte, offset).expect("write image");
+    file.sync_all().expect("sync image");
+}
+
 /// After a failure, SyncFailed says which copy of each repository the
 /// drive holds, as found by looking: a failure after nas's new copy was
 /// swapped in (photos fails its check) says nas is new and photos
@@ -1248,9 +1311,10 @@ async fn the_failure_message_says_which_copy_the_drive_holds() {
         return;
     }
     let tools = tempfile::tempdir().expect("temp dir");
-    let (program, flag) = failing_borg(tools.path());
+    let (program, flag) = corrupting_borg(tools.path());
     let extra = format!("\n[borg]\nprogram = \"{}\"\n", program.display());
     let rig = Rig::new(&[("offsite-a", 128)], &[&NAS, &PHOTOS], &extra).await;
+    let image = rig.drive("offsite-a").image.path().display().to_string();
     rig.add_archive(&NAS, "nas-1", 5, 3000);
     rig.add_archive(&PHOTOS, "photos-1", 5, 3000);
     rig.sync("offsite-a").await;
@@ -1258,13 +1322,19 @@ async fn the_failure_message_says_which_copy_the_drive_holds() {
     // After the swap of nas, photos fails at verify.
     rig.add_archive(&NAS, "nas-2", 5, 3000);
     rig.add_archive(&PHOTOS, "photos-2", 5, 3000);
-    std::fs::write(&flag, "photos").expect("flag");
+    std::fs::write(&flag, format!("photos {image}")).expect("flag");
     let from = rig.signals.len();
     rig.drive_opened("offsite-a").await;
     let failed = rig.result(from, "offsite-a").await;
     assert_eq!(failed.member, "SyncFailed", "{failed}");
     assert_eq!(failed.args[1], "verify", "{failed}");
     let said = &failed.args[2];
+    // Found by reading the new files back from the drive, in this sync.
+    assert!(
+        said.contains("read back from the drive, 1 of the")
+            && said.contains("differ from what was written"),
+        "{said}"
+    );
     assert!(said.contains("the new copy of nas"), "{said}");
     assert!(said.contains("the previous copy of photos"), "{said}");
     assert!(!said.contains("was kept"), "{said}");
@@ -1273,7 +1343,7 @@ async fn the_failure_message_says_which_copy_the_drive_holds() {
 
     // Before any swap: nas fails at verify; both are the previous copies.
     rig.add_archive(&NAS, "nas-3", 5, 3000);
-    std::fs::write(&flag, "nas").expect("flag");
+    std::fs::write(&flag, format!("nas {image}")).expect("flag");
     let from = rig.signals.len();
     rig.drive_opened("offsite-a").await;
     let failed = rig.result(from, "offsite-a").await;
@@ -1305,6 +1375,158 @@ async fn the_failure_message_says_which_copy_the_drive_holds() {
     );
 }
 
+/// Sync1.Verification's entry for `drive`.
+async fn verification(rig: &Rig, drive: &str) -> ferry_interfaces::DriveVerification {
+    let all = rig
+        .proxy()
+        .await
+        .verification()
+        .await
+        .expect("Verification");
+    all.into_iter()
+        .find(|v| v.drive == drive)
+        .unwrap_or_else(|| panic!("no Verification entry for {drive}"))
+}
+
+/// Every regular file below `dir`, relative, biggest first among equals of
+/// nothing: (path, size), leaving out borg's lock files.
+fn files_with_sizes(dir: &Path) -> Vec<(String, u64)> {
+    tree(dir)
+        .into_iter()
+        .map(|rel| {
+            let size = std::fs::metadata(dir.join(&rel)).expect("stat").len();
+            (rel, size)
+        })
+        .collect()
+}
+
+/// One flipped byte in an old segment on the drive, its size and mtime
+/// kept (written into the drive's image under the filesystem): with
+/// nothing new to copy, the sync still verifies — borg's metadata files in
+/// full, and a scrub slice whose budget (1 MiB a sync) covers the ~2 MiB
+/// copy in two syncs — finds the damage within those two syncs and repairs
+/// it with a fresh copy from the source, says so (Verification: repaired
+/// 1; the log); the copy then passes `borg check` and equals the source
+/// byte for byte. Files last read long ago make the drive overdue.
+async fn a_flipped_byte_in_an_old_segment_is_found_by_the_scrub_and_repaired() {
+    if !borg_ready() {
+        return;
+    }
+    let rig = Rig::new(
+        &[("offsite-a", 128)],
+        &[&NAS],
+        "scrub-seconds = 0\nscrub-mib = 1\n",
+    )
+    .await;
+    rig.add_archive(&NAS, "nas-1", 40, 50_000);
+    rig.sync("offsite-a").await;
+    let first = verification(&rig, "offsite-a").await;
+    assert_eq!((first.repaired, first.overdue), (0, false), "{first:?}");
+    assert!(first.total > 3 << 19, "a copy of ~2 MiB: {first:?}");
+    assert!(
+        first.read >= first.total,
+        "every new file is read back: {first:?}"
+    );
+    assert!(first.verified_since > 0, "{first:?}");
+
+    // Flip a byte of the biggest segment on the device.
+    let drive = rig.drive("offsite-a");
+    let copy = drive.copy("nas");
+    let (victim, size) = files_with_sizes(&copy)
+        .into_iter()
+        .filter(|(rel, _)| rel.starts_with("data/"))
+        .max_by_key(|(_, size)| *size)
+        .expect("a segment");
+    let before = std::fs::metadata(copy.join(&victim)).expect("stat");
+    let at = physical_offset(&copy.join(&victim)) + 100;
+    drive.unmount();
+    flip_byte(drive.image.path(), at);
+    drive.mount();
+    let after = std::fs::metadata(copy.join(&victim)).expect("stat");
+    assert_eq!(
+        (after.len(), after.modified().expect("mtime")),
+        (before.len(), before.modified().expect("mtime")),
+        "size and mtime are kept"
+    );
+    let source = rig.repo("nas");
+    assert_ne!(
+        std::fs::read(copy.join(&victim)).expect("read copy"),
+        std::fs::read(source.join(&victim)).expect("read source"),
+        "the byte is flipped on the drive"
+    );
+
+    // Nothing new: each sync verifies; within two the scrub finds it.
+    let mut repaired_in = None;
+    for round in 1..=2 {
+        let finished = rig.sync("offsite-a").await;
+        let v = verification(&rig, "offsite-a").await;
+        assert!(v.read > 0, "nothing to do still verifies: {v:?}");
+        if v.repaired > 0 {
+            assert_eq!(v.repaired, 1, "{v:?}");
+            assert_eq!(
+                finished.args[1],
+                size.to_string(),
+                "only {victim} is copied: {finished}"
+            );
+            repaired_in = Some(round);
+            break;
+        }
+        assert_eq!(finished.args[1], "0", "nothing to copy: {finished}");
+    }
+    let round = repaired_in.unwrap_or_else(|| {
+        panic!(
+            "the scrub did not find the flipped byte in {victim} within two syncs:\n{}",
+            rig.service.as_ref().expect("service").log()
+        )
+    });
+    eprintln!("repaired by sync {round} after the flip");
+    let log = rig.service.as_ref().expect("service").log();
+    assert!(log.contains("repaired 1 damaged file"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "{victim} of nas on the drive is not what was copied"
+        )),
+        "{log}"
+    );
+
+    // The copy is the source again, byte for byte, and borg agrees.
+    assert_eq!(tree(&copy), tree(&source));
+    for rel in tree(&source) {
+        assert!(
+            std::fs::read(copy.join(&rel)).expect("copy")
+                == std::fs::read(source.join(&rel)).expect("source"),
+            "{rel} differs from the source"
+        );
+    }
+    assert_eq!(
+        rig.copy_archives("offsite-a", &NAS),
+        rig.source_archives(&NAS)
+    );
+
+    // The next sync with nothing to do repairs nothing.
+    rig.sync("offsite-a").await;
+    assert_eq!(verification(&rig, "offsite-a").await.repaired, 0);
+
+    // Files last read in 1970: one 1 MiB slice cannot cover them all, so
+    // the drive is overdue for its scrub.
+    let record = rig.bus.dir().join("state/sync-verify/offsite-a.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("record")).expect("json");
+    for files in json["repositories"]
+        .as_object_mut()
+        .expect("repositories")
+        .values_mut()
+    {
+        for known in files.as_object_mut().expect("files").values_mut() {
+            known["verified"] = serde_json::json!(1000);
+        }
+    }
+    std::fs::write(&record, serde_json::to_vec(&json).expect("json")).expect("write record");
+    rig.sync("offsite-a").await;
+    let late = verification(&rig, "offsite-a").await;
+    assert!(late.overdue && late.verified_since == 1000, "{late:?}");
+}
+
 ferry_integration_tests::integration_tests! {
     async Machine: [
         drive_opened_makes_a_verified_copy_and_the_ledger_survives_a_restart,
@@ -1317,5 +1539,6 @@ ferry_integration_tests::integration_tests! {
         killed_or_yanked_at_random_points_the_copy_is_old_or_new,
         waiting_for_borgs_lock_and_every_phase_are_visible,
         the_failure_message_says_which_copy_the_drive_holds,
+        a_flipped_byte_in_an_old_segment_is_found_by_the_scrub_and_repaired,
     ],
 }

@@ -146,6 +146,9 @@ pub mod sync {
         /// Every failure, oldest first, the newest 64, with unique ids.
         #[zbus(property)]
         fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
+        /// Per drive, how well its copies are verified.
+        #[zbus(property)]
+        fn verification(&self) -> zbus::Result<Vec<DriveVerification>>;
         /// Copying a repository began.
         #[zbus(signal)]
         fn sync_started(&self, drive: &str, repository: &str) -> zbus::Result<()>;

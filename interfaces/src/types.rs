@@ -70,6 +70,27 @@ pub struct SyncJob {
     pub detail: String,
 }
 
+/// An entry of Sync1.Verification: `(sttttub)`, how well the copies on a
+/// drive are known to be what was copied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct DriveVerification {
+    /// The drive name.
+    pub drive: String,
+    /// Unix time of the last sync that verified the drive.
+    pub time: u64,
+    /// Unix time since which every byte of the copies on the drive has
+    /// been read back from the drive and found as copied (0: some never).
+    pub verified_since: u64,
+    /// Bytes the last sync re-read from the drive (read-back and scrub).
+    pub read: u64,
+    /// Bytes of the copies on the drive.
+    pub total: u64,
+    /// Files the last sync found damaged on the drive and copied afresh.
+    pub repaired: u32,
+    /// Not every byte was re-read within `[sync] scrub-period-days`.
+    pub overdue: bool,
+}
+
 /// An entry of Sync1.LastSyncs: `(sttdst)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Type, Value, OwnedValue)]
 pub struct SyncRecord {

@@ -5,7 +5,7 @@
 //! that writes its mail: what failed, where (drive or profile, stage), when,
 //! the service's own message verbatim in the body, and what to look at next.
 
-use ferry_interfaces::{borg, crypt, sync, BackupResult, SyncRecord};
+use ferry_interfaces::{borg, crypt, sync, BackupResult, DriveVerification, SyncRecord};
 
 use crate::compose::{human_bytes, human_duration, one_line, utc, Class, Draft};
 use crate::ledger::ProfileSeen;
@@ -218,12 +218,15 @@ pub fn event_of(message: &zbus::Message) -> Option<Event> {
 }
 
 /// "offsite-a is safe to remove: 1.2 GiB copied in 3 min, newest archive …".
-/// `record` is Sync1's LastSyncs entry for the drive, when it answered.
+/// `record` is Sync1's LastSyncs entry for the drive, `verification` its
+/// Verification entry ("repaired 1 file", not fully scrubbed), when it
+/// answered.
 pub fn sync_success_draft(
     drive: &str,
     bytes: u64,
     seconds: f64,
     record: Option<&SyncRecord>,
+    verification: Option<&DriveVerification>,
     host: &str,
 ) -> Draft {
     let name = one_line(drive, 64);
@@ -241,6 +244,23 @@ pub fn sync_success_draft(
             body.push_str(&format!("Newest archive on the drive: {}\n", r.archive));
         }
         body.push_str(&format!("Free on the drive: {}\n", human_bytes(r.free)));
+    }
+    if let Some(v) = verification {
+        let files = if v.repaired == 1 { "file" } else { "files" };
+        if v.repaired > 0 {
+            summary.push_str(&format!(", repaired {} {files}", v.repaired));
+            body.push_str(&format!(
+                "Repaired: {} {files} found damaged on the drive, copied afresh from the source\n",
+                v.repaired
+            ));
+        }
+        body.push_str(&format!(
+            "Read back from the drive: {}\n",
+            human_bytes(v.read)
+        ));
+        if v.overdue {
+            body.push_str(&format!("{}\n", scrub_overdue_sentence(v)));
+        }
     }
     body.push_str("\nThe drive is unmounted and locked: it can be unplugged and taken away.\n");
     Draft::of(
@@ -306,6 +326,34 @@ pub fn stale_drive_draft(
         format!("stale drive {name}"),
         subject,
         body,
+    )
+}
+
+/// "Not every byte on offsite-a has been re-read …".
+fn scrub_overdue_sentence(v: &DriveVerification) -> String {
+    let since = if v.verified_since == 0 {
+        "some of its files have never been read back".to_string()
+    } else {
+        format!("the oldest re-read was at {}", utc(v.verified_since))
+    };
+    format!(
+        "Not fully scrubbed: not every byte on {} was re-read within [sync] scrub-period-days ({since}); \
+         give the scrub more time per sync ([sync] scrub-seconds) or plug the drive in more often.",
+        v.drive
+    )
+}
+
+/// A drive whose copies were not all re-read within the scrub period.
+pub fn scrub_overdue_draft(v: &DriveVerification, host: &str) -> Draft {
+    let name = one_line(&v.drive, 64);
+    Draft::of(
+        Class::Reminder,
+        format!("scrub overdue {name}"),
+        format!("{name} has not been fully scrubbed within the scrub period"),
+        format!(
+            "ferry on {host}: {}\n\nThis reminder comes at most once a day.\n",
+            scrub_overdue_sentence(v)
+        ),
     )
 }
 
@@ -393,11 +441,32 @@ mod tests {
             archive: "nas-2024-05-01".into(),
             free: 1 << 30,
         };
-        let d = sync_success_draft("offsite-a", 1_288_490_189, 180.0, Some(&record), "nas");
+        let d = sync_success_draft(
+            "offsite-a",
+            1_288_490_189,
+            180.0,
+            Some(&record),
+            None,
+            "nas",
+        );
         assert_eq!(
             d.subject,
             "offsite-a is safe to remove: 1.2 GiB copied in 3 min, newest archive nas-2024-05-01"
         );
+        let verification = DriveVerification {
+            drive: "offsite-a".into(),
+            time: 1,
+            verified_since: 0,
+            read: 1 << 20,
+            total: 1 << 30,
+            repaired: 1,
+            overdue: true,
+        };
+        let d = sync_success_draft("offsite-a", 1, 1.0, None, Some(&verification), "nas");
+        assert!(d.subject.ends_with(", repaired 1 file"), "{}", d.subject);
+        assert!(d.body.contains("Not fully scrubbed"), "{}", d.body);
+        let o = scrub_overdue_draft(&verification, "nas");
+        assert!(o.body.contains("scrub-period-days"), "{}", o.body);
         let s = stale_drive_draft("offsite-b", Some(0), 35 * 86_400, 30, "nas");
         assert_eq!(s.subject, "offsite-b was last synced 35 days ago");
     }

@@ -419,11 +419,18 @@ impl Notifier {
                         .unwrap_or_default()
                         .into_iter()
                         .find(|r| r.drive == drive);
+                    let verification = self
+                        .verification()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .find(|v| v.drive == drive);
                     let draft = events::sync_success_draft(
                         &drive,
                         bytes,
                         seconds,
                         record.as_ref(),
+                        verification.as_ref(),
                         &self.host,
                     );
                     self.queue_limited(draft, Vec::new()).await;
@@ -547,6 +554,17 @@ impl Notifier {
             );
             self.queue_limited(draft, Vec::new()).await;
         }
+        // A drive whose copies were not all re-read within the scrub
+        // period (Sync1.Verification): at most once a day.
+        for v in self.verification().await.unwrap_or_default() {
+            let key = format!("scrub/{}", v.drive);
+            let mailed = self.ledger.stale_mailed.get(&key).copied().unwrap_or(0);
+            if v.overdue && now.saturating_sub(mailed) >= 86_400 {
+                self.ledger.stale_mailed.insert(key, now);
+                let draft = events::scrub_overdue_draft(&v, &self.host);
+                self.queue_limited(draft, Vec::new()).await;
+            }
+        }
         for (profile, seen) in self.ledger.stale_profiles(now, s) {
             let draft = events::stale_profile_draft(&profile, seen, now, &self.host);
             self.queue_limited(draft, Vec::new()).await;
@@ -561,6 +579,15 @@ impl Notifier {
             .next_due(&self.drives, self.staleness(), self.window())?;
         let wait = due.saturating_sub(self.clock.now()).max(1);
         Some(tokio::time::Instant::now() + Duration::from_secs(wait))
+    }
+
+    async fn verification(&self) -> Option<Vec<ferry_interfaces::DriveVerification>> {
+        let proxy = sync::SyncProxy::builder(&self.connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        peer(proxy.verification()).await
     }
 
     async fn last_syncs(&self) -> Option<Vec<ferry_interfaces::SyncRecord>> {

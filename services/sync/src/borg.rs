@@ -1,6 +1,6 @@
-//! borg, as ferry-sync uses it: its lock, held for an instant, and checks
-//! and listings of a copy that never touch borg's records of the real
-//! repository.
+//! borg, as ferry-sync uses it: its lock, held for an instant, and
+//! listings of a copy that never touch borg's records of the real
+//! repository. (borg does not check the copies: see [`crate::verify`].)
 //!
 //! The lock is taken by borg's own locking code (`borg.locking.Lock`, run
 //! by borg's Python interpreter), exactly as `borg create` takes it, and is
@@ -36,6 +36,10 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 const LOCK_SCRIPT: &str = r#"
 import signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+from borg.logger import setup_logging
+# borg's locking code logs (e.g. "Killed stale lock" after a killed
+# helper); without setup_logging that raises instead of logging.
+setup_logging(stream=sys.stderr, level="warning")
 from borg.locking import Lock, LockTimeout
 path, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
 round = 0.1
@@ -329,25 +333,6 @@ impl Borg {
             }),
             reason = stop.wait() => Err(Failure::stopped(reason)),
         }
-    }
-
-    /// `borg check --repository-only` on a copy: every segment's checksums
-    /// and the index. Needs no passphrase.
-    pub async fn check(&self, repo: &Path, stop: &mut Stop) -> Result<(), Failure> {
-        self.run(
-            &["check", "--repository-only"],
-            repo,
-            Passphrase::None,
-            stop,
-        )
-        .await?
-        .map(|_| ())
-        .map_err(|detail| {
-            Failure::new(
-                Stage::Verify,
-                format!("borg check found the new copy damaged, so it was not put in place; check the drive for errors: {detail}"),
-            )
-        })
     }
 
     /// The newest archive in a copy, or "" when it cannot be listed (an

@@ -3,10 +3,12 @@
 //!
 //! `<drive>/<directory>/<repo>` is always a complete repository: the
 //! previous copy or the new one. A sync builds the new generation beside it
-//! in `.<repo>.new` (files unchanged since the current generation are hard
-//! links to it, the others are copied), makes it durable (syncfs), has it
-//! verified (through hard links in `.<repo>.verify`, so borg never writes
-//! to the generation itself), exchanges the two directories in one
+//! in `.<repo>.new` (files unchanged since the current generation, and
+//! known intact, are hard links to it, the others are copied and hashed),
+//! makes it durable (syncfs), has its copied files read back (see
+//! [`crate::verify`]) and borg open it (through hard links in
+//! `.<repo>.verify`, so borg never writes to the generation itself),
+//! exchanges the two directories in one
 //! `renameat2(RENAME_EXCHANGE)`, fsyncs the directory and only then removes
 //! the old generation. A crash at any point leaves `<repo>` complete; the
 //! `.new` and `.verify` leftovers are removed by the next sync.
@@ -29,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ferry_service::confined::{layout_or_io, Confined, Kind, Limits, Meta, WalkError};
 
 use crate::snapshot::Entry;
+use crate::verify::{self, Digest, Hasher};
 
 /// How much is copied between two looks at the stop flag and progress.
 const CHUNK: usize = 8 << 20;
@@ -160,9 +163,15 @@ impl Layout {
         Ok(())
     }
 
+    /// Opens the file `rel` of a generation for reading, confined.
+    pub fn open_file(&self, generation: Generation, rel: &Path) -> io::Result<File> {
+        self.copies
+            .open_file(&Path::new(self.name(generation)).join(rel))
+    }
+
     /// The regular files of a generation by path (empty when it does not
     /// exist).
-    fn files(&self, generation: Generation) -> Result<BTreeMap<PathBuf, Meta>, WalkError> {
+    pub fn files(&self, generation: Generation) -> Result<BTreeMap<PathBuf, Meta>, WalkError> {
         let name = Path::new(self.name(generation));
         if self.copies.metadata(name).map_err(layout_or_io)?.is_none() {
             return Ok(BTreeMap::new());
@@ -206,9 +215,16 @@ pub struct Plan {
 
 /// Compares the snapshot with the current generation: same path, size and
 /// modification time means unchanged (borg never rewrites a committed file,
-/// and the copy keeps the mtime). The current generation is walked
-/// confined, so a symlink or a FIFO in it is an error, never followed.
-pub fn plan(entries: &[Entry], layout: &Layout) -> Result<Plan, WalkError> {
+/// and the copy keeps the mtime), and such a file is linked forward when
+/// `trusted` says its copy is known intact (see
+/// [`crate::verify::DriveRecord::trusted`]); anything else is copied. The
+/// current generation is walked confined, so a symlink or a FIFO in it is
+/// an error, never followed.
+pub fn plan(
+    entries: &[Entry],
+    layout: &Layout,
+    trusted: &dyn Fn(&Entry) -> bool,
+) -> Result<Plan, WalkError> {
     let current = layout.files(Generation::Current)?;
     let mut copy_bytes = 0;
     let mut copy_files = 0;
@@ -218,7 +234,7 @@ pub fn plan(entries: &[Entry], layout: &Layout) -> Result<Plan, WalkError> {
             let same = current
                 .get(&entry.rel)
                 .is_some_and(|m| m.size == entry.size && m.mtime == entry.mtime);
-            if same {
+            if same && trusted(entry) {
                 (entry.clone(), Action::Link)
             } else {
                 copy_bytes += entry.size;
@@ -265,16 +281,21 @@ fn io_error(what: &str, path: &Path, e: io::Error) -> BuildError {
     BuildError::Io(format!("{what} {}: {e}", path.display()))
 }
 
+/// The files a build copied (not linked), each with the hash of the bytes
+/// written.
+pub type Copied = BTreeMap<PathBuf, Digest>;
+
 /// Builds the new generation in `layout.new` from the plan and makes it
-/// durable. `progress` counts copied bytes; `stopped` is asked between
-/// chunks.
+/// durable (syncfs). `progress` counts copied bytes; `stopped` is asked
+/// between chunks. Returns what was copied, hashed as it was copied, for
+/// the read-back.
 pub fn build(
     plan: &Plan,
     snapshot_dir: &Path,
     layout: &Layout,
     progress: &AtomicU64,
     stopped: &dyn Fn() -> bool,
-) -> Result<(), BuildError> {
+) -> Result<Copied, BuildError> {
     let copies = &layout.copies;
     copies.remove_tree(&layout.new_name, LIMITS)?;
     let new = copies
@@ -282,6 +303,7 @@ pub fn build(
         .map_err(drive_error)?;
     let mut made = std::collections::BTreeSet::new();
     let mut buffer = Vec::new();
+    let mut copied = Copied::new();
     for (entry, action) in &plan.items {
         if stopped() {
             return Err(BuildError::Stopped);
@@ -300,7 +322,7 @@ pub fn build(
                 Err(e) => tracing::debug!("cannot link {}: {e}; copying", entry.rel.display()),
             }
         }
-        copy_file(
+        let digest = copy_file(
             &snapshot_dir.join(&entry.rel),
             &new,
             entry,
@@ -308,12 +330,15 @@ pub fn build(
             stopped,
             &mut buffer,
         )?;
+        copied.insert(entry.rel.clone(), digest);
     }
-    copies.sync_filesystem().map_err(drive_error)
+    copies.sync_filesystem().map_err(drive_error)?;
+    Ok(copied)
 }
 
-/// Copies one file of the snapshot into `new` with copy_file_range
-/// (read/write where the kernel cannot), keeping its mode and mtime.
+/// Copies one file of the snapshot into `new`, keeping its mode and mtime,
+/// hashing the bytes as they pass (through a buffer that stays in the CPU's
+/// cache: the hash costs no extra memory traffic). Returns the hash.
 fn copy_file(
     source: &Path,
     new: &Confined,
@@ -321,7 +346,7 @@ fn copy_file(
     progress: &AtomicU64,
     stopped: &dyn Fn() -> bool,
     buffer: &mut Vec<u8>,
-) -> Result<(), BuildError> {
+) -> Result<Digest, BuildError> {
     let target = new.display(&entry.rel);
     let mut input = File::open(source).map_err(|e| io_error("cannot open", source, e))?;
     // SAFETY: advice on a descriptor we own.
@@ -329,52 +354,31 @@ fn copy_file(
     let mut output = new
         .create_file(&entry.rel, entry.mode)
         .map_err(drive_error)?;
-    let mut kernel_copy = true;
+    let mut hasher = Hasher::default();
     let mut copied = 0u64;
+    let mut since_check = 0usize;
+    buffer.resize(verify::BUFFER, 0);
     loop {
-        if stopped() {
-            return Err(BuildError::Stopped);
-        }
-        let n = if kernel_copy {
-            // SAFETY: both descriptors are open; null offsets use (and
-            // advance) the file positions.
-            let n = unsafe {
-                libc::copy_file_range(
-                    input.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    output.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    CHUNK,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                let unsupported = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                );
-                if unsupported {
-                    kernel_copy = false;
-                    continue;
-                }
-                return Err(io_error("cannot copy to", &target, e));
+        if since_check >= CHUNK {
+            since_check = 0;
+            if stopped() {
+                return Err(BuildError::Stopped);
             }
-            n as usize
-        } else {
-            buffer.resize(CHUNK, 0);
-            let n = input
-                .read(buffer)
-                .map_err(|e| io_error("cannot read", source, e))?;
-            output
-                .write_all(&buffer[..n])
-                .map_err(|e| io_error("cannot write", &target, e))?;
-            n
+        }
+        let n = match input.read(buffer) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error("cannot read", source, e)),
         };
         if n == 0 {
             break;
         }
+        hasher.update(&buffer[..n]);
+        output
+            .write_all(&buffer[..n])
+            .map_err(|e| io_error("cannot write", &target, e))?;
         copied += n as u64;
+        since_check += n;
         progress.fetch_add(n as u64, Ordering::Relaxed);
     }
     if copied != entry.size {
@@ -385,7 +389,8 @@ fn copy_file(
         )));
     }
     Confined::set_times(&output, entry.mtime)
-        .map_err(|e| io_error("cannot set the times of", &target, e))
+        .map_err(|e| io_error("cannot set the times of", &target, e))?;
+    Ok(hasher.digest())
 }
 
 /// Mirrors a generation into `layout.verify` as hard links (directories
@@ -496,7 +501,7 @@ mod tests {
 
         for round in 0..2 {
             let snap = snapshot::take(&repo, &dir.path().join(".snap")).expect("snapshot");
-            let planned = plan(&snap.entries, &layout).expect("plan");
+            let planned = plan(&snap.entries, &layout, &|_| true).expect("plan");
             if round == 1 {
                 // Only the new segment and the new index are copied.
                 let copied: Vec<_> = planned
@@ -508,13 +513,19 @@ mod tests {
                 assert_eq!(copied, ["data/0/9", "index.9"]);
             }
             let progress = AtomicU64::new(0);
-            build(&planned, &snap.dir, &layout, &progress, &never).expect("build");
+            let copied = build(&planned, &snap.dir, &layout, &progress, &never).expect("build");
+            assert_eq!(copied.len() as u64, planned.copy_files);
             assert_eq!(progress.load(Ordering::Relaxed), planned.copy_bytes);
             swap(&layout).expect("swap");
             assert_eq!(read_tree(&layout.current), read_tree(&snap.dir));
             assert!(!layout.new.exists());
-            let again = plan(&snap.entries, &layout).expect("plan");
+            let again = plan(&snap.entries, &layout, &|_| true).expect("plan");
             assert!(again.unchanged, "{again:?}");
+            // A file not trusted is copied again, though unchanged.
+            let distrust =
+                plan(&snap.entries, &layout, &|e| e.rel != Path::new("config")).expect("plan");
+            assert!(!distrust.unchanged);
+            assert_eq!(distrust.copy_files, 1);
             snap.release();
             // The next transaction: a new segment and index.
             fs::remove_file(repo.join("index.5")).ok();
@@ -533,7 +544,7 @@ mod tests {
         let copies = Confined::open_dir_at(dir.path()).expect("handle");
         let layout = Layout::new(&copies, "copy");
         let snap = snapshot::take(&repo, &dir.path().join(".snap")).expect("snapshot");
-        let planned = plan(&snap.entries, &layout).expect("plan");
+        let planned = plan(&snap.entries, &layout, &|_| true).expect("plan");
         let stop = || true;
         let result = build(&planned, &snap.dir, &layout, &AtomicU64::new(0), &stop);
         assert!(matches!(result, Err(BuildError::Stopped)));

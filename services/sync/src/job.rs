@@ -1,11 +1,14 @@
 //! One sync job: every repository assigned to a drive, copied onto it.
 //!
 //! The job runs in a task the service loop owns (file work in
-//! `spawn_blocking`), never inside a method call. In order: for each
-//! repository take borg's lock, hard-link a snapshot, let go of the lock
+//! `spawn_blocking`), never inside a method call. In order: re-read borg's
+//! metadata files and the scrub's slice of the drive ([`crate::verify`]),
+//! so what is found damaged is copied afresh below; for each repository
+//! take borg's lock, hard-link a snapshot, let go of the lock
 //! and plan the new generation against the current one; check the drive's
 //! free space for all of them at once; then for each repository build the
-//! new generation, make it durable, verify it and swap it in. Whatever
+//! new generation (hashing what it copies), make it durable, read what it
+//! copied back from the drive, and swap it in. Whatever
 //! happens, the snapshots are removed and (unless the drive is gone) the
 //! half-built generations too, before the job reports SyncFinished or
 //! SyncFailed.
@@ -25,8 +28,10 @@ use crate::generation::{self, BuildError, Generation, Layout, Plan};
 use crate::mounts;
 use crate::snapshot::{self, Snapshot};
 use crate::truth;
+use crate::verify::{self, DriveRecord};
 use crate::Reporter;
 use ferry_service::confined::{Confined, WalkError};
+use ferry_service::unix_now;
 
 /// At most this often a SyncProgress signal.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -80,9 +85,12 @@ pub enum Phase {
     LockWait,
     /// Hard-linking the snapshot under the lock.
     Snapshot,
+    /// Re-reading borg's metadata files and a slice of the unchanged
+    /// files on the drive.
+    Scrub,
     /// Building the new copy on the drive.
     Copy,
-    /// borg check of the new copy.
+    /// Reading the new files back from the drive, borg opening the copy.
     Verify,
     /// Putting the new copy in place.
     Swap,
@@ -96,6 +104,7 @@ impl Phase {
             Phase::Lock => "lock",
             Phase::LockWait => "lock-wait",
             Phase::Snapshot => "snapshot",
+            Phase::Scrub => "scrub",
             Phase::Copy => "copy",
             Phase::Verify => "verify",
             Phase::Swap => "swap",
@@ -114,7 +123,8 @@ pub enum Stage {
     Space,
     /// Building the new generation.
     Copy,
-    /// borg check of the new generation.
+    /// The new generation did not read back as written, or the
+    /// verification record cannot be kept.
     Verify,
     /// Swapping it in.
     Swap,
@@ -231,6 +241,14 @@ pub struct Summary {
     pub free: u64,
     /// Newest archive per repository ("" when unknown).
     pub archives: BTreeMap<String, String>,
+    /// Bytes read back from the drive (new files, metadata, scrub).
+    pub read: u64,
+    /// Files found damaged and copied afresh.
+    pub repaired: u32,
+    /// Since when every byte on the drive is known intact (0: not all).
+    pub verified_since: u64,
+    /// Bytes of the copies on the drive.
+    pub total: u64,
 }
 
 /// What the job holds that must be let go of whatever happens.
@@ -304,7 +322,12 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
             );
             context
                 .reporter
-                .finished(&spec.drive, summary, seconds)
+                .finished(
+                    &spec.drive,
+                    summary,
+                    seconds,
+                    context.config.sync.scrub_period_days,
+                )
                 .await;
         }
         Err(failure) => {
@@ -393,6 +416,117 @@ async fn sync_drive(
     stop: &mut Stop,
     held: &mut Held,
 ) -> Result<Summary, Failure> {
+    let (copies, layouts) = open_drive(spec, context, held).await?;
+
+    // Before anything is planned: borg's metadata files and a slice of the
+    // unchanged files are re-read from the drive, so a damaged file is
+    // copied afresh by this very sync, also when there is nothing new.
+    let record_path = DriveRecord::path(&context.config.state_directory, &spec.drive);
+    let (mut record, scrubbed) = scrub_drive(spec, context, &layouts, &record_path, stop).await?;
+    save_record(&record, &record_path).await?;
+    let trust = Arc::new(record.clone());
+
+    let prepared = prepare(spec, context, layouts, &trust, stop, held).await?;
+    let total = check_space(&copies, &prepared, context.config.sync.reserve_mib)?;
+
+    let previous = context.reporter.archives(&spec.drive);
+    let mut summary = Summary {
+        read: scrubbed.bytes,
+        ..Summary::default()
+    };
+    let mut done_before = 0;
+    for item in prepared {
+        context
+            .reporter
+            .started(&spec.drive, &item.name, done_before, total)
+            .await;
+        let known = previous.get(&item.name).filter(|a| !a.is_empty());
+        let archive = match (item.plan.unchanged, known) {
+            (true, Some(archive)) => {
+                tracing::info!("{}: {} is unchanged", spec.drive, item.name);
+                archive.clone()
+            }
+            (true, None) => {
+                context
+                    .reporter
+                    .phase(&spec.drive, &item.name, Phase::Verify, String::new())
+                    .await;
+                inspect(
+                    context,
+                    &item.layout,
+                    &item.repository,
+                    Generation::Current,
+                    stop,
+                )
+                .await?
+            }
+            (false, _) => {
+                let copied = copy_one(
+                    spec,
+                    context,
+                    &item,
+                    done_before,
+                    total,
+                    stop,
+                    held.truth.clone(),
+                )
+                .await?;
+                done_before += item.plan.copy_bytes;
+                summary.read += copied.read;
+                let entries: Vec<_> = item.plan.items.iter().map(|(e, _)| e.clone()).collect();
+                summary.repaired +=
+                    verify::adopt(&mut record, &item.name, &entries, &copied.files, unix_now());
+                save_record(&record, &record_path).await?;
+                copied.archive
+            }
+        };
+        summary.archives.insert(item.name.clone(), archive);
+        // This repository is done: let go of its snapshot now.
+        if let Some(dir) = item.snapshot_dir.clone() {
+            let _ = blocking(Stage::Copy, move || {
+                snapshot::remove_tree(&dir).map_err(|e| e.to_string())
+            })
+            .await;
+        }
+    }
+    finish_record(spec, record, &record_path, &mut summary).await?;
+    summary.bytes = done_before;
+    summary.free = free_bytes(&copies).unwrap_or(0);
+    Ok(summary)
+}
+
+/// Forgets what the drive no longer carries, saves the record, and puts
+/// its coverage and the repairs into the summary (and the log).
+async fn finish_record(
+    spec: &JobSpec,
+    mut record: DriveRecord,
+    path: &std::path::Path,
+    summary: &mut Summary,
+) -> Result<(), Failure> {
+    record
+        .repositories
+        .retain(|name, _| spec.repositories.iter().any(|(n, _)| n == name));
+    save_record(&record, path).await?;
+    (summary.verified_since, summary.total) = verify::coverage(&record);
+    if summary.repaired > 0 {
+        tracing::warn!(
+            "{}: repaired {} damaged file{} on the drive with fresh copies",
+            spec.drive,
+            summary.repaired,
+            if summary.repaired == 1 { "" } else { "s" }
+        );
+    }
+    Ok(())
+}
+
+/// Proves the drive is mounted, opens ferry's directory on it confined,
+/// removes what an interrupted sync left and records which generations
+/// are there now (for the failure message).
+async fn open_drive(
+    spec: &JobSpec,
+    context: &Context,
+    held: &mut Held,
+) -> Result<(Confined, Vec<Layout>), Failure> {
     let settings = &context.config.sync;
     if !mounts::is_mounted(&spec.mountpoint) {
         return Err(Failure::new(
@@ -423,55 +557,173 @@ async fn sync_drive(
         .await?;
     }
     held.layouts = layouts.clone();
-    {
-        let (record, names) = (held.truth.clone(), spec.repositories.clone());
-        let layouts = layouts.clone();
-        blocking(Stage::Copy, move || {
-            for ((name, _), layout) in names.iter().zip(&layouts) {
-                let id = layout.identity(Generation::Current).map_err(|e| {
-                    format!(
-                        "cannot look at {} on the drive: {e}",
-                        layout.current.display()
-                    )
-                })?;
-                record.previous(name, id);
-            }
-            Ok(())
-        })
-        .await?;
-    }
+    let (record, names) = (held.truth.clone(), spec.repositories.clone());
+    let looked = layouts.clone();
+    blocking(Stage::Copy, move || {
+        for ((name, _), layout) in names.iter().zip(&looked) {
+            let id = layout.identity(Generation::Current).map_err(|e| {
+                format!(
+                    "cannot look at {} on the drive: {e}",
+                    layout.current.display()
+                )
+            })?;
+            record.previous(name, id);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok((copies, layouts))
+}
 
-    // Snapshots: borg's lock for an instant each, and not at all for a
-    // repository whose committed state the drive already has.
+/// Writes the verification record on the blocking pool.
+async fn save_record(record: &DriveRecord, path: &std::path::Path) -> Result<(), Failure> {
+    let (record, path) = (record.clone(), path.to_path_buf());
+    blocking(Stage::Verify, move || {
+        record.save(&path).map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// The scrub of one sync: loads the drive's record, re-reads borg's
+/// metadata files and a budgeted slice of the other files of every current
+/// generation from the drive, and returns the record with what it found.
+async fn scrub_drive(
+    spec: &JobSpec,
+    context: &Context,
+    layouts: &[Layout],
+    record_path: &std::path::Path,
+    stop: &mut Stop,
+) -> Result<(DriveRecord, verify::Scrubbed), Failure> {
+    let first = spec
+        .repositories
+        .first()
+        .map(|(n, _)| n.as_str())
+        .unwrap_or_default();
+    context
+        .reporter
+        .phase(&spec.drive, first, Phase::Scrub, String::new())
+        .await;
+    let budget = verify::Budget::of(&context.config.sync);
+    let names: Vec<String> = spec.repositories.iter().map(|(n, _)| n.clone()).collect();
+    let (layouts, path) = (layouts.to_vec(), record_path.to_path_buf());
+    let progress = Arc::new(AtomicU64::new(0));
+    let (counter, stopper) = (progress.clone(), stop.clone());
+    let work = tokio::task::spawn_blocking(move || {
+        let mut record = DriveRecord::load(&path);
+        let mut candidates = Vec::new();
+        for (name, layout) in names.iter().zip(&layouts) {
+            let files = layout.files(Generation::Current)?;
+            candidates.extend(verify::candidates(
+                &record,
+                name,
+                files
+                    .iter()
+                    .map(|(rel, m)| (rel.as_path(), m.size, m.mtime)),
+            ));
+        }
+        let order = verify::scrub_order(candidates);
+        let open = |repository: &str, rel: &std::path::Path| {
+            let at = names.iter().position(|n| n == repository);
+            match at.and_then(|i| layouts.get(i)) {
+                Some(layout) => layout.open_file(Generation::Current, rel),
+                None => Err(io::Error::other("not a repository of this drive")),
+            }
+        };
+        let scrubbed = verify::scrub(
+            &order,
+            &mut record,
+            budget,
+            unix_now(),
+            &open,
+            &|| stopper.reason().is_some(),
+            &|bytes| counter.store(bytes, Ordering::Relaxed),
+        );
+        Ok::<_, WalkError>((record, scrubbed))
+    });
+    let (record, scrubbed) = match with_progress(context, &spec.drive, 0, 0, work, &progress).await
+    {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => return Err(Failure::on_drive(Stage::Verify, e)),
+        Err(e) => return Err(Failure::new(Stage::Verify, format!("internal error: {e}"))),
+    };
+    let scrubbed = match scrubbed {
+        Ok(scrubbed) => scrubbed,
+        Err(_) => {
+            return Err(Failure::stopped(
+                stop.reason().unwrap_or(StopReason::Shutdown),
+            ))
+        }
+    };
+    tracing::info!(
+        "{}: scrub re-read {} files, {} bytes, in {:.1} s; {} damaged",
+        spec.drive,
+        scrubbed.files,
+        scrubbed.bytes,
+        scrubbed.elapsed.as_secs_f64(),
+        scrubbed.damaged.len()
+    );
+    Ok((record, scrubbed))
+}
+
+/// Awaits blocking `work`, sending its `progress` (bytes, added to
+/// `done_before`, out of `total`; 0 for a total not known) as SyncProgress
+/// at most every [`PROGRESS_INTERVAL`].
+async fn with_progress<T>(
+    context: &Context,
+    drive: &str,
+    done_before: u64,
+    total: u64,
+    work: tokio::task::JoinHandle<T>,
+    progress: &AtomicU64,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::pin!(work);
+    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut shown = u64::MAX;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticker.tick() => {
+                let done = done_before + progress.load(Ordering::Relaxed);
+                if done != shown {
+                    shown = done;
+                    context.reporter.progress(drive, done, total).await;
+                }
+            }
+        }
+    }
+}
+
+/// Snapshots (borg's lock for an instant each, and not at all for a
+/// repository whose committed state the drive already has, intact) and
+/// plans: a file is linked forward only when `trust` vouches for it.
+async fn prepare(
+    spec: &JobSpec,
+    context: &Context,
+    layouts: Vec<Layout>,
+    trust: &Arc<DriveRecord>,
+    stop: &mut Stop,
+    held: &mut Held,
+) -> Result<Vec<Prepared>, Failure> {
     let mut prepared = Vec::new();
     for ((name, repository), layout) in spec.repositories.iter().zip(layouts) {
         if let Some(reason) = stop.reason() {
             return Err(Failure::stopped(reason));
         }
         let (repo, current) = (repository.path.to_path_buf(), layout.clone());
+        let (trusted, repo_name) = (trust.clone(), name.clone());
         let unchanged = on_drive(Stage::Snapshot, move || match snapshot::observe(&repo) {
-            Ok(entries) => generation::plan(&entries, &current).map(Ok),
+            Ok(entries) => {
+                generation::plan(&entries, &current, &|e| trusted.trusted(&repo_name, e)).map(Ok)
+            }
             Err(e) => Ok(Err(e)),
         })
         .await?;
-        match &unchanged {
-            Ok(plan) if !plan.unchanged => {
-                let first = plan
-                    .items
-                    .iter()
-                    .find(|(_, a)| *a == generation::Action::Copy);
-                tracing::debug!(
-                    "{}: {name} has {} new or changed files (first: {:?})",
-                    spec.drive,
-                    plan.copy_files,
-                    first.map(|(e, _)| &e.rel)
-                );
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(
+        if let Err(e) = &unchanged {
+            tracing::debug!(
                 "{}: {name} cannot be compared without the lock: {e}",
                 spec.drive
-            ),
+            );
         }
         if let Some(plan) = unchanged.ok().filter(|p| p.unchanged) {
             prepared.push(Prepared {
@@ -483,43 +735,13 @@ async fn sync_drive(
             });
             continue;
         }
-        let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
-        let wait = Duration::from_secs(settings.lock_wait);
-        let reporter = &context.reporter;
-        reporter
-            .phase(&spec.drive, name, Phase::Lock, String::new())
-            .await;
-        let waiting = |holder: String| {
-            let detail = if holder.is_empty() {
-                "another borg command holds it (borg's lock files do not say which)".to_string()
-            } else {
-                holder
-            };
-            reporter.phase(&spec.drive, name, Phase::LockWait, detail)
-        };
-        let lock = context
-            .borg
-            .lock(&repository.path, wait, stop, waiting)
-            .await?;
-        reporter
-            .phase(&spec.drive, name, Phase::Snapshot, String::new())
-            .await;
-        let (repo, dir) = (repository.path.to_path_buf(), snapshot_dir.clone());
-        let taken = blocking(Stage::Snapshot, move || snapshot::take(&repo, &dir)).await;
-        lock.release().await;
-        let snapshot = taken?;
-        tracing::info!(
-            "{}: snapshot of {name} ({} files)",
+        let (plan, snapshot_dir) =
+            snapshot_and_plan(spec, context, name, repository, &layout, trust, stop, held).await?;
+        tracing::debug!(
+            "{}: {name} has {} new, changed or distrusted files",
             spec.drive,
-            snapshot.entries.len()
+            plan.copy_files
         );
-        let entries = snapshot.entries.clone();
-        let plan_layout = layout.clone();
-        held.snapshots.push(snapshot);
-        let plan = on_drive(Stage::Snapshot, move || {
-            generation::plan(&entries, &plan_layout)
-        })
-        .await?;
         prepared.push(Prepared {
             name: name.clone(),
             repository: repository.clone(),
@@ -528,15 +750,72 @@ async fn sync_drive(
             snapshot_dir: Some(snapshot_dir),
         });
     }
+    Ok(prepared)
+}
 
-    // Space, for all of them, before anything is written.
+/// Takes borg's lock on `repository`, hard-links the snapshot, lets go of
+/// the lock and plans the new generation against the current one.
+#[allow(clippy::too_many_arguments)]
+async fn snapshot_and_plan(
+    spec: &JobSpec,
+    context: &Context,
+    name: &str,
+    repository: &Repository,
+    layout: &Layout,
+    trust: &Arc<DriveRecord>,
+    stop: &mut Stop,
+    held: &mut Held,
+) -> Result<(Plan, PathBuf), Failure> {
+    let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
+    let wait = Duration::from_secs(context.config.sync.lock_wait);
+    let reporter = &context.reporter;
+    reporter
+        .phase(&spec.drive, name, Phase::Lock, String::new())
+        .await;
+    let waiting = |holder: String| {
+        let detail = if holder.is_empty() {
+            "another borg command holds it (borg's lock files do not say which)".to_string()
+        } else {
+            holder
+        };
+        reporter.phase(&spec.drive, name, Phase::LockWait, detail)
+    };
+    let lock = context
+        .borg
+        .lock(&repository.path, wait, stop, waiting)
+        .await?;
+    reporter
+        .phase(&spec.drive, name, Phase::Snapshot, String::new())
+        .await;
+    let (repo, dir) = (repository.path.to_path_buf(), snapshot_dir.clone());
+    let taken = blocking(Stage::Snapshot, move || snapshot::take(&repo, &dir)).await;
+    lock.release().await;
+    let snapshot = taken?;
+    tracing::info!(
+        "{}: snapshot of {name} ({} files)",
+        spec.drive,
+        snapshot.entries.len()
+    );
+    let entries = snapshot.entries.clone();
+    held.snapshots.push(snapshot);
+    let (plan_layout, trusted, repo_name) = (layout.clone(), trust.clone(), name.to_string());
+    let plan = on_drive(Stage::Snapshot, move || {
+        generation::plan(&entries, &plan_layout, &|e| trusted.trusted(&repo_name, e))
+    })
+    .await?;
+    Ok((plan, snapshot_dir))
+}
+
+/// The drive's free space against what the plans copy, before anything is
+/// written; returns the bytes to copy.
+fn check_space(copies: &Confined, prepared: &[Prepared], reserve_mib: u64) -> Result<u64, Failure> {
     let total: u64 = prepared.iter().map(|p| p.plan.copy_bytes).sum();
     let blocks: u64 = prepared
         .iter()
         .map(|p| p.plan.copy_files * 4096 + p.plan.items.len() as u64 * 256)
         .sum();
-    let need = total + blocks + settings.reserve_mib * MIB;
-    let free = free_bytes(&copies).map_err(|e| Failure::new(Stage::Space, e))?;
+    let need = total + blocks + reserve_mib * MIB;
+    let free = free_bytes(copies).map_err(|e| Failure::new(Stage::Space, e))?;
     if need > free {
         return Err(Failure::new(
             Stage::Space,
@@ -547,63 +826,7 @@ async fn sync_drive(
             ),
         ));
     }
-
-    let previous = context.reporter.archives(&spec.drive);
-    let mut summary = Summary::default();
-    let mut done_before = 0;
-    for item in prepared {
-        context
-            .reporter
-            .started(&spec.drive, &item.name, done_before, total)
-            .await;
-        let known = previous.get(&item.name).filter(|a| !a.is_empty());
-        let archive = match (item.plan.unchanged, known) {
-            (true, Some(archive)) => {
-                tracing::info!("{}: {} is unchanged", spec.drive, item.name);
-                archive.clone()
-            }
-            (true, None) => {
-                context
-                    .reporter
-                    .phase(&spec.drive, &item.name, Phase::Verify, String::new())
-                    .await;
-                inspect(
-                    context,
-                    &item.layout,
-                    &item.repository,
-                    Generation::Current,
-                    false,
-                    stop,
-                )
-                .await?
-            }
-            (false, _) => {
-                let archive = copy_one(
-                    spec,
-                    context,
-                    &item,
-                    done_before,
-                    total,
-                    stop,
-                    held.truth.clone(),
-                )
-                .await?;
-                done_before += item.plan.copy_bytes;
-                archive
-            }
-        };
-        summary.archives.insert(item.name.clone(), archive);
-        // This repository is done: let go of its snapshot now.
-        if let Some(dir) = item.snapshot_dir.clone() {
-            let _ = blocking(Stage::Copy, move || {
-                snapshot::remove_tree(&dir).map_err(|e| e.to_string())
-            })
-            .await;
-        }
-    }
-    summary.bytes = done_before;
-    summary.free = free_bytes(&copies).unwrap_or(0);
-    Ok(summary)
+    Ok(total)
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -613,8 +836,17 @@ fn free_bytes(copies: &ferry_service::confined::Confined) -> Result<u64, String>
     copies.free_bytes().map_err(|e| e.to_string())
 }
 
-/// Builds, verifies and swaps in one repository's new generation; returns
-/// its newest archive.
+/// What one repository's new generation brought.
+struct CopiedRepository {
+    /// Its newest archive.
+    archive: String,
+    /// The files copied, with their hashes.
+    files: generation::Copied,
+    /// Bytes read back from the drive.
+    read: u64,
+}
+
+/// Builds, verifies and swaps in one repository's new generation.
 async fn copy_one(
     spec: &JobSpec,
     context: &Context,
@@ -623,61 +855,16 @@ async fn copy_one(
     total: u64,
     stop: &mut Stop,
     record: Arc<truth::Record>,
-) -> Result<String, Failure> {
+) -> Result<CopiedRepository, Failure> {
     context
         .reporter
         .phase(&spec.drive, &item.name, Phase::Copy, String::new())
         .await;
-    let progress = Arc::new(AtomicU64::new(0));
-    let build = {
-        let Some(snapshot_dir) = item.snapshot_dir.clone() else {
-            return Err(Failure::new(
-                Stage::Copy,
-                "internal error: no snapshot to copy from".into(),
-            ));
-        };
-        let (plan, layout) = (item.plan.clone(), item.layout.clone());
-        let (progress, stop) = (progress.clone(), stop.clone());
-        tokio::task::spawn_blocking(move || {
-            generation::build(&plan, &snapshot_dir, &layout, &progress, &|| {
-                stop.reason().is_some()
-            })
-        })
-    };
-    tokio::pin!(build);
-    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut shown = u64::MAX;
-    let built = loop {
-        tokio::select! {
-            built = &mut build => break built,
-            _ = ticker.tick() => {
-                let done = done_before + progress.load(Ordering::Relaxed);
-                if done != shown {
-                    shown = done;
-                    context.reporter.progress(&spec.drive, done, total).await;
-                }
-            }
-        }
-    };
-    match built {
-        Ok(Ok(())) => {}
-        Ok(Err(BuildError::Stopped)) => {
-            return Err(Failure::stopped(
-                stop.reason().unwrap_or(StopReason::Shutdown),
-            ))
-        }
-        Ok(Err(BuildError::Layout(message))) => {
-            return Err(Failure::on_drive(Stage::Copy, WalkError::Layout(message)))
-        }
-        Ok(Err(BuildError::Io(message))) => return Err(Failure::new(Stage::Copy, message)),
-        Err(e) => return Err(Failure::new(Stage::Copy, format!("internal error: {e}"))),
-    }
+    let files = build_new(spec, context, item, done_before, total, stop).await?;
     context
         .reporter
         .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
         .await;
-
     {
         let (name, layout) = (item.name.clone(), item.layout.clone());
         blocking(Stage::Copy, move || {
@@ -698,10 +885,10 @@ async fn copy_one(
         &item.layout,
         &item.repository,
         Generation::New,
-        true,
         stop,
     )
     .await?;
+    let (read, files) = read_back_new(&item.layout, files, stop).await?;
     if let Some(reason) = stop.reason() {
         return Err(Failure::stopped(reason));
     }
@@ -709,7 +896,6 @@ async fn copy_one(
         .reporter
         .phase(&spec.drive, &item.name, Phase::Swap, String::new())
         .await;
-
     let layout = item.layout.clone();
     blocking(Stage::Swap, move || {
         generation::swap(&layout).map_err(|e| {
@@ -720,19 +906,127 @@ async fn copy_one(
         })
     })
     .await?;
-    Ok(archive)
+    Ok(CopiedRepository {
+        archive,
+        files,
+        read,
+    })
 }
 
-/// Runs borg on a generation through hard links in `layout.verify`, so
-/// borg never writes to the generation itself (its lock files and config
-/// rewrite land in the mirror): `borg check --repository-only` when
-/// `check`, then the newest archive.
+/// Builds `item`'s new generation on the blocking pool, with progress;
+/// returns the files copied and their hashes.
+async fn build_new(
+    spec: &JobSpec,
+    context: &Context,
+    item: &Prepared,
+    done_before: u64,
+    total: u64,
+    stop: &Stop,
+) -> Result<generation::Copied, Failure> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let Some(snapshot_dir) = item.snapshot_dir.clone() else {
+        return Err(Failure::new(
+            Stage::Copy,
+            "internal error: no snapshot to copy from".into(),
+        ));
+    };
+    let build = {
+        let (plan, layout) = (item.plan.clone(), item.layout.clone());
+        let (progress, stop) = (progress.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            generation::build(&plan, &snapshot_dir, &layout, &progress, &|| {
+                stop.reason().is_some()
+            })
+        })
+    };
+    let built = with_progress(context, &spec.drive, done_before, total, build, &progress).await;
+    match built {
+        Ok(Ok(files)) => Ok(files),
+        Ok(Err(BuildError::Stopped)) => Err(Failure::stopped(
+            stop.reason().unwrap_or(StopReason::Shutdown),
+        )),
+        Ok(Err(BuildError::Layout(message))) => {
+            Err(Failure::on_drive(Stage::Copy, WalkError::Layout(message)))
+        }
+        Ok(Err(BuildError::Io(message))) => Err(Failure::new(Stage::Copy, message)),
+        Err(e) => Err(Failure::new(Stage::Copy, format!("internal error: {e}"))),
+    }
+}
+
+/// Reads every file the build copied back from the drive (its pages
+/// dropped first: the copy is durable, so they are clean) and compares it
+/// with the hash taken while copying. Any difference fails the sync at
+/// `verify`: the new generation is not put in place, and the next sync
+/// copies those files again. Returns the bytes read, and the files.
+async fn read_back_new(
+    layout: &Layout,
+    files: generation::Copied,
+    stop: &Stop,
+) -> Result<(u64, generation::Copied), Failure> {
+    let (layout, stopper) = (layout.clone(), stop.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut buffer = Vec::new();
+        let mut read = 0;
+        let mut differ = Vec::new();
+        for (rel, digest) in files.iter() {
+            let mut file = layout
+                .open_file(Generation::New, rel)
+                .map_err(verify::ReadError::Io)?;
+            match verify::read_back(&mut file, &mut buffer, &|| stopper.reason().is_some()) {
+                Ok((found, n)) => {
+                    read += n;
+                    if found != *digest {
+                        differ.push(rel.display().to_string());
+                    }
+                }
+                Err(verify::ReadError::Io(e)) => {
+                    differ.push(format!("{} ({e})", rel.display()));
+                }
+                Err(stopped) => return Err(stopped),
+            }
+        }
+        Ok((read, differ, files))
+    })
+    .await;
+    let (read, differ, files) = match checked {
+        Ok(Ok(done)) => done,
+        Ok(Err(verify::ReadError::Stopped)) => {
+            return Err(Failure::stopped(
+                stop.reason().unwrap_or(StopReason::Shutdown),
+            ))
+        }
+        Ok(Err(verify::ReadError::Io(e))) => {
+            return Err(Failure::new(
+                Stage::Verify,
+                format!("cannot read the new copy back from the drive: {e}"),
+            ))
+        }
+        Err(e) => return Err(Failure::new(Stage::Verify, format!("internal error: {e}"))),
+    };
+    if differ.is_empty() {
+        return Ok((read, files));
+    }
+    let shown: Vec<&str> = differ.iter().take(5).map(String::as_str).collect();
+    Err(Failure::new(
+        Stage::Verify,
+        format!(
+            "read back from the drive, {} of the {} files just copied differ from what was written ({}{}): the drive does not keep what is written to it, so the new copy was not put in place and the next sync copies them again; check the drive (dmesg, smartctl -a) and its cable",
+            differ.len(),
+            files.len(),
+            shown.join(", "),
+            if differ.len() > shown.len() { ", …" } else { "" }
+        ),
+    ))
+}
+
+/// Runs `borg list` on a generation through hard links in `layout.verify`,
+/// so borg never writes to the generation itself (its lock files and
+/// config rewrite land in the mirror): the newest archive.
 async fn inspect(
     context: &Context,
     layout: &Layout,
     repository: &Repository,
     generation: Generation,
-    check: bool,
     stop: &mut Stop,
 ) -> Result<String, Failure> {
     let mirrored = layout.clone();
@@ -740,20 +1034,10 @@ async fn inspect(
         generation::mirror_links(&mirrored, generation)
     })
     .await?;
-    let mut result = Ok(String::new());
-    if check {
-        result = context
-            .borg
-            .check(&layout.verify, stop)
-            .await
-            .map(|()| String::new());
-    }
-    if result.is_ok() {
-        result = context
-            .borg
-            .newest_archive(&layout.verify, repository, stop)
-            .await;
-    }
+    let result = context
+        .borg
+        .newest_archive(&layout.verify, repository, stop)
+        .await;
     let mirrored = layout.clone();
     on_drive(Stage::Verify, move || generation::remove_mirror(&mirrored)).await?;
     result

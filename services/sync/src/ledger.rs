@@ -1,5 +1,5 @@
-//! The rotation ledger: per drive the last successful sync and the most
-//! recent failure, kept under the state directory so that a person who
+//! The rotation ledger: per drive the last successful sync, the most
+//! recent failure and how well the drive is verified, kept under the state directory so that a person who
 //! alternates drives can see which one is older, also after a restart.
 //!
 //! It is one JSON file written with `write_atomically` (temp, fsync,
@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferry_interfaces::{Failure, FailureEvent, SyncRecord};
+use ferry_interfaces::{DriveVerification, Failure, FailureEvent, SyncRecord};
 use serde::{Deserialize, Serialize};
 
 /// The ledger file's name under the state directory.
@@ -33,6 +33,11 @@ pub struct Ledger {
     /// Every failure, oldest first, bounded (Sync1.FailureHistory).
     #[serde(default)]
     pub failure_history: Vec<FailureEvent>,
+    /// Per drive, how well its copies are verified (Sync1.Verification):
+    /// what the last successful sync read back and repaired, and since
+    /// when every byte on it has been found intact.
+    #[serde(default)]
+    pub verification: BTreeMap<String, DriveVerification>,
 }
 
 impl Ledger {
@@ -44,33 +49,7 @@ impl Ledger {
     /// Reads the ledger; a missing file is an empty ledger, an unreadable
     /// one is moved aside.
     pub fn load(path: &Path) -> Ledger {
-        let text = match std::fs::read(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ledger::default(),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read the sync ledger {}: {e}; starting with an empty one",
-                    path.display()
-                );
-                return Ledger::default();
-            }
-        };
-        match serde_json::from_slice(&text) {
-            Ok(ledger) => ledger,
-            Err(e) => {
-                let aside = path.with_extension(format!("json.bad-{}", ferry_service::unix_now()));
-                let moved = std::fs::rename(path, &aside);
-                tracing::warn!(
-                    "the sync ledger {} does not parse ({e}); {} and starting with an empty one",
-                    path.display(),
-                    match moved {
-                        Ok(()) => format!("moved it to {}", aside.display()),
-                        Err(e) => format!("could not move it aside ({e})"),
-                    }
-                );
-                Ledger::default()
-            }
-        }
+        read_json(path, "the sync ledger").unwrap_or_default()
     }
 
     /// Writes the ledger durably and atomically, creating the directory.
@@ -80,6 +59,39 @@ impl Ledger {
         }
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         ferry_service::durable::write_atomically(path, &text, 0o644)
+    }
+}
+
+/// Reads the JSON file `path` (`what` it is, for the log): None when it is
+/// missing or unreadable, and when it does not parse, after moving it
+/// aside (never deleting it) with a warning saying where it went.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Option<T> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read {what} {}: {e}; starting afresh",
+                path.display()
+            );
+            return None;
+        }
+    };
+    match serde_json::from_slice(&text) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let aside = path.with_extension(format!("json.bad-{}", ferry_service::unix_now()));
+            let moved = std::fs::rename(path, &aside);
+            tracing::warn!(
+                "{what} {} does not parse ({e}); {} and starting afresh",
+                path.display(),
+                match moved {
+                    Ok(()) => format!("moved it to {}", aside.display()),
+                    Err(e) => format!("could not move it aside ({e})"),
+                }
+            );
+            None
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 //! every repository assigned to the drive: borg's lock only for the instant
 //! of a hard-link [`snapshot`], the copy built as a new [`generation`]
 //! beside the current one and swapped in atomically once it is durable and
-//! borg has checked it ([`borg`]). Every job ends with SyncFinished or
+//! its new files read back from the drive as they were written
+//! ([`verify`]); a rolling scrub re-reads the rest, a slice per sync, and
+//! what it finds damaged is copied afresh. Every job ends with SyncFinished or
 //! SyncFailed, on which ferry-crypt closes the drive. DriveDetached (from
 //! the drive watcher) and Cancel stop a job within moments. Per drive the
 //! last success and the last failure are kept in the [`ledger`].
@@ -22,6 +24,7 @@ pub mod ledger;
 pub mod mounts;
 pub mod snapshot;
 pub mod truth;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,8 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_config::Config;
-use ferry_interfaces::SyncRecord;
 use ferry_interfaces::{crypt, drive_watcher, sync, Error as FerryError, Failure, SyncJob};
+use ferry_interfaces::{DriveVerification, SyncRecord};
 use ferry_service::{claim_name, subscribe, unix_now, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use job::{Context, JobSpec, Stop, StopReason, Summary};
@@ -157,6 +160,24 @@ impl SyncInterface {
     #[zbus(property)]
     async fn failure_history(&self) -> Vec<ferry_interfaces::FailureEvent> {
         with(&self.shared, |s| s.ledger.failure_history.clone())
+    }
+
+    /// Per drive, how well its copies are verified.
+    #[zbus(property)]
+    async fn verification(&self) -> Vec<DriveVerification> {
+        let period = self.config.sync.scrub_period_days;
+        let now = unix_now();
+        with(&self.shared, |s| {
+            s.ledger
+                .verification
+                .values()
+                .map(|v| DriveVerification {
+                    // Overdue is a matter of time: as of now.
+                    overdue: verify::overdue(v.verified_since, now, period),
+                    ..v.clone()
+                })
+                .collect()
+        })
     }
 
     /// Copying a repository began.
@@ -308,7 +329,7 @@ impl Reporter {
     }
 
     /// The job succeeded and its data is durable.
-    pub async fn finished(&self, drive: &str, summary: Summary, seconds: f64) {
+    pub async fn finished(&self, drive: &str, summary: Summary, seconds: f64, period_days: u64) {
         let newest: Vec<String> = summary
             .archives
             .iter()
@@ -323,11 +344,29 @@ impl Reporter {
             archive: newest.join(", "),
             free: summary.free,
         };
+        let now = unix_now();
+        let verification = DriveVerification {
+            drive: drive.to_string(),
+            time: now,
+            verified_since: summary.verified_since,
+            read: summary.read,
+            total: summary.total,
+            repaired: summary.repaired,
+            overdue: verify::overdue(summary.verified_since, now, period_days),
+        };
+        if verification.overdue {
+            tracing::warn!(
+                "{drive}: not every byte on the drive was re-read within the last {period_days} days ([sync] scrub-period-days); give the scrub more time per sync ([sync] scrub-seconds), or plug the drive in more often"
+            );
+        }
         with(&self.shared, |s| {
             s.ledger.last_syncs.insert(drive.to_string(), record);
             s.ledger
                 .archives
                 .insert(drive.to_string(), summary.archives.clone());
+            s.ledger
+                .verification
+                .insert(drive.to_string(), verification);
         });
         self.save().await;
         with(&self.shared, |s| s.running.remove(drive));
@@ -337,6 +376,10 @@ impl Reporter {
         warn_on_error(
             "PropertiesChanged",
             object.last_syncs_changed(emitter).await,
+        );
+        warn_on_error(
+            "PropertiesChanged",
+            object.verification_changed(emitter).await,
         );
         drop(object);
         warn_on_error(
