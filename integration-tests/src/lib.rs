@@ -28,6 +28,7 @@
 //! is missing, and fails instead under `CI=true`.
 
 mod bus;
+pub mod http;
 pub mod introspection;
 mod loopdev;
 mod prereq;

@@ -13,8 +13,8 @@
 //! access token never sits in ferry.toml: it comes from a file (root,
 //! 0600) or a systemd credential, read for each delivery pass.
 
-use std::collections::BTreeMap;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 use crate::notify::{check_credential_name, is_loopback_host};
 use crate::{AbsolutePath, Config, Name};
@@ -151,7 +151,9 @@ pub fn check_url(url: &str) -> Result<(), String> {
         return bad("has a port that is not a number");
     }
     if !secure && !is_loopback_host(host) {
-        return bad("is plain http to another machine; use https:// (http is only allowed to localhost)");
+        return bad(
+            "is plain http to another machine; use https:// (http is only allowed to localhost)",
+        );
     }
     Ok(())
 }
@@ -176,7 +178,10 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
             .collect::<Vec<_>>()
     };
     if !(1..=60).contains(&push.timeout_seconds) {
-        return Err((key(&["timeout-seconds"]), "must be from 1 to 60 seconds".into()));
+        return Err((
+            key(&["timeout-seconds"]),
+            "must be from 1 to 60 seconds".into(),
+        ));
     }
     if push.retry_min_seconds == 0 {
         return Err((key(&["retry-min-seconds"]), "must be at least 1".into()));
@@ -191,7 +196,9 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
         if !config.profiles.contains_key(name) {
             return Err((
                 key(&["profiles", name.as_str()]),
-                format!("no profile named `{name}`: add a [profiles.{name}] section or remove it here"),
+                format!(
+                    "no profile named `{name}`: add a [profiles.{name}] section or remove it here"
+                ),
             ));
         }
         check_url(url).map_err(|e| (key(&["profiles", name.as_str()]), e))?;

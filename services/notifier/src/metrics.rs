@@ -117,10 +117,7 @@ fn family(
 }
 
 /// `(name, figure)` for every entry that has the figure.
-fn known<T>(
-    entries: &BTreeMap<String, T>,
-    figure: impl Fn(&T) -> Option<f64>,
-) -> Vec<(&str, f64)> {
+fn known<T>(entries: &BTreeMap<String, T>, figure: impl Fn(&T) -> Option<f64>) -> Vec<(&str, f64)> {
     entries
         .iter()
         .filter_map(|(name, e)| figure(e).map(|v| (name.as_str(), v)))
