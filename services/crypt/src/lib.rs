@@ -20,6 +20,7 @@ pub mod command;
 pub mod devices;
 pub mod enroll;
 pub mod failures;
+pub mod health;
 pub mod identity;
 pub mod mounts;
 pub mod ops;
@@ -825,6 +826,7 @@ pub async fn run(
     let mut adopted = Vec::new();
     for (name, drive) in &config.drives {
         let mut plan = Plan::new(name, drive, &config.crypt);
+        plan.health.ledger = Some(config.state_directory.join(health::LEDGER));
         let device = attached.get(name.as_str()).cloned();
         plan.device = device.as_ref().map(PathBuf::from);
         let mut entry = Entry {

@@ -57,6 +57,8 @@ pub struct Plan {
     pub close_timeout: Duration,
     /// How long one helper program may run.
     pub command_timeout: Duration,
+    /// The SMART health check before opening.
+    pub health: crate::health::Check,
 }
 
 /// An operation failed at `stage` (unlock, mount, identity, close, removed).
@@ -90,6 +92,11 @@ impl Plan {
             power_off: drive.power_off,
             close_timeout: Duration::from_secs(settings.close_timeout),
             command_timeout: Duration::from_secs(settings.command_timeout),
+            health: crate::health::Check {
+                policy: drive.health,
+                smartctl: settings.smartctl.to_path_buf(),
+                ledger: None,
+            },
         }
     }
 
@@ -161,6 +168,7 @@ pub async fn open(plan: &Plan, device: &Path) -> Result<(), Failed> {
 
 /// [`open`], leaving the drive mounted as `access` says.
 pub async fn open_for(plan: &Plan, device: &Path, access: Access) -> Result<(), Failed> {
+    crate::health::gate(&plan.health, plan.name.as_str(), device).await?;
     let source = match &plan.key_file {
         Some(key) => {
             unlock(plan, device, key).await?;
