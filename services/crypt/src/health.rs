@@ -21,17 +21,14 @@
 //! pool. The only call into this module is [`gate`], from
 //! `ops::open_for`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_config::HealthPolicy;
+use ferry_service::health_ledger::{self, HealthRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::Failed;
-
-/// The ledger's file name under the state directory.
-pub const LEDGER: &str = "crypt-health.json";
 
 /// How long smartctl may take (a confused bridge can hang).
 const SMARTCTL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -105,20 +102,6 @@ pub struct Check {
     pub smartctl: PathBuf,
     /// The health ledger; None: readings are not recorded.
     pub ledger: Option<PathBuf>,
-}
-
-/// An entry of the ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// Unix time of the reading.
-    pub time: u64,
-    /// The device smartctl read.
-    pub device: String,
-    /// What the policy made of it: open, warn or refuse.
-    pub decision: String,
-    /// The reading.
-    #[serde(flatten)]
-    pub reading: Reading,
 }
 
 fn unavailable(why: impl Into<String>) -> Reading {
@@ -300,20 +283,20 @@ pub async fn read(smartctl: &Path, disk: &Path) -> Reading {
     }
 }
 
-/// Reads the ledger (empty when missing or unreadable).
-pub fn load_ledger(path: &Path) -> BTreeMap<String, Record> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Records `record` for `drive` in the ledger (blocking).
-fn record(path: &Path, drive: &str, record: Record) -> std::io::Result<()> {
-    let mut all = load_ledger(path);
-    all.insert(drive.to_string(), record);
-    let bytes = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
-    ferry_service::durable::write_atomically(path, &bytes, 0o644)
+/// The ledger entry of a reading.
+fn record_of(reading: &Reading, disk: &Path, decision: &str) -> HealthRecord {
+    HealthRecord {
+        time: ferry_service::unix_now(),
+        device: disk.display().to_string(),
+        decision: decision.into(),
+        verdict: reading.verdict.as_str().into(),
+        summary: reading.summary.clone(),
+        reallocated: reading.reallocated,
+        pending: reading.pending,
+        uncorrectable: reading.uncorrectable,
+        power_on_hours: reading.power_on_hours,
+        temperature: reading.temperature,
+    }
 }
 
 /// The health check before opening `drive` on `device`: reads, records,
@@ -344,14 +327,11 @@ pub async fn gate(check: &Check, drive: &str, device: &Path) -> Result<(), Faile
         }
     };
     if let Some(path) = check.ledger.clone() {
-        let entry = Record {
-            time: ferry_service::unix_now(),
-            device: disk.display().to_string(),
-            decision: word.into(),
-            reading,
-        };
+        let entry = record_of(&reading, &disk, word);
         let drive_name = drive.to_string();
-        let written = tokio::task::spawn_blocking(move || record(&path, &drive_name, entry)).await;
+        let written =
+            tokio::task::spawn_blocking(move || health_ledger::record(&path, &drive_name, entry))
+                .await;
         if !matches!(written, Ok(Ok(()))) {
             tracing::warn!("{drive}: the health reading could not be recorded in the ledger");
         }
@@ -431,14 +411,13 @@ mod tests {
     #[test]
     fn a_record_round_trips_through_the_ledger() {
         let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join(LEDGER);
-        let entry = Record {
-            time: 5,
-            device: "/dev/sdb".into(),
-            decision: "open".into(),
-            reading: parse(HEALTHY.as_bytes(), 0),
-        };
-        record(&path, "offsite-a", entry.clone()).expect("record");
-        assert_eq!(load_ledger(&path)["offsite-a"], entry);
+        let path = health_ledger::path(dir.path());
+        let entry = record_of(&parse(HEALTHY.as_bytes(), 0), Path::new("/dev/sdb"), "open");
+        health_ledger::record(&path, "offsite-a", entry.clone()).expect("record");
+        assert_eq!(
+            health_ledger::load(&path).expect("load")["offsite-a"],
+            entry
+        );
+        assert_eq!(entry.verdict, "passed");
     }
 }

@@ -826,7 +826,7 @@ pub async fn run(
     let mut adopted = Vec::new();
     for (name, drive) in &config.drives {
         let mut plan = Plan::new(name, drive, &config.crypt);
-        plan.health.ledger = Some(config.state_directory.join(health::LEDGER));
+        plan.health.ledger = Some(ferry_service::health_ledger::path(&config.state_directory));
         let device = attached.get(name.as_str()).cloned();
         plan.device = device.as_ref().map(PathBuf::from);
         let mut entry = Entry {

@@ -400,6 +400,32 @@ pub fn stale_profile_draft(profile: &str, seen: ProfileSeen, now: u64, host: &st
     )
 }
 
+/// A drive that is failing or wearing out was opened anyway (its health
+/// policy is `warn`); `record` is ferry-crypt's reading.
+pub fn health_warning_draft(
+    drive: &str,
+    record: &ferry_service::health_ledger::HealthRecord,
+    host: &str,
+) -> Draft {
+    let name = one_line(drive, 64);
+    Draft::new(
+        format!("health {name}"),
+        format!("drive {name} health is {}", one_line(&record.verdict, 16)),
+        format!(
+            "ferry on {host}: drive {drive}'s SMART health is {} ({}).\n\n\
+             Read from {} at {}. Its policy is health = \"warn\", so it was opened and is \
+             being synced anyway.\n\nReplace it soon: it may hold your only other copy. \
+             To refuse it instead, set health = \"refuse\" in [drives.{drive}] of ferry.toml.\n\
+             Details: ferryctl status, or smartctl -a {}\n",
+            record.verdict,
+            record.summary,
+            record.device,
+            utc(record.time),
+            record.device
+        ),
+    )
+}
+
 /// A ferry unit failed (OnFailure=).
 pub fn unit_failed_draft(unit: &str, journal: &str, now: u64, host: &str) -> Draft {
     Draft::new(

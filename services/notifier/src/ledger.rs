@@ -81,6 +81,8 @@ pub struct Ledger {
     /// Service (`crypt`, `sync`, `borg`) → failure events seen, each once
     /// (the metrics' `ferry_service_failures_total`).
     pub failures: BTreeMap<String, u64>,
+    /// Drive → time of the health reading last warned about.
+    pub health_warned: BTreeMap<String, u64>,
 }
 
 /// Staleness settings in seconds; 0 turns a kind off.

@@ -335,6 +335,40 @@ impl Notifier {
         Ok(id)
     }
 
+    /// Mails (and pushes to ntfy) ferry-crypt's health warning about
+    /// `drive`, once per reading: its health ledger says a failing or
+    /// degraded drive was opened under `health = "warn"`.
+    async fn health_warning(&mut self, drive: &str) {
+        let path = ferry_service::health_ledger::path(&self.config.state_directory);
+        let read = tokio::task::spawn_blocking(move || ferry_service::health_ledger::load(&path))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let record = match read {
+            Ok(mut all) => all.remove(drive),
+            Err(e) => {
+                tracing::warn!("{drive}: cannot look at its health: {e}");
+                None
+            }
+        };
+        let Some(record) = record.filter(|r| r.decision == "warn") else {
+            return;
+        };
+        if self.ledger.health_warned.get(drive) >= Some(&record.time) {
+            return;
+        }
+        let draft = events::health_warning_draft(drive, &record, &self.host);
+        let now = self.clock.now();
+        if let Some(ntfy) = self.config.push.as_ref().and_then(|p| p.ntfy.as_ref()) {
+            let letter = push::ntfy_letter(ntfy, &draft.subject, draft.body.clone(), now);
+            self.queue_pushes(vec![letter]).await;
+        }
+        self.queue_limited(draft, Vec::new()).await;
+        self.ledger
+            .health_warned
+            .insert(drive.to_string(), record.time);
+        self.save();
+    }
+
     /// Spools pushes durably (off the runtime) and wakes their deliverer.
     async fn queue_pushes(&mut self, letters: Vec<PushLetter>) {
         if letters.is_empty() {
@@ -445,10 +479,10 @@ impl Notifier {
             self.queue_pushes(letter.into_iter().collect()).await;
         }
         match event {
+            Event::DriveOpened(drive) => self.health_warning(&drive).await,
             Event::BackupStarted { .. }
             | Event::BackupFinishedWithWarnings { .. }
-            | Event::BackupSkipped { .. }
-            | Event::DriveOpened(_) => {}
+            | Event::BackupSkipped { .. } => {}
             Event::Failed(failure) => {
                 let refresh = failure.source == Source::Borg;
                 match self.history(failure.source).await {
