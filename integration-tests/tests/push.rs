@@ -544,3 +544,67 @@ async fn the_metrics_textfile_is_valid_and_follows_every_change() {
         .collect();
     assert_eq!(names, ["ferry.prom"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drive_opened_despite_bad_health_is_pushed_once_per_reading() {
+    let bus = TestBus::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let http = HttpServer::start(0);
+    let config = config(dir.path(), &http.base(), (1, 2), "");
+    let creds = credentials(dir.path());
+    // ferry-crypt's reading, as its health check recorded it.
+    let ledger = ferry_service::health_ledger::path(&dir.path().join("state"));
+    std::fs::create_dir_all(ledger.parent().expect("state")).expect("state dir");
+    let reading = |time: u64| ferry_service::health_ledger::HealthRecord {
+        time,
+        device: "/dev/sdb".into(),
+        decision: "warn".into(),
+        verdict: "degraded".into(),
+        summary: "SMART overall health passed, 8 pending sectors".into(),
+        reallocated: Some(0),
+        pending: Some(8),
+        uncorrectable: None,
+        power_on_hours: Some(20_000),
+        temperature: Some(38),
+    };
+    ferry_service::health_ledger::record(&ledger, "offsite-a", reading(1_764_000_000))
+        .expect("ledger");
+    let conn = bus.connect().await;
+    let _notifier = start(&bus, &conn, &config, &creds).await;
+    let proxy: NotifierProxy = uncached(&conn).await;
+    let opened = || async {
+        emit(
+            &conn,
+            crypt::OBJECT_PATH,
+            crypt::INTERFACE,
+            "DriveOpened",
+            &("offsite-a", "/run/ferry/offsite-a"),
+        )
+        .await
+    };
+
+    opened().await;
+    opened().await;
+    http.wait_for(3, |_| true, WAIT).await;
+    wait_drained(&proxy).await;
+    let all = http.requests();
+    assert_eq!(
+        paths(&all),
+        ["/d/offsite-a/start", "/ntfy/ferry", "/d/offsite-a/start"],
+        "one warning per reading: {all:#?}"
+    );
+    assert_eq!(
+        all[1].headers["title"],
+        "ferry: drive offsite-a health is degraded"
+    );
+    assert!(all[1].body.contains("8 pending sectors"), "{}", all[1].body);
+
+    // A new reading is warned about again.
+    ferry_service::health_ledger::record(&ledger, "offsite-a", reading(1_764_100_000))
+        .expect("ledger");
+    opened().await;
+    http.wait_for(5, |_| true, WAIT).await;
+    wait_drained(&proxy).await;
+    assert_eq!(http.requests().len(), 5);
+    assert_eq!(http.requests()[4].path, "/ntfy/ferry");
+}
