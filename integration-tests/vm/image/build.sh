@@ -22,10 +22,11 @@ rm -rf "$ROOT"; mkdir -p "$ROOT"
 # sink), python3-dbus + python3-gi (checks on the bus), libnss-systemd
 # (Priority: standard, so on every usual Debian install: it resolves the
 # DynamicUser= of ferry-backup@ and ferry-notify-failure@, without which
-# dbus-daemon drops their connections).
+# dbus-daemon drops their connections), smartmontools (ferry-crypt reads a
+# drive's SMART health on attach; ferry's package recommends it).
 PKGS=systemd,systemd-sysv,udev,dbus,cryptsetup,cryptsetup-bin,dmsetup,e2fsprogs,kmod,util-linux,mount,procps,\
 linux-image-amd64,initramfs-tools,python3-minimal,usbutils,less,borgbackup,psmisc,python3-aiosmtpd,\
-python3-dbus,python3-gi,libnss-systemd
+python3-dbus,python3-gi,libnss-systemd,smartmontools
 
 t0=$(date +%s)
 mmdebstrap --mode=root --skip=essential/unlink --variant=minbase --include="$PKGS" \
