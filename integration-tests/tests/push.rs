@@ -18,6 +18,8 @@ use ferry_interfaces::notifier::{self, NotifierProxy};
 use ferry_interfaces::{borg, crypt, sync, BackupResult, Failure, ScheduleEntry, SyncRecord};
 
 const TOKEN: &str = "tk_secret-ntfy-token-5d41402abc4b2a76";
+/// The healthchecks ping key: it fills `{ping-key}` in the profile's URL.
+const PING_KEY: &str = "pk-7f3a";
 
 /// Config: drive offsite-a, profile nas, pings and ntfy to `base`, fast
 /// retries (or `retry` as given), `extra` appended.
@@ -30,7 +32,7 @@ fn config(dir: &Path, base: &str, retry: (u64, u64), extra: &str) -> PathBuf {
     text.push_str(&format!(
         "[repositories.nas]\npath = \"{repo}\"\n\n[profiles.nas]\nrepository = \"nas\"\n\
          sources = [\"{src}\"]\n\n[push]\ntimeout-seconds = 5\nretry-min-seconds = {}\n\
-         retry-max-seconds = {}\n\n[push.profiles]\nnas = \"{base}/p/nas\"\n\n\
+         retry-max-seconds = {}\n\nping-key-credential = \"ferry-ping-key\"\n\n[push.profiles]\nnas = \"{base}/{{ping-key}}/nas\"\n\n\
          [push.drives]\noffsite-a = \"{base}/d/offsite-a/\"\n\n[push.ntfy]\n\
          url = \"{base}/ntfy/ferry\"\ntoken-credential = \"ferry-ntfy-token\"\n\
          priority = \"urgent\"\ntags = [\"warning\", \"floppy_disk\"]\n\n{extra}",
@@ -42,7 +44,8 @@ fn config(dir: &Path, base: &str, retry: (u64, u64), extra: &str) -> PathBuf {
     write_config(dir, &text)
 }
 
-/// The credentials directory systemd would pass, holding the ntfy token.
+/// The credentials directory systemd would pass, holding the ntfy token
+/// and the ping key.
 fn credentials(dir: &Path) -> PathBuf {
     let creds = dir.join("credentials");
     std::fs::create_dir_all(&creds).expect("credentials dir");
@@ -50,6 +53,7 @@ fn credentials(dir: &Path) -> PathBuf {
     std::fs::write(&file, format!("{TOKEN}\n")).expect("token");
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod");
+    std::fs::write(creds.join("ferry-ping-key"), format!("{PING_KEY}\n")).expect("ping key");
     creds
 }
 
@@ -169,12 +173,12 @@ async fn every_ping_arrives_once_per_event_with_its_path_and_body() {
     assert_eq!(
         paths(&all),
         [
-            "/p/nas/start",
-            "/p/nas",
-            "/p/nas/start",
-            "/p/nas/fail",
+            "/pk-7f3a/nas/start",
+            "/pk-7f3a/nas",
+            "/pk-7f3a/nas/start",
+            "/pk-7f3a/nas/fail",
             "/ntfy/ferry",
-            "/p/nas/log",
+            "/pk-7f3a/nas/log",
             "/d/offsite-a/start",
             "/d/offsite-a",
             "/d/offsite-a/fail",
@@ -216,7 +220,7 @@ async fn every_ping_arrives_once_per_event_with_its_path_and_body() {
         notifier.log()
     );
     assert!(
-        !notifier.log().contains("/p/nas"),
+        !notifier.log().contains("/pk-7f3a/nas"),
         "a ping URL reached the log"
     );
 }
@@ -289,7 +293,7 @@ async fn a_refused_ping_is_a_dead_letter_and_the_rest_go_on() {
     let bus = TestBus::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let http = HttpServer::start(0);
-    http.answer("/p/nas/start", 404);
+    http.answer("/pk-7f3a/nas/start", 404);
     let config = config(dir.path(), &http.base(), (1, 2), "");
     let creds = credentials(dir.path());
     let conn = bus.connect().await;
@@ -300,7 +304,10 @@ async fn a_refused_ping_is_a_dead_letter_and_the_rest_go_on() {
     borg_signal(&conn, "BackupFinished", &["nas-1", "nas", "a"]).await;
     http.wait_for(2, |_| true, WAIT).await;
     wait_drained(&proxy).await;
-    assert_eq!(paths(&http.requests()), ["/p/nas/start", "/p/nas"]);
+    assert_eq!(
+        paths(&http.requests()),
+        ["/pk-7f3a/nas/start", "/pk-7f3a/nas"]
+    );
     let dead = proxy
         .list_dead_letters(Default::default())
         .await
@@ -309,9 +316,17 @@ async fn a_refused_ping_is_a_dead_letter_and_the_rest_go_on() {
     assert_eq!(dead[0].subject, "start profile nas");
     assert!(dead[0].error.contains("HTTP 404"), "{dead:?}");
     assert_eq!(proxy.dead_letters().await.expect("DeadLetters"), 1);
+    // The spooled push holds the URL with the placeholder, never the key.
+    let dead_dir = dir.path().join("state/notifier/push/dead");
+    let spooled = std::fs::read_to_string(dead_dir.join(format!("{}.json", dead[0].id)))
+        .expect("the dead letter's file");
+    assert!(
+        spooled.contains("{ping-key}") && !spooled.contains(PING_KEY),
+        "{spooled}"
+    );
 
     // Sent again by hand once the check exists.
-    http.answer("/p/nas/start", 200);
+    http.answer("/pk-7f3a/nas/start", 200);
     proxy
         .resend_dead_letter(&dead[0].id, Default::default())
         .await

@@ -25,7 +25,7 @@ pub use borg::{BorgSettings, Checks, Frequency, Hooks, Preconditions, Profile, R
 pub use crypt::{CryptSettings, HealthPolicy};
 pub use error::ConfigError;
 pub use notify::{Mail, MailTransport, NotifySettings, SmtpSecurity};
-pub use push::{check_url, Metrics, Ntfy, NtfyPriority, Push};
+pub use push::{check_url, Metrics, Ntfy, NtfyPriority, Push, PING_KEY};
 pub use sync::SyncSettings;
 pub use values::{AbsolutePath, Color, FsUuid, Name};
 

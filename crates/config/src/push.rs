@@ -33,7 +33,16 @@ pub struct Push {
     /// The longest wait between retries. Default 3600.
     #[serde(default = "default_retry_max")]
     pub retry_max_seconds: u64,
-    /// Ping URL per backup profile (healthchecks protocol).
+    /// A file holding the healthchecks project's ping key (root, mode
+    /// 0600); it replaces `{ping-key}` in the ping URLs when they are sent,
+    /// so ferry.toml (readable by every local user) holds no URL that
+    /// could fake a ping.
+    pub ping_key_file: Option<AbsolutePath>,
+    /// The name of a systemd credential holding the ping key (the unit
+    /// loads `ferry-ping-key` from /etc/credstore); not with `ping-key-file`.
+    pub ping_key_credential: Option<String>,
+    /// Ping URL per backup profile (healthchecks protocol), e.g.
+    /// `https://hc-ping.com/{ping-key}/nas-backup`.
     #[serde(default)]
     pub profiles: BTreeMap<Name, String>,
     /// Ping URL per drive (healthchecks protocol).
@@ -42,6 +51,9 @@ pub struct Push {
     /// An ntfy topic told about every failure.
     pub ntfy: Option<Ntfy>,
 }
+
+/// The placeholder for the ping key in ping URLs.
+pub const PING_KEY: &str = "{ping-key}";
 
 /// `[push.ntfy]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +204,36 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
             "must not be less than retry-min-seconds".into(),
         ));
     }
+    if let Some(name) = &push.ping_key_credential {
+        if push.ping_key_file.is_some() {
+            return Err((
+                key(&["ping-key-credential"]),
+                "give the ping key either as ping-key-file or as ping-key-credential, not both"
+                    .into(),
+            ));
+        }
+        if !check_credential_name(name) {
+            return Err((
+                key(&["ping-key-credential"]),
+                "a credential name is letters, digits and - _ . @, for example \"ferry-ping-key\""
+                    .into(),
+            ));
+        }
+    }
+    let keyed = push.ping_key_file.is_some() || push.ping_key_credential.is_some();
+    let checks = push
+        .profiles
+        .iter()
+        .map(|(n, u)| ("profiles", n, u))
+        .chain(push.drives.iter().map(|(n, u)| ("drives", n, u)));
+    for (table, name, url) in checks {
+        if url.contains(PING_KEY) && !keyed {
+            return Err((
+                key(&[table, name.as_str()]),
+                format!("uses {PING_KEY} but [push] has no ping-key-file or ping-key-credential to fill it in"),
+            ));
+        }
+    }
     for (name, url) in &push.profiles {
         if !config.profiles.contains_key(name) {
             return Err((
@@ -288,6 +330,16 @@ mod tests {
             ("[push.profiles]\nnas = \"https://x/y\"\n", "push.profiles.nas", "no profile"),
             ("[push.drives]\noffsite = \"https://x/y\"\n", "push.drives.offsite", "no drive"),
             ("[push]\ntimeout-seconds = 0\n", "push.timeout-seconds", "1 to 60"),
+            (
+                "[drives.d]\nuuid = \"1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9\"\n[push.drives]\nd = \"https://hc-ping.com/{ping-key}/d\"\n",
+                "push.drives.d",
+                "ping-key-credential",
+            ),
+            (
+                "[push]\nping-key-file = \"/etc/k\"\nping-key-credential = \"k\"\n",
+                "push.ping-key-credential",
+                "not both",
+            ),
             (
                 "[push.ntfy]\nurl = \"http://ntfy.example.org/t\"\n",
                 "push.ntfy.url",

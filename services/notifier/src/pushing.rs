@@ -15,14 +15,16 @@
 //! 5xx and network errors stop the pass and retry later (keeping the
 //! order); any other answer dead-letters it (ListDeadLetters shows it).
 //!
-//! The ntfy token is read from its file or credential for each pass and
-//! only ever goes into the Authorization header; URLs are not logged (a
+//! The ntfy token and the healthchecks ping key are read from their files
+//! or credentials for each pass; the token only ever goes into the
+//! Authorization header, the key only into the URL (`{ping-key}`) of the
+//! request being sent, never into the outbox. URLs are not logged (a
 //! healthchecks URL is a secret of its own): letters are named by id and
 //! reason.
 
 use std::time::Duration;
 
-use ferry_config::Push;
+use ferry_config::{Push, PING_KEY};
 use tokio::sync::mpsc;
 
 use crate::compose::MAX_IN_DOUBT;
@@ -68,20 +70,7 @@ async fn pass(
     if letters.is_empty() {
         return Ok(());
     }
-    let token = match &push.ntfy {
-        Some(ntfy) => {
-            let (file, credential) = (
-                ntfy.token_file.as_ref().map(|p| p.to_path_buf()),
-                ntfy.token_credential.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                read_secret(file.as_deref(), credential.as_deref(), "the ntfy token")
-            })
-            .await
-            .map_err(|e| format!("internal error: {e}"))??
-        }
-        None => None,
-    };
+    let secrets = Secrets::read(push).await?;
     let agent = agent(Duration::from_secs(push.timeout_seconds));
     for letter in letters {
         let letter = match letter {
@@ -94,8 +83,13 @@ async fn pass(
             }
         };
         let path = outbox.queue_dir().join(format!("{}.json", letter.id));
-        let (o, a, t, l) = (outbox.clone(), agent.clone(), token.clone(), letter.clone());
-        let step = tokio::task::spawn_blocking(move || deliver_one(&o, &a, t.as_deref(), &l))
+        let (o, a, k, l) = (
+            outbox.clone(),
+            agent.clone(),
+            secrets.clone(),
+            letter.clone(),
+        );
+        let step = tokio::task::spawn_blocking(move || deliver_one(&o, &a, &k, &l))
             .await
             .unwrap_or_else(|e| Step::Later(format!("internal error: {e}")));
         match step {
@@ -117,6 +111,45 @@ async fn pass(
     Ok(())
 }
 
+/// The secrets a pass needs, read afresh for each pass (a file or a
+/// credential can be fixed without a restart): the ntfy token and the
+/// healthchecks ping key.
+#[derive(Clone, Default)]
+struct Secrets {
+    ntfy_token: Option<String>,
+    ping_key: Option<String>,
+}
+
+impl Secrets {
+    async fn read(push: &Push) -> Result<Secrets, String> {
+        let ntfy = push.ntfy.as_ref();
+        let wanted = [
+            (
+                ntfy.and_then(|n| n.token_file.as_ref())
+                    .map(|p| p.to_path_buf()),
+                ntfy.and_then(|n| n.token_credential.clone()),
+                "the ntfy token",
+            ),
+            (
+                push.ping_key_file.as_ref().map(|p| p.to_path_buf()),
+                push.ping_key_credential.clone(),
+                "the healthchecks ping key",
+            ),
+        ];
+        let [token, key] = tokio::task::spawn_blocking(move || {
+            wanted.map(|(file, credential, what)| {
+                read_secret(file.as_deref(), credential.as_deref(), what)
+            })
+        })
+        .await
+        .map_err(|e| format!("internal error: {e}"))?;
+        Ok(Secrets {
+            ntfy_token: token?,
+            ping_key: key?,
+        })
+    }
+}
+
 /// The HTTP client: rustls, timeouts, no redirects, no proxy, status codes
 /// as answers (not errors).
 fn agent(timeout: Duration) -> ureq::Agent {
@@ -136,7 +169,7 @@ fn agent(timeout: Duration) -> ureq::Agent {
 fn deliver_one(
     outbox: &Outbox<PushLetter>,
     agent: &ureq::Agent,
-    token: Option<&str>,
+    secrets: &Secrets,
     letter: &PushLetter,
 ) -> Step {
     if letter.in_doubt >= MAX_IN_DOUBT {
@@ -154,7 +187,7 @@ fn deliver_one(
             "cannot mark it as being sent ({e}); not sending it"
         ));
     }
-    let (outcome, answered) = request(agent, token, letter);
+    let (outcome, answered) = request(agent, secrets, letter);
     if answered {
         if let Err(e) = outbox.put(letter) {
             tracing::warn!("cannot take back the in-doubt mark of {}: {e}", letter.id);
@@ -177,9 +210,20 @@ fn deliver_one(
 
 /// One POST; the outcome and whether the attempt is settled (an answer
 /// came, or the request never left), so the in-doubt mark can go.
-fn request(agent: &ureq::Agent, token: Option<&str>, letter: &PushLetter) -> (Outcome, bool) {
+fn request(agent: &ureq::Agent, secrets: &Secrets, letter: &PushLetter) -> (Outcome, bool) {
     let request = match &letter.target {
-        Target::Ping { url, .. } => agent.post(url),
+        Target::Ping { url, .. } => match (&secrets.ping_key, url.contains(PING_KEY)) {
+            (Some(key), true) => agent.post(url.replace(PING_KEY, key)),
+            (None, true) => {
+                return (
+                    Outcome::Transient(format!(
+                        "the URL needs {PING_KEY} but no ping key is configured in [push]"
+                    )),
+                    true,
+                )
+            }
+            (_, false) => agent.post(url),
+        },
         Target::Ntfy {
             url,
             title,
@@ -191,7 +235,7 @@ fn request(agent: &ureq::Agent, token: Option<&str>, letter: &PushLetter) -> (Ou
                 .header("Title", title.as_str())
                 .header("Priority", priority.as_str())
                 .header("Tags", tags.join(",").as_str());
-            if let Some(token) = token {
+            if let Some(token) = &secrets.ntfy_token {
                 r = r.header("Authorization", format!("Bearer {token}").as_str());
             }
             r
