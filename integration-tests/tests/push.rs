@@ -11,11 +11,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::peers::{serve, FakeBorg, FakeSync};
 use common::*;
 use ferry_integration_tests::http::{HttpServer, Request};
 use ferry_integration_tests::{require_command, ServiceProcess, SignalRecorder, TestBus};
 use ferry_interfaces::notifier::{self, NotifierProxy};
-use ferry_interfaces::{borg, crypt, sync, BackupResult, Failure, ScheduleEntry, SyncRecord};
+use ferry_interfaces::{borg, crypt, sync, BackupResult, Failure, SyncRecord};
 
 const TOKEN: &str = "tk_secret-ntfy-token-5d41402abc4b2a76";
 /// The healthchecks ping key: it fills `{ping-key}` in the profile's URL.
@@ -336,64 +337,6 @@ async fn a_refused_ping_is_a_dead_letter_and_the_rest_go_on() {
     assert_eq!(proxy.dead_letters().await.expect("DeadLetters"), 0);
 }
 
-struct FakeSync {
-    last_syncs: Vec<SyncRecord>,
-    last_failures: Vec<Failure>,
-}
-
-#[zbus::interface(name = "org.ferry.Sync1")]
-impl FakeSync {
-    #[zbus(property)]
-    fn last_syncs(&self) -> Vec<SyncRecord> {
-        self.last_syncs.clone()
-    }
-    #[zbus(property)]
-    fn last_failures(&self) -> Vec<Failure> {
-        self.last_failures.clone()
-    }
-}
-
-struct FakeBorg {
-    results: Vec<BackupResult>,
-    schedule: Vec<ScheduleEntry>,
-}
-
-#[zbus::interface(name = "org.ferry.Borg1")]
-impl FakeBorg {
-    #[zbus(property)]
-    fn last_results(&self) -> Vec<BackupResult> {
-        self.results.clone()
-    }
-    #[zbus(property)]
-    fn schedule(&self) -> Vec<ScheduleEntry> {
-        self.schedule.clone()
-    }
-    #[zbus(property)]
-    fn last_failures(&self) -> Vec<Failure> {
-        Vec::new()
-    }
-    fn get_stats(&self, _profile: &str) -> String {
-        r#"{"archive":{"name":"nas-2026-11-24","stats":{"original_size":7340032,"compressed_size":5000000,"deduplicated_size":123456,"nfiles":12}}}"#.into()
-    }
-}
-
-async fn serve<I: zbus::object_server::Interface>(
-    bus: &TestBus,
-    name: &str,
-    path: &str,
-    object: I,
-) -> zbus::Connection {
-    zbus::connection::Builder::address(bus.address())
-        .expect("address")
-        .name(name.to_string())
-        .expect("name")
-        .serve_at(path.to_string(), object)
-        .expect("serve")
-        .build()
-        .await
-        .expect("fake peer")
-}
-
 /// `promtool check metrics` on `text`: its complaints, empty when clean.
 fn promtool(text: &str) -> String {
     use std::io::Write;
@@ -502,6 +445,8 @@ async fn the_metrics_textfile_is_valid_and_follows_every_change() {
                 message: String::new(),
             }],
             schedule: Vec::new(),
+            last_failures: Vec::new(),
+            stats: r#"{"archive":{"name":"nas-2026-11-24","stats":{"original_size":7340032,"compressed_size":5000000,"deduplicated_size":123456,"nfiles":12}}}"#.into(),
         },
     )
     .await;
