@@ -28,6 +28,7 @@ fn the_package_holds_everything_and_lintian_finds_no_error() {
         .env("BUILD", build)
         .env("NO_BUILD", "1")
         .env("OUT", out.path())
+        .env("COMPRESS", "gzip")
         .output()
         .expect("run scripts/deb");
     let said = format!(
