@@ -170,8 +170,100 @@ pub fn check_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+type Mistake = (Vec<String>, String);
+
+/// `push.<k>…` as a key path.
+fn key(k: &[&str]) -> Vec<String> {
+    std::iter::once("push")
+        .chain(k.iter().copied())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A secret given as a file or a credential, not both; a valid name.
+fn check_secret(
+    file: bool,
+    credential: Option<&str>,
+    names: (&str, &str),
+    path: &[&str],
+) -> Result<(), Mistake> {
+    let Some(name) = credential else {
+        return Ok(());
+    };
+    let (what, example) = names;
+    if file {
+        return Err((
+            key(path),
+            format!("give the {what} either as a file or as a credential, not both"),
+        ));
+    }
+    if !check_credential_name(name) {
+        return Err((
+            key(path),
+            format!("a credential name is letters, digits and - _ . @, for example \"{example}\""),
+        ));
+    }
+    Ok(())
+}
+
+/// Each ping URL names a configured profile or drive, is a valid URL, and
+/// uses `{ping-key}` only when there is a key to fill in.
+fn check_pings(config: &Config, push: &Push) -> Result<(), Mistake> {
+    let keyed = push.ping_key_file.is_some() || push.ping_key_credential.is_some();
+    let checks = push
+        .profiles
+        .iter()
+        .map(|(n, u)| ("profiles", "profile", config.profiles.contains_key(n), n, u))
+        .chain(
+            push.drives
+                .iter()
+                .map(|(n, u)| ("drives", "drive", config.drives.contains_key(n), n, u)),
+        );
+    for (table, word, known, name, url) in checks {
+        let here = key(&[table, name.as_str()]);
+        if !known {
+            return Err((
+                here,
+                format!(
+                    "no {word} named `{name}`: add a [{table}.{name}] section or remove it here"
+                ),
+            ));
+        }
+        if url.contains(PING_KEY) && !keyed {
+            return Err((
+                here,
+                format!("uses {PING_KEY} but [push] has no ping-key-file or ping-key-credential to fill it in"),
+            ));
+        }
+        check_url(url).map_err(|e| (here, e))?;
+    }
+    Ok(())
+}
+
+fn check_ntfy(ntfy: &Ntfy) -> Result<(), Mistake> {
+    check_url(&ntfy.url).map_err(|e| (key(&["ntfy", "url"]), e))?;
+    check_secret(
+        ntfy.token_file.is_some(),
+        ntfy.token_credential.as_deref(),
+        ("token", "ferry-ntfy-token"),
+        &["ntfy", "token-credential"],
+    )?;
+    for tag in &ntfy.tags {
+        if tag.is_empty() || tag.contains(',') || !tag.chars().all(|c| c.is_ascii_graphic()) {
+            return Err((
+                key(&["ntfy", "tags"]),
+                format!(
+                    "`{}` is not a tag: one word of printable ASCII without commas, e.g. \"warning\"",
+                    tag.escape_debug()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that need the whole configuration.
-pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
+pub(crate) fn check(config: &Config) -> Result<(), Mistake> {
     if let Some(metrics) = &config.metrics {
         if metrics.textfile.extension().is_none_or(|e| e != "prom") {
             return Err((
@@ -182,12 +274,6 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
     }
     let Some(push) = &config.push else {
         return Ok(());
-    };
-    let key = |k: &[&str]| {
-        std::iter::once("push")
-            .chain(k.iter().copied())
-            .map(str::to_string)
-            .collect::<Vec<_>>()
     };
     if !(1..=60).contains(&push.timeout_seconds) {
         return Err((
@@ -204,85 +290,17 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
             "must not be less than retry-min-seconds".into(),
         ));
     }
-    if let Some(name) = &push.ping_key_credential {
-        if push.ping_key_file.is_some() {
-            return Err((
-                key(&["ping-key-credential"]),
-                "give the ping key either as ping-key-file or as ping-key-credential, not both"
-                    .into(),
-            ));
-        }
-        if !check_credential_name(name) {
-            return Err((
-                key(&["ping-key-credential"]),
-                "a credential name is letters, digits and - _ . @, for example \"ferry-ping-key\""
-                    .into(),
-            ));
-        }
+    check_secret(
+        push.ping_key_file.is_some(),
+        push.ping_key_credential.as_deref(),
+        ("ping key", "ferry-ping-key"),
+        &["ping-key-credential"],
+    )?;
+    check_pings(config, push)?;
+    match &push.ntfy {
+        Some(ntfy) => check_ntfy(ntfy),
+        None => Ok(()),
     }
-    let keyed = push.ping_key_file.is_some() || push.ping_key_credential.is_some();
-    let checks = push
-        .profiles
-        .iter()
-        .map(|(n, u)| ("profiles", n, u))
-        .chain(push.drives.iter().map(|(n, u)| ("drives", n, u)));
-    for (table, name, url) in checks {
-        if url.contains(PING_KEY) && !keyed {
-            return Err((
-                key(&[table, name.as_str()]),
-                format!("uses {PING_KEY} but [push] has no ping-key-file or ping-key-credential to fill it in"),
-            ));
-        }
-    }
-    for (name, url) in &push.profiles {
-        if !config.profiles.contains_key(name) {
-            return Err((
-                key(&["profiles", name.as_str()]),
-                format!(
-                    "no profile named `{name}`: add a [profiles.{name}] section or remove it here"
-                ),
-            ));
-        }
-        check_url(url).map_err(|e| (key(&["profiles", name.as_str()]), e))?;
-    }
-    for (name, url) in &push.drives {
-        if !config.drives.contains_key(name) {
-            return Err((
-                key(&["drives", name.as_str()]),
-                format!("no drive named `{name}`: add a [drives.{name}] section or remove it here"),
-            ));
-        }
-        check_url(url).map_err(|e| (key(&["drives", name.as_str()]), e))?;
-    }
-    if let Some(ntfy) = &push.ntfy {
-        check_url(&ntfy.url).map_err(|e| (key(&["ntfy", "url"]), e))?;
-        if let Some(name) = &ntfy.token_credential {
-            if ntfy.token_file.is_some() {
-                return Err((
-                    key(&["ntfy", "token-credential"]),
-                    "give the token either as token-file or as token-credential, not both".into(),
-                ));
-            }
-            if !check_credential_name(name) {
-                return Err((
-                    key(&["ntfy", "token-credential"]),
-                    "a credential name is letters, digits and - _ . @, for example \"ferry-ntfy-token\"".into(),
-                ));
-            }
-        }
-        for tag in &ntfy.tags {
-            if tag.is_empty() || tag.contains(',') || !tag.chars().all(|c| c.is_ascii_graphic()) {
-                return Err((
-                    key(&["ntfy", "tags"]),
-                    format!(
-                        "`{}` is not a tag: one word of printable ASCII without commas, e.g. \"warning\"",
-                        tag.escape_debug()
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

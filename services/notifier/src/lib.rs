@@ -608,32 +608,36 @@ impl Notifier {
                 let _ = reply.send(letters);
             }
             Command::Resend { id, reply } => {
-                let (mail, pushes) = (self.outbox.clone(), self.pushes.clone());
-                let wanted = id.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || match mail.resurrect(&wanted)? {
-                        true => Ok(true),
-                        false => pushes.resurrect(&wanted),
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
-                let result = match result {
-                    Ok(true) => {
-                        tracing::info!("dead letter {id} queued again");
-                        self.refresh_view(None).await;
-                        for deliverer in [&self.deliverer, &self.pusher].into_iter().flatten() {
-                            deliverer.flush();
-                        }
-                        Ok(())
-                    }
-                    Ok(false) => Err(FerryError::NotFound(format!(
-                        "no dead letter has the id `{}`; ListDeadLetters shows them",
-                        compose::one_line(&id, 64)
-                    ))),
-                    Err(e) => Err(FerryError::Failed(e)),
-                };
+                let result = self.resend(id).await;
                 let _ = reply.send(result);
             }
+        }
+    }
+
+    /// Puts dead letter `id` (mail or push) back into its outbox.
+    async fn resend(&mut self, id: String) -> Result<(), FerryError> {
+        let (mail, pushes) = (self.outbox.clone(), self.pushes.clone());
+        let wanted = id.clone();
+        let result = tokio::task::spawn_blocking(move || match mail.resurrect(&wanted)? {
+            true => Ok(true),
+            false => pushes.resurrect(&wanted),
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+        match result {
+            Ok(true) => {
+                tracing::info!("dead letter {id} queued again");
+                self.refresh_view(None).await;
+                for deliverer in [&self.deliverer, &self.pusher].into_iter().flatten() {
+                    deliverer.flush();
+                }
+                Ok(())
+            }
+            Ok(false) => Err(FerryError::NotFound(format!(
+                "no dead letter has the id `{}`; ListDeadLetters shows them",
+                compose::one_line(&id, 64)
+            ))),
+            Err(e) => Err(FerryError::Failed(e)),
         }
     }
 

@@ -124,92 +124,89 @@ fn known<T>(entries: &BTreeMap<String, T>, figure: impl Fn(&T) -> Option<f64>) -
         .collect()
 }
 
+/// A gauge of one kind of subject: its name, its help text and how to
+/// read it from the subject's figures.
+type Gauge<T> = (&'static str, &'static str, fn(&T) -> Option<f64>);
+
+const PROFILE_GAUGES: [Gauge<ProfileFigures>; 5] = [
+    (
+        "ferry_backup_last_success_timestamp_seconds",
+        "Unix time the profile's last backup that made an archive ended.",
+        |f| f.last_success.map(|v| v as f64),
+    ),
+    (
+        "ferry_backup_last_failure_timestamp_seconds",
+        "Unix time of the profile's last failed backup.",
+        |f| f.last_failure.map(|v| v as f64),
+    ),
+    (
+        "ferry_backup_last_duration_seconds",
+        "How long the profile's last backup took.",
+        |f| f.duration,
+    ),
+    (
+        "ferry_backup_last_archive_original_bytes",
+        "Original size of the profile's last archive.",
+        |f| f.original_bytes.map(|v| v as f64),
+    ),
+    (
+        "ferry_backup_last_archive_deduplicated_bytes",
+        "What the profile's last archive added to its repository (deduplicated, compressed).",
+        |f| f.deduplicated_bytes.map(|v| v as f64),
+    ),
+];
+
+const DRIVE_GAUGES: [Gauge<DriveFigures>; 5] = [
+    (
+        "ferry_drive_last_sync_timestamp_seconds",
+        "Unix time the drive's last successful sync finished.",
+        |f| f.last_sync.map(|v| v as f64),
+    ),
+    (
+        "ferry_drive_last_sync_copied_bytes",
+        "Bytes the drive's last successful sync copied.",
+        |f| f.copied_bytes.map(|v| v as f64),
+    ),
+    (
+        "ferry_drive_last_sync_duration_seconds",
+        "How long the drive's last successful sync took.",
+        |f| f.duration,
+    ),
+    (
+        "ferry_drive_free_bytes",
+        "Free bytes on the drive after its last successful sync.",
+        |f| f.free_bytes.map(|v| v as f64),
+    ),
+    (
+        "ferry_drive_last_failure_timestamp_seconds",
+        "Unix time of the drive's last failure (opening, syncing or closing).",
+        |f| f.last_failure.map(|v| v as f64),
+    ),
+];
+
 /// The file's text, in the Prometheus text exposition format.
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
-    let p = &s.profiles;
-    let d = &s.drives;
-    let gauge = "gauge";
-    family(
-        &mut out,
-        "ferry_backup_last_success_timestamp_seconds",
-        gauge,
-        "Unix time the profile's last backup that made an archive ended.",
-        "profile",
-        &known(p, |f| f.last_success.map(|v| v as f64)),
-    );
-    family(
-        &mut out,
-        "ferry_backup_last_failure_timestamp_seconds",
-        gauge,
-        "Unix time of the profile's last failed backup.",
-        "profile",
-        &known(p, |f| f.last_failure.map(|v| v as f64)),
-    );
-    family(
-        &mut out,
-        "ferry_backup_last_duration_seconds",
-        gauge,
-        "How long the profile's last backup took.",
-        "profile",
-        &known(p, |f| f.duration),
-    );
-    family(
-        &mut out,
-        "ferry_backup_last_archive_original_bytes",
-        gauge,
-        "Original size of the profile's last archive.",
-        "profile",
-        &known(p, |f| f.original_bytes.map(|v| v as f64)),
-    );
-    family(
-        &mut out,
-        "ferry_backup_last_archive_deduplicated_bytes",
-        gauge,
-        "What the profile's last archive added to its repository (deduplicated, compressed).",
-        "profile",
-        &known(p, |f| f.deduplicated_bytes.map(|v| v as f64)),
-    );
-    family(
-        &mut out,
-        "ferry_drive_last_sync_timestamp_seconds",
-        gauge,
-        "Unix time the drive's last successful sync finished.",
-        "drive",
-        &known(d, |f| f.last_sync.map(|v| v as f64)),
-    );
-    family(
-        &mut out,
-        "ferry_drive_last_sync_copied_bytes",
-        gauge,
-        "Bytes the drive's last successful sync copied.",
-        "drive",
-        &known(d, |f| f.copied_bytes.map(|v| v as f64)),
-    );
-    family(
-        &mut out,
-        "ferry_drive_last_sync_duration_seconds",
-        gauge,
-        "How long the drive's last successful sync took.",
-        "drive",
-        &known(d, |f| f.duration),
-    );
-    family(
-        &mut out,
-        "ferry_drive_free_bytes",
-        gauge,
-        "Free bytes on the drive after its last successful sync.",
-        "drive",
-        &known(d, |f| f.free_bytes.map(|v| v as f64)),
-    );
-    family(
-        &mut out,
-        "ferry_drive_last_failure_timestamp_seconds",
-        gauge,
-        "Unix time of the drive's last failure (opening, syncing or closing).",
-        "drive",
-        &known(d, |f| f.last_failure.map(|v| v as f64)),
-    );
+    for (name, help, figure) in PROFILE_GAUGES {
+        family(
+            &mut out,
+            name,
+            "gauge",
+            help,
+            "profile",
+            &known(&s.profiles, figure),
+        );
+    }
+    for (name, help, figure) in DRIVE_GAUGES {
+        family(
+            &mut out,
+            name,
+            "gauge",
+            help,
+            "drive",
+            &known(&s.drives, figure),
+        );
+    }
     family(
         &mut out,
         "ferry_service_failures_total",
@@ -221,7 +218,7 @@ pub fn render(s: &Snapshot) -> String {
     family(
         &mut out,
         "ferry_notifier_pending_messages",
-        gauge,
+        "gauge",
         "Messages waiting in ferry-notifier's outbox, per channel.",
         "channel",
         &known(&s.pending, |v| Some(f64::from(*v))),
@@ -229,7 +226,7 @@ pub fn render(s: &Snapshot) -> String {
     family(
         &mut out,
         "ferry_notifier_dead_letters",
-        gauge,
+        "gauge",
         "Messages refused for good, per channel (ListDeadLetters).",
         "channel",
         &known(&s.dead, |v| Some(f64::from(*v))),
