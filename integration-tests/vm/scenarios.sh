@@ -419,7 +419,7 @@ G
 scenario_uninstall() {
   g uninstall 300 <<'G'
 systemctl enable ferry-backup@nas.timer
-dpkg -L ferry | while read -r f; do [ -f "$f" ] && echo "$f"; done > $T/package-files
+dpkg -L ferry | while read -r f; do if [ -f "$f" ]; then echo "$f"; fi; done > $T/package-files
 [ -s $T/package-files ] || fail "dpkg lists no files of ferry"
 apt purge -y ferry > $T/apt.log 2>&1 || { cat $T/apt.log; fail "apt purge ferry failed"; }
 tail -3 $T/apt.log
@@ -428,7 +428,7 @@ left=$(systemctl list-units --all --plain --no-legend 'ferry*' | grep -v 'not-fo
 files=$(systemctl list-unit-files --no-legend 'ferry*' || true)
 [ -z "$files" ] || fail "unit files left: $files"
 ls /etc/systemd/system/*.wants/ferry* 2>/dev/null && fail "enablement links left"
-found=$(while read -r f; do [ -e "$f" ] && echo "$f"; done < $T/package-files)
+found=$(while read -r f; do if [ -e "$f" ]; then echo "$f"; fi; done < $T/package-files)
 [ -z "$found" ] || fail "files left: $found"
 busctl --system list --no-legend | grep -q org.ferry && fail "a ferry name is still on the bus"
 test -d /etc/ferry/keys || fail "purge removed /etc/ferry/keys (the drives' keys)"
