@@ -224,9 +224,10 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Status { json } => {
                 let mut status = status::gather(&conn, now()).await;
-                status.drive_stale_days = ferry_config::Config::load(&config)
-                    .ok()
-                    .map(|c| c.notify.drive_stale_days);
+                if let Ok(config) = ferry_config::Config::load(&config) {
+                    status.drive_stale_days = Some(config.notify.drive_stale_days);
+                    status::add_health(&mut status, &config.state_directory);
+                }
                 if json {
                     match serde_json::to_string_pretty(&status) {
                         Ok(text) => println!("{text}"),

@@ -16,6 +16,7 @@ use ferry_interfaces::sync::SyncProxy;
 use ferry_interfaces::{
     BackupJob, BackupResult, CryptDrive, Failure, ScheduleEntry, SyncJob, SyncRecord, WatchedDrive,
 };
+use ferry_service::health_ledger::HealthRecord;
 use serde::Serialize;
 use zbus::proxy::CacheProperties;
 use zbus::Connection;
@@ -46,6 +47,8 @@ pub struct DriveStatus {
     pub running: Option<SyncJob>,
     pub last_sync: Option<SyncRecord>,
     pub failures: Vec<Failure>,
+    /// ferry-crypt's latest SMART reading (its health ledger).
+    pub health: Option<HealthRecord>,
 }
 
 /// One backup profile, as ferry-borg sees it.
@@ -181,6 +184,7 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
             crypt: crypt_drives.iter().find(|d| d.name == name).cloned(),
             running: running.iter().find(|j| j.drive == name).cloned(),
             last_sync: syncs.iter().find(|s| s.drive == name).cloned(),
+            health: None,
             failures: crypt_failures
                 .iter()
                 .chain(sync_failures.iter())
@@ -232,6 +236,38 @@ fn status_unreachable(service: &str, e: zbus::Error) -> (String, String) {
 }
 
 /// The status in a person's words.
+/// A drive's last SMART reading in words; a bad one in capitals.
+fn health_words(now: u64, h: &HealthRecord) -> String {
+    let when = words::ago(now, h.time);
+    match h.verdict.as_str() {
+        "passed" => format!("health passed ({}), read {when}", h.summary),
+        "unavailable" => format!("health unknown, read {when}: {}", h.summary),
+        bad => {
+            let what = match h.decision.as_str() {
+                "refuse" => "the drive is refused",
+                _ => "used anyway",
+            };
+            format!(
+                "HEALTH {} ({}), read {when}: {what}",
+                bad.to_uppercase(),
+                h.summary
+            )
+        }
+    }
+}
+
+/// Fills each drive's health from ferry-crypt's health ledger under the
+/// state directory (a file, not a property: see docs/monitoring.md).
+pub fn add_health(status: &mut Status, state_directory: &std::path::Path) {
+    let ledger = ferry_service::health_ledger::path(state_directory);
+    let Ok(mut readings) = ferry_service::health_ledger::load(&ledger) else {
+        return;
+    };
+    for drive in &mut status.drives {
+        drive.health = readings.remove(&drive.name);
+    }
+}
+
 pub fn render(status: &Status) -> String {
     let now = status.now;
     let mut out = String::new();
@@ -308,6 +344,9 @@ pub fn render(status: &Status) -> String {
                     ""
                 ));
             }
+        }
+        if let Some(h) = &drive.health {
+            line(format!("  {:<14} {}", "", health_words(now, h)));
         }
         for f in &drive.failures {
             line(format!(
@@ -464,6 +503,18 @@ mod tests {
                         free: 200 * 1024 * 1024 * 1024,
                     }),
                     failures: vec![],
+                    health: Some(HealthRecord {
+                        time: now - 120,
+                        device: "/dev/sdb".into(),
+                        decision: "warn".into(),
+                        verdict: "degraded".into(),
+                        summary: "SMART overall health passed, 3 reallocated sectors".into(),
+                        reallocated: Some(3),
+                        pending: Some(0),
+                        uncorrectable: None,
+                        power_on_hours: Some(9000),
+                        temperature: Some(30),
+                    }),
                 },
                 DriveStatus {
                     name: "offsite-b".into(),
@@ -517,6 +568,7 @@ mod tests {
             "STALE: not synced within 2 days",
             "never synced",
             "FAILED at identity 2 hours ago: no token",
+            "HEALTH DEGRADED (SMART overall health passed, 3 reallocated sectors), read 2 minutes ago: used anyway",
             "nas            last run 5 hours ago",
             "finished, archive nas-1",
             "next due in 19 hours",

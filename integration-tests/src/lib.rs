@@ -30,6 +30,7 @@
 //! what is missing ([`require`] and friends say what).
 
 mod bus;
+pub mod http;
 pub mod introspection;
 mod loopdev;
 mod prereq;

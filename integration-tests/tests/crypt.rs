@@ -1234,8 +1234,155 @@ async fn the_interface_matches_its_xml_and_refuses_unknown_and_absent_drives() {
         .is_empty());
 }
 
+/// A stand-in for smartctl (configured as `[crypt] smartctl`): records its
+/// arguments and prints a recorded `smartctl --json` output with its exit
+/// status, as the real one does for that drive. The test swaps the output.
+struct FakeSmartctl {
+    dir: PathBuf,
+}
+
+impl FakeSmartctl {
+    fn new(dir: &Path) -> FakeSmartctl {
+        let dir = dir.join("smartctl");
+        std::fs::create_dir_all(&dir).expect("smartctl dir");
+        let script = dir.join("smartctl");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> '{0}/args'\ncat '{0}/output.json'\nexit $(cat '{0}/exit')\n",
+                dir.display()
+            ),
+        )
+        .expect("script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        FakeSmartctl { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("smartctl")
+    }
+
+    /// From now on it prints `services/crypt/tests/smartctl/<name>.json`.
+    fn says(&self, name: &str, exit: i32) {
+        let recorded = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../services/crypt/tests/smartctl")
+            .join(format!("{name}.json"));
+        std::fs::copy(recorded, self.dir.join("output.json")).expect("recorded output");
+        std::fs::write(self.dir.join("exit"), exit.to_string()).expect("exit");
+    }
+
+    fn args(&self) -> String {
+        std::fs::read_to_string(self.dir.join("args")).unwrap_or_default()
+    }
+}
+
+fn health_of(dir: &Path, drive: &str) -> ferry_service::health_ledger::HealthRecord {
+    let ledger = ferry_service::health_ledger::path(&dir.join("state"));
+    ferry_service::health_ledger::load(&ledger).expect("ledger")[drive].clone()
+}
+
+async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_warned_about() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let smartctl = FakeSmartctl::new(dir.path());
+    smartctl.says("failing", 8);
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let mut b = enroll_plain(dir.path(), &base, "offsite-b");
+    let text = crypt_section(dir.path()).replace(
+        "[crypt]\n",
+        &format!("[crypt]\nsmartctl = \"{}\"\n", smartctl.path().display()),
+    );
+    let mut config_text = text;
+    for (name, enrolled, policy) in [("offsite-a", &a, "refuse"), ("offsite-b", &b, "warn")] {
+        config_text.push_str(&format!(
+            "{}mountpoint = \"{}\"\nhealth = \"{policy}\"\n\n",
+            enrolled.section,
+            mountpoint(dir.path(), name).display()
+        ));
+    }
+    let config = write_config(dir.path(), &config_text);
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+
+    // Failing under "refuse": DriveFailed at stage health, never mounted.
+    let device = a.image.attach();
+    let failed = signals
+        .wait_for("DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "health", "{failed:?}");
+    assert!(
+        failed.args[2].contains("failing") && failed.args[2].contains("1872 reallocated sectors"),
+        "{failed:?}"
+    );
+    assert_eq!(mounted_at(&mountpoint(dir.path(), "offsite-a")), None);
+    assert!(!device_mounted(&device));
+    assert!(
+        smartctl
+            .args()
+            .contains(&format!("--json --info --health --attributes {device}")),
+        "{}",
+        smartctl.args()
+    );
+    let record = health_of(dir.path(), "offsite-a");
+    assert_eq!(
+        (record.verdict.as_str(), record.decision.as_str()),
+        ("failing", "refuse")
+    );
+    assert_eq!(record.pending, Some(24));
+
+    // Failing under "warn": opened, and the warning is in the ledger.
+    b.image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-b"), WAIT)
+        .await;
+    let record = health_of(dir.path(), "offsite-b");
+    assert_eq!(
+        (record.verdict.as_str(), record.decision.as_str()),
+        ("failing", "warn")
+    );
+
+    // Healthy now: the refused drive opens.
+    smartctl.says("healthy", 0);
+    let proxy: CryptProxy = uncached(&conn).await;
+    proxy.open("offsite-a").await.expect("Open");
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    let record = health_of(dir.path(), "offsite-a");
+    assert_eq!(
+        (record.verdict.as_str(), record.decision.as_str()),
+        ("passed", "open")
+    );
+    assert_eq!(record.power_on_hours, Some(8766));
+
+    // A bridge smartctl does not know: unavailable, never refused.
+    proxy.close("offsite-a").await.expect("Close");
+    signals
+        .wait_for("DriveClosed", named("offsite-a"), WAIT)
+        .await;
+    smartctl.says("unsupported-bridge", 1);
+    let before = signals.len();
+    proxy.open("offsite-a").await.expect("Open");
+    signals
+        .wait_for_from(before, "DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    let record = health_of(dir.path(), "offsite-a");
+    assert_eq!(record.verdict, "unavailable");
+    assert!(record.summary.contains("Unknown USB bridge"), "{record:?}");
+    assert_eq!(
+        signals.count("DriveFailed", named("offsite-b")),
+        0,
+        "{}",
+        signals.listing()
+    );
+}
+
 ferry_integration_tests::integration_tests! {
-    async DeviceMapper: [an_enrolled_luks_drive_opens_and_closes_through_its_mapping],
     async Machine: [
         plain_drive_opens_on_attach_is_visible_to_others_and_closes,
         a_busy_drive_names_its_holder_refuses_a_second_request_and_closes_later,
@@ -1249,5 +1396,9 @@ ferry_integration_tests::integration_tests! {
         plain_enrolment_refuses_until_confirmed_and_prepares_a_drive_that_opens,
         luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_without_device_mapper,
         the_interface_matches_its_xml_and_refuses_unknown_and_absent_drives,
+        smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_warned_about,
+    ],
+    async DeviceMapper: [
+        an_enrolled_luks_drive_opens_and_closes_through_its_mapping,
     ],
 }

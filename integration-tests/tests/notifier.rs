@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::peers::{serve, FakeBorg, FakeSync};
 use common::*;
 use ferry_integration_tests::introspection::assert_matches_contract;
 use ferry_integration_tests::smtp::{require_aiosmtpd, Received, Smtp};
@@ -496,62 +497,6 @@ async fn a_crash_after_the_server_accepted_duplicates_once_with_the_same_id() {
     assert!(outbox_files(dir.path(), "outbox").is_empty());
 }
 
-struct FakeSync {
-    last_syncs: Vec<SyncRecord>,
-    last_failures: Vec<Failure>,
-}
-
-#[zbus::interface(name = "org.ferry.Sync1")]
-impl FakeSync {
-    #[zbus(property)]
-    fn last_syncs(&self) -> Vec<SyncRecord> {
-        self.last_syncs.clone()
-    }
-    #[zbus(property)]
-    fn last_failures(&self) -> Vec<Failure> {
-        self.last_failures.clone()
-    }
-}
-
-struct FakeBorg {
-    results: Vec<BackupResult>,
-    schedule: Vec<ScheduleEntry>,
-    last_failures: Vec<Failure>,
-}
-
-#[zbus::interface(name = "org.ferry.Borg1")]
-impl FakeBorg {
-    #[zbus(property)]
-    fn last_results(&self) -> Vec<BackupResult> {
-        self.results.clone()
-    }
-    #[zbus(property)]
-    fn schedule(&self) -> Vec<ScheduleEntry> {
-        self.schedule.clone()
-    }
-    #[zbus(property)]
-    fn last_failures(&self) -> Vec<Failure> {
-        self.last_failures.clone()
-    }
-}
-
-async fn serve<I: zbus::object_server::Interface>(
-    bus: &TestBus,
-    name: &str,
-    path: &str,
-    object: I,
-) -> zbus::Connection {
-    zbus::connection::Builder::address(bus.address())
-        .expect("address")
-        .name(name.to_string())
-        .expect("name")
-        .serve_at(path.to_string(), object)
-        .expect("serve")
-        .build()
-        .await
-        .expect("fake peer")
-}
-
 fn record(drive: &str, time: u64) -> SyncRecord {
     SyncRecord {
         drive: drive.into(),
@@ -621,6 +566,7 @@ async fn stale_drives_and_profiles_are_mailed_on_a_test_clock_once_a_day() {
                 },
             ],
             last_failures: vec![],
+            stats: String::new(),
         },
     )
     .await;
@@ -713,6 +659,7 @@ async fn a_failure_while_the_notifier_was_stopped_is_mailed_when_it_starts() {
                 stage: "hook".into(),
                 message: "before hook exited with 1: mount point missing".into(),
             }],
+            stats: String::new(),
         },
     )
     .await;

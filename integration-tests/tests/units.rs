@@ -116,14 +116,16 @@ fn every_user_unit_verifies_without_a_word() {
 /// The exposure score each unit must stay under (`systemd-analyze security`,
 /// 0 = locked down, 10 = exposed). The crypt manager and the sync worker run
 /// as root without mount namespaces on purpose (their mounts must be shared);
-/// the README lists the scores and why.
+/// the README lists the scores and why. ferry-crypt's 5.2 includes
+/// CAP_SYS_RAWIO (0.2), without which smartctl cannot read a USB drive's
+/// SMART health through its bridge.
 const THRESHOLDS: [(&str, f64); 6] = [
     ("ferry-drive-watcher.service", 1.5),
     ("ferry-led.service", 1.5),
     ("ferry-notifier.service", 2.0),
     ("ferry-borg.service", 3.5),
     ("ferry-sync.service", 4.5),
-    ("ferry-crypt.service", 5.0),
+    ("ferry-crypt.service", 5.2),
 ];
 
 fn security_exposure_stays_under_each_units_threshold() {

@@ -51,6 +51,11 @@ trap cleanup EXIT
 rm -rf "$RUN/share/ferry"; mkdir -p "$RUN/share/ferry/target/debug"
 cp -r "$REPO/scripts" "$REPO/units" "$REPO/examples" "$RUN/share/ferry/"
 for s in "${services[@]}"; do cp "$CARGO_TARGET_DIR/debug/$s" "$RUN/share/ferry/target/debug/"; done
+# ferry's Debian package, as users install it (the install scenario does
+# apt install ./ferry_….deb); lintian runs in scripts/deb's own test.
+t=$(now)
+(cd "$REPO" && BUILD=debug NO_BUILD=1 LINTIAN=0 COMPRESS=gzip OUT="$RUN/share" scripts/deb) || { echo "vm-test: FAIL: scripts/deb" >&2; exit 1; }
+echo "TIME scripts/deb: $(elapsed "$t")s"
 cp -r "$HERE/guest" "$RUN/share/guest"
 
 rm -rf "$RUN/share/guest"

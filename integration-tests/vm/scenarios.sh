@@ -18,11 +18,15 @@ R
 systemd-run --quiet --unit=vmtest-recorder python3 $G/vmtest.py record $SIG
 wait_until 120 "the signal recorder listens" test -e $SIG.ready
 
-echo "== the README's install, literally"
-cd /mnt/share/ferry
-NO_BUILD=1 BUILD=debug scripts/install >/dev/null
-systemd-sysusers && systemd-tmpfiles --create
-systemctl daemon-reload && udevadm control --reload && systemctl reload dbus
+echo "== the Debian package, as the README says"
+cd /mnt/share
+apt install -y ./ferry_*.deb > $T/apt.log 2>&1 || { cat $T/apt.log; fail "apt install ./ferry_*.deb failed"; }
+tail -3 $T/apt.log
+# Its postinst made the users and directories and reloaded systemd, udev and D-Bus.
+getent passwd ferry-notifier >/dev/null || fail "the package made no ferry-notifier user"
+stat -c '%a %U' /var/lib/ferry/notifier | grep -qx '700 ferry-notifier' || fail "no /var/lib/ferry/notifier"
+systemctl is-enabled --quiet ferry-crypt || fail "the package did not enable ferry-crypt"
+systemctl is-active --quiet ferry-crypt && fail "ferry-crypt started without a configuration"
 cp /etc/ferry/ferry.toml.example /etc/ferry/ferry.toml   # then edit it
 
 # The emulated BlinkStick, the SMTP sink (its password as a credential), a
@@ -128,6 +132,10 @@ G
   g flow 900 <<'G'
 m=$(cat $T/mark)
 wait_sig $m 600 DriveAttached/stick DriveOpened/stick SyncStarted/stick SyncFinished/stick DriveClosed/stick
+# The real smartctl ran on the emulated USB disk before it was opened and
+# did not stop the flow; its reading is in the health ledger.
+python3 -c 'import json; r = json.load(open("/var/lib/ferry/crypt-health.json"))["stick"]; print("health of the emulated stick:", r["device"], r["verdict"], r["decision"], "-", r["summary"])' \
+  || fail "ferry-crypt recorded no health reading of the stick"
 mapped && fail "ferry-stick is still mapped"
 mounted && fail "/run/ferry/stick is still mounted"
 sigs_since $m
@@ -351,7 +359,7 @@ scenario_onfailure() {
 touch $T/mailmark; sleep 0.01
 printf '[led]\nbackend = "blinkstick"\nblink = 1\n' > $T/broken.toml
 mkdir -p /etc/systemd/system/ferry-led.service.d
-printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/ferry-led --config %s\n' $T/broken.toml \
+printf '[Service]\nExecStart=\nExecStart=/usr/bin/ferry-led --config %s\n' $T/broken.toml \
   > /etc/systemd/system/ferry-led.service.d/vmtest-broken.conf
 systemctl daemon-reload
 systemctl restart ferry-led || true
@@ -498,18 +506,21 @@ G
 scenario_uninstall() {
   g uninstall 300 <<'G'
 systemctl enable ferry-backup@nas.timer
-cd /mnt/share/ferry
-scripts/install --uninstall
+dpkg -L ferry | while read -r f; do if [ -f "$f" ]; then echo "$f"; fi; done > $T/package-files
+[ -s $T/package-files ] || fail "dpkg lists no files of ferry"
+apt purge -y ferry > $T/apt.log 2>&1 || { cat $T/apt.log; fail "apt purge ferry failed"; }
+tail -3 $T/apt.log
 left=$(systemctl list-units --all --plain --no-legend 'ferry*' | grep -v 'not-found' || true)
 [ -z "$left" ] || fail "units still loaded: $left"
 files=$(systemctl list-unit-files --no-legend 'ferry*' || true)
 [ -z "$files" ] || fail "unit files left: $files"
 ls /etc/systemd/system/*.wants/ferry* 2>/dev/null && fail "enablement links left"
-found=$(find /usr/local /etc/dbus-1 /etc/udev/rules.d /etc/sysusers.d /etc/tmpfiles.d /etc/ferry/ferry.toml.example \
-  \( -name 'ferry*' -o -name 'org.ferry*' -o -name '70-ferry-blinkstick.rules' \) 2>/dev/null || true)
+found=$(while read -r f; do if [ -e "$f" ]; then echo "$f"; fi; done < $T/package-files)
 [ -z "$found" ] || fail "files left: $found"
 busctl --system list --no-legend | grep -q org.ferry && fail "a ferry name is still on the bus"
-echo "nothing of ferry's installed files is left; /etc/ferry and /var/lib/ferry stay"
+test -d /etc/ferry/keys || fail "purge removed /etc/ferry/keys (the drives' keys)"
+test -d /var/lib/ferry || fail "purge removed /var/lib/ferry"
+echo "apt purge left nothing of the package's files; /etc/ferry (keys) and /var/lib/ferry stay"
 G
 }
 

@@ -21,6 +21,31 @@ pub struct CryptSettings {
     /// killed and the stage fails. Default 120.
     #[serde(default = "default_command_timeout")]
     pub command_timeout: u64,
+    /// smartmontools' `smartctl`, run with `--json` on every attach before
+    /// the drive is opened (see `health` in `[drives.<name>]`). When it is
+    /// not installed the check is skipped and recorded as unavailable.
+    /// Default /usr/sbin/smartctl.
+    #[serde(default = "default_smartctl")]
+    pub smartctl: AbsolutePath,
+}
+
+/// What a failing SMART health does to a drive (`health` in
+/// `[drives.<name>]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthPolicy {
+    /// Open and sync anyway, and say so: a mail, the ledger, the LED's
+    /// reason (DriveFailed is not sent; the warning is in Drives' message).
+    #[default]
+    Warn,
+    /// Refuse to open the drive: DriveFailed at stage `health`.
+    Refuse,
+    /// Do not run smartctl for this drive.
+    Off,
+}
+
+fn default_smartctl() -> AbsolutePath {
+    AbsolutePath::from_static("/usr/sbin/smartctl")
 }
 
 fn default_key_directory() -> AbsolutePath {
@@ -41,6 +66,7 @@ impl Default for CryptSettings {
             key_directory: default_key_directory(),
             close_timeout: default_close_timeout(),
             command_timeout: default_command_timeout(),
+            smartctl: default_smartctl(),
         }
     }
 }

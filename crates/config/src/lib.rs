@@ -12,6 +12,7 @@ mod error;
 mod locate;
 mod notify;
 pub mod paths;
+mod push;
 mod remote;
 mod sync;
 mod values;
@@ -22,9 +23,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use borg::{BorgSettings, Checks, Frequency, Hooks, Preconditions, Profile, Retention, Span};
-pub use crypt::CryptSettings;
+pub use crypt::{CryptSettings, HealthPolicy};
 pub use error::ConfigError;
 pub use notify::{Mail, MailTransport, NotifySettings, SmtpSecurity};
+pub use push::{check_url, Metrics, Ntfy, NtfyPriority, Push, PING_KEY};
 pub use remote::{is_remote, HomePath, HomePathError, RemoteRepository, SshUrl, SshUrlError};
 pub use sync::SyncSettings;
 pub use values::{AbsolutePath, Color, FsUuid, Name};
@@ -72,6 +74,10 @@ pub struct Config {
     /// What is mailed and when.
     #[serde(default)]
     pub notify: NotifySettings,
+    /// Healthchecks-style pings and ntfy pushes; without it none are sent.
+    pub push: Option<Push>,
+    /// The Prometheus textfile; without it none is written.
+    pub metrics: Option<Metrics>,
 }
 
 fn default_state_directory() -> AbsolutePath {
@@ -92,6 +98,8 @@ impl Default for Config {
             profiles: BTreeMap::new(),
             mail: None,
             notify: NotifySettings::default(),
+            push: None,
+            metrics: None,
         }
     }
 }
@@ -124,6 +132,11 @@ pub struct Drive {
     /// so configurations written before this key keep working.
     #[serde(default)]
     pub filesystem: Filesystem,
+    /// What a failing SMART health (read with smartctl on attach) does:
+    /// warn (default: open anyway, say so), refuse (DriveFailed at stage
+    /// `health`, the drive stays locked) or off (smartctl is not run).
+    #[serde(default)]
+    pub health: HealthPolicy,
 }
 
 /// The filesystem types a drive may carry, by their kernel (and blkid)
@@ -369,6 +382,7 @@ impl Config {
         sync::check(self)?;
         borg::check(self)?;
         paths::check(self)?;
-        notify::check(self)
+        notify::check(self)?;
+        push::check(self)
     }
 }

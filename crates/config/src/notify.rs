@@ -182,12 +182,23 @@ fn default_max_per_hour() -> u32 {
 }
 
 /// Whether `host` is this machine: `localhost` or a loopback address.
-fn is_loopback_host(host: &str) -> bool {
+pub(crate) fn is_loopback_host(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     bare.eq_ignore_ascii_case("localhost")
         || bare
             .parse::<IpAddr>()
             .is_ok_and(|ip: IpAddr| ip.is_loopback())
+}
+
+/// A systemd credential name: letters, digits and `-_.@`, not `.` or `..`.
+pub(crate) fn check_credential_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
 }
 
 /// A plausible mail address: `local@domain`, printable ASCII, no spaces,
@@ -274,14 +285,7 @@ pub(crate) fn check(config: &Config) -> Result<(), (Vec<String>, String)> {
                 "a password needs a user name: add username = \"…\"".into(),
             ));
         }
-        let valid = !name.is_empty()
-            && name.len() <= 255
-            && name != "."
-            && name != ".."
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
-        if !valid {
+        if !check_credential_name(name) {
             return Err((
                 key("password-credential"),
                 "a credential name is letters, digits and - _ . @, for example \"ferry-smtp-password\""

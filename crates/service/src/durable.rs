@@ -8,7 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Replaces `path` with `bytes` durably and atomically. The file gets `mode`
-/// (for example 0o600 for anything with a secret or a mail in it).
+/// exactly, whatever the umask (for example 0o600 for anything with a
+/// secret or a mail in it, 0o644 for a file another user reads, such as
+/// the metrics textfile under a unit's UMask=0077).
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path
         .parent()
@@ -32,6 +34,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> 
             .truncate(true)
             .mode(mode)
             .open(&temp)?;
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&temp, path)?;

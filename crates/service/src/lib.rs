@@ -10,6 +10,7 @@ mod args;
 pub mod caller;
 pub mod confined;
 pub mod durable;
+pub mod health_ledger;
 pub mod history;
 pub mod host;
 mod logging;

@@ -25,10 +25,12 @@ rm -rf "$ROOT"; mkdir -p "$ROOT"
 # dbus-daemon drops their connections), dbus-user-session (a lingering
 # user's session bus, for the user-level ferry-borg), openssh-server and
 # openssh-client (that user backs up over SSH to a restricted account on the
-# guest itself; the guest has no network but its loopback).
+# guest itself; the guest has no network but its loopback), smartmontools
+# (ferry-crypt reads a drive's SMART health on attach; ferry's package
+# recommends it).
 PKGS=systemd,systemd-sysv,udev,dbus,cryptsetup,cryptsetup-bin,dmsetup,e2fsprogs,kmod,util-linux,mount,procps,\
 linux-image-amd64,initramfs-tools,python3-minimal,usbutils,less,borgbackup,psmisc,python3-aiosmtpd,\
-python3-dbus,python3-gi,libnss-systemd,dbus-user-session,libpam-systemd,openssh-server,openssh-client
+python3-dbus,python3-gi,libnss-systemd,dbus-user-session,libpam-systemd,openssh-server,openssh-client,smartmontools
 
 t0=$(date +%s)
 mmdebstrap --mode=root --skip=essential/unlink --variant=minbase --include="$PKGS" \

@@ -27,6 +27,7 @@ pub mod devices;
 pub mod domain;
 pub mod enroll;
 pub mod failures;
+pub mod health;
 pub mod identity;
 pub mod interface;
 pub mod mounts;
@@ -333,6 +334,7 @@ async fn recovered(
     let mut enrolled = Vec::new();
     for (name, drive) in &config.drives {
         let mut plan = Plan::new(name, drive, &config.crypt);
+        plan.health.ledger = Some(ferry_service::health_ledger::path(&config.state_directory));
         plan.device = attached.get(name.as_str()).map(PathBuf::from);
         enrolled.push(Enrolled {
             name: name.clone(),

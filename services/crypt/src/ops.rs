@@ -59,6 +59,8 @@ pub struct Plan {
     pub close_timeout: Duration,
     /// How long one helper program may run.
     pub command_timeout: Duration,
+    /// The SMART health check before opening.
+    pub health: crate::health::Check,
 }
 
 impl Plan {
@@ -74,6 +76,11 @@ impl Plan {
             power_off: drive.power_off,
             close_timeout: Duration::from_secs(settings.close_timeout),
             command_timeout: Duration::from_secs(settings.command_timeout),
+            health: crate::health::Check {
+                policy: drive.health,
+                smartctl: settings.smartctl.to_path_buf(),
+                ledger: None,
+            },
         }
     }
 
@@ -161,7 +168,8 @@ pub async fn run(operation: Operation, plan: &Plan, device: Option<&Path>) -> Re
 /// [`open`], leaving the drive mounted as `access` says.
 pub async fn open_for(plan: &Plan, device: &Path, access: Access) -> Result<(), Failed> {
     // Before opening, check health: a drive that reports itself failing is
-    // not opened (stage `health`, CryptStage::Health). The check goes here.
+    // not opened when its policy says refuse (stage `health`).
+    crate::health::gate(&plan.health, plan.name.as_str(), device).await?;
     let source = match &plan.key_file {
         Some(key) => {
             unlock(plan, device, key).await?;

@@ -98,24 +98,45 @@ pub fn spawn(
     outbox: Outbox,
     reports: mpsc::Sender<Report>,
 ) -> (Deliverer, tokio::task::JoinHandle<()>) {
+    let min = Duration::from_secs(mail.retry_min_seconds);
+    let max = Duration::from_secs(mail.retry_max_seconds);
+    let sender = reports.clone();
+    retry_loop("mail", min, max, reports, move || {
+        let (mail, outbox, reports) = (mail.clone(), outbox.clone(), sender.clone());
+        async move { pass(&mail, &outbox, &reports).await }
+    })
+}
+
+/// The retry policy every channel shares: run `pass` when something is
+/// queued or flushed; after a temporary failure (Err) wait `min`, doubling
+/// up to `max`, Flush cutting the wait short. Nothing pending: no timer.
+pub fn retry_loop<F, Fut>(
+    what: &'static str,
+    min: Duration,
+    max: Duration,
+    reports: mpsc::Sender<Report>,
+    mut pass: F,
+) -> (Deliverer, tokio::task::JoinHandle<()>)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let handle = Deliverer {
         wake: Arc::new(Notify::new()),
         flush: Arc::new(Notify::new()),
     };
     let (wake, flush) = (handle.wake.clone(), handle.flush.clone());
     let task = tokio::spawn(async move {
-        let min = Duration::from_secs(mail.retry_min_seconds);
-        let max = Duration::from_secs(mail.retry_max_seconds);
         let mut backoff: Option<Duration> = None;
         loop {
             let retry = backoff;
-            match pass(&mail, &outbox, &reports).await {
+            match pass().await {
                 Ok(()) => backoff = None,
                 Err(error) => {
                     let next = retry.map_or(min, |b| (b * 2).min(max));
                     backoff = Some(next);
                     tracing::warn!(
-                        "mail not delivered, retrying in {}s: {error}",
+                        "{what} not delivered, retrying in {}s: {error}",
                         next.as_secs()
                     );
                     let _ = reports.send(Report::Deferred { error, retry: next }).await;
@@ -237,8 +258,8 @@ enum Sent {
     Unknown(String),
 }
 
-async fn bury(
-    outbox: &Outbox,
+pub(crate) async fn bury<L: crate::outbox::Letter>(
+    outbox: &Outbox<L>,
     path: &std::path::Path,
     id: &str,
     error: &str,
@@ -246,10 +267,10 @@ async fn bury(
 ) {
     match outbox.bury(path, error) {
         Ok(target) => tracing::error!(
-            "mail {id} refused for good ({error}); kept in {} for a person to look at",
+            "{id} refused for good ({error}); kept in {} for a person to look at",
             target.display()
         ),
-        Err(e) => tracing::error!("mail {id} refused for good ({error}) and cannot be moved: {e}"),
+        Err(e) => tracing::error!("{id} refused for good ({error}) and cannot be moved: {e}"),
     }
     let _ = reports
         .send(Report::Dead {
@@ -259,25 +280,43 @@ async fn bury(
         .await;
 }
 
-/// The systemd credential `name` (LoadCredential= in the unit), from
-/// `$CREDENTIALS_DIRECTORY`: only this service can read it.
-fn read_credential(name: &str) -> Result<String, String> {
-    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
-        return Err(format!(
-            "password-credential = \"{name}\" but systemd passed no credentials: \
-             run ferry-notifier from its unit, which has LoadCredential={name}"
-        ));
+/// A secret (`what`: "the SMTP password") from its file (root, not
+/// readable by others) or its systemd credential `name` (LoadCredential=
+/// in the unit, from `$CREDENTIALS_DIRECTORY`: only this service can read
+/// it); None with neither. Read for each delivery pass, never logged.
+pub(crate) fn read_secret(
+    file: Option<&std::path::Path>,
+    credential: Option<&str>,
+    what: &str,
+) -> Result<Option<String>, String> {
+    let text = match (file, credential) {
+        (Some(file), _) => {
+            let mut text = String::new();
+            ferry_config::paths::open_secret(file, &format!("{what} file")).and_then(|mut f| {
+                std::io::Read::read_to_string(&mut f, &mut text)
+                    .map_err(|e| format!("cannot read {what} file {}: {e}", file.display()))
+            })?;
+            text
+        }
+        (None, Some(name)) => {
+            let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+                return Err(format!(
+                    "{what} is the credential \"{name}\" but systemd passed no credentials: \
+                     run ferry-notifier from its unit, which has LoadCredential={name}"
+                ));
+            };
+            let path = std::path::Path::new(&dir).join(name);
+            std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "cannot read {what} credential {}: {e} \
+                     (put it in /etc/credstore/{name}, mode 0600, and restart ferry-notifier)",
+                    path.display()
+                )
+            })?
+        }
+        (None, None) => return Ok(None),
     };
-    let path = std::path::Path::new(&dir).join(name);
-    std::fs::read_to_string(&path)
-        .map(|p| p.trim_end_matches(['\r', '\n']).to_string())
-        .map_err(|e| {
-            format!(
-                "cannot read the SMTP password credential {}: {e} \
-                 (put the password in /etc/credstore/{name}, mode 0600, and restart ferry-notifier)",
-                path.display()
-            )
-        })
+    Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
 }
 
 /// The configured way out.
@@ -371,21 +410,12 @@ impl Transport {
 /// The SMTP password from its file or its systemd credential (empty with
 /// neither).
 fn smtp_password(mail: &Mail) -> Result<String, String> {
-    Ok(match (&mail.password_file, &mail.password_credential) {
-        (Some(file), _) => {
-            let mut text = String::new();
-            ferry_config::paths::open_secret(file, "the SMTP password file").and_then(
-                |mut f| {
-                    std::io::Read::read_to_string(&mut f, &mut text).map_err(|e| {
-                        format!("cannot read the SMTP password file {}: {e}", file.display())
-                    })
-                },
-            )?;
-            text.trim_end_matches(['\r', '\n']).to_string()
-        }
-        (None, Some(name)) => read_credential(name)?,
-        (None, None) => String::new(),
-    })
+    read_secret(
+        mail.password_file.as_deref(),
+        mail.password_credential.as_deref(),
+        "the SMTP password",
+    )
+    .map(Option::unwrap_or_default)
 }
 
 /// lettre's error as an outcome: permanent (5xx, bad address) or not.

@@ -31,6 +31,15 @@ impl Source {
         }
     }
 
+    /// The service's short name (`crypt`, `sync`, `borg`), a metrics label.
+    pub fn service(self) -> &'static str {
+        match self {
+            Source::Crypt => "crypt",
+            Source::Sync => "sync",
+            Source::Borg => "borg",
+        }
+    }
+
     fn signal(self) -> &'static str {
         match self {
             Source::Crypt => "DriveFailed",
@@ -153,6 +162,35 @@ pub enum Event {
     },
     /// DriveClosed(drive): safe to remove.
     DriveClosed(String),
+    /// BackupStarted(job, profile).
+    BackupStarted {
+        /// Job id.
+        job: String,
+        /// Profile.
+        profile: String,
+    },
+    /// BackupFinishedWithWarnings(job, profile, archive, warnings).
+    BackupFinishedWithWarnings {
+        /// Job id.
+        job: String,
+        /// Profile.
+        profile: String,
+        /// The archive made.
+        archive: String,
+        /// borg's warning lines.
+        warnings: String,
+    },
+    /// BackupSkipped(job, profile, reason).
+    BackupSkipped {
+        /// Job id.
+        job: String,
+        /// Profile.
+        profile: String,
+        /// Why.
+        reason: String,
+    },
+    /// DriveOpened(drive, mountpoint): a drive's flow begins.
+    DriveOpened(String),
     /// BackupFinished(job, profile, archive).
     BackupFinished {
         /// Job id.
@@ -205,6 +243,34 @@ pub fn event_of(message: &zbus::Message) -> Option<Event> {
     if let Some(s) = crypt::DriveClosed::from_message(m.clone()) {
         let a = s.args().ok()?;
         return Some(Event::DriveClosed(a.drive.to_string()));
+    }
+    if let Some(s) = borg::BackupStarted::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(Event::BackupStarted {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+        });
+    }
+    if let Some(s) = borg::BackupFinishedWithWarnings::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(Event::BackupFinishedWithWarnings {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+            archive: a.archive.to_string(),
+            warnings: a.warnings.to_string(),
+        });
+    }
+    if let Some(s) = borg::BackupSkipped::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(Event::BackupSkipped {
+            job: a.job.to_string(),
+            profile: a.profile.to_string(),
+            reason: a.reason.to_string(),
+        });
+    }
+    if let Some(s) = crypt::DriveOpened::from_message(m.clone()) {
+        let a = s.args().ok()?;
+        return Some(Event::DriveOpened(a.drive.to_string()));
     }
     if let Some(s) = borg::BackupFinished::from_message(m) {
         let a = s.args().ok()?;
@@ -378,6 +444,32 @@ pub fn stale_profile_draft(profile: &str, seen: ProfileSeen, now: u64, host: &st
              successfully since.\n{last}\n\nLook at: busctl get-property org.ferry.Borg1 \
              /org/ferry/Borg1 org.ferry.Borg1 Schedule\nThis reminder comes at most once a day.\n",
             utc(seen.due)
+        ),
+    )
+}
+
+/// A drive that is failing or wearing out was opened anyway (its health
+/// policy is `warn`); `record` is ferry-crypt's reading.
+pub fn health_warning_draft(
+    drive: &str,
+    record: &ferry_service::health_ledger::HealthRecord,
+    host: &str,
+) -> Draft {
+    let name = one_line(drive, 64);
+    Draft::new(
+        format!("health {name}"),
+        format!("drive {name} health is {}", one_line(&record.verdict, 16)),
+        format!(
+            "ferry on {host}: drive {drive}'s SMART health is {} ({}).\n\n\
+             Read from {} at {}. Its policy is health = \"warn\", so it was opened and is \
+             being synced anyway.\n\nReplace it soon: it may hold your only other copy. \
+             To refuse it instead, set health = \"refuse\" in [drives.{drive}] of ferry.toml.\n\
+             Details: ferryctl status, or smartctl -a {}\n",
+            record.verdict,
+            record.summary,
+            record.device,
+            utc(record.time),
+            record.device
         ),
     )
 }

@@ -78,6 +78,11 @@ pub struct Ledger {
     pub groups: BTreeMap<String, Group>,
     /// Mails held back by the hourly limit of their class, oldest first.
     pub held: Vec<Draft>,
+    /// Service (`crypt`, `sync`, `borg`) → failure events seen, each once
+    /// (the metrics' `ferry_service_failures_total`).
+    pub failures: BTreeMap<String, u64>,
+    /// Drive → time of the health reading last warned about.
+    pub health_warned: BTreeMap<String, u64>,
 }
 
 /// Staleness settings in seconds; 0 turns a kind off.

@@ -13,6 +13,15 @@
 //! by [`deliver`] with retries. Staleness of drives and profiles and the
 //! grouping and hourly limit are timers: the loop sleeps until the next due
 //! moment ([`clock`] lets tests choose "now").
+//!
+//! Pushes are a second channel of the same service, not a seventh one:
+//! they need exactly what mail has — the subscriptions, the FailureHistory
+//! ledger that makes every failure count once across restarts, the
+//! durable outbox with its in-doubt marks, the retry policy, the dead
+//! letters on the bus — and another resident process would cost about as
+//! much idle memory as the whole notifier. [`push`] decides what is pinged
+//! and pushed, [`pushing`] delivers it over HTTP. [`metrics`] renders the
+//! Prometheus textfile, rewritten after every change.
 
 pub mod clock;
 pub mod compose;
@@ -20,7 +29,10 @@ pub mod deliver;
 pub mod events;
 pub mod journal;
 pub mod ledger;
+pub mod metrics;
 pub mod outbox;
+pub mod push;
+pub mod pushing;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,7 +48,8 @@ use ferry_interfaces::{borg, crypt, notifier, sync, Error as FerryError};
 use ferry_service::{caller, claim_name, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use ledger::{Ledger, ProfileSeen, Staleness, DAY, HOUR};
-use outbox::Outbox;
+use outbox::{Letter, Outbox};
+use push::PushLetter;
 use tokio::sync::{mpsc, oneshot};
 use zbus::object_server::SignalEmitter;
 
@@ -243,6 +256,9 @@ struct Notifier {
     host: String,
     outbox: Outbox,
     deliverer: Option<Deliverer>,
+    /// The push outbox and its deliverer (with `[push]`).
+    pushes: Outbox<PushLetter>,
+    pusher: Option<Deliverer>,
     ledger: Ledger,
     ledger_path: PathBuf,
     view: Arc<Mutex<View>>,
@@ -319,6 +335,78 @@ impl Notifier {
         Ok(id)
     }
 
+    /// Mails (and pushes to ntfy) ferry-crypt's health warning about
+    /// `drive`, once per reading: its health ledger says a failing or
+    /// degraded drive was opened under `health = "warn"`.
+    async fn health_warning(&mut self, drive: &str) {
+        let path = ferry_service::health_ledger::path(&self.config.state_directory);
+        let read = tokio::task::spawn_blocking(move || ferry_service::health_ledger::load(&path))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let record = match read {
+            Ok(mut all) => all.remove(drive),
+            Err(e) => {
+                tracing::warn!("{drive}: cannot look at its health: {e}");
+                None
+            }
+        };
+        let Some(record) = record.filter(|r| r.decision == "warn") else {
+            return;
+        };
+        if self.ledger.health_warned.get(drive) >= Some(&record.time) {
+            return;
+        }
+        let draft = events::health_warning_draft(drive, &record, &self.host);
+        let now = self.clock.now();
+        if let Some(ntfy) = self.config.push.as_ref().and_then(|p| p.ntfy.as_ref()) {
+            let letter = push::ntfy_letter(ntfy, &draft.subject, draft.body.clone(), now);
+            self.queue_pushes(vec![letter]).await;
+        }
+        self.queue_limited(draft, Vec::new()).await;
+        self.ledger
+            .health_warned
+            .insert(drive.to_string(), record.time);
+        self.save();
+    }
+
+    /// Spools pushes durably (off the runtime) and wakes their deliverer.
+    async fn queue_pushes(&mut self, letters: Vec<PushLetter>) {
+        if letters.is_empty() {
+            return;
+        }
+        let outbox = self.pushes.clone();
+        let spooled = letters.clone();
+        let written =
+            tokio::task::spawn_blocking(move || spooled.iter().try_for_each(|l| outbox.put(l)))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = written {
+            tracing::error!(
+                "cannot write to the push outbox {}: {e}; NOT QUEUED: {}",
+                self.pushes.queue_dir().display(),
+                letters
+                    .iter()
+                    .map(|l| l.reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return;
+        }
+        let emitter = self.object.signal_emitter();
+        for letter in &letters {
+            tracing::info!("queued push {}: {}", letter.id, letter.reason);
+            if let Err(e) =
+                NotifierInterface::notification_queued(emitter, &letter.id, &letter.reason).await
+            {
+                tracing::warn!("cannot emit NotificationQueued: {e}");
+            }
+        }
+        self.refresh_view(None).await;
+        if let Some(pusher) = &self.pusher {
+            pusher.queued();
+        }
+    }
+
     /// Queues a draft unless the hourly limit holds it for the digest.
     async fn queue_limited(&mut self, draft: Draft, covers: Vec<(String, u64)>) {
         let now = self.clock.now();
@@ -360,6 +448,15 @@ impl Notifier {
         if let Some(id) = event {
             covers.push((format!("{}#{id}", failure.source.key()), when));
         }
+        *self
+            .ledger
+            .failures
+            .entry(failure.source.service().to_string())
+            .or_insert(0) += 1;
+        if let Some(push) = &self.config.push {
+            let letters = push::pushes_of_failure(push, &failure, when, late, &self.host, &covers);
+            self.queue_pushes(letters).await;
+        }
         if let Some(draft) = self
             .ledger
             .admit_failure(&failure.group_key(), draft, now, window)
@@ -377,7 +474,15 @@ impl Notifier {
 
     async fn handle(&mut self, event: Event) {
         let now = self.clock.now();
+        if let Some(push) = &self.config.push {
+            let letter = push::ping_of_event(push, &event, now, &self.host);
+            self.queue_pushes(letter.into_iter().collect()).await;
+        }
         match event {
+            Event::DriveOpened(drive) => self.health_warning(&drive).await,
+            Event::BackupStarted { .. }
+            | Event::BackupFinishedWithWarnings { .. }
+            | Event::BackupSkipped { .. } => {}
             Event::Failed(failure) => {
                 let refresh = failure.source == Source::Borg;
                 match self.history(failure.source).await {
@@ -493,40 +598,53 @@ impl Notifier {
                 let _ = reply.send(result);
             }
             Command::Flush => {
-                if let Some(deliverer) = &self.deliverer {
+                for deliverer in [&self.deliverer, &self.pusher].into_iter().flatten() {
                     deliverer.flush();
                 }
             }
             Command::ListDead(reply) => {
-                let outbox = self.outbox.clone();
-                let letters = tokio::task::spawn_blocking(move || outbox.dead_letters())
-                    .await
-                    .unwrap_or_default();
+                let (mail, pushes) = (self.outbox.clone(), self.pushes.clone());
+                let letters = tokio::task::spawn_blocking(move || {
+                    let mut all = mail.dead_letters();
+                    all.extend(pushes.dead_letters());
+                    all.sort_by_key(|l| l.created);
+                    all
+                })
+                .await
+                .unwrap_or_default();
                 let _ = reply.send(letters);
             }
             Command::Resend { id, reply } => {
-                let outbox = self.outbox.clone();
-                let wanted = id.clone();
-                let result = tokio::task::spawn_blocking(move || outbox.resurrect(&wanted))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
-                let result = match result {
-                    Ok(true) => {
-                        tracing::info!("dead letter {id} queued again");
-                        self.refresh_view(None).await;
-                        if let Some(deliverer) = &self.deliverer {
-                            deliverer.flush();
-                        }
-                        Ok(())
-                    }
-                    Ok(false) => Err(FerryError::NotFound(format!(
-                        "no dead letter has the id `{}`; ListDeadLetters shows them",
-                        compose::one_line(&id, 64)
-                    ))),
-                    Err(e) => Err(FerryError::Failed(e)),
-                };
+                let result = self.resend(id).await;
                 let _ = reply.send(result);
             }
+        }
+    }
+
+    /// Puts dead letter `id` (mail or push) back into its outbox.
+    async fn resend(&mut self, id: String) -> Result<(), FerryError> {
+        let (mail, pushes) = (self.outbox.clone(), self.pushes.clone());
+        let wanted = id.clone();
+        let result = tokio::task::spawn_blocking(move || match mail.resurrect(&wanted)? {
+            true => Ok(true),
+            false => pushes.resurrect(&wanted),
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+        match result {
+            Ok(true) => {
+                tracing::info!("dead letter {id} queued again");
+                self.refresh_view(None).await;
+                for deliverer in [&self.deliverer, &self.pusher].into_iter().flatten() {
+                    deliverer.flush();
+                }
+                Ok(())
+            }
+            Ok(false) => Err(FerryError::NotFound(format!(
+                "no dead letter has the id `{}`; ListDeadLetters shows them",
+                compose::one_line(&id, 64)
+            ))),
+            Err(e) => Err(FerryError::Failed(e)),
         }
     }
 
@@ -721,10 +839,134 @@ impl Notifier {
         }
     }
 
+    /// Rewrites the Prometheus textfile (with `[metrics]`) from the peers'
+    /// persisted results and the notifier's own counts.
+    async fn write_metrics(&self) {
+        let Some(settings) = &self.config.metrics else {
+            return;
+        };
+        let text = metrics::render(&self.snapshot().await);
+        let path = settings.textfile.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || {
+            ferry_service::durable::write_atomically(&path, text.as_bytes(), 0o644)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = written {
+            tracing::warn!(
+                "cannot write the metrics file {}: {e}; check [metrics] textfile and that its directory exists and is writable",
+                settings.textfile.display()
+            );
+        }
+    }
+
+    /// What the metrics show now.
+    async fn snapshot(&self) -> metrics::Snapshot {
+        let mut s = metrics::Snapshot {
+            failures: self.ledger.failures.clone(),
+            ..Default::default()
+        };
+        for source in [Source::Crypt, Source::Sync, Source::Borg] {
+            s.failures.entry(source.service().to_string()).or_insert(0);
+        }
+        for (channel, pending, dead) in [
+            (
+                "mail",
+                self.outbox.pending_count(),
+                self.outbox.dead_count(),
+            ),
+            (
+                "push",
+                self.pushes.pending_count(),
+                self.pushes.dead_count(),
+            ),
+        ] {
+            s.pending.insert(channel.into(), pending);
+            s.dead.insert(channel.into(), dead);
+        }
+        self.profile_figures(&mut s).await;
+        self.drive_figures(&mut s).await;
+        s
+    }
+
+    async fn profile_figures(&self, s: &mut metrics::Snapshot) {
+        let Ok(proxy) = borg::BorgProxy::builder(&self.connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+        else {
+            return;
+        };
+        for r in peer(proxy.last_results()).await.unwrap_or_default() {
+            let f = s.profiles.entry(r.profile.clone()).or_default();
+            f.duration = Some(r.seconds);
+            if r.outcome.starts_with("finished") {
+                f.last_success = Some(f.last_success.unwrap_or(0).max(r.time));
+            } else if r.outcome == "failed" {
+                f.last_failure = Some(f.last_failure.unwrap_or(0).max(r.time));
+            }
+        }
+        for e in peer(proxy.schedule()).await.unwrap_or_default() {
+            if e.last_success > 0 {
+                let f = s.profiles.entry(e.profile).or_default();
+                f.last_success = Some(f.last_success.unwrap_or(0).max(e.last_success));
+            }
+        }
+        for e in peer(proxy.last_failures()).await.unwrap_or_default() {
+            let f = s.profiles.entry(e.subject).or_default();
+            f.last_failure = Some(f.last_failure.unwrap_or(0).max(e.time));
+        }
+        let with_success: Vec<String> = s
+            .profiles
+            .iter()
+            .filter(|(_, f)| f.last_success.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in with_success {
+            let sizes = peer(proxy.get_stats(&name))
+                .await
+                .and_then(|json| metrics::archive_sizes(&json));
+            if let (Some((original, dedup)), Some(f)) = (sizes, s.profiles.get_mut(&name)) {
+                f.original_bytes = Some(original);
+                f.deduplicated_bytes = Some(dedup);
+            }
+        }
+    }
+
+    async fn drive_figures(&self, s: &mut metrics::Snapshot) {
+        if let Ok(proxy) = sync::SyncProxy::builder(&self.connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+        {
+            for r in peer(proxy.last_syncs()).await.unwrap_or_default() {
+                let f = s.drives.entry(r.drive).or_default();
+                f.last_sync = Some(r.time);
+                f.copied_bytes = Some(r.bytes);
+                f.duration = Some(r.seconds);
+                f.free_bytes = Some(r.free);
+            }
+            for e in peer(proxy.last_failures()).await.unwrap_or_default() {
+                let f = s.drives.entry(e.subject).or_default();
+                f.last_failure = Some(f.last_failure.unwrap_or(0).max(e.time));
+            }
+        }
+        if let Ok(proxy) = crypt::CryptProxy::builder(&self.connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+        {
+            for e in peer(proxy.last_failures()).await.unwrap_or_default() {
+                let f = s.drives.entry(e.subject).or_default();
+                f.last_failure = Some(f.last_failure.unwrap_or(0).max(e.time));
+            }
+        }
+    }
+
     /// Recounts the outbox, updates the properties and emits their changes.
     async fn refresh_view(&self, last_error: Option<String>) {
-        let pending = self.outbox.pending_count();
-        let dead = self.outbox.dead_count();
+        let pending = self.outbox.pending_count() + self.pushes.pending_count();
+        let dead = self.outbox.dead_count() + self.pushes.dead_count();
         if let Ok(mut view) = self.view.lock() {
             view.pending = pending;
             view.dead_letters = dead;
@@ -771,20 +1013,15 @@ pub async fn run(
 ) -> Result<(), ServiceError> {
     let clock = Clock::from_env().map_err(ServiceError::Other)?;
     let dir = config.state_directory.join("notifier");
-    let outbox = Outbox::open(&dir).map_err(|e| {
-        ServiceError::Other(format!(
-            "cannot create the mail outbox under {}: {e}; check state-directory in ferry.toml and its permissions",
-            dir.display()
-        ))
-    })?;
+    let (outbox, pushes) = open_outboxes(&dir)?;
     let ledger_path = dir.join("ledger.json");
     let mut ledger = Ledger::load(&ledger_path);
     // A message spooled just before a crash covers its failures even if the
     // ledger was not written after it.
-    for spooled in outbox.all() {
-        for (key, time) in &spooled.covers {
-            ledger.cover(key, *time);
-        }
+    let spooled = outbox.all().into_iter().map(|m| m.covers().to_vec());
+    let pushed = pushes.all().into_iter().map(|m| m.covers().to_vec());
+    for (key, time) in spooled.chain(pushed).flatten() {
+        ledger.cover(&key, time);
     }
     let now = clock.now();
     let drives: Vec<String> = config.drives.keys().map(|n| n.to_string()).collect();
@@ -808,13 +1045,17 @@ pub async fn run(
     .await?;
 
     let (report_tx, mut reports) = mpsc::channel(64);
-    let (deliverer, delivery_task) = match &config.mail {
-        Some(mail) => {
-            let (d, t) = deliver::spawn(mail.clone(), outbox.clone(), report_tx);
-            (Some(d), Some(t))
-        }
-        None => (None, None),
-    };
+    let mut tasks = Vec::new();
+    let deliverer = config.mail.as_ref().map(|mail| {
+        let (d, t) = deliver::spawn(mail.clone(), outbox.clone(), report_tx.clone());
+        tasks.push(t);
+        d
+    });
+    let pusher = config.push.as_ref().map(|push| {
+        let (d, t) = pushing::spawn(push.clone(), pushes.clone(), report_tx);
+        tasks.push(t);
+        d
+    });
 
     // Subscribe first, then read the peers: nothing falls between the two.
     // One stream for every interface: SyncFinished (Sync1) is seen before
@@ -831,6 +1072,8 @@ pub async fn run(
         host: compose::hostname(),
         outbox,
         deliverer,
+        pushes,
+        pusher,
         ledger,
         ledger_path,
         view,
@@ -843,7 +1086,11 @@ pub async fn run(
     notifier.missed_failures().await;
     notifier.tick().await;
     notifier.refresh_view(None).await;
-    if let Some(deliverer) = &notifier.deliverer {
+    notifier.write_metrics().await;
+    for deliverer in [&notifier.deliverer, &notifier.pusher]
+        .into_iter()
+        .flatten()
+    {
         // Whatever a previous run left in the outbox goes now.
         deliverer.queued();
     }
@@ -861,17 +1108,35 @@ pub async fn run(
                 if let Some(event) = message.ok().as_ref().and_then(events::event_of) {
                     tracing::debug!("{event:?}");
                     notifier.handle(event).await;
+                    notifier.write_metrics().await;
                 }
             }
             Some(command) = requests.recv() => notifier.command(command).await,
-            Some(report) = reports.recv() => notifier.report(report).await,
+            Some(report) = reports.recv() => {
+                notifier.report(report).await;
+                notifier.write_metrics().await;
+            }
             _ = ferry_service::sleep_until(due), if due.is_some() => notifier.tick().await,
         }
     };
-    if let Some(task) = delivery_task {
+    for task in tasks {
         task.abort();
     }
     result
+}
+
+/// The mail outbox (`<dir>`) and the push outbox (`<dir>/push`).
+fn open_outboxes(dir: &std::path::Path) -> Result<(Outbox, Outbox<PushLetter>), ServiceError> {
+    let cannot = |e: std::io::Error| {
+        ServiceError::Other(format!(
+            "cannot create the outbox under {}: {e}; check state-directory in ferry.toml and its permissions",
+            dir.display()
+        ))
+    };
+    Ok((
+        Outbox::open(dir).map_err(cannot)?,
+        Outbox::open(&dir.join("push")).map_err(cannot)?,
+    ))
 }
 
 async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {

@@ -8,9 +8,15 @@
 //! File names sort by time; delivery sends failures first, then the rest,
 //! each oldest first. Dead letters can be listed and put back into the
 //! outbox (`ListDeadLetters`, `ResendDeadLetter` on the bus).
+//!
+//! The same outbox holds mail ([`Spooled`], under `<state>/notifier`) and
+//! pushes ([`crate::push::PushLetter`], under `<state>/notifier/push`): a
+//! [`Letter`] is anything with an id that can be told about as a dead
+//! letter.
 
 use std::fs;
 use std::io;
+use std::marker::PhantomData;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -18,11 +24,61 @@ use ferry_service::durable::{sync_directory, write_atomically};
 
 use crate::compose::Spooled;
 
+/// What an outbox holds: a message with a unique id that sorts by time.
+pub trait Letter: serde::Serialize + serde::de::DeserializeOwned + Clone {
+    /// Its event id (the file name without `.json`).
+    fn id(&self) -> &str;
+    /// Delivered before the others (failure mails); the rest go in id
+    /// order.
+    fn urgent(&self) -> bool;
+    /// The failures it reports (ledger key, failure time).
+    fn covers(&self) -> &[(String, u64)];
+    /// As ListDeadLetters shows it, refused with `error`.
+    fn dead_letter(&self, error: String) -> DeadLetter;
+    /// Forgets attempts in doubt (a dead letter sent again).
+    fn reset_doubt(&mut self);
+}
+
+impl Letter for Spooled {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn urgent(&self) -> bool {
+        self.class == crate::compose::Class::Failure
+    }
+    fn covers(&self) -> &[(String, u64)] {
+        &self.covers
+    }
+    fn dead_letter(&self, error: String) -> DeadLetter {
+        DeadLetter {
+            id: self.id.clone(),
+            subject: self.subject.clone(),
+            reason: self.reason.clone(),
+            created: self.created,
+            error,
+        }
+    }
+    fn reset_doubt(&mut self) {
+        self.in_doubt = 0;
+    }
+}
+
 /// The outbox and dead-letter folders under the state directory.
-#[derive(Debug, Clone)]
-pub struct Outbox {
+#[derive(Debug)]
+pub struct Outbox<L = Spooled> {
     queue: PathBuf,
     dead: PathBuf,
+    letters: PhantomData<fn() -> L>,
+}
+
+impl<L> Clone for Outbox<L> {
+    fn clone(&self) -> Self {
+        Outbox {
+            queue: self.queue.clone(),
+            dead: self.dead.clone(),
+            letters: PhantomData,
+        }
+    }
 }
 
 /// A dead letter as ListDeadLetters shows it.
@@ -37,12 +93,13 @@ pub struct Unreadable {
     pub reason: String,
 }
 
-impl Outbox {
+impl<L: Letter> Outbox<L> {
     /// Opens (creating, mode 0700) `<dir>/outbox` and `<dir>/dead`.
-    pub fn open(dir: &Path) -> io::Result<Outbox> {
+    pub fn open(dir: &Path) -> io::Result<Outbox<L>> {
         let outbox = Outbox {
             queue: dir.join("outbox"),
             dead: dir.join("dead"),
+            letters: PhantomData,
         };
         for d in [&outbox.queue, &outbox.dead] {
             fs::DirBuilder::new()
@@ -64,9 +121,9 @@ impl Outbox {
     }
 
     /// Writes `message` durably; when this returns Ok, a crash cannot lose it.
-    pub fn put(&self, message: &Spooled) -> io::Result<()> {
+    pub fn put(&self, message: &L) -> io::Result<()> {
         let bytes = serde_json::to_vec(message).map_err(io::Error::other)?;
-        write_atomically(&self.file(&message.id), &bytes, 0o600)
+        write_atomically(&self.file(message.id()), &bytes, 0o600)
     }
 
     /// The queued message files, oldest first.
@@ -87,7 +144,7 @@ impl Outbox {
     }
 
     /// Reads a queued message back.
-    pub fn load(path: &Path) -> Result<Spooled, Unreadable> {
+    pub fn load(path: &Path) -> Result<L, Unreadable> {
         let unreadable = |reason: String| Unreadable {
             path: path.to_path_buf(),
             reason,
@@ -99,21 +156,21 @@ impl Outbox {
 
     /// Every message still queued (for rebuilding state at start);
     /// unreadable files are skipped here and dealt with by delivery.
-    pub fn all(&self) -> Vec<Spooled> {
+    pub fn all(&self) -> Vec<L> {
         self.pending()
             .unwrap_or_default()
             .iter()
-            .filter_map(|p| Outbox::load(p).ok())
+            .filter_map(|p| Self::load(p).ok())
             .collect()
     }
 
     /// The queued messages in delivery order: failures first, then the
     /// rest, each oldest first; unreadable files after them, with why.
-    pub fn in_order(&self) -> io::Result<Vec<Result<Spooled, Unreadable>>> {
-        let mut loaded: Vec<Result<Spooled, Unreadable>> =
-            self.pending()?.iter().map(|p| Outbox::load(p)).collect();
+    pub fn in_order(&self) -> io::Result<Vec<Result<L, Unreadable>>> {
+        let mut loaded: Vec<Result<L, Unreadable>> =
+            self.pending()?.iter().map(|p| Self::load(p)).collect();
         loaded.sort_by_key(|m| match m {
-            Ok(m) => (m.class != crate::compose::Class::Failure, 0, m.id.clone()),
+            Ok(m) => (!m.urgent(), 0, m.id().to_string()),
             Err(bad) => (true, 1, bad.path.display().to_string()),
         });
         Ok(loaded)
@@ -132,14 +189,8 @@ impl Outbox {
                 let error = fs::read_to_string(self.dead.join(format!("{stem}.reason")))
                     .map(|r| r.trim_end().to_string())
                     .unwrap_or_default();
-                match Outbox::load(path) {
-                    Ok(m) => DeadLetter {
-                        id: m.id,
-                        subject: m.subject,
-                        reason: m.reason,
-                        created: m.created,
-                        error,
-                    },
+                match Self::load(path) {
+                    Ok(m) => m.dead_letter(error),
                     Err(bad) => DeadLetter {
                         id: stem,
                         subject: String::new(),
@@ -164,14 +215,14 @@ impl Outbox {
             return Ok(false);
         }
         let path = self.dead.join(&name);
-        let mut message = Outbox::load(&path).map_err(|bad| {
+        let mut message = Self::load(&path).map_err(|bad| {
             format!(
                 "{} cannot be read back ({}); it cannot be sent again",
                 bad.path.display(),
                 bad.reason
             )
         })?;
-        message.in_doubt = 0;
+        message.reset_doubt();
         self.put(&message)
             .map_err(|e| format!("cannot write to {}: {e}", self.queue.display()))?;
         let removed = fs::remove_file(&path)
@@ -265,14 +316,17 @@ mod tests {
     #[test]
     fn put_list_load_delete_bury() {
         let dir = tempfile::tempdir().expect("dir");
-        let outbox = Outbox::open(dir.path()).expect("open");
+        let outbox: Outbox = Outbox::open(dir.path()).expect("open");
         outbox.put(&message("ferry-2")).expect("put");
         outbox.put(&message("ferry-1")).expect("put");
         fs::write(outbox.queue_dir().join(".ferry-3.json.tmp.1"), "x").expect("temp");
         let pending = outbox.pending().expect("list");
         assert_eq!(pending.len(), 2);
         assert!(pending[0].ends_with("ferry-1.json"));
-        assert_eq!(Outbox::load(&pending[0]).expect("load"), message("ferry-1"));
+        assert_eq!(
+            Outbox::<Spooled>::load(&pending[0]).expect("load"),
+            message("ferry-1")
+        );
         outbox.delete("ferry-1").expect("delete");
         outbox.delete("ferry-1").expect("deleting twice is fine");
         assert_eq!(outbox.pending_count(), 1);
@@ -299,7 +353,7 @@ mod tests {
     #[test]
     fn failures_go_first() {
         let dir = tempfile::tempdir().expect("dir");
-        let outbox = Outbox::open(dir.path()).expect("open");
+        let outbox: Outbox = Outbox::open(dir.path()).expect("open");
         let mut success = message("ferry-1");
         success.class = crate::compose::Class::Success;
         outbox.put(&success).expect("put");
@@ -316,10 +370,10 @@ mod tests {
     #[test]
     fn a_corrupt_file_is_reported_not_a_panic() {
         let dir = tempfile::tempdir().expect("dir");
-        let outbox = Outbox::open(dir.path()).expect("open");
+        let outbox: Outbox = Outbox::open(dir.path()).expect("open");
         let path = outbox.queue_dir().join("ferry-9.json");
         fs::write(&path, "{ half").expect("write");
-        assert!(Outbox::load(&path).is_err());
+        assert!(Outbox::<Spooled>::load(&path).is_err());
         assert!(outbox.all().is_empty());
     }
 }
