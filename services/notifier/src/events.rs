@@ -5,7 +5,9 @@
 //! that writes its mail: what failed, where (drive or profile, stage), when,
 //! the service's own message verbatim in the body, and what to look at next.
 
-use ferry_interfaces::{borg, crypt, sync, BackupResult, DriveVerification, SyncRecord};
+use ferry_interfaces::{
+    borg, crypt, sync, BackupResult, DriveVerification, FerrySignal, SyncRecord,
+};
 
 use crate::compose::{human_bytes, human_duration, one_line, utc, Class, Draft};
 use crate::ledger::ProfileSeen;
@@ -202,85 +204,78 @@ pub enum Event {
     },
 }
 
-/// Parses a signal; None for members the notifier does not care about.
-pub fn event_of(message: &zbus::Message) -> Option<Event> {
-    let m = message.clone();
-    let failure = |source, subject: &str, stage: &str, message: &str, job: Option<&str>| {
+/// What a decoded peer signal means to the notifier; None for members it
+/// does not care about.
+pub fn event_of(signal: FerrySignal) -> Option<Event> {
+    let failure = |source, subject, stage, message, job| {
         Event::Failed(Failure {
             source,
-            subject: subject.to_string(),
-            stage: stage.to_string(),
-            message: message.to_string(),
-            job: job.map(str::to_string),
+            subject,
+            stage,
+            message,
+            job,
         })
     };
-    if let Some(s) = crypt::DriveFailed::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(failure(Source::Crypt, a.drive, a.stage, a.message, None));
-    }
-    if let Some(s) = sync::SyncFailed::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(failure(Source::Sync, a.drive, a.stage, a.message, None));
-    }
-    if let Some(s) = borg::BackupFailed::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(failure(
-            Source::Borg,
-            a.profile,
-            a.stage,
-            a.message,
-            Some(a.job),
-        ));
-    }
-    if let Some(s) = sync::SyncFinished::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(Event::SyncFinished {
-            drive: a.drive.to_string(),
-            bytes: a.bytes,
-            seconds: a.seconds,
-        });
-    }
-    if let Some(s) = crypt::DriveClosed::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(Event::DriveClosed(a.drive.to_string()));
-    }
-    if let Some(s) = borg::BackupStarted::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(Event::BackupStarted {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-        });
-    }
-    if let Some(s) = borg::BackupFinishedWithWarnings::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(Event::BackupFinishedWithWarnings {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-            archive: a.archive.to_string(),
-            warnings: a.warnings.to_string(),
-        });
-    }
-    if let Some(s) = borg::BackupSkipped::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(Event::BackupSkipped {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-            reason: a.reason.to_string(),
-        });
-    }
-    if let Some(s) = crypt::DriveOpened::from_message(m.clone()) {
-        let a = s.args().ok()?;
-        return Some(Event::DriveOpened(a.drive.to_string()));
-    }
-    if let Some(s) = borg::BackupFinished::from_message(m) {
-        let a = s.args().ok()?;
-        return Some(Event::BackupFinished {
-            job: a.job.to_string(),
-            profile: a.profile.to_string(),
-            archive: a.archive.to_string(),
-        });
-    }
-    None
+    Some(match signal {
+        FerrySignal::DriveFailed {
+            drive,
+            stage,
+            message,
+        } => failure(Source::Crypt, drive, stage, message, None),
+        FerrySignal::SyncFailed {
+            drive,
+            stage,
+            message,
+        } => failure(Source::Sync, drive, stage, message, None),
+        FerrySignal::BackupFailed {
+            job,
+            profile,
+            stage,
+            message,
+        } => failure(Source::Borg, profile, stage, message, Some(job)),
+        FerrySignal::SyncFinished {
+            drive,
+            bytes,
+            seconds,
+        } => Event::SyncFinished {
+            drive,
+            bytes,
+            seconds,
+        },
+        FerrySignal::DriveClosed { drive } => Event::DriveClosed(drive),
+        FerrySignal::BackupStarted { job, profile } => Event::BackupStarted { job, profile },
+        FerrySignal::BackupFinishedWithWarnings {
+            job,
+            profile,
+            archive,
+            warnings,
+        } => Event::BackupFinishedWithWarnings {
+            job,
+            profile,
+            archive,
+            warnings,
+        },
+        FerrySignal::BackupSkipped {
+            job,
+            profile,
+            reason,
+        } => Event::BackupSkipped {
+            job,
+            profile,
+            reason,
+        },
+        FerrySignal::DriveOpened { drive, .. } => Event::DriveOpened(drive),
+        FerrySignal::BackupFinished {
+            job,
+            profile,
+            archive,
+        } => Event::BackupFinished {
+            job,
+            profile,
+            archive,
+        },
+        _ => return None,
+    })
 }
 
 /// "offsite-a is safe to remove: 1.2 GiB copied in 3 min, newest archive …".
@@ -503,6 +498,39 @@ pub fn test_draft(now: u64, host: &str) -> Draft {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn decoded_signals_become_the_notifiers_events() {
+        let failed = event_of(FerrySignal::BackupFailed {
+            job: "j1".into(),
+            profile: "home".into(),
+            stage: "create".into(),
+            message: "disk full".into(),
+        });
+        assert_eq!(
+            failed,
+            Some(Event::Failed(Failure {
+                source: Source::Borg,
+                subject: "home".into(),
+                stage: "create".into(),
+                message: "disk full".into(),
+                job: Some("j1".into()),
+            }))
+        );
+        assert_eq!(
+            event_of(FerrySignal::DriveOpened {
+                drive: "offsite-a".into(),
+                mountpoint: "/run/ferry/offsite-a".into(),
+            }),
+            Some(Event::DriveOpened("offsite-a".into()))
+        );
+        let ignored = FerrySignal::ColorChanged {
+            color: "green".into(),
+            state: "done".into(),
+        };
+        assert_eq!(event_of(ignored), None, "the LED's own news is not mailed");
+    }
+
     use super::*;
 
     #[test]

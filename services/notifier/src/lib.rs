@@ -740,7 +740,9 @@ impl Notifier {
             self.ledger.profiles.entry(entry.profile).or_default().due = entry.due;
         }
         for result in &results {
-            if result.outcome == "finished" {
+            if ferry_interfaces::BackupOutcome::from_wire(&result.outcome)
+                == Some(ferry_interfaces::BackupOutcome::Finished)
+            {
                 let seen: &mut ProfileSeen = self
                     .ledger
                     .profiles
@@ -1060,7 +1062,7 @@ pub async fn run(
     // Subscribe first, then read the peers: nothing falls between the two.
     // One stream for every interface: SyncFinished (Sync1) is seen before
     // the DriveClosed (Crypt1) that follows it, as the summary needs.
-    let mut signals = ferry_service::subscribe(
+    let mut signals = ferry_service::subscribe_signals(
         &connection,
         &[crypt::INTERFACE, sync::INTERFACE, borg::INTERFACE],
     )
@@ -1102,10 +1104,10 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             message = signals.next() => {
-                let Some(message) = message else {
+                let Some(signal) = message else {
                     break Err(ServiceError::Other("the bus connection closed".into()));
                 };
-                if let Some(event) = message.ok().as_ref().and_then(events::event_of) {
+                if let Some(event) = events::event_of(signal) {
                     tracing::debug!("{event:?}");
                     notifier.handle(event).await;
                     notifier.write_metrics().await;

@@ -33,8 +33,8 @@ use std::time::Duration;
 
 use ferry_config::Config;
 use ferry_interfaces::{crypt, drive_watcher, sync, Error as FerryError, Failure, SyncJob};
-use ferry_interfaces::{DriveVerification, SyncRecord};
-use ferry_service::{claim_name, subscribe, unix_now, ServiceError, Shutdown};
+use ferry_interfaces::{DriveVerification, FerrySignal, SyncRecord};
+use ferry_service::{claim_name, subscribe_signals, unix_now, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use job::{Context, JobSpec, Stop, StopReason, Summary};
 use ledger::Ledger;
@@ -517,18 +517,31 @@ impl Service {
         }
     }
 
-    async fn signal(&mut self, message: &zbus::Message) {
-        if let Some(opened) = crypt::DriveOpened::from_message(message.clone()) {
-            let Ok(args) = opened.args() else { return };
-            let drive = args.drive.to_string();
+    async fn signal(&mut self, signal: FerrySignal) {
+        match signal {
+            FerrySignal::DriveOpened { drive, mountpoint } => {
+                self.drive_opened(drive, &mountpoint).await
+            }
+            FerrySignal::DriveDetached { drive, .. } => {
+                if self.stop(&drive, StopReason::Removed) {
+                    tracing::warn!("{drive} was removed during its sync; stopping");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// DriveOpened: the drive is ferry-crypt's to us now; sync it.
+    async fn drive_opened(&mut self, drive: String, mountpoint: &str) {
+        {
             let Some(spec) = JobSpec::of(&self.config, &drive) else {
                 tracing::warn!("DriveOpened for `{drive}`, which is not enrolled; ignored");
                 return;
             };
-            if spec.mountpoint.as_path() != std::path::Path::new(args.mountpoint) {
+            if spec.mountpoint.as_path() != std::path::Path::new(mountpoint) {
                 tracing::warn!(
                     "DriveOpened says {drive} is at {}, ferry.toml says {}; syncing onto ferry.toml's",
-                    args.mountpoint,
+                    mountpoint,
                     spec.mountpoint.display()
                 );
             }
@@ -545,11 +558,6 @@ impl Service {
                 }
                 Err(e) => tracing::warn!("cannot sync {drive}: {e}"),
             }
-        } else if let Some(detached) = drive_watcher::DriveDetached::from_message(message.clone()) {
-            let Ok(args) = detached.args() else { return };
-            if self.stop(args.drive, StopReason::Removed) {
-                tracing::warn!("{} was removed during its sync; stopping", args.drive);
-            }
         }
     }
 }
@@ -565,7 +573,10 @@ async fn open_drives(connection: &zbus::Connection) -> Vec<String> {
     match tokio::time::timeout(PEER_TIMEOUT, proxy.drives()).await {
         Ok(Ok(drives)) => drives
             .into_iter()
-            .filter(|d| d.state == "open")
+            .filter(|d| {
+                ferry_interfaces::CryptState::from_wire(&d.state)
+                    == Some(ferry_interfaces::CryptState::Open)
+            })
             .map(|d| d.name)
             .collect(),
         Ok(Err(e)) => {
@@ -619,7 +630,8 @@ pub async fn run(
     });
 
     // Subscribe first, then look at the system and the peers.
-    let mut signals = subscribe(&connection, &[crypt::INTERFACE, drive_watcher::INTERFACE]).await?;
+    let mut signals =
+        subscribe_signals(&connection, &[crypt::INTERFACE, drive_watcher::INTERFACE]).await?;
     let repositories: Vec<PathBuf> = config
         .repositories
         .values()
@@ -654,12 +666,10 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             message = signals.next() => {
-                let Some(message) = message else {
+                let Some(signal) = message else {
                     return Err(ServiceError::Other("the bus connection closed".into()));
                 };
-                if let Ok(message) = message {
-                    service.signal(&message).await;
-                }
+                service.signal(signal).await;
             }
             Some(command) = requests.recv() => service.command(command).await,
             Some(ended) = service.jobs.join_next(), if !service.jobs.is_empty() => {
