@@ -465,7 +465,10 @@ impl Reader {
                         entry.key
                     ));
                 }
-                self.umask = Some(umask);
+                // borgmatic reads an unquoted 0077 as the number 77 and
+                // passes that; borg reads either as octal.
+                let trimmed = umask.trim_start_matches('0');
+                self.umask = Some(if trimmed.is_empty() { "0" } else { trimmed }.to_string());
             }
             "extra_borg_options" => self.extra = extra_options(entry)?,
             "compression" => {
@@ -633,7 +636,7 @@ impl Reader {
         for line in read_lines(&self.exclude_from, "exclude_from", tilde)? {
             patterns.push(Pattern::parse(&format!("! {line}"), Some("fm"))?);
         }
-        let mut lines = Vec::new();
+        let mut lines: Vec<String> = Vec::new();
         for pattern in patterns {
             if pattern.kind == "R" {
                 let path = tilde.expand(&pattern.path)?;
@@ -651,6 +654,9 @@ impl Reader {
                 lines.push(Pattern { path, ..pattern }.line());
             }
         }
+        // borgmatic keeps each pattern once (its first place).
+        let mut seen = std::collections::HashSet::new();
+        lines.retain(|line| seen.insert(line.clone()));
         Ok(lines)
     }
 

@@ -167,7 +167,7 @@ fn borg_options_reach_every_command() {
     let create = plan.create_args();
     for expected in [
         "--remote-path=borg1",
-        "--umask=0077",
+        "--umask=77",
         "--noatime",
         "two words",
     ] {
@@ -183,7 +183,7 @@ fn borg_options_reach_every_command() {
     );
     let prune = plan.prune_args().expect("prune");
     assert!(
-        prune.contains(&"--save-space".to_string()) && prune.contains(&"--umask=0077".to_string())
+        prune.contains(&"--save-space".to_string()) && prune.contains(&"--umask=77".to_string())
     );
     let compact = plan.compact_args().expect("compact");
     assert!(compact.contains(&"--remote-path=borg1".to_string()));

@@ -148,7 +148,7 @@ pub const OPTIONS: &[(&str, Support)] = &[
     ("before_everything", Honoured),
     ("after_everything", Honoured),
     ("commands", Differs("`dump_data_sources` hooks are refused (ferry-borg dumps no data sources) and `{repositories}` is not put into commands; hooks also get FERRY_PROFILE, FERRY_REPOSITORY, FERRY_JOB and, on error, FERRY_ERROR; a hook exiting 75 skips the rest of its repository")),
-    ("bootstrap", Refused("ferry-borg does not store borgmatic's configuration in the archive")),
+    ("bootstrap", Refused("ferry-borg does not store borgmatic's configuration files in the archive (borgmatic does by default, for `borgmatic config bootstrap`): list the file in source_directories to keep it with the backup")),
     ("influxdb_databases", Refused(DATABASE)),
     ("postgresql_databases", Refused(DATABASE)),
     ("mariadb_databases", Refused(DATABASE)),
