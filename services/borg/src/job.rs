@@ -1011,6 +1011,75 @@ mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
 
+    fn done(archive: &str) -> Done {
+        Done {
+            archive: archive.into(),
+            stats: format!("{{\"{archive}\": 1}}"),
+            checks: vec![format!("repository@/{archive}")],
+        }
+    }
+
+    #[test]
+    fn several_repositories_end_as_one_job_naming_each() {
+        let one = Ended {
+            done: vec![("first".into(), done("a1"))],
+            ..Ended::default()
+        };
+        match one.into_end(Vec::new()) {
+            End::Finished {
+                repositories,
+                archive,
+                ..
+            } => {
+                assert_eq!(archive, "a1");
+                assert!(repositories.is_empty(), "one repository: as before");
+            }
+            other => panic!("{other:?}"),
+        }
+        let two = Ended {
+            done: vec![("first".into(), done("a1")), ("second".into(), done("b1"))],
+            ..Ended::default()
+        };
+        match two.into_end(Vec::new()) {
+            End::Finished {
+                archive,
+                stats,
+                checks,
+                repositories,
+                ..
+            } => {
+                assert_eq!(archive, "a1");
+                assert!(stats.contains("a1"));
+                assert_eq!(checks.len(), 2);
+                assert_eq!(repositories, ["first: archive a1", "second: archive b1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let failed = Ended {
+            done: vec![("first".into(), done("a1"))],
+            failures: vec![("second".into(), Fail::new("create", "no repository"))],
+            ..Ended::default()
+        };
+        assert_eq!(failed.error(), "create: repository second: no repository");
+        match failed.into_end(Vec::new()) {
+            End::Failed { stage, message } => {
+                assert_eq!(stage, "create");
+                assert_eq!(
+                    message,
+                    "repository second: no repository (all repositories: first: archive a1; second: failed at create: no repository)"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let skipped = Ended::from_stop(Stopped::Skip("not today".into()));
+        assert_eq!(
+            skipped.into_end(Vec::new()),
+            End::Skipped {
+                reason: "not today".into()
+            }
+        );
+    }
+
     #[test]
     fn borg_log_lines() {
         let mut log = BorgLog::default();
