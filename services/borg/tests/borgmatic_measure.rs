@@ -690,7 +690,7 @@ fn switch_on(text: &str, option: &str) -> String {
 }
 
 /// The repositories (path) a case's plans write to.
-fn repositories(plans: &[Plan]) -> Vec<String> {
+fn repository_paths(plans: &[Plan]) -> Vec<String> {
     plans.iter().map(|p| p.repository.clone()).collect()
 }
 
@@ -704,7 +704,7 @@ fn measure(world: &World, case: &Case) {
         }
     }
     // 1. The dry run's command lines.
-    for repository in repositories(&plans) {
+    for repository in repository_paths(&plans) {
         world.init(&repository, &case.passphrase);
     }
     let log = world.run_borgmatic(&file, true);
