@@ -335,6 +335,8 @@ impl Job {
         }
         let ended = match before {
             Ok(()) => self.repositories(&plans).await,
+            // A before hook's soft failure (75): nothing more runs, as in borgmatic.
+            Err(Stopped::Skip(reason)) => return End::Skipped { reason },
             Err(stopped) => Ended::from_stop(stopped),
         };
         self.wind_up(first, ended).await

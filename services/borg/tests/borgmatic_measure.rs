@@ -338,11 +338,16 @@ impl World {
     /// Runs borgmatic on `file`; its log.
     fn run_borgmatic(&self, file: &Path, dry_run: bool) -> String {
         let state = file.with_extension("state");
+        // Its own runtime directory: borgmatic runs side by side otherwise
+        // clean up each other's bootstrap files under /tmp/borgmatic-*.
+        let runtime = file.with_extension("runtime");
+        std::fs::create_dir_all(&runtime).expect("runtime directory");
         let _ = std::fs::remove_dir_all(&state);
         let mut command = Command::new(&self.borgmatic);
         command
             .args(["-c", &file.to_string_lossy(), "-v", "2"])
             .env("XDG_STATE_HOME", &state)
+            .env("XDG_RUNTIME_DIR", &runtime)
             .env("BORG_BASE_DIR", self.path("borg-base"))
             .env_remove("BORG_PASSPHRASE");
         if dry_run {
