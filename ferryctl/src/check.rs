@@ -71,22 +71,26 @@ pub fn check(path: &Path) -> Result<Summary, Vec<Problem>> {
     }
     for (name, profile) in &config.profiles {
         let place = format!("profiles.{name}");
-        let plan = match profile.borgmatic_config {
-            Some(_) => ferry_borg::borgmatic::load(&config, name, profile),
-            None => Plan::from_profile(&config, name, profile),
+        let plans = match profile.borgmatic_config {
+            Some(_) => {
+                ferry_borg::borgmatic::load(&config, name, profile).map_err(|e| e.to_string())
+            }
+            None => Plan::from_profile(&config, name, profile).map(|plan| vec![plan]),
         };
-        match plan {
+        match plans {
             Err(text) => problem(place, text),
-            Ok(plan) => {
-                if let Err(text) = plan.check_not_on_a_drive(&config) {
-                    problem(place.clone(), text);
-                }
-                for source in &plan.sources {
-                    if std::fs::symlink_metadata(source).is_err() {
-                        problem(
+            Ok(plans) => {
+                for plan in plans {
+                    if let Err(text) = plan.check_not_on_a_drive(&config) {
+                        problem(place.clone(), text);
+                    }
+                    for source in &plan.sources {
+                        if plan.sources_must_exist && std::fs::symlink_metadata(source).is_err() {
+                            problem(
                             place.clone(),
                             format!("source {source} does not exist: borg would back up nothing from it"),
                         );
+                        }
                     }
                 }
             }

@@ -730,7 +730,7 @@ hooks:
     std::fs::write(
         &broken,
         format!(
-            "source_directories: [{}]\nrepositories: [{}]\nremote_path: borg1\n",
+            "source_directories: [{}]\nrepositories: [{}]\nlocal_path: borg1\npostgresql_databases:\n    - name: all\nhealthchecks:\n    ping_url: https://example.org\n",
             home.display(),
             repo.display()
         ),
@@ -768,7 +768,167 @@ hooks:
 
     let (_, failed) = service.run("broken", "BackupFailed").await;
     assert_eq!(failed.args[2], "config");
-    assert!(failed.args[3].contains("`remote_path`"), "{failed}");
+    // All three refused options at once, with the file and their lines.
+    let message = &failed.args[3];
+    assert!(message.contains(&broken.display().to_string()), "{message}");
+    assert!(message.contains("3 problems"), "{message}");
+    for (line, option) in [
+        (3, "local_path"),
+        (4, "postgresql_databases"),
+        (6, "healthchecks"),
+    ] {
+        assert!(
+            message.contains(&format!("line {line}: `{option}`")),
+            "{option} at line {line} in {message}"
+        );
+    }
+}
+
+/// The file `borgmatic config generate` writes (borgmatic 2.1.10), with a
+/// local repository and paths on this machine put in and a passcommand for
+/// the repository's passphrase, runs as a profile: its glob source is
+/// expanded as borgmatic expands it.
+async fn borgmatics_generated_file_runs() {
+    let Some(world) = World::new() else { return };
+    let repo = world.init("generated-repo").await;
+    let root = world.path("machine");
+    for file in [
+        "home/susan/notes",
+        "etc/hosts",
+        "var/log/syslog",
+        "var/log/syslog.1",
+        "var/log/other",
+        "home/user/path with spaces/f",
+    ] {
+        let path = root.join(file);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+        std::fs::write(&path, file).expect("file");
+    }
+    let mut yaml =
+        include_str!("../../services/borg/tests/fixtures/borgmatic-2.1.10-generated.yaml")
+            .to_string();
+    let r = root.display();
+    for (from, to) in [
+        ("    - /home\n", format!("    - {r}/home\n")),
+        ("    - /etc\n", format!("    - {r}/etc\n")),
+        (
+            "    - /var/log/syslog*\n",
+            format!("    - {r}/var/log/syslog*\n"),
+        ),
+        (
+            "    - /home/user/path with spaces\n",
+            format!("    - {r}/home/user/path with spaces\n"),
+        ),
+        (
+            "    - path: ssh://user@backupserver/./sourcehostname.borg\n",
+            format!("    - path: {}\n", repo.display()),
+        ),
+    ] {
+        assert!(yaml.contains(from), "{from:?}");
+        yaml = yaml.replace(from, &to);
+    }
+    yaml.push_str(&format!(
+        "encryption_passcommand: cat {}\n",
+        world.passphrase_file().display()
+    ));
+    let file = world.path("generated.yaml");
+    std::fs::write(&file, yaml).expect("yaml");
+    let config = world.config(&format!(
+        "[profiles.generated]\nborgmatic-config = \"{}\"\n",
+        file.display()
+    ));
+    let bus = TestBus::start();
+    let service = start_service(&bus, &world, &config).await;
+    let (_, finished) = service.run("generated", "BackupFinished").await;
+    let archive = &finished.args[2];
+    let files = world
+        .borg(&["list", "--short", &format!("{}::{archive}", repo.display())])
+        .await;
+    for expected in [
+        "var/log/syslog.1",
+        "path with spaces/f",
+        "home/susan/notes",
+        "etc/hosts",
+    ] {
+        assert!(files.contains(expected), "{expected} in {files}");
+    }
+    assert!(!files.contains("var/log/other"), "{files}");
+}
+
+/// A borgmatic file with two repositories backs up each in turn, runs its
+/// 2.x `commands:` hooks around each, reports each repository's result, and
+/// when one fails tries it again (`retries`) and names it, while the other
+/// is still backed up.
+async fn every_repository_of_a_borgmatic_file_in_turn() {
+    let Some(world) = World::new() else { return };
+    let a = world.init("repo-a").await;
+    let b = world.init("repo-b").await;
+    let log = world.path("hooks.log");
+    let l = log.display();
+    let yaml = format!(
+        r#"source_directories: ["{src}/*"]
+repositories:
+    - path: {a}
+      label: first
+    - path: {b}
+      label: second
+encryption_passcommand: cat {pass}
+keep_within: 1d
+retries: 1
+retry_wait: 0
+commands:
+    - before: repository
+      run: ['echo "before {{repository_label}}" >> {l}']
+    - after: action
+      when: [create]
+      states: [finish]
+      run: ['echo "created {{repository_label}}" >> {l}']
+    - after: configuration
+      states: [finish]
+      run: ['echo "configuration done" >> {l}']
+    - after: error
+      run: ['echo "error" >> {l}']
+"#,
+        src = world.path("src").display(),
+        a = a.display(),
+        b = b.display(),
+        pass = world.passphrase_file().display(),
+    );
+    let file = world.path("two.yaml");
+    std::fs::write(&file, yaml).expect("yaml");
+    let config = world.config(&format!(
+        "[profiles.two]\nborgmatic-config = \"{}\"\n",
+        file.display()
+    ));
+    let bus = TestBus::start();
+    let service = start_service(&bus, &world, &config).await;
+    service.run("two", "BackupFinished").await;
+    assert_eq!(world.archives(&a).await.len(), 1);
+    assert_eq!(world.archives(&b).await.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("hook log"),
+        "before first\ncreated first\nbefore second\ncreated second\nconfiguration done\n"
+    );
+    let results = service.proxy.last_results().await.expect("LastResults");
+    assert!(
+        results[0].message.contains("first: archive")
+            && results[0].message.contains("second: archive"),
+        "{results:?}"
+    );
+
+    // The second repository is gone: tried twice, named, the first still backed up.
+    std::fs::remove_dir_all(&b).expect("remove b");
+    std::fs::write(&log, "").expect("empty log");
+    let (_, failed) = service.run("two", "BackupFailed").await;
+    assert_eq!(failed.args[2], "create", "{failed}");
+    let message = &failed.args[3];
+    assert!(message.starts_with("repository second: "), "{message}");
+    assert!(message.contains("first: archive"), "{message}");
+    assert_eq!(world.archives(&a).await.len(), 2);
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("hook log"),
+        "before first\ncreated first\nbefore second\nbefore second\nerror\n"
+    );
 }
 
 /// Every /proc/*/cmdline and /proc/*/environ, searched for `needle`.
@@ -1083,5 +1243,7 @@ ferry_integration_tests::integration_tests! {
         a_repository_on_a_drive_is_refused,
         the_logind_inhibitor_is_held_while_a_job_runs,
         a_passphrase_file_others_can_read_is_refused,
+        borgmatics_generated_file_runs,
+        every_repository_of_a_borgmatic_file_in_turn,
     ],
 }

@@ -172,8 +172,8 @@ pub struct Profile {
     /// Read everything borg does from this borgmatic configuration file
     /// instead (read again at every run).
     pub borgmatic_config: Option<AbsolutePath>,
-    /// With `borgmatic-config`: the repository (label or path) to use when
-    /// the file lists several.
+    /// With `borgmatic-config`: back up only this repository (label or
+    /// path) of the file; without it, each of its repositories in turn.
     pub borgmatic_repository: Option<String>,
 }
 

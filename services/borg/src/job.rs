@@ -11,7 +11,7 @@
 //! stage changes go to the loop as events; the loop owns
 //! the properties and the signals.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use ferry_config::{Config, Name};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use crate::plan::{Passphrase, Plan, CHECK_KINDS};
+use crate::plan::{interpolate, Action, Outcome, Passphrase, Plan, Scope, CHECK_KINDS};
 use crate::process::{self, Limits, Stop};
 use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
 use crate::{borgmatic, network, system};
@@ -60,11 +60,15 @@ pub enum End {
         archive: String,
         /// borg create --json.
         stats: String,
-        /// The check kinds that ran.
-        checks: Vec<&'static str>,
+        /// The check kinds that ran (`kind@repository` with several
+        /// repositories).
+        checks: Vec<String>,
         /// borg's warnings when a command exited 1 (warning), each with its
         /// stage; empty when every command exited 0.
         warnings: Vec<String>,
+        /// With several repositories, what happened in each
+        /// (`name: archive …` or `name: skipped: …`); empty with one.
+        repositories: Vec<String>,
     },
     /// A stage failed, or the job was cancelled (stage "cancelled").
     Failed {
@@ -161,6 +165,170 @@ impl From<Fail> for Stopped {
     }
 }
 
+/// What one repository's actions produced.
+#[derive(Default)]
+struct Done {
+    archive: String,
+    stats: String,
+    checks: Vec<String>,
+}
+
+/// How each repository of a job ended, by name (empty: the job's own
+/// hooks).
+#[derive(Default)]
+struct Ended {
+    done: Vec<(String, Done)>,
+    skipped: Vec<(String, String)>,
+    failures: Vec<(String, Fail)>,
+    /// Repositories whose SSH server (or the network) could not be
+    /// reached: the job ends [`End::Unreachable`] unless one failed, so
+    /// that the profile's unreachable-grace runs until every repository is
+    /// reached again.
+    unreachable: Vec<(String, String)>,
+}
+
+impl Ended {
+    fn from_stop(stopped: Stopped) -> Ended {
+        let mut ended = Ended::default();
+        match stopped {
+            Stopped::Skip(reason) => ended.skipped.push((String::new(), reason)),
+            Stopped::Fail(fail) => ended.failures.push((String::new(), fail)),
+            Stopped::Unreachable(reason) => ended.unreachable.push((String::new(), reason)),
+        }
+        ended
+    }
+
+    fn several(&self) -> bool {
+        let named = |name: &String| !name.is_empty();
+        self.done.iter().filter(|(n, _)| named(n)).count()
+            + self.skipped.iter().filter(|(n, _)| named(n)).count()
+            + self.failures.iter().filter(|(n, _)| named(n)).count()
+            + self.unreachable.iter().filter(|(n, _)| named(n)).count()
+            > 1
+    }
+
+    /// The failure that names the job's end: a cancel, else the first.
+    fn failure(&self) -> Option<&(String, Fail)> {
+        self.failures
+            .iter()
+            .find(|(_, f)| f.stage == "cancelled")
+            .or(self.failures.first())
+    }
+
+    /// `stage: message` of the failure, for FERRY_ERROR.
+    fn error(&self) -> String {
+        self.failure()
+            .map(|(name, fail)| format!("{}: {}", fail.stage, self.prefixed(name, &fail.message)))
+            .unwrap_or_default()
+    }
+
+    fn prefixed(&self, name: &str, text: &str) -> String {
+        if self.several() && !name.is_empty() {
+            format!("repository {name}: {text}")
+        } else {
+            text.to_string()
+        }
+    }
+
+    /// One line per repository.
+    fn summary(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .done
+            .iter()
+            .map(|(name, done)| format!("{name}: archive {}", done.archive))
+            .collect();
+        lines.extend(
+            self.skipped
+                .iter()
+                .map(|(n, why)| format!("{n}: skipped: {why}")),
+        );
+        lines.extend(
+            self.failures
+                .iter()
+                .filter(|(n, _)| !n.is_empty())
+                .map(|(n, f)| format!("{n}: failed at {}: {}", f.stage, f.message)),
+        );
+        lines.extend(
+            self.unreachable
+                .iter()
+                .filter(|(n, _)| !n.is_empty())
+                .map(|(n, why)| format!("{n}: unreachable: {why}")),
+        );
+        lines
+    }
+
+    fn into_end(self, warnings: Vec<String>) -> End {
+        let summary = if self.several() {
+            self.summary()
+        } else {
+            Vec::new()
+        };
+        if let Some((name, fail)) = self.failure() {
+            let mut message = self.prefixed(name, &fail.message);
+            if !summary.is_empty() {
+                message = format!("{message} (all repositories: {})", summary.join("; "));
+            }
+            return End::Failed {
+                stage: fail.stage.clone(),
+                message,
+            };
+        }
+        if !self.unreachable.is_empty() {
+            let reasons: Vec<String> = self
+                .unreachable
+                .iter()
+                .map(|(name, why)| self.prefixed(name, why))
+                .collect();
+            let mut reason = reasons.join("; ");
+            if !summary.is_empty() {
+                reason = format!("{reason} (all repositories: {})", summary.join("; "));
+            }
+            return End::Unreachable { reason };
+        }
+        let Some((_, first)) = self.done.first() else {
+            let reasons: Vec<String> = self
+                .skipped
+                .iter()
+                .map(|(name, why)| self.prefixed(name, why))
+                .collect();
+            return End::Skipped {
+                reason: reasons.join("; "),
+            };
+        };
+        End::Finished {
+            archive: first.archive.clone(),
+            stats: first.stats.clone(),
+            checks: self
+                .done
+                .iter()
+                .flat_map(|(_, d)| d.checks.clone())
+                .collect(),
+            warnings,
+            repositories: summary,
+        }
+    }
+}
+
+/// The plans of a profile: one, or one per repository of its borgmatic
+/// file; each refused if it would write to a drive.
+fn plans(
+    config: &Config,
+    name: &Name,
+    profile: &ferry_config::Profile,
+) -> Result<Vec<Plan>, String> {
+    let plans = match profile.borgmatic_config {
+        Some(_) => borgmatic::load(config, name, profile).map_err(|e| e.to_string())?,
+        None => vec![Plan::from_profile(config, name, profile)?],
+    };
+    for plan in &plans {
+        plan.check_not_on_a_drive(config)?;
+    }
+    if plans.is_empty() {
+        return Err(format!("profile `{name}` backs up to no repository"));
+    }
+    Ok(plans)
+}
+
 /// What one borg run produced.
 struct BorgOutput {
     stdout: Vec<u8>,
@@ -188,13 +356,8 @@ impl Job {
                 };
             }
         }
-        let plan = match profile.borgmatic_config {
-            Some(_) => borgmatic::load(&self.config, &profile_name, &profile),
-            None => Plan::from_profile(&self.config, &profile_name, &profile),
-        }
-        .and_then(|plan| plan.check_not_on_a_drive(&self.config).map(|()| plan));
-        let plan = match plan {
-            Ok(plan) => plan,
+        let plans = match plans(&self.config, &profile_name, &profile) {
+            Ok(plans) => plans,
             Err(message) => {
                 return End::Failed {
                     stage: "config".into(),
@@ -202,62 +365,175 @@ impl Job {
                 }
             }
         };
-        for warning in &plan.warnings {
+        for warning in plans.iter().flat_map(|p| &p.warnings) {
             tracing::warn!("profile {profile_name}: {warning}");
         }
-
-        // One job per repository: wait for the turn, cancellable.
-        let turn = self.locks.lock_for(&plan.repository_key());
-        let _turn = tokio::select! {
-            guard = turn.lock_owned() => guard,
-            _ = cancelled(&mut self.cancel) => return Fail::cancelled("waiting").into_end(),
-        };
         let _inhibitor = match &self.logind {
             Some(bus) => {
                 system::inhibit(bus, &format!("borg backup of profile {profile_name}")).await
             }
             None => None,
         };
-
-        match self.stages(&plan).await {
-            Ok(end) => end,
-            Err(Stopped::Skip(reason)) => End::Skipped { reason },
-            Err(Stopped::Unreachable(reason)) => End::Unreachable { reason },
-            Err(Stopped::Fail(fail)) => {
-                if fail.stage != "cancelled" && !plan.hooks.on_error.is_empty() {
-                    let error = format!("{}: {}", fail.stage, fail.message);
-                    if let Err(Stopped::Fail(hook)) = self
-                        .hooks(&plan, "on-error", &plan.hooks.on_error, Some(&error))
-                        .await
-                    {
-                        tracing::warn!("on-error hook failed too: {}", hook.message);
-                    }
-                }
-                fail.into_end()
+        let first = &plans[0];
+        let outer = [Scope::Everything, Scope::Configuration];
+        let mut before = Ok(());
+        for scope in outer {
+            if before.is_ok() {
+                before = self.scoped(first, true, scope, None, None, None).await;
             }
         }
+        let ended = match before {
+            Ok(()) => self.repositories(&plans).await,
+            // A before hook's soft failure (75): nothing more runs, as in borgmatic.
+            Err(Stopped::Skip(reason)) => return End::Skipped { reason },
+            Err(stopped) => Ended::from_stop(stopped),
+        };
+        self.wind_up(first, ended).await
     }
 
-    /// The stages after the turn is ours.
-    async fn stages(&mut self, plan: &Plan) -> Result<End, Stopped> {
-        self.hooks(plan, "before", &plan.hooks.before, None).await?;
+    /// Backs up every repository in turn (borgmatic's queue: a failed one
+    /// is tried again after the others, `retries` times, `retry_wait` ×
+    /// attempt later).
+    async fn repositories(&mut self, plans: &[Plan]) -> Ended {
+        let mut ended = Ended::default();
+        let mut queue: VecDeque<(usize, u32)> = (0..plans.len()).map(|i| (i, 0)).collect();
+        while let Some((index, attempt)) = queue.pop_front() {
+            let plan = &plans[index];
+            let wait = plan.retries.wait.saturating_mul(attempt);
+            if !wait.is_zero() {
+                self.stage("waiting").await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancelled(&mut self.cancel) => {
+                        ended.failures.push((plan.name().to_string(), Fail::cancelled("waiting")));
+                        break;
+                    }
+                }
+            }
+            let key = (plans.len() > 1).then(|| plan.repository.clone());
+            match self.repository(plan, key.as_deref()).await {
+                Ok(done) => ended.done.push((plan.name().to_string(), done)),
+                Err(Stopped::Skip(reason)) => ended.skipped.push((plan.name().to_string(), reason)),
+                Err(Stopped::Fail(fail)) if fail.stage == "cancelled" => {
+                    ended.failures.push((plan.name().to_string(), fail));
+                    break;
+                }
+                Err(stopped @ (Stopped::Fail(_) | Stopped::Unreachable(_)))
+                    if attempt < plan.retries.count =>
+                {
+                    let why = match stopped {
+                        Stopped::Fail(fail) => format!("{}: {}", fail.stage, fail.message),
+                        Stopped::Unreachable(reason) | Stopped::Skip(reason) => reason,
+                    };
+                    tracing::warn!(
+                        "repository {}: {why}; trying again (attempt {} of {})",
+                        plan.name(),
+                        attempt + 2,
+                        plan.retries.count + 1
+                    );
+                    queue.push_back((index, attempt + 1));
+                }
+                Err(Stopped::Fail(fail)) => ended.failures.push((plan.name().to_string(), fail)),
+                Err(Stopped::Unreachable(reason)) => {
+                    ended.unreachable.push((plan.name().to_string(), reason))
+                }
+            }
+        }
+        ended
+    }
 
-        self.stage("sources").await;
-        missing_sources(&plan.sources).await?;
+    /// One repository: its turn, its hooks, its actions.
+    async fn repository(&mut self, plan: &Plan, key: Option<&str>) -> Result<Done, Stopped> {
+        self.stage("waiting").await;
+        let turn = self.locks.lock_for(&plan.repository_key());
+        let _turn = tokio::select! {
+            guard = turn.lock_owned() => guard,
+            _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
+        };
+        self.scoped(plan, true, Scope::Repository, None, None, None)
+            .await?;
+        let done = self.actions(plan, key).await;
+        let outcome = Some(if done.is_ok() {
+            Outcome::Finish
+        } else {
+            Outcome::Fail
+        });
+        let after = self
+            .scoped(plan, false, Scope::Repository, None, outcome, None)
+            .await;
+        let done = done?;
+        after?;
+        Ok(done)
+    }
 
-        self.stage("create").await;
-        let mut args: Vec<String> = vec![
-            "create".into(),
-            "--log-json".into(),
-            "--progress".into(),
-            "--json".into(),
-            lock_wait(plan),
-        ];
-        args.extend(plan.create_options.iter().cloned());
-        args.push("--".into());
-        args.push(format!("{}::{}", plan.repository, plan.archive_name_format));
-        args.extend(plan.sources.iter().cloned());
-        let created = self.borg(plan, "create", &args).await?;
+    /// create → prune → compact → check, each within its action hooks.
+    async fn actions(&mut self, plan: &Plan, key: Option<&str>) -> Result<Done, Stopped> {
+        let mut done = Done::default();
+        for action in Action::ALL {
+            let runs = match action {
+                Action::Prune => plan.prune_args().is_some(),
+                Action::Compact => plan.compact_args().is_some(),
+                _ => true,
+            };
+            if !runs {
+                continue;
+            }
+            self.scoped(plan, true, Scope::Action, Some(action), None, None)
+                .await?;
+            let result = self.action(plan, action, key, &mut done).await;
+            let outcome = Some(if result.is_ok() {
+                Outcome::Finish
+            } else {
+                Outcome::Fail
+            });
+            let after = self
+                .scoped(plan, false, Scope::Action, Some(action), outcome, None)
+                .await;
+            result?;
+            after?;
+        }
+        Ok(done)
+    }
+
+    async fn action(
+        &mut self,
+        plan: &Plan,
+        action: Action,
+        key: Option<&str>,
+        done: &mut Done,
+    ) -> Result<(), Stopped> {
+        match action {
+            Action::Create => {
+                if plan.sources_must_exist {
+                    self.stage("sources").await;
+                    missing_sources(&plan.sources).await?;
+                }
+                self.stage("create").await;
+                let created = self.borg(plan, "create", &plan.create_args()).await?;
+                let (archive, stats) = self.created(created).await?;
+                tracing::info!("created archive {archive} in {}", plan.repository);
+                done.archive = archive;
+                done.stats = stats;
+            }
+            Action::Prune => {
+                if let Some(args) = plan.prune_args() {
+                    self.stage("prune").await;
+                    self.borg(plan, "prune", &args).await?;
+                }
+            }
+            Action::Compact => {
+                if let Some(args) = plan.compact_args() {
+                    self.stage("compact").await;
+                    self.borg(plan, "compact", &args).await?;
+                }
+            }
+            Action::Check => done.checks = self.checks(plan, key).await?,
+        }
+        Ok(())
+    }
+
+    /// The archive name and statistics borg create printed.
+    async fn created(&self, created: BorgOutput) -> Result<(String, String), Fail> {
         let stats = String::from_utf8_lossy(&created.stdout).into_owned();
         let parsed: Value = serde_json::from_str(&stats).map_err(|e| {
             Fail::new(
@@ -275,93 +551,92 @@ impl Job {
             totals["nfiles"].as_u64().unwrap_or(0),
         )
         .await;
-        tracing::info!("created archive {archive}");
-
-        if !plan.retention.is_empty() {
-            self.stage("prune").await;
-            let mut args = vec![
-                "prune".to_string(),
-                "--log-json".into(),
-                lock_wait(plan),
-                format!("--glob-archives={}", plan.prune_glob),
-            ];
-            args.extend(plan.retention.iter().cloned());
-            args.extend(["--".into(), plan.repository.clone()]);
-            self.borg(plan, "prune", &args).await?;
-            if plan.compact {
-                self.stage("compact").await;
-                let args = [
-                    "compact".to_string(),
-                    "--log-json".into(),
-                    lock_wait(plan),
-                    "--".into(),
-                    plan.repository.clone(),
-                ];
-                self.borg(plan, "compact", &args).await?;
-            }
-        }
-
-        let checks = self.checks(plan).await?;
-        self.hooks(plan, "after", &plan.hooks.after, None).await?;
-        Ok(End::Finished {
-            archive,
-            stats,
-            checks,
-            warnings: std::mem::take(&mut self.warnings),
-        })
+        Ok((archive, stats))
     }
 
-    /// Runs the checks that are due; returns the kinds that ran.
-    async fn checks(&mut self, plan: &Plan) -> Result<Vec<&'static str>, Stopped> {
+    /// After the repositories: the after hooks of the file (and on error
+    /// its error hooks), then how the job ended.
+    async fn wind_up(&mut self, plan: &Plan, mut ended: Ended) -> End {
+        let failed = !ended.failures.is_empty();
+        let outcome = Some(if failed {
+            Outcome::Fail
+        } else {
+            Outcome::Finish
+        });
+        let cancelled = ended.failures.iter().any(|(_, f)| f.stage == "cancelled");
+        if !cancelled {
+            if let Err(Stopped::Fail(fail)) = self
+                .scoped(plan, false, Scope::Configuration, None, outcome, None)
+                .await
+            {
+                ended.failures.push((String::new(), fail));
+            }
+        }
+        if !ended.failures.is_empty() && !cancelled {
+            let error = ended.error();
+            if let Err(Stopped::Fail(hook)) = self
+                .scoped(plan, false, Scope::Error, None, None, Some(&error))
+                .await
+            {
+                tracing::warn!("on-error hook failed too: {}", hook.message);
+            }
+        }
+        if !cancelled {
+            let outcome = Some(if ended.failures.is_empty() {
+                Outcome::Finish
+            } else {
+                Outcome::Fail
+            });
+            if let Err(Stopped::Fail(fail)) = self
+                .scoped(plan, false, Scope::Everything, None, outcome, None)
+                .await
+            {
+                ended.failures.push((String::new(), fail));
+            }
+        }
+        ended.into_end(std::mem::take(&mut self.warnings))
+    }
+
+    /// Runs the hooks of a scope that apply (`action`: the action around
+    /// which; `outcome`: how the scope ended, for after hooks).
+    async fn scoped(
+        &mut self,
+        plan: &Plan,
+        before: bool,
+        scope: Scope,
+        action: Option<Action>,
+        outcome: Option<Outcome>,
+        error: Option<&str>,
+    ) -> Result<(), Stopped> {
+        let commands = plan.hooks.select(before, scope, action, outcome);
+        let which = match (before, scope) {
+            (false, Scope::Error) => "on-error",
+            (true, _) => "before",
+            (false, _) => "after",
+        };
+        self.hooks(plan, which, &commands, error).await
+    }
+
+    /// Runs the checks that are due; returns the keys of the kinds that ran
+    /// (`kind`, or `kind@repository` when the profile has several).
+    async fn checks(&mut self, plan: &Plan, key: Option<&str>) -> Result<Vec<String>, Stopped> {
         let now = ferry_service::unix_now();
+        let name = |kind: &str| match key {
+            Some(repository) => format!("{kind}@{repository}"),
+            None => kind.to_string(),
+        };
         let due = |kind: &str| {
             plan.checks
                 .of(kind)
-                .is_some_and(|d| d.due(self.checks_last.get(kind).copied(), now))
+                .is_some_and(|d| d.due(self.checks_last.get(&name(kind)).copied(), now))
         };
         let (repository, archives, data) = (due("repository"), due("archives"), due("data"));
-        let mut runs: Vec<Vec<String>> = Vec::new();
-        let archive_flags = |args: &mut Vec<String>| {
-            if data {
-                args.push("--verify-data".into());
-            }
-            if let Some(last) = plan.checks.last {
-                args.push(format!("--last={last}"));
-            }
-        };
-        match (repository, archives || data, plan.checks.max_duration) {
-            (false, false, _) => {}
-            (true, other, Some(max)) => {
-                runs.push(vec![
-                    "--repository-only".into(),
-                    format!("--max-duration={}", max.as_secs().max(1)),
-                ]);
-                if other {
-                    let mut args = vec!["--archives-only".to_string()];
-                    archive_flags(&mut args);
-                    runs.push(args);
-                }
-            }
-            (true, false, None) => runs.push(vec!["--repository-only".into()]),
-            (false, true, _) => {
-                let mut args = vec!["--archives-only".to_string()];
-                archive_flags(&mut args);
-                runs.push(args);
-            }
-            (true, true, None) => {
-                let mut args = Vec::new();
-                archive_flags(&mut args);
-                runs.push(args);
-            }
-        }
+        let runs = plan.check_args(repository, archives, data);
         if runs.is_empty() {
             return Ok(Vec::new());
         }
         self.stage("check").await;
-        for flags in runs {
-            let mut args = vec!["check".to_string(), "--log-json".into(), lock_wait(plan)];
-            args.extend(flags);
-            args.extend(["--".into(), plan.repository.clone()]);
+        for args in runs {
             self.borg(plan, "check", &args).await?;
         }
         Ok(CHECK_KINDS
@@ -371,6 +646,7 @@ impl Job {
                 "archives" => archives || data,
                 _ => data,
             })
+            .map(name)
             .collect())
     }
 
@@ -422,11 +698,7 @@ impl Job {
     async fn borg_once(&mut self, plan: &Plan, stage: &'static str, args: &[String]) -> Attempt {
         let settings = self.config.borg.clone();
         let ssh = (!plan.is_local()).then(|| self.ssh_setup(plan));
-        let mut args = args.to_vec();
-        if let Some(remote_path) = &plan.remote_path {
-            args.insert(1, format!("--remote-path={remote_path}"));
-        }
-        let mut command = process::command(&settings.program, &args);
+        let mut command = process::command(&settings.program, args);
         for name in [
             "BORG_PASSPHRASE",
             "BORG_PASSCOMMAND",
@@ -596,7 +868,8 @@ impl Job {
         self.stage("hook").await;
         let settings = self.config.borg.clone();
         for hook in commands {
-            let mut command = process::command("/bin/sh", &["-c", hook.as_str()]);
+            let text = hook_text(plan, hook, error);
+            let mut command = process::command("/bin/sh", &["-c", text.as_str()]);
             command
                 .env("FERRY_PROFILE", self.profile.as_str())
                 .env("FERRY_REPOSITORY", &plan.repository)
@@ -675,15 +948,6 @@ impl Job {
             .events
             .send((self.id.clone(), Event::Progress { bytes, files }))
             .await;
-    }
-}
-
-impl Fail {
-    fn into_end(self) -> End {
-        End::Failed {
-            stage: self.stage,
-            message: self.message,
-        }
     }
 }
 
@@ -792,8 +1056,30 @@ async fn missing_sources(sources: &[String]) -> Result<(), Fail> {
     ))
 }
 
-fn lock_wait(plan: &Plan) -> String {
-    format!("--lock-wait={}", plan.lock_wait.as_secs())
+/// The shell text of a hook command: a borgmatic file's variables put in
+/// as borgmatic does, under the file's umask.
+fn hook_text(plan: &Plan, hook: &str, error: Option<&str>) -> String {
+    let text = match &plan.hooks.borgmatic_file {
+        Some(file) => interpolate(
+            hook,
+            &[
+                ("configuration_filename", file),
+                ("repository", &plan.repository),
+                (
+                    "repository_label",
+                    plan.label.as_deref().unwrap_or_default(),
+                ),
+                ("log_file", ""),
+                ("error", error.unwrap_or_default()),
+                ("output", ""),
+            ],
+        ),
+        None => hook.to_string(),
+    };
+    match &plan.umask {
+        Some(umask) => format!("umask {umask}; {text}"),
+        None => text,
+    }
 }
 
 /// Resolves once the job is cancelled (never if the sender is gone).
@@ -891,6 +1177,119 @@ fn keep_last(lines: &mut Vec<String>, line: String) {
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
+
+    fn done(archive: &str) -> Done {
+        Done {
+            archive: archive.into(),
+            stats: format!("{{\"{archive}\": 1}}"),
+            checks: vec![format!("repository@/{archive}")],
+        }
+    }
+
+    #[test]
+    fn several_repositories_end_as_one_job_naming_each() {
+        let one = Ended {
+            done: vec![("first".into(), done("a1"))],
+            ..Ended::default()
+        };
+        match one.into_end(Vec::new()) {
+            End::Finished {
+                repositories,
+                archive,
+                ..
+            } => {
+                assert_eq!(archive, "a1");
+                assert!(repositories.is_empty(), "one repository: as before");
+            }
+            other => panic!("{other:?}"),
+        }
+        let two = Ended {
+            done: vec![("first".into(), done("a1")), ("second".into(), done("b1"))],
+            ..Ended::default()
+        };
+        match two.into_end(Vec::new()) {
+            End::Finished {
+                archive,
+                stats,
+                checks,
+                repositories,
+                ..
+            } => {
+                assert_eq!(archive, "a1");
+                assert!(stats.contains("a1"));
+                assert_eq!(checks.len(), 2);
+                assert_eq!(repositories, ["first: archive a1", "second: archive b1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let failed = Ended {
+            done: vec![("first".into(), done("a1"))],
+            failures: vec![("second".into(), Fail::new("create", "no repository"))],
+            ..Ended::default()
+        };
+        assert_eq!(failed.error(), "create: repository second: no repository");
+        match failed.into_end(Vec::new()) {
+            End::Failed { stage, message } => {
+                assert_eq!(stage, "create");
+                assert_eq!(
+                    message,
+                    "repository second: no repository (all repositories: first: archive a1; second: failed at create: no repository)"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let skipped = Ended::from_stop(Stopped::Skip("not today".into()));
+        assert_eq!(
+            skipped.into_end(Vec::new()),
+            End::Skipped {
+                reason: "not today".into()
+            }
+        );
+    }
+
+    /// An unreachable SSH repository keeps the job unreachable (a skip
+    /// until the grace) even when another repository was backed up, so the
+    /// grace is not forgotten; a failure elsewhere still fails the job.
+    #[test]
+    fn an_unreachable_repository_keeps_the_job_unreachable() {
+        let alone = Ended::from_stop(Stopped::Unreachable("server gone".into()));
+        assert_eq!(
+            alone.into_end(Vec::new()),
+            End::Unreachable {
+                reason: "server gone".into()
+            }
+        );
+        let one = Ended {
+            unreachable: vec![("remote".into(), "server gone".into())],
+            ..Ended::default()
+        };
+        assert_eq!(
+            one.into_end(Vec::new()),
+            End::Unreachable {
+                reason: "server gone".into()
+            },
+            "one repository: as before"
+        );
+        let with_local = Ended {
+            done: vec![("local".into(), done("a1"))],
+            unreachable: vec![("remote".into(), "server gone".into())],
+            ..Ended::default()
+        };
+        assert_eq!(
+            with_local.into_end(Vec::new()),
+            End::Unreachable {
+                reason: "repository remote: server gone (all repositories: local: archive a1; remote: unreachable: server gone)".into()
+            }
+        );
+        let and_failed = Ended {
+            failures: vec![("local".into(), Fail::new("create", "no repository"))],
+            unreachable: vec![("remote".into(), "server gone".into())],
+            ..Ended::default()
+        };
+        assert!(
+            matches!(and_failed.into_end(Vec::new()), End::Failed { stage, .. } if stage == "create")
+        );
+    }
 
     #[test]
     fn borg_log_lines() {

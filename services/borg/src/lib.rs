@@ -18,6 +18,7 @@
 
 pub mod borgmatic;
 pub mod compat;
+pub mod glob;
 pub mod job;
 pub mod network;
 pub mod plan;
@@ -685,7 +686,15 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
             archive.clone(),
             warnings.join("; "),
         ),
-        End::Finished { archive, .. } => (BackupOutcome::Finished, archive.clone(), String::new()),
+        End::Finished {
+            archive,
+            repositories,
+            ..
+        } => (
+            BackupOutcome::Finished,
+            archive.clone(),
+            repositories.join("; "),
+        ),
         End::Failed { stage, message } => (
             BackupOutcome::Failed,
             String::new(),
@@ -806,8 +815,8 @@ fn check_borgmatic_files(config: &Config) {
             continue;
         }
         match borgmatic::load(config, name, profile) {
-            Ok(plan) => {
-                for warning in plan.warnings {
+            Ok(plans) => {
+                for warning in plans.iter().flat_map(|p| &p.warnings) {
                     tracing::warn!("profile {name}: {warning}");
                 }
             }

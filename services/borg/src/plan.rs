@@ -105,15 +105,238 @@ impl CheckPlan {
     }
 }
 
+/// When a command hook runs: borgmatic 2's `before:`/`after:` values.
+/// ferry.toml's hooks and borgmatic 1's `before_*`/`after_*`/`on_error`
+/// are turned into these the way borgmatic normalises them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Once around the whole run (ferry runs one file, so as `configuration`).
+    Everything,
+    /// Once around all repositories of the file.
+    Configuration,
+    /// Around each repository's actions.
+    Repository,
+    /// Around each action (create, prune, compact, check) it is `when:` for.
+    Action,
+    /// After a failure (only `after:`).
+    Error,
+}
+
+/// The actions of a run, in the order they run (borgmatic's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    /// borg create.
+    Create,
+    /// borg prune.
+    Prune,
+    /// borg compact.
+    Compact,
+    /// borg check.
+    Check,
+}
+
+impl Action {
+    /// The action's name, as in borgmatic's `when:` and ferry's stages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Prune => "prune",
+            Action::Compact => "compact",
+            Action::Check => "check",
+        }
+    }
+
+    /// Every action a run does.
+    pub const ALL: [Action; 4] = [
+        Action::Create,
+        Action::Prune,
+        Action::Compact,
+        Action::Check,
+    ];
+}
+
+/// One command hook: its commands, run in order with `sh -c`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandHook {
+    /// Before (true) or after (false) its scope.
+    pub before: bool,
+    /// Around what.
+    pub scope: Scope,
+    /// Only around these actions (None: all); for repository and
+    /// configuration scopes, only when the run does one of them.
+    pub when: Option<Vec<Action>>,
+    /// For after hooks: only on success (`finish`), only on failure
+    /// (`fail`), or both (None).
+    pub states: Option<Vec<Outcome>>,
+    /// The commands.
+    pub run: Vec<String>,
+}
+
+/// How a scope ended, for `states:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `finish`.
+    Finish,
+    /// `fail`.
+    Fail,
+}
+
+impl CommandHook {
+    /// Whether this hook runs `before` (or after) `scope` of `action`
+    /// (None: the scope is not one action) ending as `outcome`.
+    pub fn applies(
+        &self,
+        before: bool,
+        scope: Scope,
+        action: Option<Action>,
+        outcome: Option<Outcome>,
+    ) -> bool {
+        let when = match (&self.when, action) {
+            (None, _) => true,
+            // Around a repository or the file: when the run does one of them.
+            (Some(when), None) => !when.is_empty(),
+            (Some(when), Some(action)) => when.contains(&action),
+        };
+        let state = match (&self.states, outcome) {
+            (None, _) | (_, None) => true,
+            (Some(states), Some(outcome)) => states.contains(&outcome),
+        };
+        self.before == before && self.scope == scope && when && state
+    }
+}
+
 /// Commands run around the job with `sh -c`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HookPlan {
-    /// Before anything.
-    pub before: Vec<String>,
-    /// After success.
-    pub after: Vec<String>,
-    /// After a failure.
-    pub on_error: Vec<String>,
+    /// Every hook, in the file's order.
+    pub commands: Vec<CommandHook>,
+    /// For a borgmatic file's hooks, the file: `{repository}`,
+    /// `{configuration_filename}` and borgmatic's other variables are then
+    /// put into the commands as borgmatic does ([`interpolate`]).
+    pub borgmatic_file: Option<String>,
+}
+
+impl HookPlan {
+    /// ferry.toml's three lists: before everything, after success, on error.
+    pub fn simple(before: &[String], after: &[String], on_error: &[String]) -> HookPlan {
+        let hook = |before, scope, states: Option<Vec<Outcome>>, run: &[String]| CommandHook {
+            before,
+            scope,
+            when: None,
+            states,
+            run: run.to_vec(),
+        };
+        HookPlan {
+            commands: [
+                hook(true, Scope::Configuration, None, before),
+                hook(
+                    false,
+                    Scope::Configuration,
+                    Some(vec![Outcome::Finish]),
+                    after,
+                ),
+                hook(false, Scope::Error, None, on_error),
+            ]
+            .into_iter()
+            .filter(|h| !h.run.is_empty())
+            .collect(),
+            borgmatic_file: None,
+        }
+    }
+
+    /// The commands of the hooks that apply, in order.
+    pub fn select(
+        &self,
+        before: bool,
+        scope: Scope,
+        action: Option<Action>,
+        outcome: Option<Outcome>,
+    ) -> Vec<String> {
+        self.commands
+            .iter()
+            .filter(|h| h.applies(before, scope, action, outcome))
+            .flat_map(|h| h.run.iter().cloned())
+            .collect()
+    }
+}
+
+/// borgmatic's hook variables: each `{name}` of `context` becomes its
+/// value, shell-quoted; `\\{name\\}` stays `{name}`; other names (borg's
+/// placeholders) stay as they are.
+pub fn interpolate(command: &str, context: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    let mut rest = command;
+    while let Some(open) = rest.find('{') {
+        let escaped = rest[..open].ends_with('\\');
+        let after = &rest[open + 1..];
+        let name_len = after
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let name = &after[..name_len];
+        let tail = &after[name_len..];
+        let close = if tail.starts_with("\\}") && escaped {
+            Some(2)
+        } else if tail.starts_with('}') && !escaped {
+            Some(1)
+        } else {
+            None
+        };
+        match (close, name.is_empty()) {
+            (Some(len), false) if escaped => {
+                out.push_str(&rest[..open - 1]);
+                out.push_str(&format!("{{{name}}}"));
+                rest = &tail[len..];
+            }
+            (Some(len), false) => {
+                out.push_str(&rest[..open]);
+                match context.iter().find(|(n, _)| *n == name) {
+                    Some((_, value)) => out.push_str(&shell_quote(value)),
+                    None => out.push_str(&rest[open..open + 1 + name_len + len]),
+                }
+                rest = &tail[len..];
+            }
+            _ => {
+                out.push_str(&rest[..=open]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Python's `shlex.quote`.
+fn shell_quote(value: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./-_".contains(c);
+    if !value.is_empty() && value.chars().all(safe) {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\'', "'\"'\"'"))
+    }
+}
+
+/// Extra borg options per action (borgmatic's `extra_borg_options`),
+/// already split as a shell would.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraOptions {
+    /// For borg create.
+    pub create: Vec<String>,
+    /// For borg prune.
+    pub prune: Vec<String>,
+    /// For borg compact.
+    pub compact: Vec<String>,
+    /// For borg check.
+    pub check: Vec<String>,
+}
+
+/// borgmatic's `retries` and `retry_wait`: a failed repository is tried
+/// again right away in the same job, after `wait` times the attempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retries {
+    /// How many more times.
+    pub count: u32,
+    /// The wait before retry n is n times this.
+    pub wait: Duration,
 }
 
 /// How ssh reaches a remote repository named in ferry.toml (a borgmatic
@@ -161,6 +384,23 @@ pub struct Plan {
     pub lock_wait: Duration,
     /// Things the reader noticed and a person should know (logged per run).
     pub warnings: Vec<String>,
+    /// The repository's label in a borgmatic file.
+    pub label: Option<String>,
+    /// borg pattern lines (borgmatic's patterns file), given as
+    /// `--pattern=`: when not empty the sources are its `R` lines and are
+    /// not passed as paths.
+    pub patterns: Vec<String>,
+    /// Whether every source must exist before borg runs (stage `sources`).
+    pub sources_must_exist: bool,
+    /// `--umask`, as written (borg reads it as octal).
+    pub umask: Option<String>,
+    /// Extra options per action.
+    pub extra: ExtraOptions,
+    /// `--glob-archives` for the archives check (borgmatic passes the prune
+    /// glob there too); None: all archives.
+    pub check_glob: Option<String>,
+    /// Retries of a failed repository within the job.
+    pub retries: Retries,
 }
 
 impl Plan {
@@ -234,11 +474,7 @@ impl Plan {
         let hooks = profile
             .hooks
             .as_ref()
-            .map(|h| HookPlan {
-                before: h.before.clone(),
-                after: h.after.clone(),
-                on_error: h.on_error.clone(),
-            })
+            .map(|h| HookPlan::simple(&h.before, &h.after, &h.on_error))
             .unwrap_or_default();
         Ok(Plan {
             repository: target.repository,
@@ -268,6 +504,13 @@ impl Plan {
                 .map(|w| w.duration())
                 .unwrap_or(config.borg.lock_wait.duration()),
             warnings: Vec::new(),
+            label: None,
+            patterns: Vec::new(),
+            sources_must_exist: true,
+            umask: None,
+            extra: ExtraOptions::default(),
+            check_glob: None,
+            retries: Retries::default(),
         })
     }
 }
@@ -315,6 +558,122 @@ impl Target {
                 known_hosts: remote.known_hosts.as_ref().map(|p| p.resolve(&home)),
             },
         })
+    }
+}
+
+/// The borg command lines of a plan: the job runs them, and the
+/// comparison with borgmatic (tests/borgmatic_measure.rs) reads them.
+impl Plan {
+    /// The options every borg command of this plan takes.
+    fn common(&self) -> Vec<String> {
+        let mut args = vec![format!("--lock-wait={}", self.lock_wait.as_secs())];
+        if let Some(path) = &self.remote_path {
+            args.push(format!("--remote-path={path}"));
+        }
+        if let Some(umask) = &self.umask {
+            args.push(format!("--umask={umask}"));
+        }
+        args
+    }
+
+    /// borg create's arguments.
+    pub fn create_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = ["create", "--log-json", "--progress", "--json"]
+            .map(String::from)
+            .to_vec();
+        args.extend(self.common());
+        args.extend(self.create_options.iter().cloned());
+        args.extend(self.patterns.iter().map(|p| format!("--pattern={p}")));
+        args.extend(self.extra.create.iter().cloned());
+        args.push("--".into());
+        args.push(format!("{}::{}", self.repository, self.archive_name_format));
+        if self.patterns.is_empty() {
+            args.extend(self.sources.iter().cloned());
+        }
+        args
+    }
+
+    /// borg prune's arguments; None when the plan keeps no retention.
+    pub fn prune_args(&self) -> Option<Vec<String>> {
+        if self.retention.is_empty() {
+            return None;
+        }
+        let mut args = vec!["prune".to_string(), "--log-json".into()];
+        args.extend(self.common());
+        if !self.prune_glob.is_empty() {
+            args.push(format!("--glob-archives={}", self.prune_glob));
+        }
+        args.extend(self.retention.iter().cloned());
+        args.extend(self.extra.prune.iter().cloned());
+        args.extend(["--".into(), self.repository.clone()]);
+        Some(args)
+    }
+
+    /// borg compact's arguments; None when it does not run (no prune, or
+    /// compact switched off).
+    pub fn compact_args(&self) -> Option<Vec<String>> {
+        if self.retention.is_empty() || !self.compact {
+            return None;
+        }
+        let mut args = vec!["compact".to_string(), "--log-json".into()];
+        args.extend(self.common());
+        args.extend(self.extra.compact.iter().cloned());
+        args.extend(["--".into(), self.repository.clone()]);
+        Some(args)
+    }
+
+    /// The borg check runs for the check kinds that are due, each with its
+    /// whole arguments.
+    pub fn check_args(&self, repository: bool, archives: bool, data: bool) -> Vec<Vec<String>> {
+        let archive_flags = || {
+            let mut args = Vec::new();
+            if let Some(glob) = &self.check_glob {
+                args.push(format!("--glob-archives={glob}"));
+            }
+            if data {
+                args.push("--verify-data".into());
+            }
+            if let Some(last) = self.checks.last {
+                args.push(format!("--last={last}"));
+            }
+            args
+        };
+        let only = |flag: &str| {
+            let mut args = vec![flag.to_string()];
+            args.extend(archive_flags());
+            args
+        };
+        let mut runs: Vec<Vec<String>> = Vec::new();
+        match (repository, archives || data, self.checks.max_duration) {
+            (false, false, _) => {}
+            (true, other, Some(max)) => {
+                runs.push(vec![
+                    "--repository-only".into(),
+                    format!("--max-duration={}", max.as_secs().max(1)),
+                ]);
+                if other {
+                    runs.push(only("--archives-only"));
+                }
+            }
+            (true, false, None) => runs.push(vec!["--repository-only".into()]),
+            (false, true, _) => runs.push(only("--archives-only")),
+            (true, true, None) => runs.push(archive_flags()),
+        }
+        runs.into_iter()
+            .map(|flags| {
+                let mut args = vec!["check".to_string(), "--log-json".into()];
+                args.extend(self.common());
+                args.extend(flags);
+                args.extend(self.extra.check.iter().cloned());
+                args.extend(["--".into(), self.repository.clone()]);
+                args
+            })
+            .collect()
+    }
+
+    /// What the plan is called in messages: its label, else its repository.
+    pub fn name(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.repository)
     }
 }
 

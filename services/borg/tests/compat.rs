@@ -60,7 +60,8 @@ fn the_reader_does_what_the_table_says() {
         if ["source_directories", "repositories"].contains(option) {
             continue;
         }
-        let outcome = parse(&file_with(option), None, &WAIT, &Tilde::home("/root"));
+        let outcome = parse(&file_with(option), None, &WAIT, &Tilde::home("/root"))
+            .map_err(|e| e.to_string());
         match support {
             // A honoured option is read (a value of the wrong type is a
             // different complaint), never refused as unknown.
@@ -101,7 +102,9 @@ fn every_refused_option_of_a_file_is_named_at_once_with_its_line() {
     let text = "source_directories:\n    - /srv/data\nrepositories:\n    - path: /srv/borg/x\n\
                 postgresql_databases:\n    - name: users\nzfs: {}\nhealthchecks:\n    ping_url: https://example.org\n\
                 keep_daily: 7\nnot_an_option: 1\n";
-    let e = parse(text, None, &WAIT, &Tilde::home("/root")).expect_err("refused");
+    let e = parse(text, None, &WAIT, &Tilde::home("/root"))
+        .expect_err("refused")
+        .to_string();
     for expected in [
         "line 5: `postgresql_databases`",
         "line 7: `zfs`",
