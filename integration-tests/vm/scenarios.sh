@@ -248,7 +248,9 @@ G
   unplug
   g heldpulled 300 <<'G'
 m=$(cat $T/mark2)
-wait_sig $m 120 DriveFailed/stick
+# The close was already retrying on the busy mount (up to close-timeout,
+# 120 s); the removal is reported when that retry ends.
+wait_sig $m 240 DriveFailed/stick
 msg=$(sigs_since $m | grep DriveFailed)
 echo "$msg"
 echo "$msg" | grep -q 'sleep' || fail "the message does not name the holder (sleep)"
