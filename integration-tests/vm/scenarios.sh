@@ -490,7 +490,8 @@ G
 scenario_journald() {
   g journald 120 <<'G'
 for s in ferry-crypt ferry-drive-watcher ferry-led ferry-notifier ferry-sync ferry-borg; do
-  journalctl -b -o json --no-pager SYSLOG_IDENTIFIER=$s | python3 -c '
+  # The system unit's entries (user_service ran a user-level ferry-borg too).
+  journalctl -b -o json --no-pager SYSLOG_IDENTIFIER=$s _SYSTEMD_UNIT=$s.service | python3 -c '
 import json, sys
 name = sys.argv[1]
 entries = [json.loads(l) for l in sys.stdin if l.strip()]
