@@ -1043,18 +1043,13 @@ async fn plain_enrolment_refuses_until_confirmed_and_prepares_a_drive_that_opens
         .await;
 }
 
-async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_without_device_mapper(
-) {
-    if !(udev_and_loop()
-        && ferry_integration_tests::require_command("cryptsetup", "cryptsetup-bin"))
-    {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let base = write_config(dir.path(), &crypt_section(dir.path()));
-    let mut image = LoopImage::blank(dir.path(), 32);
+/// A blank 32 MiB loop drive, attached, enrolled as offsite-a with LUKS:
+/// the image, its device, and enroll's (exit code, section, stderr).
+fn enroll_blank_luks(dir: &Path) -> (LoopImage, String, (Option<i32>, String, String)) {
+    let base = write_config(dir, &crypt_section(dir));
+    let mut image = LoopImage::blank(dir, 32);
     let device = image.attach();
-    let (code, section, stderr) = enroll(&[
+    let enrolled = enroll(&[
         "--drive",
         "offsite-a",
         "--config",
@@ -1063,6 +1058,18 @@ async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_wi
         &device,
         &device,
     ]);
+    (image, device, enrolled)
+}
+
+async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_without_device_mapper(
+) {
+    if !(udev_and_loop()
+        && ferry_integration_tests::require_command("cryptsetup", "cryptsetup-bin"))
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_image, device, (code, section, stderr)) = enroll_blank_luks(dir.path());
     let keys = dir.path().join("keys");
     let (key, header) = (keys.join("offsite-a.key"), keys.join("offsite-a.header"));
     assert_eq!(
@@ -1148,18 +1155,7 @@ async fn luks_enrolment_backs_up_a_restorable_header_and_stops_at_the_mapping_wi
 /// through ferry-crypt, and its mapping is gone afterwards.
 async fn an_enrolled_luks_drive_opens_and_closes_through_its_mapping() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let base = write_config(dir.path(), &crypt_section(dir.path()));
-    let mut image = LoopImage::blank(dir.path(), 32);
-    let device = image.attach();
-    let (code, section, stderr) = enroll(&[
-        "--drive",
-        "offsite-a",
-        "--config",
-        &base.to_string_lossy(),
-        "--yes-destroy-all-data-on",
-        &device,
-        &device,
-    ]);
+    let (mut image, _device, (code, section, stderr)) = enroll_blank_luks(dir.path());
     assert_eq!(code, Some(0), "{stderr}");
     image.detach();
     let bus = TestBus::start();
