@@ -226,7 +226,6 @@ async fn on_the_bus(cli: Cli) -> ExitCode {
                 let mut status = status::gather(&conn, now()).await;
                 if let Ok(config) = ferry_config::Config::load(&config) {
                     status.drive_stale_days = Some(config.notify.drive_stale_days);
-                    status::add_health(&mut status, &config.state_directory);
                 }
                 if json {
                     match serde_json::to_string_pretty(&status) {

@@ -14,9 +14,9 @@ use ferry_interfaces::led::LedProxy;
 use ferry_interfaces::notifier::NotifierProxy;
 use ferry_interfaces::sync::SyncProxy;
 use ferry_interfaces::{
-    BackupJob, BackupResult, CryptDrive, Failure, ScheduleEntry, SyncJob, SyncRecord, WatchedDrive,
+    BackupJob, BackupResult, CryptDrive, DriveHealth, Failure, HealthDecision, HealthVerdict,
+    ScheduleEntry, SyncJob, SyncRecord, WatchedDrive,
 };
-use ferry_service::health_ledger::HealthRecord;
 use serde::Serialize;
 use zbus::proxy::CacheProperties;
 use zbus::Connection;
@@ -47,8 +47,8 @@ pub struct DriveStatus {
     pub running: Option<SyncJob>,
     pub last_sync: Option<SyncRecord>,
     pub failures: Vec<Failure>,
-    /// ferry-crypt's latest SMART reading (its health ledger).
-    pub health: Option<HealthRecord>,
+    /// ferry-crypt's latest SMART reading (Crypt1.Health).
+    pub health: Option<DriveHealth>,
 }
 
 /// One backup profile, as ferry-borg sees it.
@@ -102,12 +102,12 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
         async { proxy!(DriveWatcherProxy, conn)?.drives().await }.await,
     )
     .unwrap_or_default();
-    let (crypt_drives, crypt_failures) = answer(
+    let (crypt_drives, crypt_failures, health) = answer(
         &mut unreachable,
         "org.ferry.Crypt1",
         async {
             let p = proxy!(CryptProxy, conn)?;
-            Ok((p.drives().await?, p.last_failures().await?))
+            Ok((p.drives().await?, p.last_failures().await?, p.health().await?))
         }
         .await,
     )
@@ -184,7 +184,7 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
             crypt: crypt_drives.iter().find(|d| d.name == name).cloned(),
             running: running.iter().find(|j| j.drive == name).cloned(),
             last_sync: syncs.iter().find(|s| s.drive == name).cloned(),
-            health: None,
+            health: health.iter().find(|h| h.drive == name).cloned(),
             failures: crypt_failures
                 .iter()
                 .chain(sync_failures.iter())
@@ -235,39 +235,29 @@ fn status_unreachable(service: &str, e: zbus::Error) -> (String, String) {
     (service.to_string(), why)
 }
 
-/// The status in a person's words.
 /// A drive's last SMART reading in words; a bad one in capitals.
-fn health_words(now: u64, h: &HealthRecord) -> String {
+fn health_words(now: u64, h: &DriveHealth) -> String {
     let when = words::ago(now, h.time);
-    match h.verdict.as_str() {
-        "passed" => format!("health passed ({}), read {when}", h.summary),
-        "unavailable" => format!("health unknown, read {when}: {}", h.summary),
-        bad => {
-            let what = match h.decision.as_str() {
-                "refuse" => "the drive is refused",
+    match HealthVerdict::from_wire(&h.verdict) {
+        Some(HealthVerdict::Passed) => format!("health passed ({}), read {when}", h.summary),
+        Some(HealthVerdict::Unavailable) => {
+            format!("health unknown, read {when}: {}", h.summary)
+        }
+        _ => {
+            let what = match HealthDecision::from_wire(&h.decision) {
+                Some(HealthDecision::Refuse) => "the drive is refused",
                 _ => "used anyway",
             };
             format!(
                 "HEALTH {} ({}), read {when}: {what}",
-                bad.to_uppercase(),
+                h.verdict.to_uppercase(),
                 h.summary
             )
         }
     }
 }
 
-/// Fills each drive's health from ferry-crypt's health ledger under the
-/// state directory (a file, not a property: see docs/monitoring.md).
-pub fn add_health(status: &mut Status, state_directory: &std::path::Path) {
-    let ledger = ferry_service::health_ledger::path(state_directory);
-    let Ok(mut readings) = ferry_service::health_ledger::load(&ledger) else {
-        return;
-    };
-    for drive in &mut status.drives {
-        drive.health = readings.remove(&drive.name);
-    }
-}
-
+/// The status in a person's words.
 pub fn render(status: &Status) -> String {
     let now = status.now;
     let mut out = String::new();
@@ -503,17 +493,14 @@ mod tests {
                         free: 200 * 1024 * 1024 * 1024,
                     }),
                     failures: vec![],
-                    health: Some(HealthRecord {
+                    health: Some(DriveHealth {
+                        drive: "offsite-a".into(),
                         time: now - 120,
                         device: "/dev/sdb".into(),
                         decision: "warn".into(),
                         verdict: "degraded".into(),
                         summary: "SMART overall health passed, 3 reallocated sectors".into(),
-                        reallocated: Some(3),
-                        pending: Some(0),
-                        uncorrectable: None,
-                        power_on_hours: Some(9000),
-                        temperature: Some(30),
+                        figures: [("reallocated-sectors".to_string(), 3)].into(),
                     }),
                 },
                 DriveStatus {

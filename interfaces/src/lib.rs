@@ -16,7 +16,7 @@ mod wire;
 pub use error::Error;
 pub use events::{DecodeError, FerrySignal};
 pub use types::*;
-pub use wire::{CryptStage, CryptState, LedState};
+pub use wire::{CryptStage, CryptState, HealthDecision, HealthVerdict, LedState};
 
 /// Re-exported so users of the proxies need no direct zbus dependency.
 pub use zbus;
@@ -95,6 +95,9 @@ pub mod crypt {
         /// Every failure, oldest first, the newest 64, with unique ids.
         #[zbus(property)]
         fn failure_history(&self) -> zbus::Result<Vec<FailureEvent>>;
+        /// Each drive's latest SMART health reading.
+        #[zbus(property)]
+        fn health(&self) -> zbus::Result<Vec<DriveHealth>>;
         /// A drive is open at `mountpoint`.
         #[zbus(signal)]
         fn drive_opened(&self, drive: &str, mountpoint: &str) -> zbus::Result<()>;

@@ -37,6 +37,37 @@ pub struct CryptDrive {
     pub message: String,
 }
 
+/// An entry of Crypt1.Health: a drive's latest SMART reading,
+/// `(sssstsa{sx})`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
+pub struct DriveHealth {
+    /// The enrolled drive name.
+    pub drive: String,
+    /// A [`crate::HealthVerdict`]'s wire name: unavailable, passed,
+    /// degraded or failing.
+    pub verdict: String,
+    /// A [`crate::HealthDecision`]'s wire name: open, warn or refuse.
+    pub decision: String,
+    /// The whole disk smartctl read (`/dev/sdb`).
+    pub device: String,
+    /// Unix time of the reading.
+    pub time: u64,
+    /// One line for people: the figures, or why there are none.
+    pub summary: String,
+    /// The figures the drive reported, by [`HEALTH_FIGURES`] name; a
+    /// figure the drive did not report is absent.
+    pub figures: std::collections::HashMap<String, i64>,
+}
+
+/// The keys of [`DriveHealth::figures`], as the XML documents them.
+pub const HEALTH_FIGURES: [&str; 5] = [
+    "reallocated-sectors",
+    "pending-sectors",
+    "uncorrectable-sectors",
+    "power-on-hours",
+    "temperature-celsius",
+];
+
 /// The most recent failure of a drive or profile: `(stss)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, Value, OwnedValue)]
 pub struct Failure {

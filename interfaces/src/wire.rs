@@ -70,9 +70,9 @@ wire_enum! {
     /// Where opening or closing a drive failed: Crypt1.DriveFailed's stage
     /// (and the stage of Crypt1.LastFailures and FailureHistory).
     pub enum CryptStage {
-        /// `health`: the drive reports itself failing (SMART), checked
-        /// before it is opened. Reserved for that check; nothing emits it
-        /// yet.
+        /// `health`: the drive's SMART health is failing or degraded and
+        /// its policy is `health = "refuse"`; checked before it is
+        /// unlocked, so nothing of it was opened.
         Health => "health",
         /// `unlock`: the key file, the LUKS header or the mapping.
         Unlock => "unlock",
@@ -106,6 +106,41 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// What a drive's SMART reading says, worst last: Crypt1.Health's
+    /// verdict.
+    pub enum HealthVerdict {
+        /// `unavailable`: smartctl could not read the drive's health (not
+        /// installed, a USB bridge it does not know, no SMART): nothing is
+        /// known, and nothing is refused for it.
+        Unavailable => "unavailable",
+        /// `passed`: the drive says it is healthy and no sector is
+        /// reallocated, pending or uncorrectable.
+        Passed => "passed",
+        /// `degraded`: overall health passes, but sectors were reallocated
+        /// or are pending or uncorrectable: the drive is wearing out.
+        Degraded => "degraded",
+        /// `failing`: the drive's own overall assessment is FAILED, or an
+        /// attribute is past its threshold now.
+        Failing => "failing",
+    }
+}
+
+wire_enum! {
+    /// What a drive's health policy (`health` in `[drives.NAME]`) made of
+    /// its reading: Crypt1.Health's decision.
+    pub enum HealthDecision {
+        /// `open`: nothing to say; the drive was opened.
+        Open => "open",
+        /// `warn`: failing or degraded, opened anyway (`health = "warn"`);
+        /// mailed, and shown as a warning in Led1.Reason.
+        Warn => "warn",
+        /// `refuse`: failing or degraded and not opened (`health =
+        /// "refuse"`): DriveFailed at stage `health`.
+        Refuse => "refuse",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +156,13 @@ mod tests {
         for state in LedState::ALL {
             assert_eq!(LedState::from_wire(state.as_str()), Some(*state));
         }
+        for verdict in HealthVerdict::ALL {
+            assert_eq!(HealthVerdict::from_wire(verdict.as_str()), Some(*verdict));
+        }
+        for decision in HealthDecision::ALL {
+            assert_eq!(HealthDecision::from_wire(decision.as_str()), Some(*decision));
+        }
+        assert!(HealthVerdict::Failing > HealthVerdict::Degraded);
         assert_eq!(CryptState::from_wire("Open"), None);
         assert_eq!(CryptStage::Removed.to_string(), "removed");
     }

@@ -43,6 +43,32 @@ pub struct HealthRecord {
     pub temperature: Option<i64>,
 }
 
+impl HealthRecord {
+    /// The reading as Crypt1.Health shows it for `drive`: the figures
+    /// reported, by their documented names.
+    pub fn to_property(&self, drive: &str) -> ferry_interfaces::DriveHealth {
+        let counts = [self.reallocated, self.pending, self.uncorrectable, self.power_on_hours];
+        let figures = ferry_interfaces::HEALTH_FIGURES
+            .iter()
+            .zip(counts.iter().map(|n| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX))))
+            .chain(std::iter::once((
+                &ferry_interfaces::HEALTH_FIGURES[4],
+                self.temperature,
+            )))
+            .filter_map(|(name, value)| Some((name.to_string(), value?)))
+            .collect();
+        ferry_interfaces::DriveHealth {
+            drive: drive.to_string(),
+            verdict: self.verdict.clone(),
+            decision: self.decision.clone(),
+            device: self.device.clone(),
+            time: self.time,
+            summary: self.summary.clone(),
+            figures,
+        }
+    }
+}
+
 /// Reads the ledger: drive → its latest reading. Empty when there is none
 /// yet; Err says why an existing one cannot be read.
 pub fn load(path: &Path) -> Result<BTreeMap<String, HealthRecord>, String> {
@@ -61,4 +87,33 @@ pub fn record(path: &Path, drive: &str, record: HealthRecord) -> std::io::Result
     all.insert(drive.to_string(), record);
     let bytes = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
     crate::durable::write_atomically(path, &bytes, 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_property_names_only_the_figures_reported() {
+        let record = HealthRecord {
+            time: 7,
+            device: "/dev/sdb".into(),
+            decision: "warn".into(),
+            verdict: "degraded".into(),
+            summary: "3 reallocated sectors".into(),
+            reallocated: Some(3),
+            pending: None,
+            uncorrectable: Some(0),
+            power_on_hours: Some(8766),
+            temperature: Some(-2),
+        };
+        let shown = record.to_property("offsite-a");
+        assert_eq!((shown.drive.as_str(), shown.time), ("offsite-a", 7));
+        assert_eq!(shown.figures.len(), 4, "{:?}", shown.figures);
+        assert_eq!(shown.figures["reallocated-sectors"], 3);
+        assert_eq!(shown.figures["uncorrectable-sectors"], 0);
+        assert_eq!(shown.figures["power-on-hours"], 8766);
+        assert_eq!(shown.figures["temperature-celsius"], -2);
+        assert!(!shown.figures.contains_key("pending-sectors"));
+    }
 }

@@ -14,57 +14,32 @@
 //!
 //! Every reading is recorded in the health ledger
 //! (`<state-directory>/crypt-health.json`, one entry per drive, written
-//! durably, mode 0644: nothing in it is secret), which ferryctl status
-//! shows and ferry-notifier reads on DriveOpened to mail a warning.
+//! durably, mode 0644: nothing in it is secret), from which Crypt1.Health
+//! is rebuilt when ferry-crypt starts and which ferry-notifier reads on
+//! DriveOpened to mail a warning.
 //! smartctl runs as a child process under tokio with a timeout (killed
 //! when it hangs on a bad bridge); the ledger is written on the blocking
-//! pool. The only call into this module is [`gate`], from
-//! `ops::open_for`.
+//! pool, and each reading is handed to the service loop ([`Report`]),
+//! which shows it as Crypt1.Health before the open's outcome is signalled.
+//! The only call into this module is [`gate`], from `ops::open_for`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_config::HealthPolicy;
+use ferry_interfaces::HealthDecision;
 use ferry_service::health_ledger::{self, HealthRecord};
-use serde::{Deserialize, Serialize};
 
 use crate::domain::Failed;
 
 /// How long smartctl may take (a confused bridge can hang).
 const SMARTCTL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What the reading says, worst last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    /// smartctl could not read the drive's health (no smartctl, unknown
-    /// bridge, no SMART): nothing is known, nothing is refused.
-    Unavailable,
-    /// The drive says it is healthy and no sector is reallocated or
-    /// pending.
-    Passed,
-    /// Overall health passes, but sectors were reallocated or are
-    /// pending: the drive is wearing out.
-    Degraded,
-    /// The drive's own overall assessment is FAILED (or an attribute is
-    /// past its threshold now).
-    Failing,
-}
-
-impl Verdict {
-    /// The wire name (the ledger, ferryctl status).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Unavailable => "unavailable",
-            Verdict::Passed => "passed",
-            Verdict::Degraded => "degraded",
-            Verdict::Failing => "failing",
-        }
-    }
-}
+/// What the reading says, worst last (Crypt1.Health's verdict).
+pub use ferry_interfaces::HealthVerdict as Verdict;
 
 /// One reading of a drive's health.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reading {
     /// The verdict.
     pub verdict: Verdict,
@@ -93,7 +68,8 @@ pub enum Decision {
     Refuse(String),
 }
 
-/// What [`gate`] needs: the drive's policy, smartctl, the ledger.
+/// What [`gate`] needs: the drive's policy, smartctl, the ledger, and
+/// where the service loop takes readings for Crypt1.Health.
 #[derive(Debug, Clone)]
 pub struct Check {
     /// The drive's policy.
@@ -102,7 +78,13 @@ pub struct Check {
     pub smartctl: PathBuf,
     /// The health ledger; None: readings are not recorded.
     pub ledger: Option<PathBuf>,
+    /// The service loop's end of the readings (drive, reading), sent
+    /// before the open goes on; None: nobody shows them.
+    pub report: Option<Report>,
 }
+
+/// Where readings go to be shown as Crypt1.Health: (drive, reading).
+pub type Report = tokio::sync::mpsc::UnboundedSender<(String, HealthRecord)>;
 
 fn unavailable(why: impl Into<String>) -> Reading {
     Reading {
@@ -260,7 +242,7 @@ pub fn whole_disk(device: &Path) -> PathBuf {
 
 /// Runs smartctl on `disk` (under tokio, killed after the timeout).
 pub async fn read(smartctl: &Path, disk: &Path) -> Reading {
-    if !smartctl.exists() {
+    if !tokio::fs::try_exists(smartctl).await.unwrap_or(false) {
         return unavailable(format!(
             "{} is not installed (apt install smartmontools)",
             smartctl.display()
@@ -284,11 +266,11 @@ pub async fn read(smartctl: &Path, disk: &Path) -> Reading {
 }
 
 /// The ledger entry of a reading.
-fn record_of(reading: &Reading, disk: &Path, decision: &str) -> HealthRecord {
+fn record_of(reading: &Reading, disk: &Path, decision: HealthDecision) -> HealthRecord {
     HealthRecord {
         time: ferry_service::unix_now(),
         device: disk.display().to_string(),
-        decision: decision.into(),
+        decision: decision.as_str().into(),
         verdict: reading.verdict.as_str().into(),
         summary: reading.summary.clone(),
         reallocated: reading.reallocated,
@@ -299,13 +281,17 @@ fn record_of(reading: &Reading, disk: &Path, decision: &str) -> HealthRecord {
     }
 }
 
-/// The health check before opening `drive` on `device`: reads, records,
-/// logs, and refuses (stage `health`) when the policy says so.
+/// The health check before opening `drive` on `device`: reads, records
+/// (the ledger, then the loop for Crypt1.Health), logs, and refuses (stage
+/// `health`) when the policy says so.
 pub async fn gate(check: &Check, drive: &str, device: &Path) -> Result<(), Failed> {
     if check.policy == HealthPolicy::Off {
         return Ok(());
     }
-    let disk = whole_disk(device);
+    let named = device.to_path_buf();
+    let disk = tokio::task::spawn_blocking(move || whole_disk(&named))
+        .await
+        .unwrap_or_else(|_| device.to_path_buf());
     let reading = read(&check.smartctl, &disk).await;
     let decision = decide(check.policy, drive, &reading);
     let word = match &decision {
@@ -315,26 +301,30 @@ pub async fn gate(check: &Check, drive: &str, device: &Path) -> Result<(), Faile
                 reading.verdict.as_str(),
                 reading.summary
             );
-            "open"
+            HealthDecision::Open
         }
         Decision::Warn(w) => {
             tracing::warn!("{drive}: {w}");
-            "warn"
+            HealthDecision::Warn
         }
         Decision::Refuse(r) => {
             tracing::error!("{drive}: {r}");
-            "refuse"
+            HealthDecision::Refuse
         }
     };
+    let entry = record_of(&reading, &disk, word);
     if let Some(path) = check.ledger.clone() {
-        let entry = record_of(&reading, &disk, word);
-        let drive_name = drive.to_string();
+        let (drive_name, kept) = (drive.to_string(), entry.clone());
         let written =
-            tokio::task::spawn_blocking(move || health_ledger::record(&path, &drive_name, entry))
+            tokio::task::spawn_blocking(move || health_ledger::record(&path, &drive_name, kept))
                 .await;
         if !matches!(written, Ok(Ok(()))) {
             tracing::warn!("{drive}: the health reading could not be recorded in the ledger");
         }
+    }
+    if let Some(report) = &check.report {
+        // The loop is gone only when the service stops.
+        let _ = report.send((drive.to_string(), entry));
     }
     match decision {
         Decision::Refuse(message) => Err(Failed {
@@ -412,7 +402,11 @@ mod tests {
     fn a_record_round_trips_through_the_ledger() {
         let dir = tempfile::tempdir().expect("dir");
         let path = health_ledger::path(dir.path());
-        let entry = record_of(&parse(HEALTHY.as_bytes(), 0), Path::new("/dev/sdb"), "open");
+        let entry = record_of(
+            &parse(HEALTHY.as_bytes(), 0),
+            Path::new("/dev/sdb"),
+            HealthDecision::Open,
+        );
         health_ledger::record(&path, "offsite-a", entry.clone()).expect("record");
         assert_eq!(
             health_ledger::load(&path).expect("load")["offsite-a"],

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ferry_interfaces::{CryptDrive, Error as FerryError, Failure, FailureEvent};
+use ferry_interfaces::{CryptDrive, DriveHealth, Error as FerryError, Failure, FailureEvent};
 use ferry_service::caller;
 use tokio::sync::{mpsc, oneshot};
 use zbus::object_server::SignalEmitter;
@@ -20,6 +20,8 @@ pub(crate) struct View {
     pub failures: Vec<Failure>,
     /// Crypt1.FailureHistory (in memory).
     pub history: Vec<FailureEvent>,
+    /// Crypt1.Health: each drive's latest SMART reading, by drive.
+    pub health: Vec<DriveHealth>,
 }
 
 /// A request from the interface to the loop, with where the answer goes.
@@ -129,6 +131,12 @@ impl CryptInterface {
     #[zbus(property)]
     async fn failure_history(&self) -> Vec<FailureEvent> {
         self.read(|v| v.history.clone()).unwrap_or_default()
+    }
+
+    /// Each drive's latest SMART health reading (see the XML).
+    #[zbus(property)]
+    async fn health(&self) -> Vec<DriveHealth> {
+        self.read(|v| v.health.clone()).unwrap_or_default()
     }
 
     /// The drive is unlocked, mounted and proven to be ours.

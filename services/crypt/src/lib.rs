@@ -42,6 +42,7 @@ use std::time::Duration;
 use domain::{Drives, Effect, Enrolled, Failed, Finding, Operation, Signal};
 use ferry_config::{Config, Name};
 use ferry_interfaces::{crypt, drive_watcher, sync, CryptStage, FerrySignal};
+use ferry_service::health_ledger::HealthRecord;
 use ferry_service::{claim_name, subscribe_signals, unix_now, ServiceError, Shutdown};
 use futures_util::StreamExt;
 use interface::{Command, CryptInterface, View};
@@ -78,6 +79,11 @@ struct Service {
     running: HashMap<Id, (Name, Operation)>,
     /// FailureHistory grew since the last publish.
     history_grew: bool,
+    /// Each drive's latest SMART reading (Crypt1.Health), from the health
+    /// ledger at start, then from the open operations' health checks.
+    health: BTreeMap<String, HealthRecord>,
+    /// Where the health checks hand their readings over.
+    readings: mpsc::UnboundedReceiver<(String, HealthRecord)>,
 }
 
 impl Service {
@@ -135,9 +141,25 @@ impl Service {
         self.running.insert(task.id(), (drive, operation));
     }
 
-    /// A task ended: its outcome goes to the domain. A task that panicked
-    /// is a failure of its drive, never a silence.
+    /// A health check read a drive: Crypt1.Health shows it.
+    async fn health_read(&mut self, drive: String, record: HealthRecord) {
+        self.health.insert(drive, record);
+        self.publish().await;
+    }
+
+    /// A task ended: its outcome goes to the domain, after the health
+    /// reading it sent (Crypt1.Health changes before DriveOpened or
+    /// DriveFailed). A task that panicked is a failure of its drive, never
+    /// a silence.
     async fn joined(&mut self, joined: Result<(Id, Done), JoinError>) {
+        let mut read = false;
+        while let Ok((drive, record)) = self.readings.try_recv() {
+            self.health.insert(drive, record);
+            read = true;
+        }
+        if read {
+            self.publish().await;
+        }
         let done = match joined {
             Ok((id, done)) => {
                 self.running.remove(&id);
@@ -171,14 +193,24 @@ impl Service {
     async fn publish(&mut self) {
         let drives = self.drives.view();
         let failures = self.failures.all();
+        let health: Vec<_> = self
+            .health
+            .iter()
+            .map(|(drive, record)| record.to_property(drive))
+            .collect();
         let changed = match self.view.lock() {
             Ok(mut view) => {
-                let changed = (view.drives != drives, view.failures != failures);
+                let changed = (
+                    view.drives != drives,
+                    view.failures != failures,
+                    view.health != health,
+                );
                 view.drives = drives;
                 view.failures = failures;
+                view.health = health;
                 changed
             }
-            Err(_) => (true, true),
+            Err(_) => (true, true, true),
         };
         let emitter = self.object.signal_emitter();
         let interface = self.object.get().await;
@@ -191,6 +223,9 @@ impl Service {
         }
         if std::mem::take(&mut self.history_grew) {
             sent.push(interface.failure_history_changed(emitter).await);
+        }
+        if changed.2 {
+            sent.push(interface.health_changed(emitter).await);
         }
         for e in sent.into_iter().filter_map(Result::err) {
             tracing::warn!("cannot emit PropertiesChanged: {e}");
@@ -323,18 +358,21 @@ async fn attached_devices(
     .unwrap_or_default()
 }
 
-/// The domain and plans for the configured drives, and what a restart
-/// found of each (mounts, mappings: read off the runtime).
+/// The domain and plans for the configured drives (their health checks
+/// report to `report`), and what a restart found of each (mounts,
+/// mappings: read off the runtime).
 async fn recovered(
     config: &Config,
     attached: BTreeMap<String, String>,
     closed_path: PathBuf,
+    report: &health::Report,
 ) -> (Drives, BTreeMap<Name, Plan>, Vec<Finding>) {
     let mut plans = BTreeMap::new();
     let mut enrolled = Vec::new();
     for (name, drive) in &config.drives {
         let mut plan = Plan::new(name, drive, &config.crypt);
         plan.health.ledger = Some(ferry_service::health_ledger::path(&config.state_directory));
+        plan.health.report = Some(report.clone());
         plan.device = attached.get(name.as_str()).map(PathBuf::from);
         enrolled.push(Enrolled {
             name: name.clone(),
@@ -359,6 +397,26 @@ async fn recovered(
     .await
     .unwrap_or_default();
     (Drives::new(enrolled, closed), plans, findings)
+}
+
+/// The enrolled drives' latest SMART readings from the health ledger (read
+/// off the runtime), so Crypt1.Health survives a restart. A ledger that
+/// cannot be read is logged; the readings come back with the next opens.
+async fn last_readings(config: &Config) -> BTreeMap<String, HealthRecord> {
+    let path = ferry_service::health_ledger::path(&config.state_directory);
+    let enrolled: Vec<String> = config.drives.keys().map(|n| n.to_string()).collect();
+    let loaded = blocking(move || ferry_service::health_ledger::load(&path)).await;
+    match loaded {
+        Some(Ok(mut all)) => {
+            all.retain(|drive, _| enrolled.contains(drive));
+            all
+        }
+        Some(Err(e)) => {
+            tracing::warn!("{e}; Crypt1.Health starts empty");
+            BTreeMap::new()
+        }
+        None => BTreeMap::new(),
+    }
 }
 
 /// Runs ferry-crypt on `connection` until `shutdown` resolves.
@@ -388,11 +446,14 @@ pub async fn run(
         .await?;
     let attached = attached_devices(&connection, &config).await;
     let closed_path = config.state_directory.join(CLOSED_FILE);
-    let (mut drives, plans, findings) = recovered(&config, attached, closed_path.clone()).await;
+    let (report, readings) = mpsc::unbounded_channel();
+    let (mut drives, plans, findings) =
+        recovered(&config, attached, closed_path.clone(), &report).await;
     let state_directory = config.state_directory.clone();
     let failures = blocking(move || failures::FailureLog::load(&state_directory))
         .await
         .ok_or_else(|| ServiceError::Other("cannot read the past drive failures".into()))?;
+    let health = last_readings(&config).await;
     let effects = drives.recover(findings);
     let mut service = Service {
         drives,
@@ -404,6 +465,8 @@ pub async fn run(
         tasks: JoinSet::new(),
         running: HashMap::new(),
         history_grew: false,
+        health,
+        readings,
     };
     if config.drives.is_empty() {
         tracing::warn!("no drives are enrolled in the configuration; nothing to open");
@@ -462,6 +525,7 @@ where
             }
             Some(command) = events.requests.recv() => service.request(command).await,
             Some(joined) = service.tasks.join_next_with_id() => service.joined(joined).await,
+            Some((drive, record)) = service.readings.recv() => service.health_read(drive, record).await,
             Some(changed) = events.sync_owner.next() => {
                 if changed.args().is_ok_and(|a| a.new_owner().is_none()) {
                     let effects = service.drives.sync_lost();

@@ -80,6 +80,7 @@ impl Plan {
                 policy: drive.health,
                 smartctl: settings.smartctl.to_path_buf(),
                 ledger: None,
+                report: None,
             },
         }
     }

@@ -7,7 +7,9 @@
 //! instead of waiting for signals it missed: what is attached and running,
 //! and the failures they persisted ([`state::PeerFacts`]). The time of the
 //! last Acknowledge is kept in `<state-directory>/led/acknowledged`, so an
-//! acknowledged failure does not come back after a restart. A BlinkStick that is missing or
+//! acknowledged failure does not come back after a restart. Drive health
+//! warnings come from Crypt1.Health (its PropertiesChanged, subscribed to
+//! like the signals, by interface and path, never by sender). A BlinkStick that is missing or
 //! unplugged is logged and written again when udev says a hidraw device
 //! appeared: no polling.
 //!
@@ -341,6 +343,7 @@ pub async fn run(
         ],
     )
     .await?;
+    let health = crypt_health_changes(&connection).await?;
     let hotplug = match &output {
         Output::BlinkStick(_) => hidraw_monitor(),
         _ => None,
@@ -366,6 +369,7 @@ pub async fn run(
     let events = Events {
         peers_restarting: peer_owner_changes(&connection).await?,
         signals,
+        health,
         requests,
         hotplug,
     };
@@ -376,6 +380,8 @@ pub async fn run(
 struct Events<S> {
     peers_restarting: zbus::MessageStream,
     signals: S,
+    /// PropertiesChanged of org.ferry.Crypt1.
+    health: zbus::MessageStream,
     requests: mpsc::Receiver<Command>,
     hotplug: Option<ferry_service::UdevMonitor>,
 }
@@ -411,10 +417,15 @@ impl Lamp {
     /// A peer's signal, applied if the LED acts on it.
     async fn signal(&mut self, signal: FerrySignal) {
         if let Some(event) = Event::from_signal(signal) {
-            tracing::debug!("{event:?}");
-            self.indicator.apply(event);
-            self.refresh().await;
+            self.apply(event).await;
         }
+    }
+
+    /// Applies a peer's fact and shows the outcome.
+    async fn apply(&mut self, event: Event) {
+        tracing::debug!("{event:?}");
+        self.indicator.apply(event);
+        self.refresh().await;
     }
 
     /// A method call handed over by the interface.
@@ -457,6 +468,12 @@ where
                 }
             }
             message = events.signals.next() => lamp.signal(message.ok_or_else(closed)?).await,
+            changed = events.health.next() => {
+                let changed = changed.ok_or_else(closed)?;
+                if let Some(readings) = changed.ok().as_ref().and_then(health_in) {
+                    lamp.apply(Event::Health(readings)).await;
+                }
+            }
             Some(command) = events.requests.recv() => lamp.command(command).await,
             _ = ferry_service::sleep_until(test_due), if test_due.is_some() => lamp.test_step().await,
             added = hidraw_added(events.hotplug.as_mut()), if events.hotplug.is_some() => {
@@ -507,6 +524,42 @@ async fn peer_owner_changes(
         .arg0ns("org.ferry")?
         .build();
     Ok(zbus::MessageStream::for_match_rule(rule, connection, Some(64)).await?)
+}
+
+/// PropertiesChanged of org.ferry.Crypt1 (matched on interface, path and
+/// arg0, never on the sender, like every subscription of ferry's).
+async fn crypt_health_changes(
+    connection: &zbus::Connection,
+) -> Result<zbus::MessageStream, ServiceError> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")?
+        .member("PropertiesChanged")?
+        .path(crypt::OBJECT_PATH)?
+        .add_arg(crypt::INTERFACE)?
+        .build();
+    Ok(zbus::MessageStream::for_match_rule(rule, connection, Some(64)).await?)
+}
+
+/// The readings in a PropertiesChanged of Crypt1 that carries Health.
+fn health_in(message: &zbus::Message) -> Option<Vec<ferry_interfaces::DriveHealth>> {
+    type Changed = (
+        String,
+        std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        Vec<String>,
+    );
+    let (interface, changed, _): Changed = message.body().deserialize().ok()?;
+    if interface != crypt::INTERFACE {
+        return None;
+    }
+    let value = changed.get("Health")?.try_clone().ok()?;
+    match Vec::<ferry_interfaces::DriveHealth>::try_from(value) {
+        Ok(readings) => Some(readings),
+        Err(e) => {
+            tracing::warn!("Crypt1.Health breaks the contract: {e}");
+            None
+        }
+    }
 }
 
 /// The peer's bus name when a NameOwnerChanged says a peer (not this LED)
@@ -599,6 +652,7 @@ async fn peer_facts(connection: &zbus::Connection, acknowledged: u64) -> PeerFac
             facts
                 .drive_failures
                 .extend(peer(proxy.last_failures()).await.unwrap_or_default());
+            facts.drive_health = peer(proxy.health()).await.unwrap_or_default();
         }
     }
     if facts.crypt_drives.is_none() {

@@ -21,13 +21,31 @@
 //!
 //! Failed wins over working, working over done.
 //!
+//! A drive's health warning (ferry-crypt opened it although its SMART
+//! reading is degraded or failing, under `health = "warn"`: Crypt1.Health
+//! with decision `warn`) is a fact of its own subject, the drive's health.
+//! The LED has no colour for "fine, but replace this drive soon", and a
+//! warning is not a failure of anything ferry did: it never changes the
+//! colour (a good flow still ends green, "safe to remove"), and it is
+//! added to the Reason in every state, idle included ("health warning:
+//! NAME: …"), so `ferryctl status` and busctl show it next to the colour.
+//! Only the same drive's next reading that passes, a reading that refuses
+//! it (that is DriveFailed, red), or Acknowledge clears it — never a sync,
+//! a close, a detach or a restart; a reading smartctl could not take
+//! (unavailable) says nothing new and leaves it standing. A reading is a
+//! new fact once: the property repeats every drive's last reading, and a
+//! repeat neither raises an acknowledged warning again nor clears one.
+//!
 //! At start the facts come from the peers' properties ([`PeerFacts`]): their
 //! persisted failures, each compared with the same subject's last success
 //! and with the last Acknowledge.
 
 use std::collections::BTreeMap;
 
-use ferry_interfaces::{BackupOutcome, BackupResult, CryptDrive, CryptState, Failure, FerrySignal};
+use ferry_interfaces::{
+    BackupOutcome, BackupResult, CryptDrive, CryptState, DriveHealth, Failure, FerrySignal,
+    HealthDecision, HealthVerdict,
+};
 
 pub use ferry_interfaces::LedState;
 
@@ -113,6 +131,9 @@ pub enum Event {
         /// The job id.
         job: String,
     },
+    /// Crypt1.Health changed (or was read): every drive's latest SMART
+    /// reading.
+    Health(Vec<DriveHealth>),
     /// The Acknowledge method.
     Acknowledge,
 }
@@ -210,6 +231,12 @@ pub struct Indicator {
     jobs: BTreeMap<String, String>,
     /// The failure (or warning) each subject has until its success or Acknowledge.
     failures: BTreeMap<Subject, String>,
+    /// Each drive's standing health warning, until a reading that passes,
+    /// a refusal or Acknowledge.
+    health_warnings: BTreeMap<String, String>,
+    /// The time of each drive's last reading taken as a fact (a repeat of
+    /// it in Crypt1.Health is not a new one).
+    health_seen: BTreeMap<String, u64>,
 }
 
 impl Indicator {
@@ -238,8 +265,10 @@ impl Indicator {
             | Event::BackupWarned { .. }
             | Event::BackupFailed { .. }
             | Event::BackupSkipped { .. } => self.apply_backup(event),
+            Event::Health(readings) => self.apply_health(&readings, 0),
             Event::Acknowledge => {
                 self.failures.clear();
+                self.health_warnings.clear();
                 for facts in self.drives.values_mut() {
                     if facts.done == Some(Done::PoweredOff) {
                         facts.done = None;
@@ -331,6 +360,36 @@ impl Indicator {
         }
     }
 
+    /// Takes the readings newer than those already seen (and, at start,
+    /// than the last Acknowledge at `acknowledged`) as facts.
+    fn apply_health(&mut self, readings: &[DriveHealth], acknowledged: u64) {
+        for reading in readings {
+            if self.health_seen.get(&reading.drive) == Some(&reading.time) {
+                continue;
+            }
+            self.health_seen
+                .insert(reading.drive.clone(), reading.time);
+            let verdict = HealthVerdict::from_wire(&reading.verdict);
+            match HealthDecision::from_wire(&reading.decision) {
+                Some(HealthDecision::Warn) if reading.time > acknowledged => {
+                    let verdict = verdict.map_or("bad", HealthVerdict::as_str);
+                    self.health_warnings.insert(
+                        reading.drive.clone(),
+                        format!(
+                            "{}: health {verdict} ({}), used anyway",
+                            reading.drive, reading.summary
+                        ),
+                    );
+                }
+                Some(HealthDecision::Open) if verdict == Some(HealthVerdict::Unavailable) => {}
+                Some(HealthDecision::Open | HealthDecision::Refuse) => {
+                    self.health_warnings.remove(&reading.drive);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Applies an event about a backup job.
     fn apply_backup(&mut self, event: Event) {
         match event {
@@ -368,6 +427,7 @@ impl Indicator {
     pub fn from_peers(policies: BTreeMap<String, DrivePolicy>, facts: &PeerFacts) -> Indicator {
         let mut fresh = Indicator::new(policies);
         fresh.failures = facts.current_failures();
+        fresh.apply_health(&facts.drive_health, facts.acknowledged);
         fresh.take_activity(facts);
         fresh
     }
@@ -378,6 +438,9 @@ impl Indicator {
     pub fn rebuilt(&self, facts: &PeerFacts) -> Indicator {
         let mut fresh = Indicator::new(self.policies.clone());
         fresh.failures = self.failures.clone();
+        fresh.health_warnings = self.health_warnings.clone();
+        fresh.health_seen = self.health_seen.clone();
+        fresh.apply_health(&facts.drive_health, 0);
         fresh.take_activity(facts);
         for (name, drive) in &self.drives {
             match (drive.done, fresh.drives.get_mut(name)) {
@@ -461,8 +524,20 @@ impl Indicator {
         }
     }
 
-    /// Why, for the Reason property.
+    /// Why, for the Reason property: the state's reason, then the standing
+    /// health warnings.
     pub fn reason(&self) -> String {
+        let mut parts = vec![self.state_reason()];
+        if !self.health_warnings.is_empty() {
+            let warnings: Vec<&str> = self.health_warnings.values().map(String::as_str).collect();
+            parts.push(format!("health warning: {}", warnings.join("; ")));
+        }
+        parts.retain(|p| !p.is_empty());
+        parts.join("; ")
+    }
+
+    /// Why the LED is in its state.
+    fn state_reason(&self) -> String {
         match self.state() {
             LedState::Failed => self
                 .failures
@@ -514,6 +589,8 @@ pub struct PeerFacts {
     pub watcher_attached: Vec<String>,
     /// Drives Sync1.Running syncs now.
     pub sync_running: Vec<String>,
+    /// Crypt1.Health: each drive's latest SMART reading.
+    pub drive_health: Vec<DriveHealth>,
     /// Crypt1.LastFailures and Sync1.LastFailures (subject = drive).
     pub drive_failures: Vec<Failure>,
     /// Sync1.LastSyncs: per drive, the unix time of its last success.

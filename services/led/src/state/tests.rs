@@ -399,7 +399,9 @@ fn any_event() -> impl Strategy<Value = Event> {
         drive
             .clone()
             .prop_map(|d| DriveFailed(d, "unlock: bad key".into())),
-        drive.prop_map(|d| SyncFailed(d, "sync copy: EIO".into())),
+        drive
+            .clone()
+            .prop_map(|d| SyncFailed(d, "sync copy: EIO".into())),
         job.clone()
             .prop_map(|(job, profile)| BackupStarted { job, profile }),
         job.clone()
@@ -416,6 +418,19 @@ fn any_event() -> impl Strategy<Value = Event> {
         }),
         job.prop_map(|(job, _)| BackupSkipped { job }),
         profile.prop_map(|_| Acknowledge),
+        (
+            drive.clone(),
+            0u64..4,
+            proptest::sample::select(vec![
+                ("passed", "open"),
+                ("unavailable", "open"),
+                ("degraded", "warn"),
+                ("failing", "refuse"),
+            ])
+        )
+            .prop_map(|(d, time, (verdict, decision))| Health(vec![reading(
+                &d, time, verdict, decision
+            )])),
     ]
 }
 
@@ -484,6 +499,8 @@ impl Oracle {
                 self.jobs.remove(job);
             }
             Acknowledge => self.unresolved.clear(),
+            // A health reading is a reason, never a colour.
+            Health(_) => {}
         }
     }
 }
@@ -577,4 +594,97 @@ fn signals_become_events_with_their_reasons() {
         phase: "copy".into(),
     };
     assert_eq!(event(progress), None);
+}
+
+fn reading(drive: &str, time: u64, verdict: &str, decision: &str) -> DriveHealth {
+    DriveHealth {
+        drive: drive.into(),
+        verdict: verdict.into(),
+        decision: decision.into(),
+        device: "/dev/sdb".into(),
+        time,
+        summary: "SMART overall health passed, 3 reallocated sectors".into(),
+        figures: Default::default(),
+    }
+}
+
+/// A health warning is its own subject: a good flow still ends green,
+/// with the warning in the reason, and nothing but a passing reading of
+/// that drive, a refusal or Acknowledge clears it.
+#[test]
+fn a_health_warning_is_a_reason_never_a_colour_and_holds_until_its_own_reading() {
+    let warned = vec![reading("a", 10, "degraded", "warn")];
+    let mut i = run(vec![DriveAttached("a".into()), Health(warned.clone())]);
+    assert_eq!(i.state(), LedState::Working);
+    assert!(
+        i.reason().starts_with("busy: a; health warning: a: health degraded ("),
+        "{}",
+        i.reason()
+    );
+    for event in [
+        DriveBusy("a".into()),
+        SyncFinished("a".into()),
+        DriveClosed("a".into()),
+    ] {
+        i.apply(event);
+    }
+    assert_eq!(i.state(), LedState::Done, "the warning does not turn it red");
+    assert!(
+        i.reason().starts_with("safe to remove: a; health warning: a: "),
+        "{}",
+        i.reason()
+    );
+    i.apply(DriveDetached("a".into()));
+    i.apply(finished("n-1", "nas"));
+    assert_eq!(i.state(), LedState::Idle);
+    assert!(i.reason().starts_with("health warning: a: "), "{}", i.reason());
+    // Another drive's reading, and this one's repeated, change nothing;
+    // a reading smartctl could not take says nothing new.
+    i.apply(Health(vec![
+        warned[0].clone(),
+        reading("b", 11, "passed", "open"),
+    ]));
+    i.apply(Health(vec![reading("a", 12, "unavailable", "open")]));
+    assert!(i.reason().contains("health warning: a: "), "{}", i.reason());
+    // Its own reading that passes clears it.
+    i.apply(Health(vec![reading("a", 13, "passed", "open")]));
+    assert_eq!(i.reason(), "");
+}
+
+#[test]
+fn an_acknowledged_health_warning_is_not_raised_again_by_its_repeat() {
+    let warned = vec![reading("a", 10, "failing", "warn")];
+    let mut i = run(vec![Health(warned.clone()), Acknowledge]);
+    assert_eq!(i.reason(), "");
+    i.apply(Health(warned));
+    assert_eq!(i.reason(), "", "a repeat is not a new reading");
+    i.apply(Health(vec![reading("a", 20, "failing", "warn")]));
+    assert!(i.reason().contains("health failing"), "{}", i.reason());
+    // A refusal is DriveFailed (red) instead; the warning goes.
+    i.apply(Health(vec![reading("a", 30, "failing", "refuse")]));
+    i.apply(DriveFailed("a".into(), "health: refused".into()));
+    assert_eq!(i.state(), LedState::Failed);
+    assert_eq!(i.reason(), "a: health: refused");
+}
+
+#[test]
+fn at_start_a_health_warning_stands_unless_acknowledged_since() {
+    let facts = |acknowledged| PeerFacts {
+        crypt_drives: Some(Vec::new()),
+        drive_health: vec![
+            reading("a", 100, "degraded", "warn"),
+            reading("b", 100, "passed", "open"),
+        ],
+        acknowledged,
+        ..PeerFacts::default()
+    };
+    let i = Indicator::from_peers(BTreeMap::new(), &facts(50));
+    assert_eq!(i.state(), LedState::Idle);
+    assert!(i.reason().starts_with("health warning: a: health degraded"), "{}", i.reason());
+    let i = Indicator::from_peers(BTreeMap::new(), &facts(200));
+    assert_eq!(i.reason(), "");
+    // A peer restart keeps what this LED saw, and repeats change nothing.
+    let mut seen = Indicator::from_peers(BTreeMap::new(), &facts(50));
+    seen.apply(Acknowledge);
+    assert_eq!(seen.rebuilt(&facts(0)).reason(), "");
 }
