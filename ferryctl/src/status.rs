@@ -107,7 +107,11 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
         "org.ferry.Crypt1",
         async {
             let p = proxy!(CryptProxy, conn)?;
-            Ok((p.drives().await?, p.last_failures().await?, p.health().await?))
+            Ok((
+                p.drives().await?,
+                p.last_failures().await?,
+                p.health().await?,
+            ))
         }
         .await,
     )

@@ -17,7 +17,7 @@ use ferry_integration_tests::{
     SignalRecorder, TestBus,
 };
 use ferry_interfaces::crypt::{self, CryptProxy};
-use ferry_interfaces::{drive_watcher, CryptDrive};
+use ferry_interfaces::{drive_watcher, led, CryptDrive, DriveHealth};
 
 /// The `[crypt]` section every test uses: keys in the test's dir, a short
 /// busy timeout.
@@ -1277,6 +1277,43 @@ fn health_of(dir: &Path, drive: &str) -> ferry_service::health_ledger::HealthRec
     ferry_service::health_ledger::load(&ledger).expect("ledger")[drive].clone()
 }
 
+/// Crypt1.Health's reading of `drive`.
+async fn health_property(conn: &zbus::Connection, drive: &str) -> DriveHealth {
+    let proxy: CryptProxy = uncached(conn).await;
+    let all = proxy.health().await.expect("Health");
+    let names: Vec<&str> = all.iter().map(|h| h.drive.as_str()).collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted: {names:?}");
+    all.into_iter()
+        .find(|h| h.drive == drive)
+        .unwrap_or_else(|| panic!("no reading of {drive} in Crypt1.Health"))
+}
+
+/// The LED's Reason once a PropertiesChanged of Led1 carries `text`.
+async fn led_reason_with(signals: &SignalRecorder, from: usize, text: &str) -> String {
+    let changed = signals
+        .wait_for_from(
+            from,
+            "PropertiesChanged",
+            |r| r.path == led::OBJECT_PATH && r.args.iter().any(|a| a.contains(text)),
+            WAIT,
+        )
+        .await;
+    changed.args.join(" ")
+}
+
+/// `ferryctl status`'s text on `bus`.
+fn status_text(bus: &TestBus, config: &Path) -> String {
+    let output = Command::new(binary_path("ferryctl"))
+        .arg("--address")
+        .arg(bus.address())
+        .arg("--config")
+        .arg(config)
+        .arg("status")
+        .output()
+        .expect("run ferryctl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_warned_about() {
     if !udev_and_loop() {
         return;
@@ -1292,7 +1329,7 @@ async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_w
         "[crypt]\n",
         &format!("[crypt]\nsmartctl = \"{}\"\n", smartctl.path().display()),
     );
-    let mut config_text = text;
+    let mut config_text = text + &led_file_section(&dir.path().join("led"));
     for (name, enrolled, policy) in [("offsite-a", &a, "refuse"), ("offsite-b", &b, "warn")] {
         config_text.push_str(&format!(
             "{}mountpoint = \"{}\"\nhealth = \"{policy}\"\n\n",
@@ -1303,7 +1340,9 @@ async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_w
     let config = write_config(dir.path(), &config_text);
     let conn = bus.connect().await;
     let signals = SignalRecorder::new(&conn).await;
-    let (_watcher, _crypt) = services(&bus, &config).await;
+    let (_watcher, crypt) = services(&bus, &config).await;
+    let _led = bus.spawn("ferry-led", &["--config", &config.to_string_lossy()], &[]);
+    _led.wait_for_name(&conn, led::BUS_NAME, WAIT).await;
 
     // Failing under "refuse": DriveFailed at stage health, never mounted.
     let device = a.image.attach();
@@ -1330,8 +1369,21 @@ async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_w
         ("failing", "refuse")
     );
     assert_eq!(record.pending, Some(24));
+    // Crypt1.Health says the same, with the figures by name.
+    let shown = health_property(&conn, "offsite-a").await;
+    assert_eq!(
+        (shown.verdict.as_str(), shown.decision.as_str()),
+        ("failing", "refuse")
+    );
+    assert_eq!(shown.device, device);
+    assert_eq!(shown.figures["reallocated-sectors"], 1872);
+    assert_eq!(shown.figures["pending-sectors"], 24);
+    assert!(shown.summary.contains("FAILED"), "{shown:?}");
 
-    // Failing under "warn": opened, and the warning is in the ledger.
+    // Failing under "warn": opened; the warning is in the ledger, in
+    // Crypt1.Health, in the LED's reason (without turning it red) and in
+    // ferryctl status.
+    let before = signals.len();
     b.image.attach();
     signals
         .wait_for("DriveOpened", named("offsite-b"), WAIT)
@@ -1340,6 +1392,24 @@ async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_w
     assert_eq!(
         (record.verdict.as_str(), record.decision.as_str()),
         ("failing", "warn")
+    );
+    let shown = health_property(&conn, "offsite-b").await;
+    assert_eq!(
+        (shown.verdict.as_str(), shown.decision.as_str()),
+        ("failing", "warn")
+    );
+    let reason = led_reason_with(&signals, before, "health warning: ").await;
+    assert!(
+        reason.contains("offsite-b: health failing (SMART overall health FAILED"),
+        "{reason}"
+    );
+    assert!(!reason.contains("health warning: offsite-a"), "{reason}");
+    let status = status_text(&bus, &config);
+    assert!(
+        status.contains("HEALTH FAILING (SMART overall health FAILED")
+            && status.contains("used anyway")
+            && status.contains("the drive is refused"),
+        "{status}"
     );
 
     // Healthy now: the refused drive opens.
@@ -1355,6 +1425,10 @@ async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_w
         ("passed", "open")
     );
     assert_eq!(record.power_on_hours, Some(8766));
+    let shown = health_property(&conn, "offsite-a").await;
+    assert_eq!(shown.verdict, "passed");
+    assert_eq!(shown.figures["power-on-hours"], 8766);
+    assert_eq!(shown.figures["temperature-celsius"], 34);
 
     // A bridge smartctl does not know: unavailable, never refused.
     proxy.close("offsite-a").await.expect("Close");
@@ -1370,6 +1444,31 @@ async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_w
     let record = health_of(dir.path(), "offsite-a");
     assert_eq!(record.verdict, "unavailable");
     assert!(record.summary.contains("Unknown USB bridge"), "{record:?}");
+    let shown = health_property(&conn, "offsite-a").await;
+    assert_eq!(
+        (shown.verdict.as_str(), shown.decision.as_str()),
+        ("unavailable", "open")
+    );
+    assert!(shown.figures.is_empty(), "{shown:?}");
+    assert!(
+        status_text(&bus, &config).contains("health unknown, read "),
+        "{}",
+        status_text(&bus, &config)
+    );
+
+    // Restarted (both drives open, so adopted), ferry-crypt shows the
+    // readings again from its ledger.
+    let readings = uncached::<CryptProxy>(&conn)
+        .await
+        .health()
+        .await
+        .expect("Health");
+    assert_eq!(readings.len(), 2, "{readings:?}");
+    crypt.signal(libc::SIGTERM);
+    crypt.wait_exit(WAIT).await.expect("ferry-crypt stopped");
+    let _crypt = start_crypt(&bus, &config.to_string_lossy()).await;
+    let proxy: CryptProxy = uncached(&conn).await;
+    assert_eq!(proxy.health().await.expect("Health"), readings);
     assert_eq!(
         signals.count("DriveFailed", named("offsite-b")),
         0,

@@ -160,7 +160,10 @@ mod tests {
             assert_eq!(HealthVerdict::from_wire(verdict.as_str()), Some(*verdict));
         }
         for decision in HealthDecision::ALL {
-            assert_eq!(HealthDecision::from_wire(decision.as_str()), Some(*decision));
+            assert_eq!(
+                HealthDecision::from_wire(decision.as_str()),
+                Some(*decision)
+            );
         }
         assert!(HealthVerdict::Failing > HealthVerdict::Degraded);
         assert_eq!(CryptState::from_wire("Open"), None);

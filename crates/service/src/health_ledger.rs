@@ -47,10 +47,19 @@ impl HealthRecord {
     /// The reading as Crypt1.Health shows it for `drive`: the figures
     /// reported, by their documented names.
     pub fn to_property(&self, drive: &str) -> ferry_interfaces::DriveHealth {
-        let counts = [self.reallocated, self.pending, self.uncorrectable, self.power_on_hours];
+        let counts = [
+            self.reallocated,
+            self.pending,
+            self.uncorrectable,
+            self.power_on_hours,
+        ];
         let figures = ferry_interfaces::HEALTH_FIGURES
             .iter()
-            .zip(counts.iter().map(|n| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX))))
+            .zip(
+                counts
+                    .iter()
+                    .map(|n| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX))),
+            )
             .chain(std::iter::once((
                 &ferry_interfaces::HEALTH_FIGURES[4],
                 self.temperature,

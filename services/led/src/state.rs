@@ -367,8 +367,7 @@ impl Indicator {
             if self.health_seen.get(&reading.drive) == Some(&reading.time) {
                 continue;
             }
-            self.health_seen
-                .insert(reading.drive.clone(), reading.time);
+            self.health_seen.insert(reading.drive.clone(), reading.time);
             let verdict = HealthVerdict::from_wire(&reading.verdict);
             match HealthDecision::from_wire(&reading.decision) {
                 Some(HealthDecision::Warn) if reading.time > acknowledged => {

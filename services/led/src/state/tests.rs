@@ -617,7 +617,8 @@ fn a_health_warning_is_a_reason_never_a_colour_and_holds_until_its_own_reading()
     let mut i = run(vec![DriveAttached("a".into()), Health(warned.clone())]);
     assert_eq!(i.state(), LedState::Working);
     assert!(
-        i.reason().starts_with("busy: a; health warning: a: health degraded ("),
+        i.reason()
+            .starts_with("busy: a; health warning: a: health degraded ("),
         "{}",
         i.reason()
     );
@@ -628,16 +629,25 @@ fn a_health_warning_is_a_reason_never_a_colour_and_holds_until_its_own_reading()
     ] {
         i.apply(event);
     }
-    assert_eq!(i.state(), LedState::Done, "the warning does not turn it red");
+    assert_eq!(
+        i.state(),
+        LedState::Done,
+        "the warning does not turn it red"
+    );
     assert!(
-        i.reason().starts_with("safe to remove: a; health warning: a: "),
+        i.reason()
+            .starts_with("safe to remove: a; health warning: a: "),
         "{}",
         i.reason()
     );
     i.apply(DriveDetached("a".into()));
     i.apply(finished("n-1", "nas"));
     assert_eq!(i.state(), LedState::Idle);
-    assert!(i.reason().starts_with("health warning: a: "), "{}", i.reason());
+    assert!(
+        i.reason().starts_with("health warning: a: "),
+        "{}",
+        i.reason()
+    );
     // Another drive's reading, and this one's repeated, change nothing;
     // a reading smartctl could not take says nothing new.
     i.apply(Health(vec![
@@ -680,7 +690,11 @@ fn at_start_a_health_warning_stands_unless_acknowledged_since() {
     };
     let i = Indicator::from_peers(BTreeMap::new(), &facts(50));
     assert_eq!(i.state(), LedState::Idle);
-    assert!(i.reason().starts_with("health warning: a: health degraded"), "{}", i.reason());
+    assert!(
+        i.reason().starts_with("health warning: a: health degraded"),
+        "{}",
+        i.reason()
+    );
     let i = Indicator::from_peers(BTreeMap::new(), &facts(200));
     assert_eq!(i.reason(), "");
     // A peer restart keeps what this LED saw, and repeats change nothing.
