@@ -664,14 +664,7 @@ async fn a_drive_pulled_out_while_open_is_unmounted_and_reported() {
         .await;
     let holder = Holder::start(&point);
 
-    // The medium vanishes: the image shrinks to nothing and the loop device
-    // reports size 0, so udev loses its UUID, as with a yanked disk.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(a.image.path())
-        .and_then(|f| f.set_len(0))
-        .expect("truncate the image");
-    run("losetup", &["-c", device.as_str()]);
+    yank(&a.image, &device);
     signals
         .wait_for("DriveDetached", named("offsite-a"), WAIT)
         .await;
@@ -699,6 +692,83 @@ async fn a_drive_pulled_out_while_open_is_unmounted_and_reported() {
         signals.count("DriveClosed", |_| true),
         0,
         "never 'safe to remove' after a yank"
+    );
+}
+
+/// The medium of `image` (on `device`) vanishes: the image shrinks to
+/// nothing and the loop device reports size 0, so udev loses its UUID, as
+/// with a yanked disk.
+fn yank(image: &LoopImage, device: &str) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(image.path())
+        .and_then(|f| f.set_len(0))
+        .expect("truncate the image");
+    run("losetup", &["-c", device]);
+}
+
+async fn a_drive_pulled_while_its_close_waits_for_a_busy_mount_is_reported_at_once() {
+    if !udev_and_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = TestBus::start();
+    let base = write_config(dir.path(), &crypt_section(dir.path()));
+    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
+    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
+    // A close-timeout far longer than the wait below: the removal must be
+    // reported when it happens, not when the close gives up.
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("close-timeout = 2\n", "close-timeout = 300\n"),
+    )
+    .expect("config");
+    let conn = bus.connect().await;
+    let signals = SignalRecorder::new(&conn).await;
+    let (_watcher, _crypt) = services(&bus, &config).await;
+    let point = mountpoint(dir.path(), "offsite-a");
+    let device = a.image.attach();
+    signals
+        .wait_for("DriveOpened", named("offsite-a"), WAIT)
+        .await;
+    let holder = Holder::start(&point);
+    let before = signals.len();
+    let proxy: CryptProxy = uncached(&conn).await;
+    proxy.close("offsite-a").await.expect("Close");
+    signals
+        .wait_for_from(
+            before,
+            "PropertiesChanged",
+            |r| r.path == crypt::OBJECT_PATH && r.args.iter().any(|a| a.contains("closing")),
+            WAIT,
+        )
+        .await;
+
+    yank(&a.image, &device);
+    signals
+        .wait_for("DriveDetached", named("offsite-a"), WAIT)
+        .await;
+    let failed = signals
+        .wait_for("DriveFailed", named("offsite-a"), WAIT)
+        .await;
+    assert_eq!(failed.args[1], "removed", "{failed:?}");
+    assert!(
+        failed.args[2].contains("was removed while it was open")
+            && failed.args[2].contains(&format!("pid {} (sleep", holder.pid())),
+        "{}",
+        failed.args[2]
+    );
+    assert_eq!(mounted_at(&point), None, "lazily unmounted");
+    assert_eq!(
+        signals.count("DriveClosed", |_| true),
+        0,
+        "never 'safe to remove' for a drive pulled while mounted"
+    );
+    let state = drive_state(&conn, "offsite-a").await;
+    assert_eq!(
+        (state.state.as_str(), state.device.as_str()),
+        ("failed", "")
     );
 }
 
@@ -1485,6 +1555,7 @@ ferry_integration_tests::integration_tests! {
         luks_wrong_key_and_loose_key_file_fail_at_unlock_and_the_right_key_reaches_the_mapping,
         a_mountpoint_in_use_is_refused_and_left_alone,
         a_drive_pulled_out_while_open_is_unmounted_and_reported,
+        a_drive_pulled_while_its_close_waits_for_a_busy_mount_is_reported_at_once,
         killed_and_restarted_it_adopts_and_announces_an_open_drive_and_closes_a_stray_mount,
         killed_mid_open_it_opens_again_proving_identity_and_adopts_a_late_mount,
         two_drives_plugged_in_together_open_and_close_independently,

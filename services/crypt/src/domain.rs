@@ -144,6 +144,11 @@ pub enum Effect {
     },
     /// Write the closed markers durably (the whole map: drive → key).
     SaveClosed(BTreeMap<String, String>),
+    /// The drive is gone while its close runs: the close stops retrying a
+    /// busy mount and ends at once (the adapter tells the running task).
+    /// It ends closed if it got there, else it fails and the drive is
+    /// removed (lazily detached) as any pulled drive is.
+    Interrupt { drive: Name },
     /// Record the failure durably (LastFailures, FailureHistory), before
     /// it is published.
     RecordFailure(Failure),
@@ -194,8 +199,8 @@ struct Entry {
     /// The device node while attached.
     device: Option<String>,
     message: String,
-    /// An operation is running.
-    running: bool,
+    /// The operation running now, if any.
+    running: Option<Operation>,
     /// Something of the drive (a mount or a mapping) may still be in place.
     in_use: bool,
     /// The drive went away while an operation was running.
@@ -208,7 +213,7 @@ struct Entry {
 impl Entry {
     /// The operation `trigger` starts now, if any.
     fn reaction(&self, trigger: Trigger) -> Option<Operation> {
-        if self.running {
+        if self.running.is_some() {
             return None;
         }
         match trigger {
@@ -264,7 +269,7 @@ impl Drives {
                     state: CryptState::Absent,
                     device: None,
                     message: String::new(),
-                    running: false,
+                    running: None,
                     in_use: false,
                     removed_meanwhile: false,
                     sync_lost: false,
@@ -330,7 +335,7 @@ impl Drives {
         let Some(entry) = self.entries.get_mut(drive) else {
             return;
         };
-        entry.running = true;
+        entry.running = Some(operation);
         entry.state = match operation {
             Operation::Open | Operation::Hold | Operation::Reopen => CryptState::Opening,
             Operation::Close | Operation::Remove => CryptState::Closing,
@@ -442,10 +447,19 @@ impl Drives {
         self.set_closed(&name, None, effects);
         let entry = self.entries.get_mut(&name)?;
         entry.device = None;
-        if entry.running {
-            entry.removed_meanwhile = true;
-        } else if !entry.in_use {
-            entry.state = CryptState::Absent;
+        match entry.running {
+            // A close waiting for a busy mount to be let go would retry
+            // until its timeout for a device that is gone: it stops now,
+            // and its end says what is true (closed, or removed).
+            Some(Operation::Close) => {
+                entry.removed_meanwhile = true;
+                effects.push(Effect::Interrupt {
+                    drive: name.clone(),
+                });
+            }
+            Some(_) => entry.removed_meanwhile = true,
+            None if !entry.in_use => entry.state = CryptState::Absent,
+            None => {}
         }
         Some((name, Trigger::Detached))
     }
@@ -493,7 +507,7 @@ impl Drives {
         let Some(entry) = self.entries.get_mut(&name) else {
             return Ok(effects);
         };
-        if entry.running {
+        if entry.running.is_some() {
             return Err(Refusal::Running {
                 drive: name,
                 state: entry.state,
@@ -550,7 +564,7 @@ impl Drives {
         let Some(entry) = self.entries.get_mut(drive) else {
             return effects;
         };
-        entry.running = false;
+        entry.running = None;
         let removed = std::mem::take(&mut entry.removed_meanwhile);
         let sync_lost = std::mem::take(&mut entry.sync_lost);
         match (operation, result) {

@@ -77,6 +77,8 @@ struct Service {
     tasks: JoinSet<Done>,
     /// Which drive and operation each task is, for a task that panics.
     running: HashMap<Id, (Name, Operation)>,
+    /// How to tell each drive's running operation that the drive is gone.
+    interrupts: HashMap<Name, tokio::sync::watch::Sender<bool>>,
     /// FailureHistory grew since the last publish.
     history_grew: bool,
     /// Each drive's latest SMART reading (Crypt1.Health), from the health
@@ -110,6 +112,14 @@ impl Service {
                     }
                     self.history_grew = true;
                 }
+                Effect::Interrupt { drive } => {
+                    if let Some(gone) = self.interrupts.get(&drive) {
+                        tracing::warn!(
+                            "{drive}: pulled out while closing; the close stops waiting"
+                        );
+                        gone.send_replace(true);
+                    }
+                }
                 Effect::Publish => self.publish().await,
                 Effect::Emit(signal) => self.emit(signal).await,
             }
@@ -130,8 +140,10 @@ impl Service {
             device.as_deref().unwrap_or("no device")
         );
         let name = drive.clone();
+        let (interrupt, gone) = ops::Gone::channel();
+        self.interrupts.insert(drive.clone(), interrupt);
         let task = self.tasks.spawn(async move {
-            let result = ops::run(operation, &plan, device.as_deref().map(Path::new)).await;
+            let result = ops::run(operation, &plan, device.as_deref().map(Path::new), gone).await;
             Done {
                 drive: name,
                 operation,
@@ -183,6 +195,7 @@ impl Service {
                 }
             }
         };
+        self.interrupts.remove(&done.drive);
         let effects = self
             .drives
             .finished(&done.drive, done.operation, done.result, unix_now());
@@ -464,6 +477,7 @@ pub async fn run(
         object,
         tasks: JoinSet::new(),
         running: HashMap::new(),
+        interrupts: HashMap::new(),
         history_grew: false,
         health,
         readings,

@@ -36,6 +36,32 @@ pub const MOUNT_OPTIONS: &str = "nosuid,nodev,noexec,nosymfollow";
 /// How long to wait between attempts to unmount a busy filesystem.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 
+/// Whether the drive was pulled out while its operation runs: the service
+/// loop says so (the domain's `Effect::Interrupt`), and a close waiting
+/// for a busy mount to be let go stops waiting at once.
+#[derive(Debug)]
+pub struct Gone(tokio::sync::watch::Receiver<bool>);
+
+impl Gone {
+    /// The loop's end (send `true` when the drive is gone) and the task's.
+    pub fn channel() -> (tokio::sync::watch::Sender<bool>, Gone) {
+        let (sender, receiver) = tokio::sync::watch::channel(false);
+        (sender, Gone(receiver))
+    }
+
+    /// For an operation nobody interrupts.
+    fn never() -> Gone {
+        Gone::channel().1
+    }
+
+    /// Resolves once the drive is gone; never when nobody can say so.
+    async fn wait(&mut self) {
+        if self.0.wait_for(|gone| *gone).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Everything an operation on one drive needs, taken from the configuration
 /// and the service's view of the drive.
 #[derive(Debug, Clone)]
@@ -151,8 +177,14 @@ pub async fn open(plan: &Plan, device: &Path) -> Result<(), Failed> {
     open_for(plan, device, Access::ReadWrite).await
 }
 
-/// Runs `operation` on the drive (on `device`, for the opening ones).
-pub async fn run(operation: Operation, plan: &Plan, device: Option<&Path>) -> Result<(), Failed> {
+/// Runs `operation` on the drive (on `device`, for the opening ones); a
+/// close stops retrying a busy mount once `gone` says the drive is gone.
+pub async fn run(
+    operation: Operation,
+    plan: &Plan,
+    device: Option<&Path>,
+    gone: Gone,
+) -> Result<(), Failed> {
     match (operation, device) {
         (Operation::Open, Some(device)) => open(plan, device).await,
         (Operation::Hold, Some(device)) => open_for(plan, device, Access::ReadOnly).await,
@@ -161,7 +193,7 @@ pub async fn run(operation: Operation, plan: &Plan, device: Option<&Path>) -> Re
             CryptStage::Unlock,
             format!("drive {} is not plugged in", plan.name),
         )),
-        (Operation::Close, _) => close(plan).await,
+        (Operation::Close, _) => close(plan, gone).await,
         (Operation::Remove, _) => Err(remove(plan).await),
     }
 }
@@ -191,7 +223,7 @@ pub async fn open_for(plan: &Plan, device: &Path, access: Access) -> Result<(), 
 /// (or half closed): unmount and lock what is there, then [`open`], which
 /// proves the identity again. Never powers the drive off.
 pub async fn reopen(plan: &Plan, device: &Path) -> Result<(), Failed> {
-    unmount(plan, false).await?;
+    unmount(plan, false, &mut Gone::never()).await?;
     lock(plan, false).await?;
     open(plan, device).await
 }
@@ -391,7 +423,7 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
         Err(failed) => Err(failed),
     };
     if result.is_err() {
-        if let Err(e) = unmount(plan, false).await {
+        if let Err(e) = unmount(plan, false, &mut Gone::never()).await {
             tracing::error!("{}: cannot undo the mount: {}", plan.name, e.message);
         }
     }
@@ -584,8 +616,9 @@ fn remove_mountpoint(mountpoint: &Path) {
 
 /// Unmounts this drive's mount (if there is one). `lazy` detaches it at
 /// once even while busy (umount -l). Busy otherwise: retries until the
-/// close timeout, naming the processes that hold it.
-async fn unmount(plan: &Plan, lazy: bool) -> Result<(), Failed> {
+/// close timeout, naming the processes that hold it, or until `gone` says
+/// the drive was pulled out (then the removal's lazy detach takes over).
+async fn unmount(plan: &Plan, lazy: bool, gone: &mut Gone) -> Result<(), Failed> {
     let mountpoint = &plan.mountpoint;
     let started = Instant::now();
     let mut named = String::new();
@@ -629,7 +662,17 @@ async fn unmount(plan: &Plan, lazy: bool) -> Result<(), Failed> {
                     );
                     named = holders;
                 }
-                tokio::time::sleep(BUSY_RETRY).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(BUSY_RETRY) => {}
+                    _ = gone.wait() => return Err(Failed::new(
+                        CryptStage::Removed,
+                        format!(
+                            "{} was pulled out while {} was busy (held by {named}); the close stopped retrying",
+                            plan.name,
+                            mountpoint.display()
+                        ),
+                    )),
+                }
             }
             Err(e) => {
                 return Err(Failed::new(
@@ -663,7 +706,7 @@ async fn lock(plan: &Plan, deferred: bool) -> Result<(), Failed> {
 
 /// Closes the drive: unmount (retrying while busy), lock, verify that
 /// nothing of it is left, power it off if configured.
-pub async fn close(plan: &Plan) -> Result<(), Failed> {
+pub async fn close(plan: &Plan, mut gone: Gone) -> Result<(), Failed> {
     if let Some(other) = mounts::at(&plan.mountpoint).filter(|_| plan.our_mount().is_none()) {
         tracing::warn!(
             "{}: {} is mounted at {}, which is not this drive; leaving it alone",
@@ -672,7 +715,7 @@ pub async fn close(plan: &Plan) -> Result<(), Failed> {
             plan.mountpoint.display()
         );
     }
-    unmount(plan, false).await?;
+    unmount(plan, false, &mut gone).await?;
     lock(plan, false).await?;
     if plan.our_mount().is_some() || plan.mapped() {
         return Err(Failed::new(
@@ -698,7 +741,7 @@ pub async fn close(plan: &Plan) -> Result<(), Failed> {
 pub async fn remove(plan: &Plan) -> Failed {
     let holders = mounts::holders(&plan.mountpoint);
     let mut problems = Vec::new();
-    if let Err(e) = unmount(plan, true).await {
+    if let Err(e) = unmount(plan, true, &mut Gone::never()).await {
         problems.push(e.message);
     }
     if let Err(e) = lock(plan, true).await {

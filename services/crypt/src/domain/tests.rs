@@ -85,7 +85,7 @@ fn entry(state: CryptState, in_use: bool, running: bool) -> Entry {
         state,
         device: None,
         message: String::new(),
-        running,
+        running: running.then_some(Operation::Open),
         in_use,
         removed_meanwhile: false,
         sync_lost: false,
@@ -478,4 +478,49 @@ fn a_drive_failing_its_health_check_is_failed_and_left_closed() {
     );
     assert!(d.in_use().is_empty());
     assert_eq!(state(&d), "failed");
+}
+
+/// Pulled out while its close waits for a busy mount: the close is told
+/// at once (not after close-timeout), and its end says what is true.
+#[test]
+fn a_drive_pulled_while_closing_interrupts_the_close_and_ends_truthfully() {
+    let interrupted = |effects: &[Effect]| {
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Interrupt { drive } if drive.as_str() == "a"))
+    };
+    let mut d = opened();
+    assert_eq!(started(&d.signal(&sync_finished("a"))), [Operation::Close]);
+    let effects = d.signal(&detached("a"));
+    assert!(interrupted(&effects), "{effects:?}");
+    assert!(started(&effects).is_empty(), "one operation at a time");
+    assert_eq!(state(&d), "closing");
+    // The close stopped with the mount still busy: the drive is removed
+    // (lazily detached), and that is its end, red, never "closed".
+    let stopped = Failed::new(CryptStage::Removed, "pulled while busy");
+    let effects = d.finished(&name("a"), Operation::Close, Err(stopped), 7);
+    assert_eq!(started(&effects), [Operation::Remove]);
+    assert!(emitted(&effects).is_empty(), "{effects:?}");
+    let removed = Failed::new(CryptStage::Removed, "removed while open");
+    let effects = d.finished(&name("a"), Operation::Remove, Err(removed), 8);
+    assert!(
+        matches!(&emitted(&effects)[..], [Signal::Failed { failed, .. }] if failed.stage == CryptStage::Removed),
+        "{effects:?}"
+    );
+    assert!(d.in_use().is_empty());
+    assert_eq!(state(&d), "failed");
+
+    // The close got there before the pull mattered: unmounted and locked
+    // is true, so DriveClosed, and the drive is absent.
+    let mut d = opened();
+    d.signal(&sync_finished("a"));
+    assert!(interrupted(&d.signal(&detached("a"))));
+    let effects = d.finished(&name("a"), Operation::Close, Ok(()), 7);
+    assert_eq!(emitted(&effects), [Signal::Closed { drive: name("a") }]);
+    assert_eq!(state(&d), "absent");
+
+    // Pulled while opening: nothing retries there, nothing is interrupted.
+    let mut d = drives();
+    d.signal(&attached("a"));
+    assert!(!interrupted(&d.signal(&detached("a"))));
 }
