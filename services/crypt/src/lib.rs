@@ -373,43 +373,46 @@ async fn attached_devices(
 
 /// The domain and plans for the configured drives (their health checks
 /// report to `report`), and what a restart found of each (mounts,
-/// mappings: read off the runtime).
+/// mappings). All of it off the runtime: the plans resolve their
+/// mountpoints, and the findings read mountinfo and the drives' tokens.
 async fn recovered(
-    config: &Config,
+    config: Arc<Config>,
     attached: BTreeMap<String, String>,
     closed_path: PathBuf,
-    report: &health::Report,
-) -> (Drives, BTreeMap<Name, Plan>, Vec<Finding>) {
-    let mut plans = BTreeMap::new();
-    let mut enrolled = Vec::new();
-    for (name, drive) in &config.drives {
-        let mut plan = Plan::new(name, drive, &config.crypt);
-        plan.health.ledger = Some(ferry_service::health_ledger::path(&config.state_directory));
-        plan.health.report = Some(report.clone());
-        plan.device = attached.get(name.as_str()).map(PathBuf::from);
-        enrolled.push(Enrolled {
-            name: name.clone(),
-            uuid: drive.uuid.clone(),
-            open_on_attach: drive.open_on_attach,
-            mountpoint: plan.mountpoint.to_string_lossy().into_owned(),
-        });
-        plans.insert(name.clone(), plan);
-    }
-    let to_inspect = plans.clone();
-    let (closed, findings) = blocking(move || {
-        let findings = to_inspect
-            .into_iter()
+    report: health::Report,
+) -> Result<(Drives, BTreeMap<Name, Plan>, Vec<Finding>), ServiceError> {
+    blocking(move || {
+        let mut plans = BTreeMap::new();
+        let mut enrolled = Vec::new();
+        for (name, drive) in &config.drives {
+            let mut plan = Plan::new(name, drive, &config.crypt);
+            plan.health.ledger = Some(ferry_service::health_ledger::path(&config.state_directory));
+            plan.health.report = Some(report.clone());
+            plan.device = attached.get(name.as_str()).map(PathBuf::from);
+            enrolled.push(Enrolled {
+                name: name.clone(),
+                uuid: drive.uuid.clone(),
+                open_on_attach: drive.open_on_attach,
+                mountpoint: plan.mountpoint.to_string_lossy().into_owned(),
+            });
+            plans.insert(name.clone(), plan);
+        }
+        let findings = plans
+            .iter()
             .map(|(drive, plan)| Finding {
-                leftover: ops::inspect(&plan),
-                device: plan.device.map(|d| d.to_string_lossy().into_owned()),
-                drive,
+                leftover: ops::inspect(plan),
+                device: plan
+                    .device
+                    .as_ref()
+                    .map(|d| d.to_string_lossy().into_owned()),
+                drive: drive.clone(),
             })
             .collect();
-        (load_closed(&closed_path), findings)
+        let drives = Drives::new(enrolled, load_closed(&closed_path));
+        (drives, plans, findings)
     })
     .await
-    .unwrap_or_default();
-    (Drives::new(enrolled, closed), plans, findings)
+    .ok_or_else(|| ServiceError::Other("cannot look at what was left mounted or unlocked".into()))
 }
 
 /// The enrolled drives' latest SMART readings from the health ledger (read
@@ -461,7 +464,7 @@ pub async fn run(
     let closed_path = config.state_directory.join(CLOSED_FILE);
     let (report, readings) = mpsc::unbounded_channel();
     let (mut drives, plans, findings) =
-        recovered(&config, attached, closed_path.clone(), &report).await;
+        recovered(config.clone(), attached, closed_path.clone(), report).await?;
     let state_directory = config.state_directory.clone();
     let failures = blocking(move || failures::FailureLog::load(&state_directory))
         .await

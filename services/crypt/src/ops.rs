@@ -148,6 +148,39 @@ impl Plan {
     async fn run(&self, program: &str, args: &[Arg<'_>]) -> Result<String, CommandError> {
         command::run(program, args, self.command_timeout).await
     }
+
+    /// [`Plan::our_mount`], read off the runtime.
+    async fn mount_now(&self) -> Option<Mount> {
+        let plan = self.clone();
+        off_runtime(move || plan.our_mount()).await
+    }
+
+    /// [`Plan::mapped`], looked at off the runtime.
+    async fn mapped_now(&self) -> bool {
+        let plan = self.clone();
+        off_runtime(move || plan.mapped()).await
+    }
+}
+
+/// Runs `work` — a read of mountinfo, sysfs, /proc, the key file or the
+/// mountpoint — on a blocking thread, so the service's runtime never waits
+/// on the kernel or a wedged drive. A panic there is the operation's own
+/// (its task becomes a DriveFailed).
+async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("a blocking read of ferry-crypt was cancelled: {e}"),
+        },
+    }
+}
+
+/// Who holds anything under `point`, in words (a walk of /proc, off the
+/// runtime).
+async fn holders_now(point: &Path) -> String {
+    let point = point.to_path_buf();
+    off_runtime(move || mounts::describe(&mounts::holders(&point))).await
 }
 
 /// `path` with symlinks in its existing part resolved, as the kernel shows
@@ -232,7 +265,10 @@ pub async fn reopen(plan: &Plan, device: &Path) -> Result<(), Failed> {
 /// needed), then maps the unlocked drive.
 async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
     let fail = |m: String| Failed::new(CryptStage::Unlock, m);
-    secrets::check_key_file(key).map_err(|e| fail(e.to_string()))?;
+    let checked = key.to_path_buf();
+    off_runtime(move || secrets::check_key_file(&checked).map_err(|e| e.to_string()))
+        .await
+        .map_err(fail)?;
     let test = plan
         .run(
             "cryptsetup",
@@ -266,7 +302,7 @@ async fn unlock(plan: &Plan, device: &Path, key: &Path) -> Result<(), Failed> {
         }
     }
     let mapping = plan.mapping_name();
-    if plan.mapped() {
+    if plan.mapped_now().await {
         match stale_mapping(plan, device).await {
             None => {
                 // A killed predecessor's `cryptsetup open` finished late; the
@@ -318,20 +354,10 @@ async fn stale_mapping(plan: &Plan, device: &Path) -> Option<String> {
             "{mapping} is left over from when the drive was pulled out (in deferred removal)"
         ));
     }
-    // The devices under the mapping: /sys/block/dm-N/slaves/*/dev.
-    let backing: Vec<String> = plan
-        .mapping_path()
-        .canonicalize()
-        .ok()
-        .and_then(|node| node.file_name().map(|n| n.to_owned()))
-        .and_then(|dm| std::fs::read_dir(Path::new("/sys/block").join(dm).join("slaves")).ok())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|slave| std::fs::read_to_string(slave.path().join("dev")).ok())
-        .map(|dev| dev.trim().to_string())
-        .collect();
-    let ours = mounts::device_number(device)?;
+    let (node, ours) = (plan.mapping_path(), device.to_path_buf());
+    let (backing, ours) =
+        off_runtime(move || (backing_devices(&node), mounts::device_number(&ours))).await;
+    let ours = ours?;
     if backing.contains(&ours) {
         return None;
     }
@@ -345,6 +371,21 @@ async fn stale_mapping(plan: &Plan, device: &Path) -> Option<String> {
     })
 }
 
+/// The devices under the mapping `node` ("major:minor" each), from
+/// /sys/block/dm-N/slaves/*/dev. Blocking: it reads sysfs.
+fn backing_devices(node: &Path) -> Vec<String> {
+    node.canonicalize()
+        .ok()
+        .and_then(|node| node.file_name().map(|n| n.to_owned()))
+        .and_then(|dm| std::fs::read_dir(Path::new("/sys/block").join(dm).join("slaves")).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|slave| std::fs::read_to_string(slave.path().join("dev")).ok())
+        .map(|dev| dev.trim().to_string())
+        .collect()
+}
+
 /// Gets a stale mapping out of the way of a fresh unlock by closing it. One
 /// that something still holds (a lazily unmounted filesystem with an open
 /// file or a working directory on it) cannot be closed, nor renamed aside:
@@ -354,17 +395,21 @@ async fn stale_mapping(plan: &Plan, device: &Path) -> Option<String> {
 /// holds it.
 async fn set_aside(plan: &Plan, why: &str) -> Result<(), Failed> {
     let mapping = plan.mapping_name();
-    let number = mounts::device_number(&plan.mapping_path());
+    let node = plan.mapping_path();
+    let number = off_runtime(move || mounts::device_number(&node)).await;
     let closed = plan.run("cryptsetup", &[&"close", &mapping]).await;
-    if closed.is_ok() || !plan.mapped() {
+    if closed.is_ok() || !plan.mapped_now().await {
         tracing::warn!("{}: {why}; closed it", plan.name);
         return Ok(());
     }
-    let holders = number
-        .map(|n| mounts::holders_of_device(&n))
-        .filter(|h| !h.is_empty())
-        .map(|h| format!(" (held by {})", mounts::describe(&h)))
-        .unwrap_or_default();
+    let holders = off_runtime(move || {
+        number
+            .map(|n| mounts::holders_of_device(&n))
+            .filter(|h| !h.is_empty())
+            .map(|h| format!(" (held by {})", mounts::describe(&h)))
+            .unwrap_or_default()
+    })
+    .await;
     Err(Failed::new(CryptStage::Unlock, format!(
         "{why} and still in use{holders}, so the drive cannot be unlocked again yet; stop what uses it (its files were on the drive when it was pulled), the kernel then removes {mapping} by itself, and plug the drive in again"
     )))
@@ -378,7 +423,7 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
     let mountpoint = &plan.mountpoint;
     // Already mounted there from this drive (a killed predecessor's `mount`
     // finished late): adopt the mount, proving the token again below.
-    let mounted = match plan.our_mount() {
+    let mounted = match plan.mount_now().await {
         Some(_) => {
             tracing::warn!(
                 "{}: already mounted at {}; checking and adopting that mount",
@@ -388,7 +433,8 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
             Ok(String::new())
         }
         None => {
-            prepare_mountpoint(plan, source)?;
+            let (prepared, at) = (plan.clone(), source.to_path_buf());
+            off_runtime(move || prepare_mountpoint(&prepared, &at)).await?;
             check_filesystem(plan, source).await?;
             let read_only = identity_mount_options(plan.filesystem);
             let fstype = plan.filesystem.as_str();
@@ -401,12 +447,12 @@ async fn mount_and_prove(plan: &Plan, source: &Path, access: Access) -> Result<(
     };
     // A mount that failed because the drive got mounted there meanwhile
     // (that late `mount` again) adopts it too.
-    let mounted = mounted.or_else(|e| match plan.our_mount() {
-        Some(_) => Ok(String::new()),
-        None => Err(e),
-    });
+    let mounted = match mounted {
+        Err(e) if plan.mount_now().await.is_none() => Err(e),
+        _ => Ok(()),
+    };
     if let Err(e) = mounted {
-        remove_mountpoint(mountpoint);
+        remove_mountpoint(mountpoint).await;
         return Err(Failed::new(
             CryptStage::Mount,
             format!(
@@ -474,7 +520,7 @@ async fn mount_read_write(plan: &Plan, source: &Path) -> Result<(), Failed> {
             format!("cannot mount {} read-write: {e}", mountpoint.display()),
         )
     };
-    let read_only = plan.our_mount().is_some_and(|m| m.has_option("ro"));
+    let read_only = plan.mount_now().await.is_some_and(|m| m.has_option("ro"));
     if !read_only {
         let read_write = format!("remount,rw,{MOUNT_OPTIONS}");
         return plan
@@ -607,11 +653,15 @@ fn create_directories(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Removes the (empty) mountpoint directory, so nothing writes into the
-/// root filesystem believing it writes to the drive.
-fn remove_mountpoint(mountpoint: &Path) {
-    if mounts::at(mountpoint).is_none() {
-        let _ = std::fs::remove_dir(mountpoint);
-    }
+/// root filesystem believing it writes to the drive (off the runtime).
+async fn remove_mountpoint(mountpoint: &Path) {
+    let mountpoint = mountpoint.to_path_buf();
+    off_runtime(move || {
+        if mounts::at(&mountpoint).is_none() {
+            let _ = std::fs::remove_dir(&mountpoint);
+        }
+    })
+    .await
 }
 
 /// Unmounts this drive's mount (if there is one). `lazy` detaches it at
@@ -622,7 +672,7 @@ async fn unmount(plan: &Plan, lazy: bool, gone: &mut Gone) -> Result<(), Failed>
     let mountpoint = &plan.mountpoint;
     let started = Instant::now();
     let mut named = String::new();
-    while plan.our_mount().is_some() {
+    while plan.mount_now().await.is_some() {
         if started.elapsed() > plan.close_timeout + plan.command_timeout {
             return Err(Failed::new(
                 CryptStage::Close,
@@ -641,7 +691,7 @@ async fn unmount(plan: &Plan, lazy: bool, gone: &mut Gone) -> Result<(), Failed>
         match plan.run("umount", &args).await {
             Ok(_) => {}
             Err(e) if e.output().contains("busy") => {
-                let holders = mounts::describe(&mounts::holders(mountpoint));
+                let holders = holders_now(mountpoint).await;
                 if started.elapsed() >= plan.close_timeout {
                     return Err(Failed::new(
                         CryptStage::Close,
@@ -682,14 +732,14 @@ async fn unmount(plan: &Plan, lazy: bool, gone: &mut Gone) -> Result<(), Failed>
             }
         }
     }
-    remove_mountpoint(mountpoint);
+    remove_mountpoint(mountpoint).await;
     Ok(())
 }
 
 /// Closes the LUKS mapping if it exists. `deferred` lets the kernel remove
 /// it once the last user (a lazily unmounted filesystem) lets go.
 async fn lock(plan: &Plan, deferred: bool) -> Result<(), Failed> {
-    if !plan.mapped() {
+    if !plan.mapped_now().await {
         return Ok(());
     }
     let mapping = plan.mapping_name();
@@ -707,7 +757,12 @@ async fn lock(plan: &Plan, deferred: bool) -> Result<(), Failed> {
 /// Closes the drive: unmount (retrying while busy), lock, verify that
 /// nothing of it is left, power it off if configured.
 pub async fn close(plan: &Plan, mut gone: Gone) -> Result<(), Failed> {
-    if let Some(other) = mounts::at(&plan.mountpoint).filter(|_| plan.our_mount().is_none()) {
+    let looked = plan.clone();
+    let other = off_runtime(move || {
+        mounts::at(&looked.mountpoint).filter(|_| looked.our_mount().is_none())
+    })
+    .await;
+    if let Some(other) = other {
         tracing::warn!(
             "{}: {} is mounted at {}, which is not this drive; leaving it alone",
             plan.name,
@@ -717,7 +772,7 @@ pub async fn close(plan: &Plan, mut gone: Gone) -> Result<(), Failed> {
     }
     unmount(plan, false, &mut gone).await?;
     lock(plan, false).await?;
-    if plan.our_mount().is_some() || plan.mapped() {
+    if plan.mount_now().await.is_some() || plan.mapped_now().await {
         return Err(Failed::new(
             CryptStage::Close,
             format!(
@@ -739,7 +794,8 @@ pub async fn close(plan: &Plan, mut gone: Gone) -> Result<(), Failed> {
 /// The drive was pulled out while open: detach the mount lazily, have the
 /// mapping removed once unused, and say what that means.
 pub async fn remove(plan: &Plan) -> Failed {
-    let holders = mounts::holders(&plan.mountpoint);
+    let point = plan.mountpoint.clone();
+    let holders = off_runtime(move || mounts::holders(&point)).await;
     let mut problems = Vec::new();
     if let Err(e) = unmount(plan, true, &mut Gone::never()).await {
         problems.push(e.message);
@@ -749,7 +805,7 @@ pub async fn remove(plan: &Plan) -> Failed {
     }
     // Say truthfully what became of the mapping: a filesystem still held
     // open keeps it alive after a lazy unmount, and the lock is only deferred.
-    let what = match plan.mapped() {
+    let what = match plan.mapped_now().await {
         true => format!(
             "it was detached from {} but is still in use, so its mapping {} is only scheduled for removal (the kernel removes it when the last process lets go)",
             plan.mountpoint.display(),
