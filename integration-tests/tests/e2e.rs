@@ -10,6 +10,7 @@
 //! not yet is a [`known_bug`]: printed as `KNOWN BUG`, and fatal under
 //! `FERRY_E2E_STRICT=1`. Everything else is asserted.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -92,6 +93,83 @@ async fn both_flows_through_all_six_services() {
     // sync-success = true: a mail says the drive is safe to remove.
     system.smtp.wait_for(1, safe_to_remove, WAIT).await;
     assert_clean(&system, "after both flows").await;
+}
+
+/// A drive whose SMART health is failing, under health = "warn" (the
+/// default): the flow goes on and ends done (green, not red), Crypt1.Health
+/// shows the reading, the LED's reason carries the warning, and one mail
+/// says so.
+async fn a_drive_in_bad_health_is_used_with_its_warning_shown_and_mailed() {
+    let Some(mut system) = start(Options::default()).await else {
+        return;
+    };
+    // smartctl as it answers for a failing drive (a recorded output).
+    let recorded =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/crypt/tests/smartctl/failing.json");
+    let smartctl = system.work().join("smartctl");
+    std::fs::write(
+        &smartctl,
+        format!("#!/bin/sh\ncat '{}'\nexit 8\n", recorded.display()),
+    )
+    .expect("smartctl");
+    std::fs::set_permissions(&smartctl, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod smartctl");
+    let text = std::fs::read_to_string(&system.config).expect("ferry.toml");
+    let text = text.replacen(
+        "[crypt]\n",
+        &format!("[crypt]\nsmartctl = \"{}\"\n", smartctl.display()),
+        1,
+    );
+    std::fs::write(&system.config, text).expect("ferry.toml");
+    system.start_service("ferry-crypt", "info").await;
+    backup(&system).await;
+
+    let from = system.signals.len();
+    system.drive.attach();
+    let outcome = plug_in_outcome(&system, from, WAIT)
+        .await
+        .expect("the plug-in flow ends");
+    assert_eq!(outcome, Outcome::Done, "{}", listing(&system, from));
+    wait_led(&system, from, "done").await;
+    let health = proxy::<CryptProxy>(&system.conn)
+        .await
+        .health()
+        .await
+        .expect("Crypt1.Health");
+    assert_eq!(health.len(), 1, "{health:?}");
+    assert_eq!(
+        (health[0].verdict.as_str(), health[0].decision.as_str()),
+        ("failing", "warn")
+    );
+    let reason = proxy::<LedProxy>(&system.conn)
+        .await
+        .reason()
+        .await
+        .expect("Led1.Reason");
+    assert!(
+        reason.starts_with(&format!(
+            "safe to remove: {DRIVE}; health warning: {DRIVE}: health failing"
+        )),
+        "{reason}"
+    );
+    system.smtp.wait_for(1, safe_to_remove, WAIT).await;
+    let warned = system
+        .smtp
+        .wait_for(1, |m| mentions(m, "health is failing"), WAIT)
+        .await;
+    assert!(
+        warned[0].body.contains("1872 reallocated sectors"),
+        "{}",
+        warned[0].body
+    );
+    let warnings = system
+        .smtp
+        .mails()
+        .iter()
+        .filter(|m| mentions(m, "health is failing"))
+        .count();
+    assert_eq!(warnings, 1, "one mail per reading");
+    assert_clean(&system, "after the flow of a drive in bad health").await;
 }
 
 /// A stranger's drive that copies the enrolled UUID but lacks ferry's
@@ -1265,6 +1343,7 @@ ferry_integration_tests::integration_tests! {
     async Machine: [
         both_flows_through_all_six_services,
         a_drive_with_a_copied_uuid_fails_identity_and_is_mailed,
+        a_drive_in_bad_health_is_used_with_its_warning_shown_and_mailed,
         a_drive_too_small_fails_the_sync_closes_and_is_mailed,
         a_python_led_in_place_of_ferry_led,
         ferry_drive_watcher_killed_mid_flow,
