@@ -21,6 +21,10 @@
 //! half-open drive that is attached is opened again from scratch (or closed,
 //! if it does not open on attach); a detached one is cleaned up. The log
 //! says which. `ferry-crypt enroll` is [`enroll`].
+//!
+//! Each open first reads the drive's SMART health ([`health`]); the
+//! reading reaches the loop before the open's outcome and is shown as
+//! Crypt1.Health, which is rebuilt from the health ledger at start.
 
 pub mod command;
 pub mod devices;
