@@ -432,8 +432,10 @@ impl Lamp {
     async fn command(&mut self, command: Command) {
         match command {
             Command::Acknowledge(reply) => {
-                write_acknowledged(&self.acknowledged, ferry_service::unix_now()).await;
+                let now = ferry_service::unix_now();
+                write_acknowledged(&self.acknowledged, now).await;
                 self.indicator.apply(Event::Acknowledge);
+                self.indicator.acknowledged_at(now);
                 let _ = reply.send(Ok(()));
                 self.refresh().await;
             }

@@ -237,6 +237,10 @@ pub struct Indicator {
     /// The time of each drive's last reading taken as a fact (a repeat of
     /// it in Crypt1.Health is not a new one).
     health_seen: BTreeMap<String, u64>,
+    /// The unix time of the last Acknowledge, as far as known (0: never):
+    /// a warning read before it is not raised again, also when this LED
+    /// sees the reading for the first time (ferry-crypt started later).
+    acknowledged: u64,
 }
 
 impl Indicator {
@@ -265,7 +269,7 @@ impl Indicator {
             | Event::BackupWarned { .. }
             | Event::BackupFailed { .. }
             | Event::BackupSkipped { .. } => self.apply_backup(event),
-            Event::Health(readings) => self.apply_health(&readings, 0),
+            Event::Health(readings) => self.apply_health(&readings),
             Event::Acknowledge => {
                 self.failures.clear();
                 self.health_warnings.clear();
@@ -360,9 +364,16 @@ impl Indicator {
         }
     }
 
-    /// Takes the readings newer than those already seen (and, at start,
-    /// than the last Acknowledge at `acknowledged`) as facts.
-    fn apply_health(&mut self, readings: &[DriveHealth], acknowledged: u64) {
+    /// Records when the last Acknowledge happened (unix time), beside
+    /// [`Event::Acknowledge`], which clears what stands now.
+    pub fn acknowledged_at(&mut self, time: u64) {
+        self.acknowledged = self.acknowledged.max(time);
+    }
+
+    /// Takes the readings newer than those already seen and than the last
+    /// Acknowledge as facts.
+    fn apply_health(&mut self, readings: &[DriveHealth]) {
+        let acknowledged = self.acknowledged;
         for reading in readings {
             if self.health_seen.get(&reading.drive) == Some(&reading.time) {
                 continue;
@@ -426,7 +437,8 @@ impl Indicator {
     pub fn from_peers(policies: BTreeMap<String, DrivePolicy>, facts: &PeerFacts) -> Indicator {
         let mut fresh = Indicator::new(policies);
         fresh.failures = facts.current_failures();
-        fresh.apply_health(&facts.drive_health, facts.acknowledged);
+        fresh.acknowledged = facts.acknowledged;
+        fresh.apply_health(&facts.drive_health);
         fresh.take_activity(facts);
         fresh
     }
@@ -439,7 +451,8 @@ impl Indicator {
         fresh.failures = self.failures.clone();
         fresh.health_warnings = self.health_warnings.clone();
         fresh.health_seen = self.health_seen.clone();
-        fresh.apply_health(&facts.drive_health, 0);
+        fresh.acknowledged = self.acknowledged.max(facts.acknowledged);
+        fresh.apply_health(&facts.drive_health);
         fresh.take_activity(facts);
         for (name, drive) in &self.drives {
             match (drive.done, fresh.drives.get_mut(name)) {

@@ -701,4 +701,28 @@ fn at_start_a_health_warning_stands_unless_acknowledged_since() {
     let mut seen = Indicator::from_peers(BTreeMap::new(), &facts(50));
     seen.apply(Acknowledge);
     assert_eq!(seen.rebuilt(&facts(0)).reason(), "");
+    // Started before ferry-crypt, after an Acknowledge: the readings
+    // ferry-crypt then publishes from its ledger are older than that.
+    let mut early = Indicator::from_peers(
+        BTreeMap::new(),
+        &PeerFacts {
+            acknowledged: 150,
+            ..PeerFacts::default()
+        },
+    );
+    early.apply(Health(facts(0).drive_health));
+    assert_eq!(early.reason(), "");
+    early.apply(Health(vec![reading("a", 300, "degraded", "warn")]));
+    assert!(
+        early.reason().starts_with("health warning: a: "),
+        "{}",
+        early.reason()
+    );
+    early.apply(Acknowledge);
+    early.acknowledged_at(400);
+    let restarted = early.rebuilt(&PeerFacts {
+        drive_health: vec![reading("a", 300, "degraded", "warn")],
+        ..PeerFacts::default()
+    });
+    assert_eq!(restarted.reason(), "");
 }
