@@ -136,6 +136,9 @@ wait_sig $m 600 DriveAttached/stick DriveOpened/stick SyncStarted/stick SyncFini
 # did not stop the flow; its reading is in the health ledger.
 python3 -c 'import json; r = json.load(open("/var/lib/ferry/crypt-health.json"))["stick"]; print("health of the emulated stick:", r["device"], r["verdict"], r["decision"], "-", r["summary"])' \
   || fail "ferry-crypt recorded no health reading of the stick"
+# ... and on the bus, as Crypt1.Health (what ferryctl status shows).
+busctl get-property org.ferry.Crypt1 /org/ferry/Crypt1 org.ferry.Crypt1 Health | tee $T/health.txt | grep -q '"stick"' \
+  || { cat $T/health.txt; fail "Crypt1.Health has no reading of the stick"; }
 mapped && fail "ferry-stick is still mapped"
 mounted && fail "/run/ferry/stick is still mounted"
 sigs_since $m
