@@ -6,7 +6,8 @@
 //! and what a restart makes of what a predecessor left behind. Events come
 //! in as method calls (a peer signal, a request, a finished operation, the
 //! findings of a restart); effects go out as [`Effect`]s that the adapter
-//! (`lib.rs`) carries out in order: start an operation, persist, publish the
+//! (`lib.rs`) carries out in order: start an operation, interrupt a
+//! running close (the drive was pulled out), persist, publish the
 //! properties, emit a signal. Nothing here touches the bus, a runtime, a
 //! device or the disk, so every rule is unit-tested on its own, the way
 //! ferry-drive-watcher's tracker is.
