@@ -1499,6 +1499,11 @@ async fn smart_health_is_read_before_opening_and_a_failing_drive_is_refused_or_w
     assert_eq!(shown.verdict, "passed");
     assert_eq!(shown.figures["power-on-hours"], 8766);
     assert_eq!(shown.figures["temperature-celsius"], 34);
+    let status = status_text(&bus, &config);
+    assert!(
+        status.contains("health passed (SMART overall health passed, 0 reallocated sectors"),
+        "{status}"
+    );
 
     // A bridge smartctl does not know: unavailable, never refused.
     proxy.close("offsite-a").await.expect("Close");
