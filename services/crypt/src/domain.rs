@@ -206,6 +206,11 @@ struct Entry {
     in_use: bool,
     /// The drive went away while an operation was running.
     removed_meanwhile: bool,
+    /// After going away, the drive was plugged in again while an
+    /// operation was still running: once nothing runs, it is opened as any
+    /// plugged-in drive is (a plug-in is never lost to the end of the
+    /// previous one's operation).
+    plugged_meanwhile: bool,
     /// It is being closed because ferry-sync went away during its flow:
     /// the flow ends in a failure once it is closed.
     sync_lost: bool,
@@ -273,6 +278,7 @@ impl Drives {
                     running: None,
                     in_use: false,
                     removed_meanwhile: false,
+                    plugged_meanwhile: false,
                     sync_lost: false,
                 };
                 (e.name, entry)
@@ -436,6 +442,9 @@ impl Drives {
         }
         let entry = self.entries.get_mut(&name)?;
         entry.device = Some(device.to_string());
+        if was_absent && entry.running.is_some() {
+            entry.plugged_meanwhile = true;
+        }
         if entry.state == CryptState::Absent {
             entry.state = CryptState::Attached;
         }
@@ -448,6 +457,7 @@ impl Drives {
         self.set_closed(&name, None, effects);
         let entry = self.entries.get_mut(&name)?;
         entry.device = None;
+        entry.plugged_meanwhile = false;
         match entry.running {
             // A close waiting for a busy mount to be let go would retry
             // until its timeout for a device that is gone: it stops now,
@@ -591,7 +601,30 @@ impl Drives {
             }
             (Operation::Remove, Ok(())) => {}
         }
+        self.plugged_in_meanwhile(drive, &mut effects);
         effects
+    }
+
+    /// Once nothing runs, a drive plugged in again while its previous
+    /// operation ran is opened as a new plug-in: the end of the old
+    /// operation (a failure, "removed", a close) has been said first, and
+    /// the new flow's success is what clears it.
+    fn plugged_in_meanwhile(&mut self, drive: &Name, effects: &mut Vec<Effect>) {
+        let Some(entry) = self.entries.get_mut(drive) else {
+            return;
+        };
+        if entry.running.is_some() || !std::mem::take(&mut entry.plugged_meanwhile) {
+            return;
+        }
+        if entry.device.is_none() {
+            return;
+        }
+        tracing::info!("{drive}: plugged in again while its last operation ran; opening it");
+        if entry.state == CryptState::Absent {
+            entry.state = CryptState::Attached;
+        }
+        self.set_closed(drive, None, effects);
+        self.react(drive, Trigger::Attached { was_absent: true }, effects);
     }
 
     /// An open (or hold) succeeded.

@@ -88,6 +88,7 @@ fn entry(state: CryptState, in_use: bool, running: bool) -> Entry {
         running: running.then_some(Operation::Open),
         in_use,
         removed_meanwhile: false,
+        plugged_meanwhile: false,
         sync_lost: false,
     }
 }
@@ -271,6 +272,46 @@ fn a_drive_pulled_while_opening_is_removed_once_open() {
     );
     assert_eq!(emitted(&effects).len(), 1);
     assert!(d.in_use().is_empty());
+    assert_eq!(state(&d), "failed");
+}
+
+#[test]
+fn a_drive_pulled_and_plugged_in_again_while_opening_is_opened_anew() {
+    let mut d = drives();
+    d.signal(&attached("a"));
+    d.signal(&detached("a"));
+    // Back before the first open ended: nothing starts while it runs.
+    assert!(started(&d.signal(&attached("a"))).is_empty());
+    let effects = d.finished(&name("a"), Operation::Open, Ok(()), 5);
+    assert_eq!(started(&effects), [Operation::Remove]);
+    // The removal is said (red), then the drive that is back is opened.
+    let effects = d.finished(
+        &name("a"),
+        Operation::Remove,
+        Err(Failed::new(CryptStage::Removed, "pulled")),
+        6,
+    );
+    assert!(matches!(&emitted(&effects)[..], [Signal::Failed { .. }]));
+    assert_eq!(started(&effects), [Operation::Open]);
+    d.finished(&name("a"), Operation::Open, Ok(()), 7);
+    assert_eq!(state(&d), "open");
+}
+
+#[test]
+fn a_drive_plugged_in_and_pulled_again_while_opening_is_not_reopened() {
+    let mut d = drives();
+    d.signal(&attached("a"));
+    d.signal(&detached("a"));
+    d.signal(&attached("a"));
+    d.signal(&detached("a"));
+    d.finished(&name("a"), Operation::Open, Ok(()), 5);
+    let effects = d.finished(
+        &name("a"),
+        Operation::Remove,
+        Err(Failed::new(CryptStage::Removed, "pulled")),
+        6,
+    );
+    assert!(started(&effects).is_empty());
     assert_eq!(state(&d), "failed");
 }
 
