@@ -21,6 +21,7 @@ pub mod borg;
 pub mod generation;
 pub mod job;
 pub mod ledger;
+pub mod lock;
 pub mod mounts;
 pub mod snapshot;
 pub mod truth;
