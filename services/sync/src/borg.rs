@@ -215,26 +215,27 @@ impl Borg {
         }
     }
 
-    /// Runs borg with `args` on a copy; its output, or why it failed.
+    /// Runs borg with `args` on `repo`; its output, or why it failed. A
+    /// dropped run kills its borg.
     async fn run(
         &self,
         args: &[&str],
         repo: &Path,
         passphrase: Passphrase,
         stop: &mut Stop,
-    ) -> Result<Result<String, String>, Failure> {
+    ) -> Result<Result<String, BorgError>, Failure> {
         let base = tempfile::tempdir()
             .map_err(|e| Failure::new(Stage::Verify, format!("cannot make a temp dir: {e}")))?;
         let mut command = self.command(&self.program, base.path());
-        command.args(args).arg(repo);
+        command.args(args).arg(repo).kill_on_drop(true);
         let _keep_open = passphrase.apply(&mut command);
         let child = match command.spawn() {
             Ok(child) => child,
-            Err(e) => {
-                return Ok(Err(format!(
-                    "cannot run {}: {e} (apt-get install borgbackup)",
-                    self.program.display()
-                )))
+            Err(source) => {
+                return Ok(Err(BorgError::Spawn {
+                    program: self.program.clone(),
+                    source,
+                }))
             }
         };
         tokio::select! {
@@ -242,16 +243,22 @@ impl Borg {
                 Ok(output) if output.status.success() => {
                     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
                 }
-                Ok(output) => Err(format!("{} ({})", tail(&output.stderr), output.status)),
-                Err(e) => Err(e.to_string()),
+                Ok(output) => Err(BorgError::Failed {
+                    said: tail(&output.stderr),
+                    status: output.status,
+                }),
+                Err(e) => Err(BorgError::Wait(e)),
             }),
             reason = stop.wait() => Err(Failure::stopped(reason)),
         }
     }
 
-    /// The newest archive in a copy, or "" when it cannot be listed (an
+    /// The newest archive in a repository (a copy's mirror, or the
+    /// snapshot the copy is made from), or "" when it cannot be listed (an
     /// encrypted repository without a passphrase in ferry.toml, a wrong
     /// passphrase): the copy is still good, so this is only logged.
+    /// `--bypass-lock`: what is listed is ferry's own hard links, which
+    /// nobody else opens, so borg writes no lock files into them.
     pub async fn newest_archive(
         &self,
         repo: &Path,
@@ -267,7 +274,14 @@ impl Borg {
         };
         let listed = self
             .run(
-                &["list", "--last", "1", "--format", "{archive}{NL}"],
+                &[
+                    "list",
+                    "--bypass-lock",
+                    "--last",
+                    "1",
+                    "--format",
+                    "{archive}{NL}",
+                ],
                 repo,
                 passphrase,
                 stop,
@@ -275,16 +289,73 @@ impl Borg {
             .await?;
         Ok(match listed {
             Ok(text) => text.lines().last().unwrap_or_default().trim().to_string(),
-            Err(detail) => {
+            Err(e) => {
                 tracing::warn!(
-                    "cannot list the archives of the copy {} (without a passphrase-file or passcommand an encrypted repository cannot be listed): {detail}",
+                    "cannot list the archives of {} (without a passphrase-file or passcommand an encrypted repository cannot be listed): {e}",
                     repo.display()
                 );
                 String::new()
             }
         })
     }
+
+    /// Starts listing the newest archive of `repo` beside whatever the job
+    /// does next (see [`Listing`]).
+    pub fn list_newest(&self, repo: PathBuf, repository: Repository, stop: Stop) -> Listing {
+        let borg = self.clone();
+        Listing(tokio::spawn(async move {
+            let mut stop = stop;
+            borg.newest_archive(&repo, &repository, &mut stop).await
+        }))
+    }
 }
+
+/// `borg list --last 1` running in the background, so that borg's
+/// start-up (0.3–1 s of Python) overlaps the copy and the read-back
+/// instead of following them. Dropped unfinished, it is aborted and its
+/// borg killed.
+pub struct Listing(tokio::task::JoinHandle<Result<String, Failure>>);
+
+impl Listing {
+    /// The newest archive's name (see [`Borg::newest_archive`]).
+    pub async fn archive(mut self) -> Result<String, Failure> {
+        match (&mut self.0).await {
+            Ok(result) => result,
+            Err(e) => Err(Failure::new(Stage::Verify, format!("internal error: {e}"))),
+        }
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a borg command did not give its answer.
+#[derive(Debug, thiserror::Error)]
+enum BorgError {
+    /// borg could not be started.
+    #[error("cannot run {}: {source} (apt-get install borgbackup)", program.display())]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    /// borg ran and failed.
+    #[error("{said} ({status})")]
+    Failed {
+        said: String,
+        status: std::process::ExitStatus,
+    },
+    /// Waiting for borg failed.
+    #[error("cannot wait for borg: {0}")]
+    Wait(std::io::Error),
+}
+
+/// A passphrase file that cannot be opened, as ferry-config says why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SecretError(String);
 
 /// How borg gets a repository's passphrase.
 enum Passphrase {
@@ -298,10 +369,11 @@ enum Passphrase {
 }
 
 impl Passphrase {
-    fn of(repository: &Repository) -> Result<Passphrase, String> {
+    fn of(repository: &Repository) -> Result<Passphrase, SecretError> {
         if let Some(path) = &repository.passphrase_file {
             return ferry_config::paths::open_secret(path, "the passphrase file")
-                .map(Passphrase::File);
+                .map(Passphrase::File)
+                .map_err(SecretError);
         }
         if let Some(command) = &repository.passcommand {
             return Ok(Passphrase::Command(command.clone()));

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ferry_config::{Config, Repository};
 use tokio::sync::watch;
 
-use crate::borg::Borg;
+use crate::borg::{Borg, Listing};
 use crate::generation::{self, BuildError, Generation, Layout, Plan};
 use crate::mounts;
 use crate::snapshot::{self, Snapshot};
@@ -90,7 +90,8 @@ pub enum Phase {
     Scrub,
     /// Building the new copy on the drive.
     Copy,
-    /// Reading the new files back from the drive, borg opening the copy.
+    /// Reading the new files back from the drive (and waiting for borg to
+    /// name the newest archive, listed beside the copy).
     Verify,
     /// Putting the new copy in place.
     Swap,
@@ -408,6 +409,8 @@ struct Prepared {
     plan: Arc<Plan>,
     /// None when the drive already has the committed state.
     snapshot_dir: Option<PathBuf>,
+    /// The snapshot's newest archive, being listed beside the copy.
+    listing: Option<Listing>,
 }
 
 async fn sync_drive(
@@ -435,7 +438,7 @@ async fn sync_drive(
         ..Summary::default()
     };
     let mut done_before = 0;
-    for item in prepared {
+    for mut item in prepared {
         context
             .reporter
             .started(&spec.drive, &item.name, done_before, total)
@@ -464,7 +467,7 @@ async fn sync_drive(
                 let copied = copy_one(
                     spec,
                     context,
-                    &item,
+                    &mut item,
                     done_before,
                     total,
                     stop,
@@ -732,10 +735,11 @@ async fn prepare(
                 layout,
                 plan: Arc::new(plan),
                 snapshot_dir: None,
+                listing: None,
             });
             continue;
         }
-        let (plan, snapshot_dir) =
+        let (plan, snapshot_dir, listing) =
             snapshot_and_plan(spec, context, name, repository, &layout, trust, stop, held).await?;
         tracing::debug!(
             "{}: {name} has {} new, changed or distrusted files",
@@ -748,13 +752,17 @@ async fn prepare(
             layout,
             plan: Arc::new(plan),
             snapshot_dir: Some(snapshot_dir),
+            listing: Some(listing),
         });
     }
     Ok(prepared)
 }
 
 /// Takes borg's lock on `repository`, hard-links the snapshot, lets go of
-/// the lock and plans the new generation against the current one.
+/// the lock, starts listing the snapshot's newest archive (borg's start-up
+/// then overlaps the copy; the read-back proves the copy holds the
+/// snapshot's bytes, so the name is the copy's) and plans the new
+/// generation against the current one.
 #[allow(clippy::too_many_arguments)]
 async fn snapshot_and_plan(
     spec: &JobSpec,
@@ -765,7 +773,7 @@ async fn snapshot_and_plan(
     trust: &Arc<DriveRecord>,
     stop: &mut Stop,
     held: &mut Held,
-) -> Result<(Plan, PathBuf), Failure> {
+) -> Result<(Plan, PathBuf, Listing), Failure> {
     let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
     let wait = Duration::from_secs(context.config.sync.lock_wait);
     let reporter = &context.reporter;
@@ -798,12 +806,15 @@ async fn snapshot_and_plan(
     );
     let entries = snapshot.entries.clone();
     held.snapshots.push(snapshot);
+    let listing = context
+        .borg
+        .list_newest(snapshot_dir.clone(), repository.clone(), stop.clone());
     let (plan_layout, trusted, repo_name) = (layout.clone(), trust.clone(), name.to_string());
     let plan = on_drive(Stage::Snapshot, move || {
         generation::plan(&entries, &plan_layout, &|e| trusted.trusted(&repo_name, e))
     })
     .await?;
-    Ok((plan, snapshot_dir))
+    Ok((plan, snapshot_dir, listing))
 }
 
 /// The drive's free space against what the plans copy, before anything is
@@ -850,7 +861,7 @@ struct CopiedRepository {
 async fn copy_one(
     spec: &JobSpec,
     context: &Context,
-    item: &Prepared,
+    item: &mut Prepared,
     done_before: u64,
     total: u64,
     stop: &mut Stop,
@@ -880,14 +891,15 @@ async fn copy_one(
         .reporter
         .phase(&spec.drive, &item.name, Phase::Verify, String::new())
         .await;
-    let archive = inspect(
-        context,
-        &item.layout,
-        &item.repository,
-        Generation::New,
-        stop,
-    )
-    .await?;
+    // The listing started with the snapshot and has normally finished
+    // during the copy. It is awaited before the read-back, not after, so
+    // that the read-back is the last look at the new copy before the swap:
+    // nothing the job waits for comes between reading it and putting it in
+    // place (a test's borg damages the copy at exactly this point).
+    let archive = match item.listing.take() {
+        Some(listing) => listing.archive().await?,
+        None => String::new(),
+    };
     let (read, files) = read_back_new(&item.layout, files, stop).await?;
     if let Some(reason) = stop.reason() {
         return Err(Failure::stopped(reason));
@@ -968,14 +980,14 @@ async fn read_back_new(
         let mut buffer = Vec::new();
         let mut read = 0;
         let mut differ = Vec::new();
-        for (rel, digest) in files.iter() {
+        for (rel, hashed) in files.iter() {
             let mut file = layout
                 .open_file(Generation::New, rel)
                 .map_err(verify::ReadError::Io)?;
             match verify::read_back(&mut file, &mut buffer, &|| stopper.reason().is_some()) {
                 Ok((found, n)) => {
                     read += n;
-                    if found != *digest {
+                    if found != hashed.digest {
                         differ.push(rel.display().to_string());
                     }
                 }
