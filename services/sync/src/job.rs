@@ -378,13 +378,31 @@ async fn look_at_drive(spec: &JobSpec, context: &Context, record: Arc<truth::Rec
     })
 }
 
-/// Runs `work` on the blocking pool; an error becomes a failure of `stage`.
-async fn blocking<T: Send + 'static>(
+/// A generation on the drive that cannot be looked at.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot look at {} on the drive: {source}", path.display())]
+struct Unreadable {
+    path: PathBuf,
+    source: io::Error,
+}
+
+impl Unreadable {
+    fn on_drive(path: &std::path::Path, source: io::Error) -> Unreadable {
+        Unreadable {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool; an error becomes a failure of
+/// `stage`, saying what the error says.
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     stage: Stage,
-    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Failure> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(|m| Failure::new(stage, m)),
+        Ok(result) => result.map_err(|e| Failure::new(stage, e.to_string())),
         Err(e) => Err(Failure::new(stage, format!("internal error: {e}"))),
     }
 }
@@ -486,15 +504,12 @@ async fn sync_drive(
         summary.archives.insert(item.name.clone(), archive);
         // This repository is done: let go of its snapshot now.
         if let Some(dir) = item.snapshot_dir.clone() {
-            let _ = blocking(Stage::Copy, move || {
-                snapshot::remove_tree(&dir).map_err(|e| e.to_string())
-            })
-            .await;
+            let _ = blocking(Stage::Copy, move || snapshot::remove_tree(&dir)).await;
         }
     }
     finish_record(spec, record, &record_path, &mut summary).await?;
     summary.bytes = done_before;
-    summary.free = free_bytes(&copies).unwrap_or(0);
+    summary.free = copies.free_bytes().unwrap_or(0);
     Ok(summary)
 }
 
@@ -564,15 +579,12 @@ async fn open_drive(
     let looked = layouts.clone();
     blocking(Stage::Copy, move || {
         for ((name, _), layout) in names.iter().zip(&looked) {
-            let id = layout.identity(Generation::Current).map_err(|e| {
-                format!(
-                    "cannot look at {} on the drive: {e}",
-                    layout.current.display()
-                )
-            })?;
+            let id = layout
+                .identity(Generation::Current)
+                .map_err(|e| Unreadable::on_drive(&layout.current, e))?;
             record.previous(name, id);
         }
-        Ok(())
+        Ok::<_, Unreadable>(())
     })
     .await?;
     Ok((copies, layouts))
@@ -581,10 +593,7 @@ async fn open_drive(
 /// Writes the verification record on the blocking pool.
 async fn save_record(record: &DriveRecord, path: &std::path::Path) -> Result<(), Failure> {
     let (record, path) = (record.clone(), path.to_path_buf());
-    blocking(Stage::Verify, move || {
-        record.save(&path).map_err(|e| e.to_string())
-    })
-    .await
+    blocking(Stage::Verify, move || record.save(&path)).await
 }
 
 /// The scrub of one sync: loads the drive's record, re-reads borg's
@@ -826,7 +835,12 @@ fn check_space(copies: &Confined, prepared: &[Prepared], reserve_mib: u64) -> Re
         .map(|p| p.plan.copy_files * 4096 + p.plan.items.len() as u64 * 256)
         .sum();
     let need = total + blocks + reserve_mib * MIB;
-    let free = free_bytes(copies).map_err(|e| Failure::new(Stage::Space, e))?;
+    let free = copies.free_bytes().map_err(|e| {
+        Failure::new(
+            Stage::Space,
+            format!("cannot tell the drive's free space: {e}"),
+        )
+    })?;
     if need > free {
         return Err(Failure::new(
             Stage::Space,
@@ -841,11 +855,6 @@ fn check_space(copies: &Confined, prepared: &[Prepared], reserve_mib: u64) -> Re
 }
 
 const MIB: u64 = 1024 * 1024;
-
-/// Free bytes for an unprivileged writer... and root (f_bavail).
-fn free_bytes(copies: &ferry_service::confined::Confined) -> Result<u64, String> {
-    copies.free_bytes().map_err(|e| e.to_string())
-}
 
 /// What one repository's new generation brought.
 struct CopiedRepository {
@@ -881,9 +890,9 @@ async fn copy_one(
         blocking(Stage::Copy, move || {
             let id = layout
                 .identity(Generation::New)
-                .map_err(|e| format!("cannot look at {}: {e}", layout.new.display()))?;
+                .map_err(|e| Unreadable::on_drive(&layout.new, e))?;
             record.new_generation(&name, id);
-            Ok(())
+            Ok::<_, Unreadable>(())
         })
         .await?;
     }
