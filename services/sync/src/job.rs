@@ -21,15 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_config::{Config, Repository};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::borg::{Borg, Listing};
+use crate::domain::Report;
 use crate::generation::{self, BuildError, Generation, Layout, Plan};
 use crate::mounts;
 use crate::snapshot::{self, Snapshot};
 use crate::truth;
 use crate::verify::{self, DriveRecord};
-use crate::Reporter;
 use ferry_service::confined::{Confined, WalkError};
 use ferry_service::unix_now;
 
@@ -210,6 +210,10 @@ pub struct JobSpec {
     pub mountpoint: PathBuf,
     /// The repositories assigned to it, in ferry.toml's order.
     pub repositories: Vec<(String, Repository)>,
+    /// The newest archive per repository on the drive's copies, as the
+    /// ledger knows them: a repository with nothing new reports it
+    /// without asking borg.
+    pub archives: BTreeMap<String, String>,
 }
 
 impl JobSpec {
@@ -229,6 +233,7 @@ impl JobSpec {
             drive: drive.to_string(),
             mountpoint: settings.mountpoint(name),
             repositories,
+            archives: BTreeMap::new(),
         })
     }
 }
@@ -279,14 +284,62 @@ impl Held {
     }
 }
 
-/// Shared by every job.
+/// What a job works with.
 pub struct Context {
     /// ferry.toml.
     pub config: Arc<Config>,
     /// How borg is run.
     pub borg: Borg,
-    /// Where progress and results go.
-    pub reporter: Reporter,
+    /// Where its progress and result go.
+    pub reports: Reports,
+}
+
+/// Where a job's reports go: a channel to the service loop, which applies
+/// them to the [`crate::domain`] state and emits what follows. A job never
+/// reaches into the bus, so it runs, and is tested, without one; sending
+/// never waits, and the loop applies the reports in the order sent.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    drive: String,
+    to: mpsc::UnboundedSender<(String, Report)>,
+}
+
+impl Reports {
+    /// Reports of `drive`'s job, sent to `to`.
+    pub fn new(drive: &str, to: mpsc::UnboundedSender<(String, Report)>) -> Reports {
+        Reports {
+            drive: drive.to_string(),
+            to,
+        }
+    }
+
+    /// Sends a report (lost only when the service is gone).
+    pub fn send(&self, report: Report) {
+        let _ = self.to.send((self.drive.clone(), report));
+    }
+
+    /// Copying `repository` begins.
+    pub fn started(&self, repository: &str, done: u64, total: u64) {
+        self.send(Report::Started {
+            repository: repository.to_string(),
+            done,
+            total,
+        });
+    }
+
+    /// Bytes copied so far.
+    pub fn progress(&self, done: u64, total: u64) {
+        self.send(Report::Progress { done, total });
+    }
+
+    /// The job entered `phase` on `repository`.
+    pub fn phase(&self, repository: &str, phase: Phase, detail: String) {
+        self.send(Report::Phase {
+            repository: repository.to_string(),
+            phase,
+            detail,
+        });
+    }
 }
 
 /// Runs the job to its end and reports it.
@@ -321,15 +374,7 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
                 spec.drive,
                 summary.bytes
             );
-            context
-                .reporter
-                .finished(
-                    &spec.drive,
-                    summary,
-                    seconds,
-                    context.config.sync.scrub_period_days,
-                )
-                .await;
+            context.reports.send(Report::Finished { summary, seconds });
         }
         Err(failure) => {
             tracing::warn!(
@@ -338,7 +383,7 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
                 failure.stage.as_str(),
                 failure.message
             );
-            context.reporter.failed(&spec.drive, &failure).await;
+            context.reports.send(Report::Failed(failure));
         }
     }
 }
@@ -450,17 +495,14 @@ async fn sync_drive(
     let prepared = prepare(spec, context, layouts, &trust, stop, held).await?;
     let total = check_space(&copies, &prepared, context.config.sync.reserve_mib)?;
 
-    let previous = context.reporter.archives(&spec.drive);
+    let previous = &spec.archives;
     let mut summary = Summary {
         read: scrubbed.bytes,
         ..Summary::default()
     };
     let mut done_before = 0;
     for mut item in prepared {
-        context
-            .reporter
-            .started(&spec.drive, &item.name, done_before, total)
-            .await;
+        context.reports.started(&item.name, done_before, total);
         let known = previous.get(&item.name).filter(|a| !a.is_empty());
         let archive = match (item.plan.unchanged, known) {
             (true, Some(archive)) => {
@@ -469,9 +511,8 @@ async fn sync_drive(
             }
             (true, None) => {
                 context
-                    .reporter
-                    .phase(&spec.drive, &item.name, Phase::Verify, String::new())
-                    .await;
+                    .reports
+                    .phase(&item.name, Phase::Verify, String::new());
                 inspect(
                     context,
                     &item.layout,
@@ -483,7 +524,6 @@ async fn sync_drive(
             }
             (false, _) => {
                 let copied = copy_one(
-                    spec,
                     context,
                     &mut item,
                     done_before,
@@ -611,10 +651,7 @@ async fn scrub_drive(
         .first()
         .map(|(n, _)| n.as_str())
         .unwrap_or_default();
-    context
-        .reporter
-        .phase(&spec.drive, first, Phase::Scrub, String::new())
-        .await;
+    context.reports.phase(first, Phase::Scrub, String::new());
     let budget = verify::Budget::of(&context.config.sync);
     let names: Vec<String> = spec.repositories.iter().map(|(n, _)| n.clone()).collect();
     let (layouts, path) = (layouts.to_vec(), record_path.to_path_buf());
@@ -652,8 +689,7 @@ async fn scrub_drive(
         );
         Ok::<_, WalkError>((record, scrubbed))
     });
-    let (record, scrubbed) = match with_progress(context, &spec.drive, 0, 0, work, &progress).await
-    {
+    let (record, scrubbed) = match with_progress(context, 0, 0, work, &progress).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => return Err(Failure::on_drive(Stage::Verify, e)),
         Err(e) => return Err(Failure::new(Stage::Verify, format!("internal error: {e}"))),
@@ -682,7 +718,6 @@ async fn scrub_drive(
 /// at most every [`PROGRESS_INTERVAL`].
 async fn with_progress<T>(
     context: &Context,
-    drive: &str,
     done_before: u64,
     total: u64,
     work: tokio::task::JoinHandle<T>,
@@ -699,7 +734,7 @@ async fn with_progress<T>(
                 let done = done_before + progress.load(Ordering::Relaxed);
                 if done != shown {
                     shown = done;
-                    context.reporter.progress(drive, done, total).await;
+                    context.reports.progress(done, total);
                 }
             }
         }
@@ -785,25 +820,22 @@ async fn snapshot_and_plan(
 ) -> Result<(Plan, PathBuf, Listing), Failure> {
     let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
     let wait = Duration::from_secs(context.config.sync.lock_wait);
-    let reporter = &context.reporter;
-    reporter
-        .phase(&spec.drive, name, Phase::Lock, String::new())
-        .await;
+    let reports = &context.reports;
+    reports.phase(name, Phase::Lock, String::new());
     let waiting = |holder: String| {
         let detail = if holder.is_empty() {
             "another borg command holds it (borg's lock files do not say which)".to_string()
         } else {
             holder
         };
-        reporter.phase(&spec.drive, name, Phase::LockWait, detail)
+        reports.phase(name, Phase::LockWait, detail);
+        std::future::ready(())
     };
     let lock = context
         .borg
         .lock(&repository.path, wait, stop, waiting)
         .await?;
-    reporter
-        .phase(&spec.drive, name, Phase::Snapshot, String::new())
-        .await;
+    reports.phase(name, Phase::Snapshot, String::new());
     let (repo, dir) = (repository.path.to_path_buf(), snapshot_dir.clone());
     let taken = blocking(Stage::Snapshot, move || snapshot::take(&repo, &dir)).await;
     lock.release().await;
@@ -868,7 +900,6 @@ struct CopiedRepository {
 
 /// Builds, verifies and swaps in one repository's new generation.
 async fn copy_one(
-    spec: &JobSpec,
     context: &Context,
     item: &mut Prepared,
     done_before: u64,
@@ -877,14 +908,12 @@ async fn copy_one(
     record: Arc<truth::Record>,
 ) -> Result<CopiedRepository, Failure> {
     context
-        .reporter
-        .phase(&spec.drive, &item.name, Phase::Copy, String::new())
-        .await;
-    let files = build_new(spec, context, item, done_before, total, stop).await?;
+        .reports
+        .phase(&item.name, Phase::Copy, String::new());
+    let files = build_new(context, item, done_before, total, stop).await?;
     context
-        .reporter
-        .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
-        .await;
+        .reports
+        .progress(done_before + item.plan.copy_bytes, total);
     {
         let (name, layout) = (item.name.clone(), item.layout.clone());
         blocking(Stage::Copy, move || {
@@ -897,9 +926,8 @@ async fn copy_one(
         .await?;
     }
     context
-        .reporter
-        .phase(&spec.drive, &item.name, Phase::Verify, String::new())
-        .await;
+        .reports
+        .phase(&item.name, Phase::Verify, String::new());
     // The listing started with the snapshot and has normally finished
     // during the copy. It is awaited before the read-back, not after, so
     // that the read-back is the last look at the new copy before the swap:
@@ -914,9 +942,8 @@ async fn copy_one(
         return Err(Failure::stopped(reason));
     }
     context
-        .reporter
-        .phase(&spec.drive, &item.name, Phase::Swap, String::new())
-        .await;
+        .reports
+        .phase(&item.name, Phase::Swap, String::new());
     let layout = item.layout.clone();
     blocking(Stage::Swap, move || {
         generation::swap(&layout).map_err(|e| {
@@ -937,7 +964,6 @@ async fn copy_one(
 /// Builds `item`'s new generation on the blocking pool, with progress;
 /// returns the files copied and their hashes.
 async fn build_new(
-    spec: &JobSpec,
     context: &Context,
     item: &Prepared,
     done_before: u64,
@@ -960,7 +986,7 @@ async fn build_new(
             })
         })
     };
-    let built = with_progress(context, &spec.drive, done_before, total, build, &progress).await;
+    let built = with_progress(context, done_before, total, build, &progress).await;
     match built {
         Ok(Ok(files)) => Ok(files),
         Ok(Err(BuildError::Stopped)) => Err(Failure::stopped(
@@ -1062,4 +1088,81 @@ async fn inspect(
     let mirrored = layout.clone();
     on_drive(Stage::Verify, move || generation::remove_mirror(&mirrored)).await?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job of drive `a` (mounted, by ferry.toml, at `mountpoint`) and
+    /// the receiving end of its reports: no bus anywhere.
+    fn job(
+        mountpoint: &std::path::Path,
+    ) -> (
+        JobSpec,
+        Arc<Context>,
+        mpsc::UnboundedReceiver<(String, Report)>,
+    ) {
+        let text = format!(
+            "[drives.a]\nuuid = \"1b2c\"\nmountpoint = \"{}\"\nrepositories = [\"nas\"]\n\n[repositories.nas]\npath = \"/srv/borg/nas\"\n",
+            mountpoint.display()
+        );
+        let config = Config::parse(&text, std::path::Path::new("ferry.toml")).expect("config");
+        let spec = JobSpec::of(&config, "a").expect("drive a");
+        let (to, reports) = mpsc::unbounded_channel();
+        let context = Context {
+            borg: Borg::new(&config.borg),
+            config: Arc::new(config),
+            reports: Reports::new("a", to),
+        };
+        (spec, Arc::new(context), reports)
+    }
+
+    fn sent(reports: &mut mpsc::UnboundedReceiver<(String, Report)>) -> Vec<Report> {
+        let mut all = Vec::new();
+        while let Ok((drive, report)) = reports.try_recv() {
+            assert_eq!(drive, "a");
+            all.push(report);
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_drive_that_is_not_mounted_fails_and_says_so() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (spec, context, mut reports) = job(&dir.path().join("mnt"));
+        let (_stop_tx, stop) = Stop::new();
+        run(spec, context, stop).await;
+        let all = sent(&mut reports);
+        assert_eq!(all.len(), 1, "{all:?}");
+        let Report::Failed(failure) = &all[0] else {
+            panic!("not a failure: {all:?}");
+        };
+        assert_eq!(failure.stage, Stage::Copy);
+        assert!(
+            failure.message.contains("nothing is mounted at")
+                && failure.message.contains("open the drive first"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_asked_for_says_why_the_job_stopped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (spec, context, mut reports) = job(dir.path());
+        let (stop_tx, stop) = Stop::new();
+        stop_tx.send_replace(Some(StopReason::Removed));
+        run(spec, context, stop).await;
+        let all = sent(&mut reports);
+        let Some(Report::Failed(failure)) = all.last() else {
+            panic!("no failure: {all:?}");
+        };
+        assert_eq!(failure.stage, Stage::Removed);
+        assert!(
+            failure.message.contains("plug it in again"),
+            "{}",
+            failure.message
+        );
+    }
 }

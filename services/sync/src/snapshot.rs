@@ -385,7 +385,9 @@ mod tests {
     fn a_directory_without_an_index_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         touch(&dir.path().join("config"));
-        let message = committed_files(dir.path()).expect_err("no index").to_string();
+        let message = committed_files(dir.path())
+            .expect_err("no index")
+            .to_string();
         assert!(message.contains("borg check"), "{message}");
     }
 }

@@ -678,7 +678,7 @@ impl FileScrub<'_> {
         use std::io::{Seek, SeekFrom};
         let size = self.candidate.size;
         let mut offset = self.known.scrub_offset.min(size);
-        if offset % self.block_size != 0 {
+        if !offset.is_multiple_of(self.block_size) {
             offset = 0;
         }
         if offset == 0 {
