@@ -678,10 +678,12 @@ fn live_children(pid: u32) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// ferry-sync SIGKILLed while its lock helper waits for borg's lock (held
-/// by `borg with-lock`, as a long backup would): the helper dies with it
-/// at once instead of taking the lock behind the restarted ferry-sync's
-/// back, and the next sync completes.
+/// ferry-sync SIGKILLed while a borg of its own runs: it waits (natively,
+/// no child) for borg's lock held by `borg with-lock`, as behind a long
+/// backup, then starts `borg list` of its snapshot; killed then, that borg
+/// dies with it at once instead of outliving it, nothing of the killed
+/// sync is left (its lock, if it held it, is stale to the next one), and
+/// the next sync completes.
 async fn a_killed_ferry_sync_takes_its_children_with_it() {
     if !borg_ready() {
         return;
