@@ -4,14 +4,16 @@
 //! `spawn_blocking`), never inside a method call. In order: re-read borg's
 //! metadata files and the scrub's slice of the drive ([`crate::verify`]),
 //! so what is found damaged is copied afresh below; for each repository
-//! take borg's lock, hard-link a snapshot, let go of the lock
-//! and plan the new generation against the current one; check the drive's
-//! free space for all of them at once; then for each repository build the
-//! new generation (hashing what it copies), make it durable, read what it
-//! copied back from the drive, and swap it in. Whatever
-//! happens, the snapshots are removed and (unless the drive is gone) the
-//! half-built generations too, before the job reports SyncFinished or
-//! SyncFailed.
+//! whose committed state the drive lacks take borg's lock, hard-link a
+//! snapshot, let go of the lock, start `borg list` of the snapshot beside
+//! what follows, and plan the new generation against the current one;
+//! check the drive's free space for all of them at once; then for each
+//! repository build the new generation (hashing what it copies), make it
+//! durable, read what it copied back from the drive, and swap it in.
+//! Whatever happens, the snapshots are removed and (unless the drive is
+//! gone) the half-built generations too, before the job reports that it
+//! finished or failed. It reports through [`Reports`], a channel to the
+//! service loop: nothing here touches the bus.
 
 use std::collections::BTreeMap;
 use std::io;
