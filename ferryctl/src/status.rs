@@ -14,8 +14,8 @@ use ferry_interfaces::led::LedProxy;
 use ferry_interfaces::notifier::NotifierProxy;
 use ferry_interfaces::sync::SyncProxy;
 use ferry_interfaces::{
-    BackupJob, BackupResult, CryptDrive, DriveHealth, Failure, HealthDecision, HealthVerdict,
-    ScheduleEntry, SyncJob, SyncRecord, WatchedDrive,
+    BackupJob, BackupResult, CryptDrive, DriveHealth, DriveVerification, Failure, HealthDecision,
+    HealthVerdict, ScheduleEntry, SyncJob, SyncRecord, WatchedDrive,
 };
 use serde::Serialize;
 use zbus::proxy::CacheProperties;
@@ -46,6 +46,8 @@ pub struct DriveStatus {
     pub crypt: Option<CryptDrive>,
     pub running: Option<SyncJob>,
     pub last_sync: Option<SyncRecord>,
+    /// ferry-sync's Verification entry: read-back, scrub, repairs, overdue.
+    pub verification: Option<DriveVerification>,
     pub failures: Vec<Failure>,
     /// ferry-crypt's latest SMART reading (Crypt1.Health).
     pub health: Option<DriveHealth>,
@@ -116,7 +118,7 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
         .await,
     )
     .unwrap_or_default();
-    let (running, syncs, sync_failures) = answer(
+    let (running, syncs, sync_failures, verifications) = answer(
         &mut unreachable,
         "org.ferry.Sync1",
         async {
@@ -125,6 +127,7 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
                 p.running().await?,
                 p.last_syncs().await?,
                 p.last_failures().await?,
+                p.verification().await?,
             ))
         }
         .await,
@@ -188,6 +191,7 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
             crypt: crypt_drives.iter().find(|d| d.name == name).cloned(),
             running: running.iter().find(|j| j.drive == name).cloned(),
             last_sync: syncs.iter().find(|s| s.drive == name).cloned(),
+            verification: verifications.iter().find(|v| v.drive == name).cloned(),
             health: health.iter().find(|h| h.drive == name).cloned(),
             failures: crypt_failures
                 .iter()
@@ -209,6 +213,38 @@ pub async fn gather(conn: &Connection, now: u64) -> Status {
         })
         .collect();
     status
+}
+
+/// ferry-sync's verification of a drive in a sentence: since when every
+/// byte on it was read back intact, what the last sync re-read and
+/// repaired, and (in capitals, with what to do) an overdue scrub.
+fn verification_words(now: u64, v: &DriveVerification) -> String {
+    let mut text = if v.verified_since > 0 {
+        format!(
+            "every byte read back intact since {}",
+            words::ago(now, v.verified_since)
+        )
+    } else {
+        "not every byte read back yet".to_string()
+    };
+    text.push_str(&format!(
+        " ({} of {} re-read by the last sync)",
+        words::bytes(v.read),
+        words::bytes(v.total)
+    ));
+    if v.repaired > 0 {
+        text.push_str(&format!(
+            ", repaired {} damaged file{}",
+            v.repaired,
+            if v.repaired == 1 { "" } else { "s" }
+        ));
+    }
+    if v.overdue {
+        text.push_str(
+            "; SCRUB OVERDUE: not fully re-read within [sync] scrub-period-days: raise scrub-seconds or plug it in more often",
+        );
+    }
+    text
 }
 
 /// What one service answered, or (noted in `unreachable`) nothing.
@@ -338,6 +374,9 @@ pub fn render(status: &Status) -> String {
                     ""
                 ));
             }
+        }
+        if let Some(v) = &drive.verification {
+            line(format!("  {:<14} {}", "", verification_words(now, v)));
         }
         if let Some(h) = &drive.health {
             line(format!("  {:<14} {}", "", health_words(now, h)));
@@ -496,6 +535,15 @@ mod tests {
                         archive: "nas-2026".into(),
                         free: 200 * 1024 * 1024 * 1024,
                     }),
+                    verification: Some(DriveVerification {
+                        drive: "offsite-a".into(),
+                        time: now - 3 * 86_400,
+                        verified_since: now - 40 * 86_400,
+                        read: 64 << 20,
+                        total: 2 << 30,
+                        repaired: 1,
+                        overdue: true,
+                    }),
                     failures: vec![],
                     health: Some(DriveHealth {
                         drive: "offsite-a".into(),
@@ -558,6 +606,7 @@ mod tests {
             "offsite-b      attachment unknown",
             "STALE: not synced within 2 days",
             "never synced",
+            "every byte read back intact since 40 days ago (64 MiB of 2.0 GiB re-read by the last sync), repaired 1 damaged file; SCRUB OVERDUE",
             "FAILED at identity 2 hours ago: no token",
             "HEALTH DEGRADED (SMART overall health passed, 3 reallocated sectors), read 2 minutes ago: used anyway",
             "nas            last run 5 hours ago",

@@ -502,8 +502,9 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
         .sum();
 
     let uuid = random_uuid();
-    // cp, rsync and ferry's two generations, with room to spare.
-    let mut image = drive_image(&bench.work, mib * 5 + 2048, &uuid);
+    // At most two contenders' copies at once (each round starts empty),
+    // the incremental's new files, ferry's new generation: 2.5× with room.
+    let mut image = drive_image(&bench.work, mib * 5 / 2 + 2048, &uuid);
     let device = image.attach();
     std::fs::create_dir_all(&bench.mountpoint).expect("mountpoint");
     run(
@@ -512,38 +513,25 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
     );
 
     let bus = TestBus::start();
-    let config = bench.work.join("ferry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state-directory = \"{}\"\n[sync]\nscrub-seconds = 0\nscrub-mib = {}\n[drives.bench]\nuuid = \"{uuid}\"\nmountpoint = \"{}\"\nrepositories = [\"repo\"]\n[repositories.repo]\npath = \"{}\"\n",
-            bench.state.display(),
-            args.scrub_mib,
-            bench.mountpoint.display(),
-            bench.repo.display()
-        ),
-    )
-    .expect("config");
-    let conn = bus.connect().await;
-    let signals = SignalRecorder::new(&conn).await;
-    let service = bus.spawn(
-        binary.to_str().expect("utf-8"),
-        &["--config", config.to_str().expect("utf-8")],
-        &[("RUST_LOG", "info")],
-    );
-    service
-        .wait_for_name(&conn, sync::BUS_NAME, Duration::from_secs(20))
-        .await;
-    let proxy = zbus::proxy::Builder::<SyncProxy>::new(&conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .expect("proxy");
-    let ferry = Ferry {
-        signals,
-        proxy,
-        pid: service.pid(),
+    // The scrub slice per sync: --scrub-mib; for a full scrub in the last
+    // measurement, more than the drive holds.
+    let config_with = |scrub_mib: u64| {
+        let config = bench.work.join(format!("ferry-{scrub_mib}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "state-directory = \"{}\"\n[sync]\nscrub-seconds = 0\nscrub-mib = {}\n[drives.bench]\nuuid = \"{uuid}\"\nmountpoint = \"{}\"\nrepositories = [\"repo\"]\n[repositories.repo]\npath = \"{}\"\n",
+                bench.state.display(),
+                scrub_mib,
+                bench.mountpoint.display(),
+                bench.repo.display()
+            ),
+        )
+        .expect("config");
+        config
     };
+    let conn = bus.connect().await;
+    let (ferry, service) = start_ferry(&bus, &conn, binary, &config_with(args.scrub_mib)).await;
     println!(
         "repository {:.2} GiB, +{:.0} MiB in {} new files; drive: ext4 on {device} (allocated, nodiscard, no lazy init); {} rounds, interleaved",
         bytes_a as f64 / 1073741824.0,
@@ -559,24 +547,93 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
         initial_round(&bench, &ferry, round, gb_a, &mut f).await;
         incremental_round(&bench, &ferry, &added, round, gb_new, &mut f).await;
     }
+    let log = service.log();
+    drop(service);
     println!(
         "\n  (seconds unless named; median (min–max) of {} rounds)",
         args.rounds
     );
     f.print();
-    let _ = bytes_b;
-    if std::env::var_os("BENCH_SYNC_LOG").is_some() {
-        println!("\n----- ferry-sync log -----\n{}", service.log());
+    let mut f = Figures::default();
+    // A full scrub: the copy ferry-sync holds (state B) re-read whole by a
+    // sync with nothing to do and no scrub limit, after the first such
+    // sync (which reads the files the rounds' syncs did not).
+    let (ferry, service) = start_ferry(&bus, &conn, binary, &config_with(mib * 100)).await;
+    ferry.sync().await;
+    for _ in 0..args.rounds.min(3) {
+        let run = ferry.sync().await;
+        let read = ferry
+            .proxy
+            .verification()
+            .await
+            .expect("Verification")
+            .into_iter()
+            .find(|v| v.drive == "bench")
+            .map(|v| v.read)
+            .unwrap_or(0);
+        f.add(
+            "full scrub: bytes re-read (GiB)",
+            read as f64 / 1073741824.0,
+        );
+        f.add(
+            "full scrub: nothing to do, whole drive re-read",
+            run.total.wall,
+        );
+        f.add(
+            "full scrub: MiB/s",
+            read as f64 / 1048576.0 / run.total.wall.max(1e-9),
+        );
     }
     drop(service);
+    println!(
+        "\n  (a full scrub: median (min–max) of {} syncs)",
+        args.rounds.min(3)
+    );
+    f.print();
+    let _ = bytes_b;
+    if std::env::var_os("BENCH_SYNC_LOG").is_some() {
+        println!("\n----- ferry-sync log -----\n{log}");
+    }
     run("umount", &[bench.mountpoint.as_os_str()]);
     drop(image);
+}
+
+/// ferry-sync with `config` on the bench's bus, and the bench's handle on it.
+async fn start_ferry(
+    bus: &TestBus,
+    conn: &zbus::Connection,
+    binary: &Path,
+    config: &Path,
+) -> (Ferry, ferry_integration_tests::ServiceProcess) {
+    let signals = SignalRecorder::new(conn).await;
+    let service = bus.spawn(
+        binary.to_str().expect("utf-8"),
+        &["--config", config.to_str().expect("utf-8")],
+        &[("RUST_LOG", "info")],
+    );
+    service
+        .wait_for_name(conn, sync::BUS_NAME, Duration::from_secs(20))
+        .await;
+    let proxy = zbus::proxy::Builder::<SyncProxy>::new(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("proxy");
+    let ferry = Ferry {
+        signals,
+        proxy,
+        pid: service.pid(),
+    };
+    (ferry, service)
 }
 
 /// Initial copies of state A by cp, rsync and ferry, in an order that
 /// rotates with the round.
 async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &mut Figures) {
     set_repository(&bench.state_a, &bench.repo);
+    // The previous round's copies gone: the drive holds one copy at a time.
+    remove(&bench.mountpoint.join("rsync"));
+    bench.forget_ferry();
     let (mut cp, mut cp_read, mut rsync, mut run_) = (None, None, None, None);
     for turn in 0..3 {
         match (turn + round) % 3 {
@@ -625,7 +682,7 @@ async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &
         ferry.copy.wall,
     );
     f.add(
-        "initial: ferry-sync verify phase (read-back, borg list)",
+        "initial: ferry-sync verify phase (read-back, rest of borg list)",
         ferry.verify,
     );
     f.add("initial: ferry-sync end to end", ferry.total.wall);
@@ -656,7 +713,7 @@ async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &
         gb * 1e9 / 1048576.0 / cp_read.wall,
     );
     f.add(
-        "read-back MiB/s: ferry verify phase (incl. borg list)",
+        "read-back MiB/s: ferry verify phase",
         gb * 1e9 / 1048576.0 / ferry.verify.max(1e-9),
     );
 }

@@ -678,10 +678,12 @@ fn live_children(pid: u32) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// ferry-sync SIGKILLed while its lock helper waits for borg's lock (held
-/// by `borg with-lock`, as a long backup would): the helper dies with it
-/// at once instead of taking the lock behind the restarted ferry-sync's
-/// back, and the next sync completes.
+/// ferry-sync SIGKILLed while a borg of its own runs: it waits (natively,
+/// no child) for borg's lock held by `borg with-lock`, as behind a long
+/// backup, then starts `borg list` of its snapshot; killed then, that borg
+/// dies with it at once instead of outliving it, nothing of the killed
+/// sync is left (its lock, if it held it, is stale to the next one), and
+/// the next sync completes.
 async fn a_killed_ferry_sync_takes_its_children_with_it() {
     if !borg_ready() {
         return;
@@ -1214,13 +1216,15 @@ async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
     assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1"]);
 }
 
-/// A borg that, when told to (a file names the repository and the drive's
-/// image), damages one repository's new copy on the device just before
-/// ferry-sync reads it back: when ferry-sync runs `borg list` on the new
-/// copy's mirror it flips a byte of the biggest segment copied by this sync
-/// (two links: the new generation and the mirror; one linked forward has
-/// three) in the loop device's image file, under the drive's page cache,
-/// which still holds what was written. It is the real borg otherwise.
+/// A borg that, when told to (a file names the repository, the drive's
+/// image and the new generation's directory), damages one repository's
+/// new copy on the device just before ferry-sync reads it back: when
+/// ferry-sync runs `borg list` on that repository's snapshot (beside the
+/// copy; ferry-sync waits for it before the read-back), it waits until the
+/// new generation holds every file of the snapshot at full size, makes it
+/// durable, and flips a byte of the biggest segment copied by this sync
+/// (one link; one linked forward has two) in the loop device's image file,
+/// under the drive's page cache. It is the real borg otherwise.
 fn corrupting_borg(dir: &Path) -> (PathBuf, PathBuf) {
     let real = String::from_utf8(
         Command::new("sh")
@@ -1244,12 +1248,24 @@ fn corrupting_borg(dir: &Path) -> (PathBuf, PathBuf) {
              \x20   fcntl.ioctl(fd, 0xC020660B, buf)\n\
              \x20   os.close(fd)\n\
              \x20   return struct.unpack_from('=QQQ', buf, 32)[1]\n\
+             def complete(snap, new):\n\
+             \x20   for d, _, fs in os.walk(snap):\n\
+             \x20       for f in fs:\n\
+             \x20           there = os.path.join(new, os.path.relpath(os.path.join(d, f), snap))\n\
+             \x20           if not os.path.exists(there) or os.path.getsize(there) != os.path.getsize(os.path.join(d, f)):\n\
+             \x20               return False\n\
+             \x20   return True\n\
              if sys.argv[1:2] == ['list'] and os.path.exists(flag):\n\
-             \x20   repo, image = open(flag).read().split()\n\
-             \x20   target = [a for a in sys.argv if a.endswith('.' + repo + '.verify')]\n\
+             \x20   repo, image, new = open(flag).read().split()\n\
+             \x20   target = [a for a in sys.argv if os.path.basename(a).startswith('.' + repo + '.ferry-snapshot.')]\n\
              \x20   if target:\n\
-             \x20       segs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(target[0], 'data')) for f in fs]\n\
-             \x20       segs = [p for p in segs if os.stat(p).st_nlink == 2]\n\
+             \x20       import time\n\
+             \x20       until = time.monotonic() + 120\n\
+             \x20       while not complete(target[0], new) and time.monotonic() < until:\n\
+             \x20           time.sleep(0.01)\n\
+             \x20       os.sync()\n\
+             \x20       segs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(new, 'data')) for f in fs]\n\
+             \x20       segs = [p for p in segs if os.stat(p).st_nlink == 1]\n\
              \x20       biggest = max(segs, key=os.path.getsize)\n\
              \x20       at = physical(biggest) + 100\n\
              \x20       with open(image, 'r+b') as f:\n\
@@ -1326,7 +1342,14 @@ async fn the_failure_message_says_which_copy_the_drive_holds() {
     // After the swap of nas, photos fails at verify.
     rig.add_archive(&NAS, "nas-2", 5, 3000);
     rig.add_archive(&PHOTOS, "photos-2", 5, 3000);
-    std::fs::write(&flag, format!("photos {image}")).expect("flag");
+    let new_of = |repo: &str| {
+        let new = rig
+            .drive("offsite-a")
+            .copy(repo)
+            .with_file_name(format!(".{repo}.new"));
+        new.display().to_string()
+    };
+    std::fs::write(&flag, format!("photos {image} {}", new_of("photos"))).expect("flag");
     let from = rig.signals.len();
     rig.drive_opened("offsite-a").await;
     let failed = rig.result(from, "offsite-a").await;
@@ -1347,7 +1370,7 @@ async fn the_failure_message_says_which_copy_the_drive_holds() {
 
     // Before any swap: nas fails at verify; both are the previous copies.
     rig.add_archive(&NAS, "nas-3", 5, 3000);
-    std::fs::write(&flag, format!("nas {image}")).expect("flag");
+    std::fs::write(&flag, format!("nas {image} {}", new_of("nas"))).expect("flag");
     let from = rig.signals.len();
     rig.drive_opened("offsite-a").await;
     let failed = rig.result(from, "offsite-a").await;

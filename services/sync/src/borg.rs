@@ -1,65 +1,24 @@
-//! borg, as ferry-sync uses it: its lock, held for an instant, and
-//! listings of a copy that never touch borg's records of the real
-//! repository. (borg does not check the copies: see [`crate::verify`].)
-//!
-//! The lock is taken by borg's own locking code (`borg.locking.Lock`, run
-//! by borg's Python interpreter), exactly as `borg create` takes it, and is
-//! held by a helper process until ferry-sync closes the helper's stdin, or
-//! dies: either way the helper releases the lock itself. `borg with-lock`
-//! is not used because it commits a transaction of its own to the
-//! repository; ferry-sync never writes to the source.
+//! borg, as ferry-sync uses it: its lock, held for an instant (taken
+//! natively, see [`crate::lock`]), and listings that never touch borg's
+//! records of the real repository. (borg does not check the copies: see
+//! [`crate::verify`].)
 //!
 //! Every borg run gets a throwaway `BORG_BASE_DIR` (a copy must not enter
-//! borg's security and cache records) and `BORG_HOST_ID`, so that a lock
-//! left by a killed helper is recognised as stale by borg on this machine.
+//! borg's security and cache records) and `BORG_HOST_ID`, the same host id
+//! ferry-sync's own lock carries, so that a lock left by a killed borg or
+//! a killed ferry-sync is recognised as stale by the other on this machine.
 //! Passphrases reach borg only through `BORG_PASSPHRASE_FD` (a file) or
 //! `BORG_PASSCOMMAND`, never through argv or a log line.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use ferry_config::{BorgSettings, Repository};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::Command;
 
 use crate::job::{Failure, Stage, Stop};
-
-/// How long a helper gets to let go of the lock and exit.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Takes borg's exclusive lock with borg's own code, waiting up to
-/// argv[2] seconds (in short rounds so a stop is noticed), prints
-/// `waiting` once when the first short try finds it held, `locked` when it
-/// has it, and holds the lock until stdin closes. SIGTERM releases too.
-const LOCK_SCRIPT: &str = r#"
-import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
-from borg.logger import setup_logging
-# borg's locking code logs (e.g. "Killed stale lock" after a killed
-# helper); without setup_logging that raises instead of logging.
-setup_logging(stream=sys.stderr, level="warning")
-from borg.locking import Lock, LockTimeout
-path, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
-round = 0.1
-while True:
-    try:
-        lock = Lock(path + "/lock", exclusive=True, timeout=round, sleep=0.05).acquire()
-        break
-    except LockTimeout:
-        if round < 1.0:
-            print("waiting", flush=True)
-            round = 1.0
-        if time.monotonic() >= deadline:
-            print("timeout", flush=True)
-            sys.exit(2)
-try:
-    print("locked", flush=True)
-    sys.stdin.read()
-finally:
-    lock.release()
-"#;
+use crate::lock::{self, Attempt, HeldLock, LockerId};
 
 /// How ferry-sync runs borg.
 #[derive(Debug, Clone)]
@@ -68,38 +27,35 @@ pub struct Borg {
     host_id: String,
 }
 
-/// borg's lock on a repository, held by a helper process. Released by
-/// [`RepoLock::release`], or when dropped (the helper sees its stdin close).
+/// borg's lock on a repository, held by ferry-sync. Released by
+/// [`RepoLock::release`], or (on the blocking pool) when dropped.
 pub struct RepoLock {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    held: Option<HeldLock>,
 }
 
 impl RepoLock {
-    /// Lets go of the lock and waits for the helper to exit.
+    /// Lets go of the lock.
     pub async fn release(mut self) {
-        drop(self.stdin.take());
-        if tokio::time::timeout(RELEASE_TIMEOUT, self.child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("the borg lock helper did not exit; terminating it");
-            terminate(&mut self.child).await;
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let repo = held.repo().to_path_buf();
+        match tokio::task::spawn_blocking(move || held.release_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot release borg's lock on {}: {e}", repo.display()),
+            Err(e) => tracing::error!("releasing borg's lock on {} failed: {e}", repo.display()),
         }
     }
 }
 
-/// SIGTERM (the helper releases what it holds), then SIGKILL after a while.
-async fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        // SAFETY: the pid is our unreaped child.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    }
-    if tokio::time::timeout(RELEASE_TIMEOUT, child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(held))),
+                Err(_) => drop(held),
+            }
+        }
     }
 }
 
@@ -200,31 +156,9 @@ impl Borg {
         command
     }
 
-    /// The Python interpreter borg runs on (from its `#!` line).
-    fn interpreter(&self) -> Result<(PathBuf, Vec<String>), String> {
-        let not_python = || {
-            format!(
-                "{} is not borg's Python script, so borg's own locking code cannot be used; install the distribution's borgbackup package",
-                self.program.display()
-            )
-        };
-        let text = std::fs::read(&self.program)
-            .map_err(|e| format!("cannot read {}: {e}", self.program.display()))?;
-        let first = text.split(|b| *b == b'\n').next().unwrap_or_default();
-        let line = String::from_utf8_lossy(first);
-        let shebang = line.strip_prefix("#!").ok_or_else(not_python)?;
-        let mut words = shebang.split_whitespace().map(str::to_string);
-        let program = words.next().ok_or_else(not_python)?;
-        if !program.contains("python") && !program.ends_with("/env") {
-            return Err(not_python());
-        }
-        Ok((PathBuf::from(program), words.collect()))
-    }
-
-    /// Takes borg's exclusive lock on `repo`, waiting up to `wait` while a
-    /// backup holds it.
-    /// `waiting` is called once, with who holds the lock (from borg's lock
-    /// files, or empty), when the lock is found held.
+    /// Takes borg's exclusive lock on `repo`, waiting up to `wait` while
+    /// another holds it. `waiting` is called once, with who holds the
+    /// lock (from borg's lock files, or empty), when the lock is found held.
     pub async fn lock<F, W>(
         &self,
         repo: &Path,
@@ -236,91 +170,72 @@ impl Borg {
         W: FnMut(String) -> F,
         F: std::future::Future<Output = ()>,
     {
-        let failed = |message: String| Failure::new(Stage::Lock, message);
-        let (python, args) = self.interpreter().map_err(failed)?;
-        let base =
-            tempfile::tempdir().map_err(|e| failed(format!("cannot make a temp dir: {e}")))?;
-        let mut command = self.command(&python, base.path());
-        command
-            .args(args)
-            .arg("-c")
-            .arg(LOCK_SCRIPT)
-            .arg(repo)
-            .arg(wait.as_secs().to_string())
-            .stdin(Stdio::piped())
-            .kill_on_drop(false);
-        let mut child = command
-            .spawn()
-            .map_err(|e| failed(format!("cannot run {}: {e}", python.display())))?;
-        let stdin = child.stdin.take();
-        let Some(stdout) = child.stdout.take() else {
-            return Err(failed("the lock helper has no stdout".into()));
-        };
-        let mut lines = BufReader::new(stdout).lines();
-        let line = loop {
-            let line = tokio::select! {
-                line = lines.next_line() => line,
-                reason = stop.wait() => {
-                    terminate(&mut child).await;
-                    return Err(Failure::stopped(reason));
+        let deadline = tokio::time::Instant::now() + wait;
+        let id = LockerId::this_process(&self.host_id);
+        let mut told = false;
+        loop {
+            let (at, me) = (repo.to_path_buf(), id.clone());
+            let attempt = tokio::task::spawn_blocking(move || lock::try_lock(&at, &me))
+                .await
+                .map_err(|e| Failure::new(Stage::Lock, format!("internal error: {e}")))?;
+            match attempt {
+                Ok(Attempt::Locked(held)) => return Ok(RepoLock { held: Some(held) }),
+                Err(e) => {
+                    return Err(Failure::new(
+                        Stage::Lock,
+                        format!(
+                            "{e}; ferry-sync needs to write borg's lock files there, as borg does"
+                        ),
+                    ))
                 }
-            };
-            match line {
-                Ok(Some(line)) if line == "waiting" => {
-                    let at = repo.to_path_buf();
-                    let holder = tokio::task::spawn_blocking(move || lock_holder(&at))
-                        .await
-                        .unwrap_or_default();
-                    waiting(holder).await;
-                }
-                other => break other,
+                Ok(Attempt::Held) => {}
             }
-        };
-        match line {
-            Ok(Some(line)) if line == "locked" => Ok(RepoLock { child, stdin }),
-            Ok(Some(line)) if line == "timeout" => {
-                let _ = child.wait().await;
-                Err(failed(format!(
-                    "borg's lock on {} was not free within {} s: a backup or another borg command holds it; sync again when it is done, or raise lock-wait in [sync]",
-                    repo.display(),
-                    wait.as_secs()
-                )))
+            if !told {
+                told = true;
+                let at = repo.to_path_buf();
+                let holder = tokio::task::spawn_blocking(move || lock_holder(&at))
+                    .await
+                    .unwrap_or_default();
+                waiting(holder).await;
             }
-            _ => {
-                drop(stdin);
-                let output = tokio::time::timeout(RELEASE_TIMEOUT, child.wait_with_output()).await;
-                let detail = match output {
-                    Ok(Ok(output)) => tail(&output.stderr),
-                    _ => "the helper did not say why".into(),
-                };
-                Err(failed(format!(
-                    "cannot take borg's lock on {}: {detail}",
-                    repo.display()
-                )))
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Failure::new(
+                    Stage::Lock,
+                    format!(
+                        "borg's lock on {} was not free within {} s: a backup or another borg command holds it; sync again when it is done, or raise lock-wait in [sync]",
+                        repo.display(),
+                        wait.as_secs()
+                    ),
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(lock::RETRY) => {}
+                reason = stop.wait() => return Err(Failure::stopped(reason)),
             }
         }
     }
 
-    /// Runs borg with `args` on a copy; its output, or why it failed.
+    /// Runs borg with `args` on `repo`; its output, or why it failed. A
+    /// dropped run kills its borg.
     async fn run(
         &self,
         args: &[&str],
         repo: &Path,
         passphrase: Passphrase,
         stop: &mut Stop,
-    ) -> Result<Result<String, String>, Failure> {
+    ) -> Result<Result<String, BorgError>, Failure> {
         let base = tempfile::tempdir()
             .map_err(|e| Failure::new(Stage::Verify, format!("cannot make a temp dir: {e}")))?;
         let mut command = self.command(&self.program, base.path());
-        command.args(args).arg(repo);
+        command.args(args).arg(repo).kill_on_drop(true);
         let _keep_open = passphrase.apply(&mut command);
         let child = match command.spawn() {
             Ok(child) => child,
-            Err(e) => {
-                return Ok(Err(format!(
-                    "cannot run {}: {e} (apt-get install borgbackup)",
-                    self.program.display()
-                )))
+            Err(source) => {
+                return Ok(Err(BorgError::Spawn {
+                    program: self.program.clone(),
+                    source,
+                }))
             }
         };
         tokio::select! {
@@ -328,16 +243,22 @@ impl Borg {
                 Ok(output) if output.status.success() => {
                     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
                 }
-                Ok(output) => Err(format!("{} ({})", tail(&output.stderr), output.status)),
-                Err(e) => Err(e.to_string()),
+                Ok(output) => Err(BorgError::Failed {
+                    said: tail(&output.stderr),
+                    status: output.status,
+                }),
+                Err(e) => Err(BorgError::Wait(e)),
             }),
             reason = stop.wait() => Err(Failure::stopped(reason)),
         }
     }
 
-    /// The newest archive in a copy, or "" when it cannot be listed (an
+    /// The newest archive in a repository (a copy's mirror, or the
+    /// snapshot the copy is made from), or "" when it cannot be listed (an
     /// encrypted repository without a passphrase in ferry.toml, a wrong
     /// passphrase): the copy is still good, so this is only logged.
+    /// `--bypass-lock`: what is listed is ferry's own hard links, which
+    /// nobody else opens, so borg writes no lock files into them.
     pub async fn newest_archive(
         &self,
         repo: &Path,
@@ -353,7 +274,14 @@ impl Borg {
         };
         let listed = self
             .run(
-                &["list", "--last", "1", "--format", "{archive}{NL}"],
+                &[
+                    "list",
+                    "--bypass-lock",
+                    "--last",
+                    "1",
+                    "--format",
+                    "{archive}{NL}",
+                ],
                 repo,
                 passphrase,
                 stop,
@@ -361,16 +289,73 @@ impl Borg {
             .await?;
         Ok(match listed {
             Ok(text) => text.lines().last().unwrap_or_default().trim().to_string(),
-            Err(detail) => {
+            Err(e) => {
                 tracing::warn!(
-                    "cannot list the archives of the copy {} (without a passphrase-file or passcommand an encrypted repository cannot be listed): {detail}",
+                    "cannot list the archives of {} (without a passphrase-file or passcommand an encrypted repository cannot be listed): {e}",
                     repo.display()
                 );
                 String::new()
             }
         })
     }
+
+    /// Starts listing the newest archive of `repo` beside whatever the job
+    /// does next (see [`Listing`]).
+    pub fn list_newest(&self, repo: PathBuf, repository: Repository, stop: Stop) -> Listing {
+        let borg = self.clone();
+        Listing(tokio::spawn(async move {
+            let mut stop = stop;
+            borg.newest_archive(&repo, &repository, &mut stop).await
+        }))
+    }
 }
+
+/// `borg list --last 1` running in the background, so that borg's
+/// start-up (0.3–1 s of Python) overlaps the copy and the read-back
+/// instead of following them. Dropped unfinished, it is aborted and its
+/// borg killed.
+pub struct Listing(tokio::task::JoinHandle<Result<String, Failure>>);
+
+impl Listing {
+    /// The newest archive's name (see [`Borg::newest_archive`]).
+    pub async fn archive(mut self) -> Result<String, Failure> {
+        match (&mut self.0).await {
+            Ok(result) => result,
+            Err(e) => Err(Failure::new(Stage::Verify, format!("internal error: {e}"))),
+        }
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a borg command did not give its answer.
+#[derive(Debug, thiserror::Error)]
+enum BorgError {
+    /// borg could not be started.
+    #[error("cannot run {}: {source} (apt-get install borgbackup)", program.display())]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    /// borg ran and failed.
+    #[error("{said} ({status})")]
+    Failed {
+        said: String,
+        status: std::process::ExitStatus,
+    },
+    /// Waiting for borg failed.
+    #[error("cannot wait for borg: {0}")]
+    Wait(std::io::Error),
+}
+
+/// A passphrase file that cannot be opened, as ferry-config says why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SecretError(String);
 
 /// How borg gets a repository's passphrase.
 enum Passphrase {
@@ -384,10 +369,11 @@ enum Passphrase {
 }
 
 impl Passphrase {
-    fn of(repository: &Repository) -> Result<Passphrase, String> {
+    fn of(repository: &Repository) -> Result<Passphrase, SecretError> {
         if let Some(path) = &repository.passphrase_file {
             return ferry_config::paths::open_secret(path, "the passphrase file")
-                .map(Passphrase::File);
+                .map(Passphrase::File)
+                .map_err(SecretError);
         }
         if let Some(command) = &repository.passcommand {
             return Ok(Passphrase::Command(command.clone()));

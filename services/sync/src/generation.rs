@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ferry_service::confined::{layout_or_io, Confined, Kind, Limits, Meta, WalkError};
 
 use crate::snapshot::Entry;
-use crate::verify::{self, Digest, Hasher};
+use crate::verify::{self, Hashed, Hasher};
 
 /// How much is copied between two looks at the stop flag and progress.
 const CHUNK: usize = 8 << 20;
@@ -283,7 +283,7 @@ fn io_error(what: &str, path: &Path, e: io::Error) -> BuildError {
 
 /// The files a build copied (not linked), each with the hash of the bytes
 /// written.
-pub type Copied = BTreeMap<PathBuf, Digest>;
+pub type Copied = BTreeMap<PathBuf, Hashed>;
 
 /// Builds the new generation in `layout.new` from the plan and makes it
 /// durable (syncfs). `progress` counts copied bytes; `stopped` is asked
@@ -346,7 +346,7 @@ fn copy_file(
     progress: &AtomicU64,
     stopped: &dyn Fn() -> bool,
     buffer: &mut Vec<u8>,
-) -> Result<Digest, BuildError> {
+) -> Result<Hashed, BuildError> {
     let target = new.display(&entry.rel);
     let mut input = File::open(source).map_err(|e| io_error("cannot open", source, e))?;
     // SAFETY: advice on a descriptor we own.
@@ -390,7 +390,7 @@ fn copy_file(
     }
     Confined::set_times(&output, entry.mtime)
         .map_err(|e| io_error("cannot set the times of", &target, e))?;
-    Ok(hasher.digest())
+    Ok(hasher.finish())
 }
 
 /// Mirrors a generation into `layout.verify` as hard links (directories

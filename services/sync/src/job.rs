@@ -4,14 +4,16 @@
 //! `spawn_blocking`), never inside a method call. In order: re-read borg's
 //! metadata files and the scrub's slice of the drive ([`crate::verify`]),
 //! so what is found damaged is copied afresh below; for each repository
-//! take borg's lock, hard-link a snapshot, let go of the lock
-//! and plan the new generation against the current one; check the drive's
-//! free space for all of them at once; then for each repository build the
-//! new generation (hashing what it copies), make it durable, read what it
-//! copied back from the drive, and swap it in. Whatever
-//! happens, the snapshots are removed and (unless the drive is gone) the
-//! half-built generations too, before the job reports SyncFinished or
-//! SyncFailed.
+//! whose committed state the drive lacks take borg's lock, hard-link a
+//! snapshot, let go of the lock, start `borg list` of the snapshot beside
+//! what follows, and plan the new generation against the current one;
+//! check the drive's free space for all of them at once; then for each
+//! repository build the new generation (hashing what it copies), make it
+//! durable, read what it copied back from the drive, and swap it in.
+//! Whatever happens, the snapshots are removed and (unless the drive is
+//! gone) the half-built generations too, before the job reports that it
+//! finished or failed. It reports through [`Reports`], a channel to the
+//! service loop: nothing here touches the bus.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -21,15 +23,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_config::{Config, Repository};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::borg::Borg;
+use crate::borg::{Borg, Listing};
+use crate::domain::Report;
 use crate::generation::{self, BuildError, Generation, Layout, Plan};
 use crate::mounts;
 use crate::snapshot::{self, Snapshot};
 use crate::truth;
 use crate::verify::{self, DriveRecord};
-use crate::Reporter;
 use ferry_service::confined::{Confined, WalkError};
 use ferry_service::unix_now;
 
@@ -90,7 +92,8 @@ pub enum Phase {
     Scrub,
     /// Building the new copy on the drive.
     Copy,
-    /// Reading the new files back from the drive, borg opening the copy.
+    /// Reading the new files back from the drive (and waiting for borg to
+    /// name the newest archive, listed beside the copy).
     Verify,
     /// Putting the new copy in place.
     Swap,
@@ -209,6 +212,10 @@ pub struct JobSpec {
     pub mountpoint: PathBuf,
     /// The repositories assigned to it, in ferry.toml's order.
     pub repositories: Vec<(String, Repository)>,
+    /// The newest archive per repository on the drive's copies, as the
+    /// ledger knows them: a repository with nothing new reports it
+    /// without asking borg.
+    pub archives: BTreeMap<String, String>,
 }
 
 impl JobSpec {
@@ -228,6 +235,7 @@ impl JobSpec {
             drive: drive.to_string(),
             mountpoint: settings.mountpoint(name),
             repositories,
+            archives: BTreeMap::new(),
         })
     }
 }
@@ -278,14 +286,62 @@ impl Held {
     }
 }
 
-/// Shared by every job.
+/// What a job works with.
 pub struct Context {
     /// ferry.toml.
     pub config: Arc<Config>,
     /// How borg is run.
     pub borg: Borg,
-    /// Where progress and results go.
-    pub reporter: Reporter,
+    /// Where its progress and result go.
+    pub reports: Reports,
+}
+
+/// Where a job's reports go: a channel to the service loop, which applies
+/// them to the [`crate::domain`] state and emits what follows. A job never
+/// reaches into the bus, so it runs, and is tested, without one; sending
+/// never waits, and the loop applies the reports in the order sent.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    drive: String,
+    to: mpsc::UnboundedSender<(String, Report)>,
+}
+
+impl Reports {
+    /// Reports of `drive`'s job, sent to `to`.
+    pub fn new(drive: &str, to: mpsc::UnboundedSender<(String, Report)>) -> Reports {
+        Reports {
+            drive: drive.to_string(),
+            to,
+        }
+    }
+
+    /// Sends a report (lost only when the service is gone).
+    pub fn send(&self, report: Report) {
+        let _ = self.to.send((self.drive.clone(), report));
+    }
+
+    /// Copying `repository` begins.
+    pub fn started(&self, repository: &str, done: u64, total: u64) {
+        self.send(Report::Started {
+            repository: repository.to_string(),
+            done,
+            total,
+        });
+    }
+
+    /// Bytes copied so far.
+    pub fn progress(&self, done: u64, total: u64) {
+        self.send(Report::Progress { done, total });
+    }
+
+    /// The job entered `phase` on `repository`.
+    pub fn phase(&self, repository: &str, phase: Phase, detail: String) {
+        self.send(Report::Phase {
+            repository: repository.to_string(),
+            phase,
+            detail,
+        });
+    }
 }
 
 /// Runs the job to its end and reports it.
@@ -320,15 +376,7 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
                 spec.drive,
                 summary.bytes
             );
-            context
-                .reporter
-                .finished(
-                    &spec.drive,
-                    summary,
-                    seconds,
-                    context.config.sync.scrub_period_days,
-                )
-                .await;
+            context.reports.send(Report::Finished { summary, seconds });
         }
         Err(failure) => {
             tracing::warn!(
@@ -337,7 +385,7 @@ pub async fn run(spec: JobSpec, context: Arc<Context>, mut stop: Stop) {
                 failure.stage.as_str(),
                 failure.message
             );
-            context.reporter.failed(&spec.drive, &failure).await;
+            context.reports.send(Report::Failed(failure));
         }
     }
 }
@@ -377,13 +425,31 @@ async fn look_at_drive(spec: &JobSpec, context: &Context, record: Arc<truth::Rec
     })
 }
 
-/// Runs `work` on the blocking pool; an error becomes a failure of `stage`.
-async fn blocking<T: Send + 'static>(
+/// A generation on the drive that cannot be looked at.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot look at {} on the drive: {source}", path.display())]
+struct Unreadable {
+    path: PathBuf,
+    source: io::Error,
+}
+
+impl Unreadable {
+    fn on_drive(path: &std::path::Path, source: io::Error) -> Unreadable {
+        Unreadable {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool; an error becomes a failure of
+/// `stage`, saying what the error says.
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     stage: Stage,
-    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Failure> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(|m| Failure::new(stage, m)),
+        Ok(result) => result.map_err(|e| Failure::new(stage, e.to_string())),
         Err(e) => Err(Failure::new(stage, format!("internal error: {e}"))),
     }
 }
@@ -408,6 +474,8 @@ struct Prepared {
     plan: Arc<Plan>,
     /// None when the drive already has the committed state.
     snapshot_dir: Option<PathBuf>,
+    /// The snapshot's newest archive, being listed beside the copy.
+    listing: Option<Listing>,
 }
 
 async fn sync_drive(
@@ -429,17 +497,14 @@ async fn sync_drive(
     let prepared = prepare(spec, context, layouts, &trust, stop, held).await?;
     let total = check_space(&copies, &prepared, context.config.sync.reserve_mib)?;
 
-    let previous = context.reporter.archives(&spec.drive);
+    let previous = &spec.archives;
     let mut summary = Summary {
         read: scrubbed.bytes,
         ..Summary::default()
     };
     let mut done_before = 0;
-    for item in prepared {
-        context
-            .reporter
-            .started(&spec.drive, &item.name, done_before, total)
-            .await;
+    for mut item in prepared {
+        context.reports.started(&item.name, done_before, total);
         let known = previous.get(&item.name).filter(|a| !a.is_empty());
         let archive = match (item.plan.unchanged, known) {
             (true, Some(archive)) => {
@@ -448,9 +513,8 @@ async fn sync_drive(
             }
             (true, None) => {
                 context
-                    .reporter
-                    .phase(&spec.drive, &item.name, Phase::Verify, String::new())
-                    .await;
+                    .reports
+                    .phase(&item.name, Phase::Verify, String::new());
                 inspect(
                     context,
                     &item.layout,
@@ -462,9 +526,8 @@ async fn sync_drive(
             }
             (false, _) => {
                 let copied = copy_one(
-                    spec,
                     context,
-                    &item,
+                    &mut item,
                     done_before,
                     total,
                     stop,
@@ -483,15 +546,12 @@ async fn sync_drive(
         summary.archives.insert(item.name.clone(), archive);
         // This repository is done: let go of its snapshot now.
         if let Some(dir) = item.snapshot_dir.clone() {
-            let _ = blocking(Stage::Copy, move || {
-                snapshot::remove_tree(&dir).map_err(|e| e.to_string())
-            })
-            .await;
+            let _ = blocking(Stage::Copy, move || snapshot::remove_tree(&dir)).await;
         }
     }
     finish_record(spec, record, &record_path, &mut summary).await?;
     summary.bytes = done_before;
-    summary.free = free_bytes(&copies).unwrap_or(0);
+    summary.free = copies.free_bytes().unwrap_or(0);
     Ok(summary)
 }
 
@@ -561,15 +621,12 @@ async fn open_drive(
     let looked = layouts.clone();
     blocking(Stage::Copy, move || {
         for ((name, _), layout) in names.iter().zip(&looked) {
-            let id = layout.identity(Generation::Current).map_err(|e| {
-                format!(
-                    "cannot look at {} on the drive: {e}",
-                    layout.current.display()
-                )
-            })?;
+            let id = layout
+                .identity(Generation::Current)
+                .map_err(|e| Unreadable::on_drive(&layout.current, e))?;
             record.previous(name, id);
         }
-        Ok(())
+        Ok::<_, Unreadable>(())
     })
     .await?;
     Ok((copies, layouts))
@@ -578,10 +635,7 @@ async fn open_drive(
 /// Writes the verification record on the blocking pool.
 async fn save_record(record: &DriveRecord, path: &std::path::Path) -> Result<(), Failure> {
     let (record, path) = (record.clone(), path.to_path_buf());
-    blocking(Stage::Verify, move || {
-        record.save(&path).map_err(|e| e.to_string())
-    })
-    .await
+    blocking(Stage::Verify, move || record.save(&path)).await
 }
 
 /// The scrub of one sync: loads the drive's record, re-reads borg's
@@ -599,10 +653,7 @@ async fn scrub_drive(
         .first()
         .map(|(n, _)| n.as_str())
         .unwrap_or_default();
-    context
-        .reporter
-        .phase(&spec.drive, first, Phase::Scrub, String::new())
-        .await;
+    context.reports.phase(first, Phase::Scrub, String::new());
     let budget = verify::Budget::of(&context.config.sync);
     let names: Vec<String> = spec.repositories.iter().map(|(n, _)| n.clone()).collect();
     let (layouts, path) = (layouts.to_vec(), record_path.to_path_buf());
@@ -640,8 +691,7 @@ async fn scrub_drive(
         );
         Ok::<_, WalkError>((record, scrubbed))
     });
-    let (record, scrubbed) = match with_progress(context, &spec.drive, 0, 0, work, &progress).await
-    {
+    let (record, scrubbed) = match with_progress(context, 0, 0, work, &progress).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => return Err(Failure::on_drive(Stage::Verify, e)),
         Err(e) => return Err(Failure::new(Stage::Verify, format!("internal error: {e}"))),
@@ -670,7 +720,6 @@ async fn scrub_drive(
 /// at most every [`PROGRESS_INTERVAL`].
 async fn with_progress<T>(
     context: &Context,
-    drive: &str,
     done_before: u64,
     total: u64,
     work: tokio::task::JoinHandle<T>,
@@ -687,7 +736,7 @@ async fn with_progress<T>(
                 let done = done_before + progress.load(Ordering::Relaxed);
                 if done != shown {
                     shown = done;
-                    context.reporter.progress(drive, done, total).await;
+                    context.reports.progress(done, total);
                 }
             }
         }
@@ -732,10 +781,11 @@ async fn prepare(
                 layout,
                 plan: Arc::new(plan),
                 snapshot_dir: None,
+                listing: None,
             });
             continue;
         }
-        let (plan, snapshot_dir) =
+        let (plan, snapshot_dir, listing) =
             snapshot_and_plan(spec, context, name, repository, &layout, trust, stop, held).await?;
         tracing::debug!(
             "{}: {name} has {} new, changed or distrusted files",
@@ -748,13 +798,17 @@ async fn prepare(
             layout,
             plan: Arc::new(plan),
             snapshot_dir: Some(snapshot_dir),
+            listing: Some(listing),
         });
     }
     Ok(prepared)
 }
 
 /// Takes borg's lock on `repository`, hard-links the snapshot, lets go of
-/// the lock and plans the new generation against the current one.
+/// the lock, starts listing the snapshot's newest archive (borg's start-up
+/// then overlaps the copy; the read-back proves the copy holds the
+/// snapshot's bytes, so the name is the copy's) and plans the new
+/// generation against the current one.
 #[allow(clippy::too_many_arguments)]
 async fn snapshot_and_plan(
     spec: &JobSpec,
@@ -765,28 +819,25 @@ async fn snapshot_and_plan(
     trust: &Arc<DriveRecord>,
     stop: &mut Stop,
     held: &mut Held,
-) -> Result<(Plan, PathBuf), Failure> {
+) -> Result<(Plan, PathBuf, Listing), Failure> {
     let snapshot_dir = snapshot::location(&repository.path, &spec.drive);
     let wait = Duration::from_secs(context.config.sync.lock_wait);
-    let reporter = &context.reporter;
-    reporter
-        .phase(&spec.drive, name, Phase::Lock, String::new())
-        .await;
+    let reports = &context.reports;
+    reports.phase(name, Phase::Lock, String::new());
     let waiting = |holder: String| {
         let detail = if holder.is_empty() {
             "another borg command holds it (borg's lock files do not say which)".to_string()
         } else {
             holder
         };
-        reporter.phase(&spec.drive, name, Phase::LockWait, detail)
+        reports.phase(name, Phase::LockWait, detail);
+        std::future::ready(())
     };
     let lock = context
         .borg
         .lock(&repository.path, wait, stop, waiting)
         .await?;
-    reporter
-        .phase(&spec.drive, name, Phase::Snapshot, String::new())
-        .await;
+    reports.phase(name, Phase::Snapshot, String::new());
     let (repo, dir) = (repository.path.to_path_buf(), snapshot_dir.clone());
     let taken = blocking(Stage::Snapshot, move || snapshot::take(&repo, &dir)).await;
     lock.release().await;
@@ -798,12 +849,15 @@ async fn snapshot_and_plan(
     );
     let entries = snapshot.entries.clone();
     held.snapshots.push(snapshot);
+    let listing = context
+        .borg
+        .list_newest(snapshot_dir.clone(), repository.clone(), stop.clone());
     let (plan_layout, trusted, repo_name) = (layout.clone(), trust.clone(), name.to_string());
     let plan = on_drive(Stage::Snapshot, move || {
         generation::plan(&entries, &plan_layout, &|e| trusted.trusted(&repo_name, e))
     })
     .await?;
-    Ok((plan, snapshot_dir))
+    Ok((plan, snapshot_dir, listing))
 }
 
 /// The drive's free space against what the plans copy, before anything is
@@ -815,7 +869,12 @@ fn check_space(copies: &Confined, prepared: &[Prepared], reserve_mib: u64) -> Re
         .map(|p| p.plan.copy_files * 4096 + p.plan.items.len() as u64 * 256)
         .sum();
     let need = total + blocks + reserve_mib * MIB;
-    let free = free_bytes(copies).map_err(|e| Failure::new(Stage::Space, e))?;
+    let free = copies.free_bytes().map_err(|e| {
+        Failure::new(
+            Stage::Space,
+            format!("cannot tell the drive's free space: {e}"),
+        )
+    })?;
     if need > free {
         return Err(Failure::new(
             Stage::Space,
@@ -831,11 +890,6 @@ fn check_space(copies: &Confined, prepared: &[Prepared], reserve_mib: u64) -> Re
 
 const MIB: u64 = 1024 * 1024;
 
-/// Free bytes for an unprivileged writer... and root (f_bavail).
-fn free_bytes(copies: &ferry_service::confined::Confined) -> Result<u64, String> {
-    copies.free_bytes().map_err(|e| e.to_string())
-}
-
 /// What one repository's new generation brought.
 struct CopiedRepository {
     /// Its newest archive.
@@ -848,54 +902,50 @@ struct CopiedRepository {
 
 /// Builds, verifies and swaps in one repository's new generation.
 async fn copy_one(
-    spec: &JobSpec,
     context: &Context,
-    item: &Prepared,
+    item: &mut Prepared,
     done_before: u64,
     total: u64,
     stop: &mut Stop,
     record: Arc<truth::Record>,
 ) -> Result<CopiedRepository, Failure> {
     context
-        .reporter
-        .phase(&spec.drive, &item.name, Phase::Copy, String::new())
-        .await;
-    let files = build_new(spec, context, item, done_before, total, stop).await?;
+        .reports
+        .phase(&item.name, Phase::Copy, String::new());
+    let files = build_new(context, item, done_before, total, stop).await?;
     context
-        .reporter
-        .progress(&spec.drive, done_before + item.plan.copy_bytes, total)
-        .await;
+        .reports
+        .progress(done_before + item.plan.copy_bytes, total);
     {
         let (name, layout) = (item.name.clone(), item.layout.clone());
         blocking(Stage::Copy, move || {
             let id = layout
                 .identity(Generation::New)
-                .map_err(|e| format!("cannot look at {}: {e}", layout.new.display()))?;
+                .map_err(|e| Unreadable::on_drive(&layout.new, e))?;
             record.new_generation(&name, id);
-            Ok(())
+            Ok::<_, Unreadable>(())
         })
         .await?;
     }
     context
-        .reporter
-        .phase(&spec.drive, &item.name, Phase::Verify, String::new())
-        .await;
-    let archive = inspect(
-        context,
-        &item.layout,
-        &item.repository,
-        Generation::New,
-        stop,
-    )
-    .await?;
+        .reports
+        .phase(&item.name, Phase::Verify, String::new());
+    // The listing started with the snapshot and has normally finished
+    // during the copy. It is awaited before the read-back, not after, so
+    // that the read-back is the last look at the new copy before the swap:
+    // nothing the job waits for comes between reading it and putting it in
+    // place (a test's borg damages the copy at exactly this point).
+    let archive = match item.listing.take() {
+        Some(listing) => listing.archive().await?,
+        None => String::new(),
+    };
     let (read, files) = read_back_new(&item.layout, files, stop).await?;
     if let Some(reason) = stop.reason() {
         return Err(Failure::stopped(reason));
     }
     context
-        .reporter
-        .phase(&spec.drive, &item.name, Phase::Swap, String::new())
-        .await;
+        .reports
+        .phase(&item.name, Phase::Swap, String::new());
     let layout = item.layout.clone();
     blocking(Stage::Swap, move || {
         generation::swap(&layout).map_err(|e| {
@@ -916,7 +966,6 @@ async fn copy_one(
 /// Builds `item`'s new generation on the blocking pool, with progress;
 /// returns the files copied and their hashes.
 async fn build_new(
-    spec: &JobSpec,
     context: &Context,
     item: &Prepared,
     done_before: u64,
@@ -939,7 +988,7 @@ async fn build_new(
             })
         })
     };
-    let built = with_progress(context, &spec.drive, done_before, total, build, &progress).await;
+    let built = with_progress(context, done_before, total, build, &progress).await;
     match built {
         Ok(Ok(files)) => Ok(files),
         Ok(Err(BuildError::Stopped)) => Err(Failure::stopped(
@@ -968,14 +1017,14 @@ async fn read_back_new(
         let mut buffer = Vec::new();
         let mut read = 0;
         let mut differ = Vec::new();
-        for (rel, digest) in files.iter() {
+        for (rel, hashed) in files.iter() {
             let mut file = layout
                 .open_file(Generation::New, rel)
                 .map_err(verify::ReadError::Io)?;
             match verify::read_back(&mut file, &mut buffer, &|| stopper.reason().is_some()) {
                 Ok((found, n)) => {
                     read += n;
-                    if found != *digest {
+                    if found != hashed.digest {
                         differ.push(rel.display().to_string());
                     }
                 }
@@ -1041,4 +1090,81 @@ async fn inspect(
     let mirrored = layout.clone();
     on_drive(Stage::Verify, move || generation::remove_mirror(&mirrored)).await?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job of drive `a` (mounted, by ferry.toml, at `mountpoint`) and
+    /// the receiving end of its reports: no bus anywhere.
+    fn job(
+        mountpoint: &std::path::Path,
+    ) -> (
+        JobSpec,
+        Arc<Context>,
+        mpsc::UnboundedReceiver<(String, Report)>,
+    ) {
+        let text = format!(
+            "[drives.a]\nuuid = \"1b2c\"\nmountpoint = \"{}\"\nrepositories = [\"nas\"]\n\n[repositories.nas]\npath = \"/srv/borg/nas\"\n",
+            mountpoint.display()
+        );
+        let config = Config::parse(&text, std::path::Path::new("ferry.toml")).expect("config");
+        let spec = JobSpec::of(&config, "a").expect("drive a");
+        let (to, reports) = mpsc::unbounded_channel();
+        let context = Context {
+            borg: Borg::new(&config.borg),
+            config: Arc::new(config),
+            reports: Reports::new("a", to),
+        };
+        (spec, Arc::new(context), reports)
+    }
+
+    fn sent(reports: &mut mpsc::UnboundedReceiver<(String, Report)>) -> Vec<Report> {
+        let mut all = Vec::new();
+        while let Ok((drive, report)) = reports.try_recv() {
+            assert_eq!(drive, "a");
+            all.push(report);
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_drive_that_is_not_mounted_fails_and_says_so() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (spec, context, mut reports) = job(&dir.path().join("mnt"));
+        let (_stop_tx, stop) = Stop::new();
+        run(spec, context, stop).await;
+        let all = sent(&mut reports);
+        assert_eq!(all.len(), 1, "{all:?}");
+        let Report::Failed(failure) = &all[0] else {
+            panic!("not a failure: {all:?}");
+        };
+        assert_eq!(failure.stage, Stage::Copy);
+        assert!(
+            failure.message.contains("nothing is mounted at")
+                && failure.message.contains("open the drive first"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_asked_for_says_why_the_job_stopped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (spec, context, mut reports) = job(dir.path());
+        let (stop_tx, stop) = Stop::new();
+        stop_tx.send_replace(Some(StopReason::Removed));
+        run(spec, context, stop).await;
+        let all = sent(&mut reports);
+        let Some(Report::Failed(failure)) = all.last() else {
+            panic!("no failure: {all:?}");
+        };
+        assert_eq!(failure.stage, Stage::Removed);
+        assert!(
+            failure.message.contains("plug it in again"),
+            "{}",
+            failure.message
+        );
+    }
 }

@@ -62,37 +62,15 @@ impl Ledger {
     }
 }
 
-/// Reads the JSON file `path` (`what` it is, for the log): None when it is
-/// missing or unreadable, and when it does not parse, after moving it
-/// aside (never deleting it) with a warning saying where it went.
+/// Reads the JSON file `path` (`what` it is, for the log) with the house
+/// policy for durable state (`ferry_service::durable::load_or_move_aside`):
+/// None when it is missing or unreadable, and when it does not parse,
+/// after moving it aside (never deleting it) with a warning saying where
+/// it went.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Option<T> {
-    let text = match std::fs::read(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            tracing::warn!(
-                "cannot read {what} {}: {e}; starting afresh",
-                path.display()
-            );
-            return None;
-        }
-    };
-    match serde_json::from_slice(&text) {
-        Ok(value) => Some(value),
-        Err(e) => {
-            let aside = path.with_extension(format!("json.bad-{}", ferry_service::unix_now()));
-            let moved = std::fs::rename(path, &aside);
-            tracing::warn!(
-                "{what} {} does not parse ({e}); {} and starting afresh",
-                path.display(),
-                match moved {
-                    Ok(()) => format!("moved it to {}", aside.display()),
-                    Err(e) => format!("could not move it aside ({e})"),
-                }
-            );
-            None
-        }
-    }
+    ferry_service::durable::load_or_move_aside(path, what, |bytes| {
+        serde_json::from_slice::<T>(bytes)
+    })
 }
 
 #[cfg(test)]

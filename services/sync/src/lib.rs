@@ -13,14 +13,21 @@
 //! the drive watcher) and Cancel stop a job within moments. Per drive the
 //! last success and the last failure are kept in the [`ledger`].
 //!
-//! The interface object is thin: methods check the caller and the
-//! arguments and hand the work to the service loop; the loop owns the job
-//! tasks; properties are read from shared state the jobs update directly.
+//! The shape is the house's: the rules live in a pure [`domain`] (what
+//! runs, when a request is refused, what a job's reports make of the
+//! ledger), unit-tested without a bus; this file is the adapter. The
+//! interface object is thin: methods check the caller and the arguments
+//! and hand the work to the service loop; the loop owns the job tasks and
+//! applies their [`domain::Report`]s, which jobs send over a channel (a job
+//! never touches the bus), carrying out the effects in order; properties
+//! are read from the shared [`domain::State`].
 
 pub mod borg;
+pub mod domain;
 pub mod generation;
 pub mod job;
 pub mod ledger;
+pub mod lock;
 pub mod mounts;
 pub mod snapshot;
 pub mod truth;
@@ -31,12 +38,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use domain::{Effect, Report, Signal, State};
 use ferry_config::Config;
 use ferry_interfaces::{crypt, drive_watcher, sync, Error as FerryError, Failure, SyncJob};
 use ferry_interfaces::{DriveVerification, FerrySignal, SyncRecord};
 use ferry_service::{claim_name, subscribe_signals, unix_now, ServiceError, Shutdown};
 use futures_util::StreamExt;
-use job::{Context, JobSpec, Stop, StopReason, Summary};
+use job::{Context, JobSpec, Reports, Stop, StopReason};
 use ledger::Ledger;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -47,22 +55,10 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long running jobs get to clean up when ferry-sync stops.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A running job as the loop and the properties see it.
-struct Running {
-    job: SyncJob,
-    stop: watch::Sender<Option<StopReason>>,
-}
+/// The service's state, shared by the interface (reading) and the loop.
+type SharedState = Arc<Mutex<State>>;
 
-/// State shared by the interface (reading), the loop and the jobs.
-#[derive(Default)]
-struct Shared {
-    running: BTreeMap<String, Running>,
-    ledger: Ledger,
-}
-
-type SharedState = Arc<Mutex<Shared>>;
-
-fn with<T>(shared: &SharedState, f: impl FnOnce(&mut Shared) -> T) -> T {
+fn with<T>(shared: &SharedState, f: impl FnOnce(&mut State) -> T) -> T {
     let mut guard = shared.lock().unwrap_or_else(|e| e.into_inner());
     f(&mut guard)
 }
@@ -135,9 +131,7 @@ impl SyncInterface {
     /// The running jobs: (drive, repository, done, total).
     #[zbus(property)]
     async fn running(&self) -> Vec<SyncJob> {
-        with(&self.shared, |s| {
-            s.running.values().map(|r| r.job.clone()).collect()
-        })
+        with(&self.shared, |s| s.running())
     }
 
     /// Per drive the last successful sync.
@@ -165,19 +159,8 @@ impl SyncInterface {
     /// Per drive, how well its copies are verified.
     #[zbus(property)]
     async fn verification(&self) -> Vec<DriveVerification> {
-        let period = self.config.sync.scrub_period_days;
         let now = unix_now();
-        with(&self.shared, |s| {
-            s.ledger
-                .verification
-                .values()
-                .map(|v| DriveVerification {
-                    // Overdue is a matter of time: as of now.
-                    overdue: verify::overdue(v.verified_since, now, period),
-                    ..v.clone()
-                })
-                .collect()
-        })
+        with(&self.shared, |s| s.verification(now))
     }
 
     /// Copying a repository began.
@@ -217,15 +200,12 @@ impl SyncInterface {
     ) -> zbus::Result<()>;
 }
 
-/// Where jobs report: updates the shared state first, persists the ledger,
-/// emits PropertiesChanged, then the signal, so a subscriber reacting to a
-/// signal reads properties that agree with it.
-pub struct Reporter {
+/// Carries out the domain's effects: persists the ledger, emits
+/// PropertiesChanged and the signals, in the order given.
+pub struct Effects {
     shared: SharedState,
     object: ferry_service::Served<SyncInterface>,
     ledger_path: PathBuf,
-    /// One ledger write at a time (they share a temp file name).
-    saving: tokio::sync::Mutex<()>,
 }
 
 fn warn_on_error(what: &str, result: zbus::Result<()>) {
@@ -234,87 +214,71 @@ fn warn_on_error(what: &str, result: zbus::Result<()>) {
     }
 }
 
-impl Reporter {
-    /// The newest archives recorded for `drive`'s repositories.
-    pub fn archives(&self, drive: &str) -> BTreeMap<String, String> {
-        with(&self.shared, |s| {
-            s.ledger.archives.get(drive).cloned().unwrap_or_default()
-        })
-    }
-
-    async fn running_changed(&self) {
-        let emitter = self.object.signal_emitter();
-        let result = self.object.get().await.running_changed(emitter).await;
-        warn_on_error("PropertiesChanged", result);
-    }
-
-    fn update_job(&self, drive: &str, update: impl FnOnce(&mut SyncJob)) {
-        with(&self.shared, |s| {
-            if let Some(running) = s.running.get_mut(drive) {
-                update(&mut running.job);
-            }
-        });
-    }
-
-    /// Copying `repository` begins.
-    pub async fn started(&self, drive: &str, repository: &str, done: u64, total: u64) {
-        self.update_job(drive, |job| {
-            job.repository = repository.to_string();
-            job.done = done;
-            job.total = total;
-        });
-        self.running_changed().await;
-        let emitter = self.object.signal_emitter();
-        warn_on_error(
-            "SyncStarted",
-            SyncInterface::sync_started(emitter, drive, repository).await,
-        );
-    }
-
-    /// Bytes copied so far (the job limits how often).
-    pub async fn progress(&self, drive: &str, done: u64, total: u64) {
-        let mut phase = String::new();
-        self.update_job(drive, |job| {
-            job.done = done;
-            job.total = total;
-            phase = job.phase.clone();
-        });
-        self.running_changed().await;
-        let emitter = self.object.signal_emitter();
-        warn_on_error(
-            "SyncProgress",
-            SyncInterface::sync_progress(emitter, drive, done, total, &phase).await,
-        );
-    }
-
-    /// The job of `drive` entered `phase` on `repository`; `detail` says
-    /// more (who holds borg's lock) or is empty. Logged, in Running, and
-    /// sent as SyncProgress.
-    pub async fn phase(&self, drive: &str, repository: &str, phase: job::Phase, detail: String) {
-        let name = phase.as_str();
-        if detail.is_empty() {
-            tracing::info!("{drive}: {repository}: {name}");
-        } else {
-            tracing::info!("{drive}: {repository}: {name}: {detail}");
+impl Effects {
+    async fn carry_out(&self, effects: Vec<Effect>) {
+        for effect in effects {
+            self.one(effect).await;
         }
-        let (mut done, mut total) = (0, 0);
-        self.update_job(drive, |job| {
-            job.repository = repository.to_string();
-            job.phase = name.to_string();
-            job.since = unix_now();
-            job.detail = detail.clone();
-            (done, total) = (job.done, job.total);
-        });
-        self.running_changed().await;
-        let emitter = self.object.signal_emitter();
-        warn_on_error(
-            "SyncProgress",
-            SyncInterface::sync_progress(emitter, drive, done, total, name).await,
-        );
     }
 
+    async fn one(&self, effect: Effect) {
+        let emitter = self.object.signal_emitter();
+        match effect {
+            Effect::SaveLedger => self.save().await,
+            Effect::Warn(message) => tracing::warn!("{message}"),
+            Effect::Emit(signal) => self.emit(signal).await,
+            changed => {
+                let object = self.object.get().await;
+                let result = match changed {
+                    Effect::RunningChanged => object.running_changed(emitter).await,
+                    Effect::LastSyncsChanged => object.last_syncs_changed(emitter).await,
+                    Effect::VerificationChanged => object.verification_changed(emitter).await,
+                    Effect::LastFailuresChanged => object.last_failures_changed(emitter).await,
+                    _ => object.failure_history_changed(emitter).await,
+                };
+                warn_on_error("PropertiesChanged", result);
+            }
+        }
+    }
+
+    async fn emit(&self, signal: Signal) {
+        let emitter = self.object.signal_emitter();
+        let (what, result) = match &signal {
+            Signal::Started { drive, repository } => (
+                "SyncStarted",
+                SyncInterface::sync_started(emitter, drive, repository).await,
+            ),
+            Signal::Progress {
+                drive,
+                done,
+                total,
+                phase,
+            } => (
+                "SyncProgress",
+                SyncInterface::sync_progress(emitter, drive, *done, *total, phase).await,
+            ),
+            Signal::Finished {
+                drive,
+                bytes,
+                seconds,
+            } => (
+                "SyncFinished",
+                SyncInterface::sync_finished(emitter, drive, *bytes, *seconds).await,
+            ),
+            Signal::Failed {
+                drive,
+                stage,
+                message,
+            } => (
+                "SyncFailed",
+                SyncInterface::sync_failed(emitter, drive, stage, message).await,
+            ),
+        };
+        warn_on_error(what, result);
+    }
+
+    /// Writes the ledger (the loop is the only writer: one at a time).
     async fn save(&self) {
-        let _one_at_a_time = self.saving.lock().await;
         let ledger = with(&self.shared, |s| s.ledger.clone());
         let path = self.ledger_path.clone();
         let saved = tokio::task::spawn_blocking(move || ledger.save(&path)).await;
@@ -327,128 +291,31 @@ impl Reporter {
             Err(e) => tracing::error!("writing the sync ledger failed: {e}"),
         }
     }
-
-    /// The job succeeded and its data is durable.
-    pub async fn finished(&self, drive: &str, summary: Summary, seconds: f64, period_days: u64) {
-        let newest: Vec<String> = summary
-            .archives
-            .iter()
-            .filter(|(_, archive)| !archive.is_empty())
-            .map(|(repository, archive)| format!("{repository}::{archive}"))
-            .collect();
-        let record = SyncRecord {
-            drive: drive.to_string(),
-            time: unix_now(),
-            bytes: summary.bytes,
-            seconds,
-            archive: newest.join(", "),
-            free: summary.free,
-        };
-        let now = unix_now();
-        let verification = DriveVerification {
-            drive: drive.to_string(),
-            time: now,
-            verified_since: summary.verified_since,
-            read: summary.read,
-            total: summary.total,
-            repaired: summary.repaired,
-            overdue: verify::overdue(summary.verified_since, now, period_days),
-        };
-        if verification.overdue {
-            tracing::warn!(
-                "{drive}: not every byte on the drive was re-read within the last {period_days} days ([sync] scrub-period-days); give the scrub more time per sync ([sync] scrub-seconds), or plug the drive in more often"
-            );
-        }
-        with(&self.shared, |s| {
-            s.ledger.last_syncs.insert(drive.to_string(), record);
-            s.ledger
-                .archives
-                .insert(drive.to_string(), summary.archives.clone());
-            s.ledger
-                .verification
-                .insert(drive.to_string(), verification);
-        });
-        self.save().await;
-        with(&self.shared, |s| s.running.remove(drive));
-        self.running_changed().await;
-        let emitter = self.object.signal_emitter();
-        let object = self.object.get().await;
-        warn_on_error(
-            "PropertiesChanged",
-            object.last_syncs_changed(emitter).await,
-        );
-        warn_on_error(
-            "PropertiesChanged",
-            object.verification_changed(emitter).await,
-        );
-        drop(object);
-        warn_on_error(
-            "SyncFinished",
-            SyncInterface::sync_finished(emitter, drive, summary.bytes, seconds).await,
-        );
-    }
-
-    /// The job failed; its message says what the drive holds.
-    pub async fn failed(&self, drive: &str, failure: &job::Failure) {
-        let record = Failure {
-            subject: drive.to_string(),
-            time: unix_now(),
-            stage: failure.stage.as_str().to_string(),
-            message: failure.message.clone(),
-        };
-        let event = ferry_service::history::failure_event(
-            drive,
-            failure.stage.as_str(),
-            &failure.message,
-            "",
-        );
-        with(&self.shared, |s| {
-            s.ledger.last_failures.insert(drive.to_string(), record);
-            ferry_service::history::remember(&mut s.ledger.failure_history, event);
-        });
-        self.save().await;
-        with(&self.shared, |s| s.running.remove(drive));
-        self.running_changed().await;
-        let emitter = self.object.signal_emitter();
-        let object = self.object.get().await;
-        warn_on_error(
-            "PropertiesChanged",
-            object.last_failures_changed(emitter).await,
-        );
-        warn_on_error(
-            "PropertiesChanged",
-            object.failure_history_changed(emitter).await,
-        );
-        drop(object);
-        warn_on_error(
-            "SyncFailed",
-            SyncInterface::sync_failed(emitter, drive, failure.stage.as_str(), &failure.message)
-                .await,
-        );
-    }
 }
 
 /// The loop's own state.
 struct Service {
     config: Arc<Config>,
-    context: Arc<Context>,
+    borg: borg::Borg,
     shared: SharedState,
+    effects: Effects,
+    /// Where jobs send their reports.
+    reports: mpsc::UnboundedSender<(String, Report)>,
+    /// Per running job, its stop request.
+    stops: BTreeMap<String, watch::Sender<Option<StopReason>>>,
     jobs: JoinSet<()>,
 }
 
 impl Service {
     /// Starts a job for `drive`; the error says why not.
     async fn start(&mut self, drive: &str) -> Result<(), FerryError> {
-        let Some(spec) = JobSpec::of(&self.config, drive) else {
+        let enrolled = self.config.drives.keys().map(|n| n.as_str());
+        with(&self.shared, |s| s.may_start(drive, enrolled)).map_err(|r| r.into_bus_error())?;
+        let Some(mut spec) = JobSpec::of(&self.config, drive) else {
             return Err(FerryError::UnknownDrive(format!(
                 "no drive named `{drive}` is enrolled in ferry.toml"
             )));
         };
-        if with(&self.shared, |s| s.running.contains_key(drive)) {
-            return Err(FerryError::Busy(format!(
-                "a sync of {drive} is already running; wait for SyncFinished, or call Cancel"
-            )));
-        }
         if !mounts::is_mounted(&spec.mountpoint) {
             return Err(FerryError::NotOpen(format!(
                 "{drive} is not open: nothing is mounted at {}; open it first (busctl call {} {} {} Open s {drive})",
@@ -464,38 +331,52 @@ impl Service {
             .first()
             .map(|(n, _)| n.clone())
             .unwrap_or_default();
-        with(&self.shared, |s| {
-            s.running.insert(
-                drive.to_string(),
-                Running {
-                    job: SyncJob {
-                        drive: drive.to_string(),
-                        repository: first,
-                        done: 0,
-                        total: 0,
-                        phase: job::Phase::Prepare.as_str().to_string(),
-                        since: unix_now(),
-                        detail: String::new(),
-                    },
-                    stop: stop_tx,
-                },
-            )
+        let effects = with(&self.shared, |s| {
+            spec.archives = s.archives(drive);
+            s.begin(drive, &first, unix_now())
         });
-        self.context.reporter.running_changed().await;
+        self.stops.insert(drive.to_string(), stop_tx);
+        self.effects.carry_out(effects).await;
         tracing::info!("syncing {drive} at {}", spec.mountpoint.display());
-        self.jobs.spawn(job::run(spec, self.context.clone(), stop));
+        let context = Context {
+            config: self.config.clone(),
+            borg: self.borg.clone(),
+            reports: Reports::new(drive, self.reports.clone()),
+        };
+        self.jobs.spawn(job::run(spec, Arc::new(context), stop));
         Ok(())
+    }
+
+    /// Applies a job's report and carries out what follows from it.
+    async fn report(&mut self, drive: &str, report: Report) {
+        if let Report::Phase {
+            repository,
+            phase,
+            detail,
+        } = &report
+        {
+            let name = phase.as_str();
+            match detail.is_empty() {
+                true => tracing::info!("{drive}: {repository}: {name}"),
+                false => tracing::info!("{drive}: {repository}: {name}: {detail}"),
+            }
+        }
+        if matches!(report, Report::Finished { .. } | Report::Failed(_)) {
+            self.stops.remove(drive);
+        }
+        let effects = with(&self.shared, |s| s.apply(drive, report, unix_now()));
+        self.effects.carry_out(effects).await;
     }
 
     /// Asks the job of `drive` to stop; false when none runs.
     fn stop(&self, drive: &str, reason: StopReason) -> bool {
-        with(&self.shared, |s| match s.running.get(drive) {
-            Some(running) => {
-                running.stop.send_replace(Some(reason));
+        match self.stops.get(drive) {
+            Some(stop) => {
+                stop.send_replace(Some(reason));
                 true
             }
             None => false,
-        })
+        }
     }
 
     async fn command(&mut self, command: Command) {
@@ -522,10 +403,8 @@ impl Service {
             FerrySignal::DriveOpened { drive, mountpoint } => {
                 self.drive_opened(drive, &mountpoint).await
             }
-            FerrySignal::DriveDetached { drive, .. } => {
-                if self.stop(&drive, StopReason::Removed) {
-                    tracing::warn!("{drive} was removed during its sync; stopping");
-                }
+            FerrySignal::DriveDetached { drive, .. } if self.stop(&drive, StopReason::Removed) => {
+                tracing::warn!("{drive} was removed during its sync; stopping");
             }
             _ => {}
         }
@@ -545,7 +424,7 @@ impl Service {
                     spec.mountpoint.display()
                 );
             }
-            if with(&self.shared, |s| s.running.contains_key(&drive)) {
+            if with(&self.shared, |s| s.is_running(&drive)) {
                 tracing::info!("DriveOpened for {drive}, whose sync is already running");
                 return;
             }
@@ -554,7 +433,7 @@ impl Service {
                 Err(FerryError::NotOpen(message)) => {
                     // Still answer, so the crypt manager closes the drive.
                     let failure = job::Failure::new(job::Stage::Copy, message);
-                    self.context.reporter.failed(&drive, &failure).await;
+                    self.report(&drive, Report::Failed(failure)).await;
                 }
                 Err(e) => tracing::warn!("cannot sync {drive}: {e}"),
             }
@@ -596,43 +475,12 @@ pub async fn run(
     config: Arc<Config>,
     shutdown: Shutdown,
 ) -> Result<(), ServiceError> {
-    let ledger_path = Ledger::path(&config.state_directory);
-    let ledger = {
-        let path = ledger_path.clone();
-        tokio::task::spawn_blocking(move || Ledger::load(&path))
-            .await
-            .unwrap_or_default()
-    };
-    let shared = Arc::new(Mutex::new(Shared {
-        running: BTreeMap::new(),
-        ledger,
-    }));
-    let (commands, mut requests) = mpsc::channel(8);
-    let object = ferry_service::serve(
-        &connection,
-        sync::OBJECT_PATH,
-        SyncInterface {
-            config: config.clone(),
-            commands,
-            shared: shared.clone(),
-        },
-    )
-    .await?;
-    let context = Arc::new(Context {
-        config: config.clone(),
-        borg: borg::Borg::new(&config.borg),
-        reporter: Reporter {
-            shared: shared.clone(),
-            object,
-            ledger_path,
-            saving: tokio::sync::Mutex::new(()),
-        },
-    });
-
+    let (mut service, mut requests, mut reports) = serve(&connection, config).await?;
     // Subscribe first, then look at the system and the peers.
     let mut signals =
         subscribe_signals(&connection, &[crypt::INTERFACE, drive_watcher::INTERFACE]).await?;
-    let repositories: Vec<PathBuf> = config
+    let repositories: Vec<PathBuf> = service
+        .config
         .repositories
         .values()
         .map(|r| r.path.to_path_buf())
@@ -644,13 +492,6 @@ pub async fn run(
     })
     .await;
     let resume = open_drives(&connection).await;
-
-    let mut service = Service {
-        config,
-        context,
-        shared,
-        jobs: JoinSet::new(),
-    };
     claim_name(&connection, sync::BUS_NAME, sync::OBJECT_PATH).await?;
     for drive in resume {
         if JobSpec::of(&service.config, &drive).is_some() {
@@ -672,6 +513,7 @@ pub async fn run(
                 service.signal(signal).await;
             }
             Some(command) = requests.recv() => service.command(command).await,
+            Some((drive, report)) = reports.recv() => service.report(&drive, report).await,
             Some(ended) = service.jobs.join_next(), if !service.jobs.is_empty() => {
                 if let Err(e) = ended {
                     tracing::error!("a sync job ended abnormally: {e}");
@@ -679,15 +521,87 @@ pub async fn run(
             }
         }
     }
-
-    // Stop every job; each removes what it holds and reports.
-    let drives: Vec<String> = with(&service.shared, |s| s.running.keys().cloned().collect());
-    for drive in &drives {
-        service.stop(drive, StopReason::Shutdown);
-    }
-    let all_ended = async { while service.jobs.join_next().await.is_some() {} };
-    if tokio::time::timeout(STOP_TIMEOUT, all_ended).await.is_err() {
-        tracing::error!("sync jobs did not stop within {STOP_TIMEOUT:?}");
-    }
+    service.stop_all(&mut reports).await;
     Ok(())
+}
+
+impl Service {
+    /// Stops every job; each removes what it holds and reports, and the
+    /// reports are applied as they come.
+    async fn stop_all(&mut self, reports: &mut mpsc::UnboundedReceiver<(String, Report)>) {
+        let drives: Vec<String> = self.stops.keys().cloned().collect();
+        for drive in &drives {
+            self.stop(drive, StopReason::Shutdown);
+        }
+        let all_ended = async {
+            loop {
+                let (drive, report) = tokio::select! {
+                    ended = self.jobs.join_next() => match ended {
+                        Some(_) => continue,
+                        None => break,
+                    },
+                    Some(sent) = reports.recv() => sent,
+                };
+                self.report(&drive, report).await;
+            }
+            while let Ok((drive, report)) = reports.try_recv() {
+                self.report(&drive, report).await;
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, all_ended).await.is_err() {
+            tracing::error!("sync jobs did not stop within {STOP_TIMEOUT:?}");
+        }
+    }
+}
+
+/// Loads the ledger and serves Sync1: the service, its requests and the
+/// jobs' reports.
+async fn serve(
+    connection: &zbus::Connection,
+    config: Arc<Config>,
+) -> Result<
+    (
+        Service,
+        mpsc::Receiver<Command>,
+        mpsc::UnboundedReceiver<(String, Report)>,
+    ),
+    ServiceError,
+> {
+    let ledger_path = Ledger::path(&config.state_directory);
+    let ledger = {
+        let path = ledger_path.clone();
+        tokio::task::spawn_blocking(move || Ledger::load(&path))
+            .await
+            .unwrap_or_default()
+    };
+    let shared = Arc::new(Mutex::new(State::new(
+        ledger,
+        config.sync.scrub_period_days,
+    )));
+    let (commands, requests) = mpsc::channel(8);
+    let object = ferry_service::serve(
+        connection,
+        sync::OBJECT_PATH,
+        SyncInterface {
+            config: config.clone(),
+            commands,
+            shared: shared.clone(),
+        },
+    )
+    .await?;
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let service = Service {
+        borg: borg::Borg::new(&config.borg),
+        config,
+        effects: Effects {
+            shared: shared.clone(),
+            object,
+            ledger_path,
+        },
+        shared,
+        reports: reports_tx,
+        stops: BTreeMap::new(),
+        jobs: JoinSet::new(),
+    };
+    Ok((service, requests, reports))
 }

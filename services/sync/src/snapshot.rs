@@ -117,6 +117,41 @@ pub fn remove_tree(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Why a repository's committed state cannot be read or snapshotted.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A directory of the repository cannot be listed, or a file looked at.
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// No `index.N`: not borg 1.x, or an index borg must rebuild.
+    #[error("{} has no index.N file: it is not a borg 1.x repository, or borg must rebuild its index first (run `borg check` on it)", repo.display())]
+    NoIndex { repo: PathBuf },
+    /// No `config`.
+    #[error("{} has no config file: it is not a borg repository", repo.display())]
+    NoConfig { repo: PathBuf },
+    /// What an earlier run left cannot be removed.
+    #[error("cannot remove the old snapshot {}: {source}", dir.display())]
+    RemoveOld { dir: PathBuf, source: io::Error },
+    /// The snapshot's directories cannot be made.
+    #[error("cannot create {}: {source}", path.display())]
+    Create { path: PathBuf, source: io::Error },
+    /// A file cannot be hard-linked into the snapshot.
+    #[error("cannot hard-link {} to {}: {source}{}", from.display(), to.display(), link_hint(source))]
+    Link {
+        from: PathBuf,
+        to: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn link_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EXDEV) {
+        " (the snapshot must be on the repository's filesystem)"
+    } else {
+        ""
+    }
+}
+
 /// `name` is `prefix` followed by a decimal number: that number.
 fn numbered(name: &str, prefix: &str) -> Option<u64> {
     let digits = name.strip_prefix(prefix)?;
@@ -128,9 +163,13 @@ fn numbered(name: &str, prefix: &str) -> Option<u64> {
 
 /// The files of `repo`'s committed state, relative to it, sorted. Call it
 /// with borg's lock held.
-pub fn committed_files(repo: &Path) -> Result<Vec<PathBuf>, String> {
-    let read =
-        |dir: &Path| fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()));
+pub fn committed_files(repo: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+    let read = |dir: &Path| {
+        fs::read_dir(dir).map_err(|source| SnapshotError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })
+    };
     let mut top = Vec::new();
     let mut transaction = None;
     for entry in read(repo)?.flatten() {
@@ -145,16 +184,14 @@ pub fn committed_files(repo: &Path) -> Result<Vec<PathBuf>, String> {
         top.push(name);
     }
     let Some(transaction) = transaction else {
-        return Err(format!(
-            "{} has no index.N file: it is not a borg 1.x repository, or borg must rebuild its index first (run `borg check` on it)",
-            repo.display()
-        ));
+        return Err(SnapshotError::NoIndex {
+            repo: repo.to_path_buf(),
+        });
     };
     if !top.iter().any(|n| n == "config") {
-        return Err(format!(
-            "{} has no config file: it is not a borg repository",
-            repo.display()
-        ));
+        return Err(SnapshotError::NoConfig {
+            repo: repo.to_path_buf(),
+        });
     }
     let mut files: Vec<PathBuf> = top
         .into_iter()
@@ -190,12 +227,13 @@ pub fn committed_files(repo: &Path) -> Result<Vec<PathBuf>, String> {
 /// links: enough to see that a copy already has it (a repository that
 /// changes meanwhile shows up as different, and is then snapshotted under
 /// the lock).
-pub fn observe(repo: &Path) -> Result<Vec<Entry>, String> {
+pub fn observe(repo: &Path) -> Result<Vec<Entry>, SnapshotError> {
     committed_files(repo)?
         .into_iter()
         .map(|rel| {
-            let meta = fs::symlink_metadata(repo.join(&rel))
-                .map_err(|e| format!("{}: {e}", rel.display()))?;
+            let path = repo.join(&rel);
+            let meta = fs::symlink_metadata(&path)
+                .map_err(|source| SnapshotError::Read { path, source })?;
             Ok(entry(rel, &meta))
         })
         .collect()
@@ -213,9 +251,11 @@ fn entry(rel: PathBuf, meta: &fs::Metadata) -> Entry {
 /// Hard-links `repo`'s committed state into `dir` (replacing whatever an
 /// earlier run left there). Call it with borg's lock held; it takes as long
 /// as making that many hard links.
-pub fn take(repo: &Path, dir: &Path) -> Result<Snapshot, String> {
-    remove_tree(dir)
-        .map_err(|e| format!("cannot remove the old snapshot {}: {e}", dir.display()))?;
+pub fn take(repo: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
+    remove_tree(dir).map_err(|source| SnapshotError::RemoveOld {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let files = committed_files(repo)?;
     let snapshot = Snapshot {
         dir: dir.to_path_buf(),
@@ -223,9 +263,9 @@ pub fn take(repo: &Path, dir: &Path) -> Result<Snapshot, String> {
     };
     match link_all(repo, &files, snapshot) {
         Ok(snapshot) => Ok(snapshot),
-        Err((snapshot, message)) => {
+        Err((snapshot, error)) => {
             snapshot.release();
-            Err(message)
+            Err(error)
         }
     }
 }
@@ -234,11 +274,14 @@ fn link_all(
     repo: &Path,
     files: &[PathBuf],
     mut snapshot: Snapshot,
-) -> Result<Snapshot, (Snapshot, String)> {
+) -> Result<Snapshot, (Snapshot, SnapshotError)> {
     let make_dir = |path: &Path| {
         fs::create_dir_all(path)
             .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o700)))
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))
+            .map_err(|source| SnapshotError::Create {
+                path: path.to_path_buf(),
+                source,
+            })
     };
     if let Err(e) = make_dir(&snapshot.dir) {
         return Err((snapshot, e));
@@ -255,17 +298,12 @@ fn link_all(
         match linked {
             Ok(meta) => snapshot.entries.push(entry(rel.clone(), &meta)),
             Err(e) => {
-                let hint = if e.raw_os_error() == Some(libc::EXDEV) {
-                    " (the snapshot must be on the repository's filesystem)"
-                } else {
-                    ""
+                let error = SnapshotError::Link {
+                    from: source,
+                    to: target,
+                    source: e,
                 };
-                let message = format!(
-                    "cannot hard-link {} to {}: {e}{hint}",
-                    source.display(),
-                    target.display()
-                );
-                return Err((snapshot, message));
+                return Err((snapshot, error));
             }
         }
     }
@@ -347,7 +385,9 @@ mod tests {
     fn a_directory_without_an_index_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         touch(&dir.path().join("config"));
-        let message = committed_files(dir.path()).expect_err("no index");
+        let message = committed_files(dir.path())
+            .expect_err("no index")
+            .to_string();
         assert!(message.contains("borg check"), "{message}");
     }
 }
