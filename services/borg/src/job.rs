@@ -20,6 +20,7 @@ use ferry_config::{Config, Name};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
+pub use crate::domain::{End, Event};
 use crate::plan::{interpolate, Action, Outcome, Passphrase, Plan, Scope, CHECK_KINDS};
 use crate::process::{self, Limits, Stop};
 use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
@@ -36,64 +37,6 @@ const MESSAGE_LINES: usize = 5;
 /// How many of ssh's relayed lines are kept to diagnose a failure (a
 /// changed host key takes 16).
 const REMOTE_LINES: usize = 40;
-
-/// What a running job tells the loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// The job entered a stage (waiting, hook, create, prune, compact, check).
-    Stage(&'static str),
-    /// borg create's progress.
-    Progress {
-        /// Original bytes read.
-        bytes: u64,
-        /// Files processed.
-        files: u64,
-    },
-}
-
-/// How a job ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// Every stage succeeded.
-    Finished {
-        /// The archive made.
-        archive: String,
-        /// borg create --json.
-        stats: String,
-        /// The check kinds that ran (`kind@repository` with several
-        /// repositories).
-        checks: Vec<String>,
-        /// borg's warnings when a command exited 1 (warning), each with its
-        /// stage; empty when every command exited 0.
-        warnings: Vec<String>,
-        /// With several repositories, what happened in each
-        /// (`name: archive …` or `name: skipped: …`); empty with one.
-        repositories: Vec<String>,
-    },
-    /// A stage failed, or the job was cancelled (stage "cancelled").
-    Failed {
-        /// hook, config, sources, create, prune, compact, check or cancelled.
-        stage: String,
-        /// What went wrong, in borg's or the hook's words.
-        message: String,
-    },
-    /// Not run, and that is fine.
-    Skipped {
-        /// Why.
-        reason: String,
-    },
-    /// The SSH server could not be reached (or the network is not online):
-    /// the loop makes it a skip, or a failure once past the grace
-    /// ([`crate::remote::settle_unreachable`]).
-    Unreachable {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// The stages at which borg talked to the repository's server: a failure
-/// there means the server was reachable.
-pub const REACHES_SERVER: [&str; 4] = ["create", "prune", "compact", "check"];
 
 /// One repository, one job: a per-repository async lock shared by all jobs.
 #[derive(Clone, Default)]
