@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 pub use crate::domain::{End, Event};
-use crate::plan::{interpolate, Action, Outcome, Passphrase, Plan, Scope, CHECK_KINDS};
+use crate::plan::{interpolate, Action, Outcome, Passphrase, Plan, PlanError, Scope, CHECK_KINDS};
 use crate::process::{self, Limits, Stop};
 use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
 use crate::{borgmatic, network, system};
@@ -252,24 +252,53 @@ impl Ended {
     }
 }
 
+/// Why a profile has no plan to run (stage `config`).
+#[derive(Debug, thiserror::Error)]
+pub enum PlansError {
+    /// Its borgmatic file cannot be used.
+    #[error(transparent)]
+    Borgmatic(#[from] borgmatic::Error),
+    /// Its ferry.toml profile makes no plan, or one that writes to a drive.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// It backs up to no repository.
+    #[error("profile `{0}` backs up to no repository")]
+    Empty(Name),
+}
+
 /// The plans of a profile: one, or one per repository of its borgmatic
-/// file; each refused if it would write to a drive.
-fn plans(
+/// file; each refused if it would write to a drive. Reads files (the
+/// borgmatic file, patterns_from, symlinks): call it off the runtime.
+pub fn plans(
     config: &Config,
     name: &Name,
     profile: &ferry_config::Profile,
-) -> Result<Vec<Plan>, String> {
+) -> Result<Vec<Plan>, PlansError> {
     let plans = match profile.borgmatic_config {
-        Some(_) => borgmatic::load(config, name, profile).map_err(|e| e.to_string())?,
-        None => vec![Plan::from_profile(config, name, profile)?],
+        Some(_) => borgmatic::load(config, name, profile)?,
+        None => vec![Plan::of_profile(config, name, profile)?],
     };
     for plan in &plans {
-        plan.check_not_on_a_drive(config)?;
+        plan.refuse_on_a_drive(config)?;
     }
     if plans.is_empty() {
-        return Err(format!("profile `{name}` backs up to no repository"));
+        return Err(PlansError::Empty(name.clone()));
     }
     Ok(plans)
+}
+
+/// [`plans`] off the runtime; a failure is one at stage `config`.
+async fn plans_off_runtime(
+    config: Arc<Config>,
+    name: Name,
+    profile: ferry_config::Profile,
+) -> Result<Vec<Plan>, Fail> {
+    let planned = tokio::task::spawn_blocking(move || plans(&config, &name, &profile)).await;
+    match planned {
+        Ok(Ok(plans)) => Ok(plans),
+        Ok(Err(e)) => Err(Fail::new("config", e.to_string())),
+        Err(e) => Err(Fail::new("config", format!("the plan was not made: {e}"))),
+    }
 }
 
 /// What one borg run produced.
@@ -280,40 +309,14 @@ struct BorgOutput {
 impl Job {
     /// Runs the job to its end.
     pub async fn run(mut self) -> End {
-        let profile_name = self.profile.clone();
-        let Some(profile) = self.config.profiles.get(&profile_name).cloned() else {
-            return End::Failed {
-                stage: "config".into(),
-                message: format!("profile `{profile_name}` is no longer configured"),
-            };
-        };
-        self.stage("waiting").await;
-        let pre = &profile.preconditions;
-        if let Some(reason) = system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power) {
-            return End::Skipped { reason };
-        }
-        if pre.network_online {
-            if let Err(offline) = network::online().await {
-                return End::Unreachable {
-                    reason: format!("{}: {offline}", Unreachable::NetworkOffline.describe()),
-                };
-            }
-        }
-        let plans = match plans(&self.config, &profile_name, &profile) {
+        let plans = match self.ready().await {
             Ok(plans) => plans,
-            Err(message) => {
-                return End::Failed {
-                    stage: "config".into(),
-                    message,
-                }
-            }
+            Err(end) => return end,
         };
-        for warning in plans.iter().flat_map(|p| &p.warnings) {
-            tracing::warn!("profile {profile_name}: {warning}");
-        }
         let _inhibitor = match &self.logind {
             Some(bus) => {
-                system::inhibit(bus, &format!("borg backup of profile {profile_name}")).await
+                let why = format!("borg backup of profile {}", self.profile);
+                system::inhibit(bus, &why).await
             }
             None => None,
         };
@@ -332,6 +335,39 @@ impl Job {
             Err(stopped) => Ended::from_stop(stopped),
         };
         self.wind_up(first, ended).await
+    }
+
+    /// Whether the profile may run now (its preconditions, the network)
+    /// and its plans; else how the job ends without running anything.
+    async fn ready(&mut self) -> Result<Vec<Plan>, End> {
+        let name = self.profile.clone();
+        let Some(profile) = self.config.profiles.get(&name).cloned() else {
+            return Err(End::Failed {
+                stage: "config".into(),
+                message: format!("profile `{name}` is no longer configured"),
+            });
+        };
+        self.stage("waiting").await;
+        if let Some(reason) = system::preconditions_block(&profile.preconditions).await {
+            return Err(End::Skipped { reason });
+        }
+        if profile.preconditions.network_online {
+            if let Err(offline) = network::online().await {
+                return Err(End::Unreachable {
+                    reason: format!("{}: {offline}", Unreachable::NetworkOffline.describe()),
+                });
+            }
+        }
+        let plans = plans_off_runtime(self.config.clone(), name.clone(), profile)
+            .await
+            .map_err(|fail| End::Failed {
+                stage: fail.stage,
+                message: fail.message,
+            })?;
+        for warning in plans.iter().flat_map(|p| &p.warnings) {
+            tracing::warn!("profile {name}: {warning}");
+        }
+        Ok(plans)
     }
 
     /// Backs up every repository in turn (borgmatic's queue: a failed one
@@ -638,120 +674,18 @@ impl Job {
         }
     }
 
+    /// One run of borg: its command line and environment, its supervised
+    /// run, and what its exit means.
     async fn borg_once(&mut self, plan: &Plan, stage: &'static str, args: &[String]) -> Attempt {
-        let settings = self.config.borg.clone();
         let ssh = (!plan.is_local()).then(|| self.ssh_setup(plan));
-        let mut command = process::command(&settings.program, args);
-        for name in [
-            "BORG_PASSPHRASE",
-            "BORG_PASSCOMMAND",
-            "BORG_PASSPHRASE_FD",
-            "BORG_NEW_PASSPHRASE",
-            "BORG_REPO",
-            "BORG_RSH",
-        ] {
-            command.env_remove(name);
-        }
-        command
-            .env("BORG_HOST_ID", &self.host_id)
-            .env("BORG_HOSTNAME_IS_UNIQUE", "yes")
-            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "no")
-            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "no")
-            .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
-            .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
-            .env("BORG_DISPLAY_PASSPHRASE", "no");
-        if let Err(fail) = set_rsh(&mut command, plan, ssh.as_ref()) {
-            return Attempt::Failed(fail);
-        }
-        let secret = match &plan.passphrase {
-            Passphrase::None => None,
-            Passphrase::Command(passcommand) => {
-                command.env("BORG_PASSCOMMAND", passcommand);
-                None
-            }
-            // Regular, root's, unreadable by others — or refused.
-            Passphrase::File(path) => {
-                let read = ferry_config::paths::open_secret(path, "the passphrase file").and_then(
-                    |mut file| {
-                        let mut bytes = Vec::new();
-                        std::io::Read::read_to_end(&mut file, &mut bytes)
-                            .map(|_| bytes)
-                            .map_err(|e| {
-                                format!("cannot read the passphrase file {}: {e}", path.display())
-                            })
-                    },
-                );
-                match read {
-                    Ok(bytes) => Some(bytes),
-                    Err(message) => return Attempt::Failed(Fail::new("config", message)),
-                }
-            }
-            Passphrase::Inline(secret) => Some(secret.expose().as_bytes().to_vec()),
+        let prepared = match self.borg_command(plan, stage, args, ssh.as_ref()).await {
+            Ok(prepared) => prepared,
+            Err(fail) => return Attempt::Failed(fail),
         };
-        let pipe = match secret.as_deref().map(process::secret_pipe).transpose() {
-            Ok(pipe) => pipe,
-            Err(e) => {
-                return Attempt::Failed(Fail::new(
-                    stage,
-                    format!("cannot hand borg the passphrase: {e}"),
-                ))
-            }
+        let (ended, log) = match self.supervise_borg(prepared, stage).await {
+            Ok(run) => run,
+            Err(fail) => return Attempt::Failed(fail),
         };
-        if let Some(fd) = &pipe {
-            use std::os::fd::AsRawFd;
-            command.env(
-                "BORG_PASSPHRASE_FD",
-                OsString::from(fd.as_raw_fd().to_string()),
-            );
-        }
-        process::prepare(&mut command, pipe.as_ref(), libc::SIGINT);
-        tracing::debug!("running borg {}", args.join(" "));
-
-        let mut log = BorgLog::default();
-        let mut last_progress: Option<Instant> = None;
-        let events = self.events.clone();
-        let id = self.id.clone();
-        let limits = Limits {
-            cancel: &mut self.cancel,
-            timeout: settings.command_timeout.duration(),
-            first_signal: libc::SIGINT,
-            grace: settings.cancel_timeout.duration(),
-        };
-        let ended = process::supervise(command, pipe, limits, |line| {
-            if let Some((bytes, files)) = log.line(line) {
-                if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
-                    last_progress = Some(Instant::now());
-                    // Progress is best effort: a full queue drops a report, never blocks borg.
-                    let _ = events.try_send((id.clone(), Event::Progress { bytes, files }));
-                }
-            }
-        })
-        .await;
-        let ended = match ended {
-            Ok(ended) => ended,
-            Err(e) => {
-                return Attempt::Failed(Fail::new(
-                    stage,
-                    format!(
-                        "cannot run {}: {e} (is borgbackup installed?)",
-                        settings.program
-                    ),
-                ))
-            }
-        };
-        match ended.stopped {
-            Some(Stop::Cancelled) => return Attempt::Failed(Fail::cancelled(stage)),
-            Some(Stop::TimedOut) => {
-                return Attempt::Failed(Fail::new(
-                    stage,
-                    format!(
-                        "borg {stage} ran longer than {}s (command-timeout) and was stopped",
-                        settings.command_timeout.as_secs()
-                    ),
-                ))
-            }
-            None => {}
-        }
         for warning in &log.warnings {
             tracing::warn!("borg {stage}: {warning}");
         }
@@ -777,6 +711,113 @@ impl Job {
                 Some(ssh) => over_ssh(plan, ssh, stage, &log, ended.status).await,
                 None => Attempt::Failed(Fail::new(stage, log.message(ended.status))),
             },
+        }
+    }
+
+    /// borg's command for `args`: a clean environment (no passphrase or
+    /// repository of ferry's own), the host id, borg's safety answers, the
+    /// ssh command, and the passphrase as a pipe only borg inherits.
+    async fn borg_command(
+        &self,
+        plan: &Plan,
+        stage: &'static str,
+        args: &[String],
+        ssh: Option<&SshSetup>,
+    ) -> Result<Prepared, Fail> {
+        let mut command = process::command(&self.config.borg.program, args);
+        for name in [
+            "BORG_PASSPHRASE",
+            "BORG_PASSCOMMAND",
+            "BORG_PASSPHRASE_FD",
+            "BORG_NEW_PASSPHRASE",
+            "BORG_REPO",
+            "BORG_RSH",
+        ] {
+            command.env_remove(name);
+        }
+        command
+            .env("BORG_HOST_ID", &self.host_id)
+            .env("BORG_HOSTNAME_IS_UNIQUE", "yes")
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "no")
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "no")
+            .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
+            .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
+            .env("BORG_DISPLAY_PASSPHRASE", "no");
+        set_rsh(&mut command, plan, ssh)?;
+        let secret = match &plan.passphrase {
+            Passphrase::None => None,
+            Passphrase::Command(passcommand) => {
+                command.env("BORG_PASSCOMMAND", passcommand);
+                None
+            }
+            Passphrase::File(path) => Some(read_passphrase(path.clone()).await?),
+            Passphrase::Inline(secret) => Some(secret.expose().as_bytes().to_vec()),
+        };
+        let pipe = secret
+            .as_deref()
+            .map(process::secret_pipe)
+            .transpose()
+            .map_err(|e| Fail::new(stage, format!("cannot hand borg the passphrase: {e}")))?;
+        if let Some(fd) = &pipe {
+            use std::os::fd::AsRawFd;
+            command.env(
+                "BORG_PASSPHRASE_FD",
+                OsString::from(fd.as_raw_fd().to_string()),
+            );
+        }
+        process::prepare(&mut command, pipe.as_ref(), libc::SIGINT);
+        tracing::debug!("running borg {}", args.join(" "));
+        Ok(Prepared { command, pipe })
+    }
+
+    /// Runs a prepared borg until it exits, reading its log (progress goes
+    /// to the loop, at most every [`PROGRESS_INTERVAL`]); a cancel or the
+    /// command timeout stops it (SIGINT first: borg checkpoints).
+    async fn supervise_borg(
+        &mut self,
+        prepared: Prepared,
+        stage: &'static str,
+    ) -> Result<(process::Ended, BorgLog), Fail> {
+        let settings = self.config.borg.clone();
+        let mut log = BorgLog::default();
+        let mut last_progress: Option<Instant> = None;
+        let events = self.events.clone();
+        let id = self.id.clone();
+        let limits = Limits {
+            cancel: &mut self.cancel,
+            timeout: settings.command_timeout.duration(),
+            first_signal: libc::SIGINT,
+            grace: settings.cancel_timeout.duration(),
+        };
+        let ended = process::supervise(prepared.command, prepared.pipe, limits, |line| {
+            if let Some((bytes, files)) = log.line(line) {
+                if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
+                    last_progress = Some(Instant::now());
+                    // Progress is best effort: a full queue drops a report, never blocks borg.
+                    let _ = events.try_send((id.clone(), Event::Progress { bytes, files }));
+                }
+            }
+        })
+        .await
+        .map_err(|e| {
+            Fail::new(
+                stage,
+                format!(
+                    "cannot run {}: {e} (is borgbackup installed?)",
+                    settings.program
+                ),
+            )
+        })?;
+        match ended.stopped {
+            Some(Stop::Cancelled) => Err(Fail::cancelled(stage)),
+            Some(Stop::TimedOut) => Err(Fail::new(
+                stage,
+                format!(
+                    "borg {stage} ran longer than {}s (command-timeout) and was stopped",
+                    settings.command_timeout.as_secs()
+                ),
+            )),
+            None => Ok((ended, log)),
         }
     }
 
@@ -899,6 +940,33 @@ enum Attempt {
     Busy(String),
     Failed(Fail),
     Unreachable(String),
+}
+
+/// borg's command, ready to run, and the passphrase pipe it inherits.
+struct Prepared {
+    command: tokio::process::Command,
+    pipe: Option<std::os::fd::OwnedFd>,
+}
+
+/// The passphrase file's bytes, read off the runtime: a regular file of
+/// root's, unreadable by others — or refused (stage `config`).
+async fn read_passphrase(path: std::path::PathBuf) -> Result<Vec<u8>, Fail> {
+    let read = tokio::task::spawn_blocking(move || {
+        let mut file = ferry_config::paths::open_secret(&path, "the passphrase file")?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)
+            .map(|_| bytes)
+            .map_err(|e| format!("cannot read the passphrase file {}: {e}", path.display()))
+    })
+    .await;
+    match read {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(message)) => Err(Fail::new("config", message)),
+        Err(e) => Err(Fail::new(
+            "config",
+            format!("the passphrase was not read: {e}"),
+        )),
+    }
 }
 
 /// BORG_RSH for borg: ferry's ssh command for a remote repository, else
