@@ -588,12 +588,12 @@ impl Job {
         error: Option<&str>,
     ) -> Result<(), Stopped> {
         let commands = plan.hooks.select(before, scope, action, outcome);
-        let which = match (before, scope) {
-            (false, Scope::Error) => "on-error",
-            (true, _) => "before",
-            (false, _) => "after",
+        let moment = match (before, scope) {
+            (false, Scope::Error) => Moment::OnError,
+            (true, _) => Moment::Before,
+            (false, _) => Moment::After,
         };
-        self.hooks(plan, which, &commands, error).await
+        self.hooks(plan, moment, &commands, error).await
     }
 
     /// Runs the checks that are due; returns the keys of the kinds that ran
@@ -842,7 +842,7 @@ impl Job {
     async fn hooks(
         &mut self,
         plan: &Plan,
-        which: &'static str,
+        moment: Moment,
         commands: &[String],
         error: Option<&str>,
     ) -> Result<(), Stopped> {
@@ -850,74 +850,56 @@ impl Job {
             return Ok(());
         }
         self.stage("hook").await;
-        let settings = self.config.borg.clone();
         for hook in commands {
-            let text = hook_text(plan, hook, error);
-            let mut command = process::command("/bin/sh", &["-c", text.as_str()]);
-            command
-                .env("FERRY_PROFILE", self.profile.as_str())
-                .env("FERRY_REPOSITORY", &plan.repository)
-                .env("FERRY_JOB", &self.id)
-                .env_remove("FERRY_ERROR");
-            if let Some(error) = error {
-                command.env("FERRY_ERROR", error);
-            }
-            process::prepare(&mut command, None, libc::SIGTERM);
-            let mut output = Vec::new();
-            let limits = Limits {
-                cancel: &mut self.cancel,
-                timeout: settings.hook_timeout.duration(),
-                first_signal: libc::SIGTERM,
-                grace: Duration::from_secs(5),
-            };
-            let ended = process::supervise(command, None, limits, |line| {
-                tracing::info!("{which} hook: {line}");
-                if output.len() < MESSAGE_LINES {
-                    output.push(line.to_string());
-                }
-            })
-            .await
-            .map_err(|e| Fail::new("hook", format!("cannot run the {which} hook `{hook}`: {e}")))?;
-            for line in String::from_utf8_lossy(&ended.stdout).lines() {
-                tracing::info!("{which} hook: {line}");
-            }
-            match (ended.stopped, ended.status.code()) {
-                (Some(Stop::Cancelled), _) => return Err(Fail::cancelled("hook").into()),
-                (Some(Stop::TimedOut), _) => {
-                    return Err(Fail::new(
-                        "hook",
-                        format!(
-                            "the {which} hook `{hook}` ran longer than {}s (hook-timeout)",
-                            settings.hook_timeout.as_secs()
-                        ),
-                    )
-                    .into())
-                }
-                (None, Some(0)) => {}
-                (None, Some(SKIP_EXIT_CODE)) if which == "before" => {
-                    return Err(Stopped::Skip(format!(
-                        "the before hook `{hook}` exited {SKIP_EXIT_CODE} (skip this run)"
-                    )))
-                }
-                (None, Some(SKIP_EXIT_CODE)) if which == "after" => {}
-                (None, code) => {
-                    let how = code.map_or("was killed by a signal".to_string(), |c| {
-                        format!("exited {c}")
-                    });
-                    let said = if output.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", output.join(" / "))
-                    };
-                    return Err(Fail::new(
-                        "hook",
-                        format!("the {which} hook `{hook}` {how}{said}"),
-                    )
-                    .into());
-                }
-            }
+            self.hook(plan, moment, hook, error).await?;
         }
         Ok(())
+    }
+
+    /// Runs one hook command under the hook timeout, its output logged.
+    async fn hook(
+        &mut self,
+        plan: &Plan,
+        moment: Moment,
+        hook: &str,
+        error: Option<&str>,
+    ) -> Result<(), Stopped> {
+        let timeout = self.config.borg.hook_timeout.duration();
+        let text = hook_text(plan, hook, error);
+        let mut command = process::command("/bin/sh", &["-c", text.as_str()]);
+        command
+            .env("FERRY_PROFILE", self.profile.as_str())
+            .env("FERRY_REPOSITORY", &plan.repository)
+            .env("FERRY_JOB", &self.id)
+            .env_remove("FERRY_ERROR");
+        if let Some(error) = error {
+            command.env("FERRY_ERROR", error);
+        }
+        process::prepare(&mut command, None, libc::SIGTERM);
+        let mut output = Vec::new();
+        let limits = Limits {
+            cancel: &mut self.cancel,
+            timeout,
+            first_signal: libc::SIGTERM,
+            grace: Duration::from_secs(5),
+        };
+        let ended = process::supervise(command, None, limits, |line| {
+            tracing::info!("{moment} hook: {line}");
+            if output.len() < MESSAGE_LINES {
+                output.push(line.to_string());
+            }
+        })
+        .await
+        .map_err(|e| {
+            Fail::new(
+                "hook",
+                format!("cannot run the {moment} hook `{hook}`: {e}"),
+            )
+        })?;
+        for line in String::from_utf8_lossy(&ended.stdout).lines() {
+            tracing::info!("{moment} hook: {line}");
+        }
+        hook_verdict(moment, hook, &ended, &output, timeout)
     }
 
     async fn stage(&self, stage: &'static str) {
@@ -1090,6 +1072,65 @@ fn hook_text(plan: &Plan, hook: &str, error: Option<&str>) -> String {
     match &plan.umask {
         Some(umask) => format!("umask {umask}; {text}"),
         None => text,
+    }
+}
+
+/// When a hook runs: before, after or on error (its name in messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    Before,
+    After,
+    OnError,
+}
+
+impl std::fmt::Display for Moment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Moment::Before => "before",
+            Moment::After => "after",
+            Moment::OnError => "on-error",
+        })
+    }
+}
+
+/// What a hook's end means: on, a skip (a before hook's exit 75, as in
+/// borgmatic; an after hook's 75 is no failure), or a failure that names
+/// the hook and quotes its first lines.
+fn hook_verdict(
+    moment: Moment,
+    hook: &str,
+    ended: &process::Ended,
+    output: &[String],
+    timeout: Duration,
+) -> Result<(), Stopped> {
+    let code = match (ended.stopped, ended.status.code()) {
+        (Some(Stop::Cancelled), _) => return Err(Fail::cancelled("hook").into()),
+        (Some(Stop::TimedOut), _) => {
+            let message = format!(
+                "the {moment} hook `{hook}` ran longer than {}s (hook-timeout)",
+                timeout.as_secs()
+            );
+            return Err(Fail::new("hook", message).into());
+        }
+        (None, code) => code,
+    };
+    match (moment, code) {
+        (_, Some(0)) | (Moment::After, Some(SKIP_EXIT_CODE)) => Ok(()),
+        (Moment::Before, Some(SKIP_EXIT_CODE)) => Err(Stopped::Skip(format!(
+            "the before hook `{hook}` exited {SKIP_EXIT_CODE} (skip this run)"
+        ))),
+        (_, code) => {
+            let how = code.map_or("was killed by a signal".to_string(), |c| {
+                format!("exited {c}")
+            });
+            let said = if output.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", output.join(" / "))
+            };
+            let message = format!("the {moment} hook `{hook}` {how}{said}");
+            Err(Fail::new("hook", message).into())
+        }
     }
 }
 
