@@ -424,7 +424,7 @@ impl Job {
     /// One repository: its turn, its hooks, its actions.
     async fn repository(&mut self, plan: &Plan, key: Option<&str>) -> Result<Done, Stopped> {
         self.stage("waiting").await;
-        let turn = self.locks.lock_for(&plan.repository_key());
+        let turn = self.locks.lock_for(&plan.repository_key().await);
         let _turn = tokio::select! {
             guard = turn.lock_owned() => guard,
             _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
@@ -743,7 +743,7 @@ impl Job {
             .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
             .env("BORG_DISPLAY_PASSPHRASE", "no");
-        set_rsh(&mut command, plan, ssh)?;
+        set_rsh(&mut command, plan, ssh).await?;
         let secret = match &plan.passphrase {
             Passphrase::None => None,
             Passphrase::Command(passcommand) => {
@@ -953,15 +953,13 @@ async fn read_passphrase(path: std::path::PathBuf) -> Result<Vec<u8>, Fail> {
 
 /// BORG_RSH for borg: ferry's ssh command for a remote repository, else
 /// the plan's own (a borgmatic ssh_command for a local repository).
-fn set_rsh(
+async fn set_rsh(
     command: &mut tokio::process::Command,
     plan: &Plan,
     ssh: Option<&SshSetup>,
 ) -> Result<(), Fail> {
     let rsh = match ssh {
-        Some(ssh) => ssh
-            .borg_rsh(|path| path.exists())
-            .map_err(|e| Fail::new("config", e.to_string()))?,
+        Some(ssh) => borg_rsh(ssh).await?,
         None => match &plan.rsh {
             Some(rsh) => rsh.clone(),
             None => return Ok(()),
@@ -970,6 +968,20 @@ fn set_rsh(
     tracing::debug!("BORG_RSH={rsh}");
     command.env("BORG_RSH", rsh);
     Ok(())
+}
+
+/// ferry's ssh command for borg, its key files looked up off the runtime
+/// (a failure is one at stage `config`).
+async fn borg_rsh(ssh: &SshSetup) -> Result<String, Fail> {
+    let ssh = ssh.clone();
+    match tokio::task::spawn_blocking(move || ssh.borg_rsh(|path| path.exists())).await {
+        Ok(Ok(rsh)) => Ok(rsh),
+        Ok(Err(e)) => Err(Fail::new("config", e.to_string())),
+        Err(e) => Err(Fail::new(
+            "config",
+            format!("the ssh command was not made: {e}"),
+        )),
+    }
 }
 
 /// A borg run over SSH that failed: the server unreachable (a skip), or
@@ -991,13 +1003,13 @@ async fn over_ssh(
     let mut diagnosis = remote::diagnose(&log.remote, &log.msgids, &log.errors);
     let lost = log.msgids.iter().any(|m| m.starts_with("ConnectionClosed"));
     if let (None, true, Some(url)) = (&diagnosis, lost, &url) {
-        match ssh.borg_rsh(|path| path.exists()) {
+        match borg_rsh(ssh).await {
             Ok(rsh) => {
                 let said = remote::probe(&rsh, url, ssh.connect_timeout).await;
                 tracing::debug!("ssh probe of {server}: {}", said.join(" / "));
                 diagnosis = remote::diagnose(&said, &[], &[]);
             }
-            Err(e) => tracing::debug!("no ssh probe: {e}"),
+            Err(fail) => tracing::debug!("no ssh probe: {}", fail.message),
         }
     }
     match diagnosis {

@@ -409,15 +409,16 @@ impl Plan {
         is_local(&self.repository)
     }
 
-    /// The key that serialises jobs: one job per repository at a time.
-    pub fn repository_key(&self) -> String {
-        if self.is_local() {
-            std::fs::canonicalize(&self.repository)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| self.repository.clone())
-        } else {
-            self.repository.clone()
+    /// The key that serialises jobs: one job per repository at a time
+    /// (a local path resolved, off the runtime).
+    pub async fn repository_key(&self) -> String {
+        if !self.is_local() {
+            return self.repository.clone();
         }
+        tokio::fs::canonicalize(&self.repository)
+            .await
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| self.repository.clone())
     }
 
     /// [`Plan::refuse_on_a_drive`] in words, for ferryctl's check (which
