@@ -25,11 +25,78 @@ use ferry_interfaces::{BackupJob, BackupOutcome, BackupResult, Failure};
 use crate::remote;
 use crate::state::{PlannedRetry, RunningJob, Stored};
 
+/// A job's stage: where it is now (Borg1.Jobs) or where it ended
+/// (BackupFailed, LastFailures). On the wire each is its lower-case name
+/// ([`Stage::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// `waiting`: for the repository's turn, a retry, or a busy lock.
+    Waiting,
+    /// `hook`: a before/after/on-error command.
+    Hook,
+    /// `sources`: checking that the sources exist.
+    Sources,
+    /// `create`: borg create.
+    Create,
+    /// `prune`: borg prune.
+    Prune,
+    /// `compact`: borg compact.
+    Compact,
+    /// `check`: borg check.
+    Check,
+    /// `config`: the profile or its borgmatic file cannot be used.
+    Config,
+    /// `cancelled`: stopped by Cancel or shutdown.
+    Cancelled,
+    /// `interrupted`: ferry-borg died during the job.
+    Interrupted,
+    /// `unreachable`: the SSH server was unreachable past the grace.
+    Unreachable,
+    /// `internal`: the job's task stopped unexpectedly.
+    Internal,
+}
+
+impl Stage {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Waiting => "waiting",
+            Stage::Hook => "hook",
+            Stage::Sources => "sources",
+            Stage::Create => "create",
+            Stage::Prune => "prune",
+            Stage::Compact => "compact",
+            Stage::Check => "check",
+            Stage::Config => "config",
+            Stage::Cancelled => "cancelled",
+            Stage::Interrupted => "interrupted",
+            Stage::Unreachable => "unreachable",
+            Stage::Internal => "internal",
+        }
+    }
+
+    /// Whether borg talked to the repository's server at this stage: a
+    /// failure there means the server was reachable.
+    pub fn reaches_server(self) -> bool {
+        matches!(
+            self,
+            Stage::Create | Stage::Prune | Stage::Compact | Stage::Check
+        )
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a running job tells the loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The job entered a stage (waiting, hook, create, prune, compact, check).
-    Stage(&'static str),
+    /// The job entered a stage (waiting, hook, sources, create, prune,
+    /// compact, check).
+    Stage(Stage),
     /// borg create's progress.
     Progress {
         /// Original bytes read.
@@ -60,8 +127,8 @@ pub enum End {
     },
     /// A stage failed, or the job was cancelled (stage "cancelled").
     Failed {
-        /// hook, config, sources, create, prune, compact, check or cancelled.
-        stage: String,
+        /// Where.
+        stage: Stage,
         /// What went wrong, in borg's or the hook's words.
         message: String,
     },
@@ -78,17 +145,6 @@ pub enum End {
         reason: String,
     },
 }
-
-/// The stage of a job stopped by Cancel or shutdown.
-pub const CANCELLED: &str = "cancelled";
-/// The stage of a job its ferry-borg died during.
-pub const INTERRUPTED: &str = "interrupted";
-/// The stage of an SSH server unreachable past the grace.
-pub const UNREACHABLE: &str = "unreachable";
-
-/// The stages at which borg talked to the repository's server: a failure
-/// there means the server was reachable.
-pub const REACHES_SERVER: [&str; 4] = ["create", "prune", "compact", "check"];
 
 /// `[borg]`'s rules for retries and unreachable servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +293,7 @@ impl Backups {
         for (job, running) in found {
             let took = now.saturating_sub(running.started);
             let end = End::Failed {
-                stage: INTERRUPTED.into(),
+                stage: Stage::Interrupted,
                 message: format!(
                     "ferry-borg stopped during the job (killed, crashed or the machine went down) \
                      {took} s after it started, so the backup did not complete; the next run will \
@@ -483,7 +539,8 @@ impl Backups {
             tracing::info!("profile {profile}: retry planned: {}", planned.reason);
         }
         if let End::Failed { stage, message } = end {
-            let event = ferry_service::history::failure_event(profile, stage, message, job);
+            let event =
+                ferry_service::history::failure_event(profile, stage.as_str(), message, job);
             ferry_service::history::remember(&mut self.stored.failure_history, event);
         }
     }
@@ -503,7 +560,7 @@ impl Backups {
                 match settled {
                     remote::Settled::Skip { reason } => End::Skipped { reason },
                     remote::Settled::Fail { message } => End::Failed {
-                        stage: UNREACHABLE.into(),
+                        stage: Stage::Unreachable,
                         message,
                     },
                 }
@@ -512,7 +569,7 @@ impl Backups {
                 record.unreachable_since = None;
                 end
             }
-            End::Failed { ref stage, .. } if REACHES_SERVER.contains(&stage.as_str()) => {
+            End::Failed { stage, .. } if stage.reaches_server() => {
                 record.unreachable_since = None;
                 end
             }
@@ -534,7 +591,10 @@ fn plan_retry(
 ) {
     stored.retries.remove(profile);
     let why = match end {
-        End::Failed { stage, .. } if stage == CANCELLED => return,
+        End::Failed {
+            stage: Stage::Cancelled,
+            ..
+        } => return,
         End::Failed { stage, message } => format!("failed: {stage}: {message}"),
         End::Skipped { reason } | End::Unreachable { reason } => format!("skipped: {reason}"),
         End::Finished { .. } => return,
@@ -604,7 +664,7 @@ fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64, now: 
             record.last_failure = Some(Failure {
                 subject: profile.to_string(),
                 time: now,
-                stage: stage.clone(),
+                stage: stage.to_string(),
                 message: message.clone(),
             })
         }

@@ -45,9 +45,9 @@ fn ends(effects: &[Effect]) -> Vec<End> {
         .collect()
 }
 
-fn failed(stage: &str) -> End {
+fn failed(stage: Stage) -> End {
     End::Failed {
-        stage: stage.into(),
+        stage,
         message: "it broke".into(),
     }
 }
@@ -111,7 +111,7 @@ fn progress_and_stages_show_in_jobs_and_progress_is_signalled() {
     let mut backups = fresh(0);
     let job = launched(&backups.start(name("home"), 100)).job;
     assert_eq!(
-        backups.event(&job, Event::Stage("create")),
+        backups.event(&job, Event::Stage(Stage::Create)),
         vec![Effect::Changed(Property::Jobs)]
     );
     let effects = backups.event(
@@ -134,23 +134,25 @@ fn progress_and_stages_show_in_jobs_and_progress_is_signalled() {
         (entry.stage.as_str(), entry.bytes, entry.files),
         ("create", 10, 2)
     );
-    assert!(backups.event("other-9", Event::Stage("create")).is_empty());
+    assert!(backups
+        .event("other-9", Event::Stage(Stage::Create))
+        .is_empty());
 }
 
 #[test]
 fn a_failure_plans_a_retry_after_the_delay_until_the_attempts_run_out() {
     let mut backups = fresh(1);
     let job = launched(&backups.start(name("home"), 100)).job;
-    let effects = backups.ended(&job, failed("create"), 5.0, 105);
+    let effects = backups.ended(&job, failed(Stage::Create), 5.0, 105);
     assert!(matches!(&effects[0], Effect::Save(s) if s.retries.contains_key("home")));
-    assert_eq!(ends(&effects), vec![failed("create")]);
+    assert_eq!(ends(&effects), vec![failed(Stage::Create)]);
     assert!(backups.jobs().is_empty());
     let retry = &backups.stored().retries["home"];
     assert_eq!((retry.at, retry.attempt), (105 + DELAY, 2));
     assert!(retry.reason.contains("attempt 2 of 2"), "{}", retry.reason);
     assert_eq!(backups.next_retry(), Some(105 + DELAY));
     let last = backups.stored().profiles["home"].last_failure.clone();
-    assert_eq!(last.map(|f| f.stage), Some("create".to_string()));
+    assert_eq!(last.map(|f| f.stage).as_deref(), Some("create"));
     assert_eq!(backups.stored().failure_history.len(), 1);
 
     // Not due yet: nothing starts.
@@ -161,7 +163,7 @@ fn a_failure_plans_a_retry_after_the_delay_until_the_attempts_run_out() {
     assert_eq!(retry.attempt, 2);
     assert!(backups.stored().retries.is_empty());
     // The last attempt fails too: no retry left.
-    backups.ended(&retry.job, failed("create"), 5.0, 800);
+    backups.ended(&retry.job, failed(Stage::Create), 5.0, 800);
     assert_eq!(backups.next_retry(), None);
 }
 
@@ -186,7 +188,7 @@ fn a_skip_is_retried_and_a_success_ends_the_series() {
 fn a_person_s_start_replaces_the_planned_retry() {
     let mut backups = fresh(2);
     let job = launched(&backups.start(name("home"), 100)).job;
-    backups.ended(&job, failed("create"), 1.0, 100);
+    backups.ended(&job, failed(Stage::Create), 1.0, 100);
     assert!(backups.next_retry().is_some());
     let again = launched(&backups.start(name("home"), 200));
     assert_eq!(again.attempt, 1, "a new series");
@@ -197,7 +199,7 @@ fn a_person_s_start_replaces_the_planned_retry() {
 fn a_due_retry_of_a_running_or_removed_profile_does_not_start() {
     let mut backups = fresh(2);
     let job = launched(&backups.start(name("home"), 100)).job;
-    backups.ended(&job, failed("create"), 1.0, 100);
+    backups.ended(&job, failed(Stage::Create), 1.0, 100);
     let running = launched(&backups.start(name("home"), 200)).job;
     // (A Start cleared the retry; plant one as if it had survived.)
     backups.stored.retries.insert(
@@ -242,7 +244,7 @@ fn unreachable_is_a_skip_until_the_grace_then_a_failure_and_reaching_forgets() {
     assert!(matches!(within, End::Skipped { .. }), "{within:?}");
     let past = run(&mut backups, unreachable(), 1000 + GRACE);
     assert!(
-        matches!(&past, End::Failed { stage, message } if stage == UNREACHABLE && message.contains("unreachable-grace")),
+        matches!(&past, End::Failed { stage, message } if *stage == Stage::Unreachable && message.contains("unreachable-grace")),
         "{past:?}"
     );
     assert_eq!(
@@ -250,7 +252,7 @@ fn unreachable_is_a_skip_until_the_grace_then_a_failure_and_reaching_forgets() {
             .last_failure
             .as_ref()
             .map(|f| f.stage.as_str()),
-        Some(UNREACHABLE),
+        Some("unreachable"),
         "mailed as a failure"
     );
     // A precondition's skip says nothing about the server.
@@ -261,7 +263,7 @@ fn unreachable_is_a_skip_until_the_grace_then_a_failure_and_reaching_forgets() {
         Some(1000)
     );
     // A refusal at create means the server answered.
-    run(&mut backups, failed("create"), 2200);
+    run(&mut backups, failed(Stage::Create), 2200);
     assert_eq!(backups.stored().profiles["home"].unreachable_since, None);
     let again = run(&mut backups, unreachable(), 2300);
     assert!(matches!(again, End::Skipped { .. }), "a new series starts");
@@ -272,7 +274,7 @@ fn cancel_stops_a_queued_or_a_running_job_and_plans_no_retry() {
     let mut backups = fresh(3);
     let queued = launched(&backups.start(name("home"), 100)).job;
     let running = launched(&backups.start(name("etc"), 100)).job;
-    backups.event(&running, Event::Stage("create"));
+    backups.event(&running, Event::Stage(Stage::Create));
     assert_eq!(
         backups.cancel(&queued),
         Ok(vec![Effect::Stop(queued.clone())])
@@ -284,7 +286,7 @@ fn cancel_stops_a_queued_or_a_running_job_and_plans_no_retry() {
     // Asking is not ending: both still run until their tasks say so.
     assert_eq!(backups.jobs().len(), 2);
     let cancelled = End::Failed {
-        stage: CANCELLED.into(),
+        stage: Stage::Cancelled,
         message: "cancelled during waiting".into(),
     };
     assert_eq!(
@@ -334,7 +336,7 @@ fn a_job_cut_short_by_a_kill_is_reported_once_after_the_restart() {
     };
     assert_eq!(
         (ended, profile.as_str(), stage.as_str()),
-        (&job, "home", INTERRUPTED)
+        (&job, "home", "interrupted")
     );
     assert!(message.contains("60 s after it started"), "{message}");
     assert_eq!(

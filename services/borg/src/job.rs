@@ -20,7 +20,7 @@ use ferry_config::{Config, Name};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-pub use crate::domain::{End, Event};
+pub use crate::domain::{End, Event, Stage};
 use crate::plan::{interpolate, Action, Outcome, Passphrase, Plan, PlanError, Scope, CHECK_KINDS};
 use crate::process::{self, Limits, Stop};
 use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
@@ -78,20 +78,20 @@ pub struct Job {
 
 /// A failure on the way: the stage and the message.
 struct Fail {
-    stage: String,
+    stage: Stage,
     message: String,
 }
 
 impl Fail {
-    fn new(stage: &str, message: impl Into<String>) -> Fail {
+    fn new(stage: Stage, message: impl Into<String>) -> Fail {
         Fail {
-            stage: stage.to_string(),
+            stage,
             message: message.into(),
         }
     }
 
-    fn cancelled(stage: &str) -> Fail {
-        Fail::new("cancelled", format!("cancelled during {stage}"))
+    fn cancelled(during: Stage) -> Fail {
+        Fail::new(Stage::Cancelled, format!("cancelled during {during}"))
     }
 }
 
@@ -154,7 +154,7 @@ impl Ended {
     fn failure(&self) -> Option<&(String, Fail)> {
         self.failures
             .iter()
-            .find(|(_, f)| f.stage == "cancelled")
+            .find(|(_, f)| f.stage == Stage::Cancelled)
             .or(self.failures.first())
     }
 
@@ -212,7 +212,7 @@ impl Ended {
                 message = format!("{message} (all repositories: {})", summary.join("; "));
             }
             return End::Failed {
-                stage: fail.stage.clone(),
+                stage: fail.stage,
                 message,
             };
         }
@@ -296,8 +296,11 @@ async fn plans_off_runtime(
     let planned = tokio::task::spawn_blocking(move || plans(&config, &name, &profile)).await;
     match planned {
         Ok(Ok(plans)) => Ok(plans),
-        Ok(Err(e)) => Err(Fail::new("config", e.to_string())),
-        Err(e) => Err(Fail::new("config", format!("the plan was not made: {e}"))),
+        Ok(Err(e)) => Err(Fail::new(Stage::Config, e.to_string())),
+        Err(e) => Err(Fail::new(
+            Stage::Config,
+            format!("the plan was not made: {e}"),
+        )),
     }
 }
 
@@ -343,11 +346,11 @@ impl Job {
         let name = self.profile.clone();
         let Some(profile) = self.config.profiles.get(&name).cloned() else {
             return Err(End::Failed {
-                stage: "config".into(),
+                stage: Stage::Config,
                 message: format!("profile `{name}` is no longer configured"),
             });
         };
-        self.stage("waiting").await;
+        self.stage(Stage::Waiting).await;
         if let Some(reason) = system::preconditions_block(&profile.preconditions).await {
             return Err(End::Skipped { reason });
         }
@@ -380,11 +383,11 @@ impl Job {
             let plan = &plans[index];
             let wait = plan.retries.wait.saturating_mul(attempt);
             if !wait.is_zero() {
-                self.stage("waiting").await;
+                self.stage(Stage::Waiting).await;
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancelled(&mut self.cancel) => {
-                        ended.failures.push((plan.name().to_string(), Fail::cancelled("waiting")));
+                        ended.failures.push((plan.name().to_string(), Fail::cancelled(Stage::Waiting)));
                         break;
                     }
                 }
@@ -393,7 +396,7 @@ impl Job {
             match self.repository(plan, key.as_deref()).await {
                 Ok(done) => ended.done.push((plan.name().to_string(), done)),
                 Err(Stopped::Skip(reason)) => ended.skipped.push((plan.name().to_string(), reason)),
-                Err(Stopped::Fail(fail)) if fail.stage == "cancelled" => {
+                Err(Stopped::Fail(fail)) if fail.stage == Stage::Cancelled => {
                     ended.failures.push((plan.name().to_string(), fail));
                     break;
                 }
@@ -423,11 +426,11 @@ impl Job {
 
     /// One repository: its turn, its hooks, its actions.
     async fn repository(&mut self, plan: &Plan, key: Option<&str>) -> Result<Done, Stopped> {
-        self.stage("waiting").await;
+        self.stage(Stage::Waiting).await;
         let turn = self.locks.lock_for(&plan.repository_key().await);
         let _turn = tokio::select! {
             guard = turn.lock_owned() => guard,
-            _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
+            _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled(Stage::Waiting).into()),
         };
         self.scoped(plan, true, Scope::Repository, None, None, None)
             .await?;
@@ -484,11 +487,11 @@ impl Job {
         match action {
             Action::Create => {
                 if plan.sources_must_exist {
-                    self.stage("sources").await;
+                    self.stage(Stage::Sources).await;
                     missing_sources(&plan.sources).await?;
                 }
-                self.stage("create").await;
-                let created = self.borg(plan, "create", &plan.create_args()).await?;
+                self.stage(Stage::Create).await;
+                let created = self.borg(plan, Stage::Create, &plan.create_args()).await?;
                 let (archive, stats) = self.created(created).await?;
                 tracing::info!("created archive {archive} in {}", plan.repository);
                 done.archive = archive;
@@ -496,14 +499,14 @@ impl Job {
             }
             Action::Prune => {
                 if let Some(args) = plan.prune_args() {
-                    self.stage("prune").await;
-                    self.borg(plan, "prune", &args).await?;
+                    self.stage(Stage::Prune).await;
+                    self.borg(plan, Stage::Prune, &args).await?;
                 }
             }
             Action::Compact => {
                 if let Some(args) = plan.compact_args() {
-                    self.stage("compact").await;
-                    self.borg(plan, "compact", &args).await?;
+                    self.stage(Stage::Compact).await;
+                    self.borg(plan, Stage::Compact, &args).await?;
                 }
             }
             Action::Check => done.checks = self.checks(plan, key).await?,
@@ -516,13 +519,13 @@ impl Job {
         let stats = String::from_utf8_lossy(&created.stdout).into_owned();
         let parsed: Value = serde_json::from_str(&stats).map_err(|e| {
             Fail::new(
-                "create",
+                Stage::Create,
                 format!("borg create printed no JSON statistics ({e})"),
             )
         })?;
         let archive = parsed["archive"]["name"]
             .as_str()
-            .ok_or_else(|| Fail::new("create", "borg create's statistics name no archive"))?
+            .ok_or_else(|| Fail::new(Stage::Create, "borg create's statistics name no archive"))?
             .to_string();
         let totals = &parsed["archive"]["stats"];
         self.progress(
@@ -542,7 +545,10 @@ impl Job {
         } else {
             Outcome::Finish
         });
-        let cancelled = ended.failures.iter().any(|(_, f)| f.stage == "cancelled");
+        let cancelled = ended
+            .failures
+            .iter()
+            .any(|(_, f)| f.stage == Stage::Cancelled);
         if !cancelled {
             if let Err(Stopped::Fail(fail)) = self
                 .scoped(plan, false, Scope::Configuration, None, outcome, None)
@@ -614,9 +620,9 @@ impl Job {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        self.stage("check").await;
+        self.stage(Stage::Check).await;
         for args in runs {
-            self.borg(plan, "check", &args).await?;
+            self.borg(plan, Stage::Check, &args).await?;
         }
         Ok(CHECK_KINDS
             .into_iter()
@@ -633,7 +639,7 @@ impl Job {
     async fn borg(
         &mut self,
         plan: &Plan,
-        stage: &'static str,
+        stage: Stage,
         args: &[String],
     ) -> Result<BorgOutput, Stopped> {
         let config = self.config.clone();
@@ -652,10 +658,10 @@ impl Job {
                         delay.as_secs(),
                         settings.busy_retries
                     );
-                    self.stage("waiting").await;
+                    self.stage(Stage::Waiting).await;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
+                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled(Stage::Waiting).into()),
                     }
                     delay = delay.saturating_mul(2);
                     self.stage(stage).await;
@@ -676,7 +682,7 @@ impl Job {
 
     /// One run of borg: its command line and environment, its supervised
     /// run, and what its exit means.
-    async fn borg_once(&mut self, plan: &Plan, stage: &'static str, args: &[String]) -> Attempt {
+    async fn borg_once(&mut self, plan: &Plan, stage: Stage, args: &[String]) -> Attempt {
         let ssh = (!plan.is_local()).then(|| self.ssh_setup(plan));
         let prepared = match self.borg_command(plan, stage, args, ssh.as_ref()).await {
             Ok(prepared) => prepared,
@@ -720,7 +726,7 @@ impl Job {
     async fn borg_command(
         &self,
         plan: &Plan,
-        stage: &'static str,
+        stage: Stage,
         args: &[String],
         ssh: Option<&SshSetup>,
     ) -> Result<Prepared, Fail> {
@@ -776,7 +782,7 @@ impl Job {
     async fn supervise_borg(
         &mut self,
         prepared: Prepared,
-        stage: &'static str,
+        stage: Stage,
     ) -> Result<(process::Ended, BorgLog), Fail> {
         let settings = self.config.borg.clone();
         let mut log = BorgLog::default();
@@ -849,7 +855,7 @@ impl Job {
         if commands.is_empty() {
             return Ok(());
         }
-        self.stage("hook").await;
+        self.stage(Stage::Hook).await;
         for hook in commands {
             self.hook(plan, moment, hook, error).await?;
         }
@@ -892,7 +898,7 @@ impl Job {
         .await
         .map_err(|e| {
             Fail::new(
-                "hook",
+                Stage::Hook,
                 format!("cannot run the {moment} hook `{hook}`: {e}"),
             )
         })?;
@@ -902,7 +908,7 @@ impl Job {
         hook_verdict(moment, hook, &ended, &output, timeout)
     }
 
-    async fn stage(&self, stage: &'static str) {
+    async fn stage(&self, stage: Stage) {
         let _ = self
             .events
             .send((self.id.clone(), Event::Stage(stage)))
@@ -943,9 +949,9 @@ async fn read_passphrase(path: std::path::PathBuf) -> Result<Vec<u8>, Fail> {
     .await;
     match read {
         Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(message)) => Err(Fail::new("config", message)),
+        Ok(Err(message)) => Err(Fail::new(Stage::Config, message)),
         Err(e) => Err(Fail::new(
-            "config",
+            Stage::Config,
             format!("the passphrase was not read: {e}"),
         )),
     }
@@ -976,9 +982,9 @@ async fn borg_rsh(ssh: &SshSetup) -> Result<String, Fail> {
     let ssh = ssh.clone();
     match tokio::task::spawn_blocking(move || ssh.borg_rsh(|path| path.exists())).await {
         Ok(Ok(rsh)) => Ok(rsh),
-        Ok(Err(e)) => Err(Fail::new("config", e.to_string())),
+        Ok(Err(e)) => Err(Fail::new(Stage::Config, e.to_string())),
         Err(e) => Err(Fail::new(
-            "config",
+            Stage::Config,
             format!("the ssh command was not made: {e}"),
         )),
     }
@@ -991,7 +997,7 @@ async fn borg_rsh(ssh: &SshSetup) -> Result<String, Fail> {
 async fn over_ssh(
     plan: &Plan,
     ssh: &SshSetup,
-    stage: &str,
+    stage: Stage,
     log: &BorgLog,
     status: std::process::ExitStatus,
 ) -> Attempt {
@@ -1049,8 +1055,7 @@ async fn missing_sources(sources: &[String]) -> Result<(), Fail> {
     if missing.is_empty() {
         return Ok(());
     }
-    Err(Fail::new(
-        "sources",
+    Err(Fail::new(Stage::Sources,
         format!(
             "source director{} {} do{} not exist; borg was not run (create {}, fix the path in the profile, or remove it)",
             if missing.len() == 1 { "y" } else { "ies" },
@@ -1116,13 +1121,13 @@ fn hook_verdict(
     timeout: Duration,
 ) -> Result<(), Stopped> {
     let code = match (ended.stopped, ended.status.code()) {
-        (Some(Stop::Cancelled), _) => return Err(Fail::cancelled("hook").into()),
+        (Some(Stop::Cancelled), _) => return Err(Fail::cancelled(Stage::Hook).into()),
         (Some(Stop::TimedOut), _) => {
             let message = format!(
                 "the {moment} hook `{hook}` ran longer than {}s (hook-timeout)",
                 timeout.as_secs()
             );
-            return Err(Fail::new("hook", message).into());
+            return Err(Fail::new(Stage::Hook, message).into());
         }
         (None, code) => code,
     };
@@ -1141,7 +1146,7 @@ fn hook_verdict(
                 format!(": {}", output.join(" / "))
             };
             let message = format!("the {moment} hook `{hook}` {how}{said}");
-            Err(Fail::new("hook", message).into())
+            Err(Fail::new(Stage::Hook, message).into())
         }
     }
 }
@@ -1288,13 +1293,13 @@ mod tests {
         }
         let failed = Ended {
             done: vec![("first".into(), done("a1"))],
-            failures: vec![("second".into(), Fail::new("create", "no repository"))],
+            failures: vec![("second".into(), Fail::new(Stage::Create, "no repository"))],
             ..Ended::default()
         };
         assert_eq!(failed.error(), "create: repository second: no repository");
         match failed.into_end(Vec::new()) {
             End::Failed { stage, message } => {
-                assert_eq!(stage, "create");
+                assert_eq!(stage, Stage::Create);
                 assert_eq!(
                     message,
                     "repository second: no repository (all repositories: first: archive a1; second: failed at create: no repository)"
@@ -1346,12 +1351,12 @@ mod tests {
             }
         );
         let and_failed = Ended {
-            failures: vec![("local".into(), Fail::new("create", "no repository"))],
+            failures: vec![("local".into(), Fail::new(Stage::Create, "no repository"))],
             unreachable: vec![("remote".into(), "server gone".into())],
             ..Ended::default()
         };
         assert!(
-            matches!(and_failed.into_end(Vec::new()), End::Failed { stage, .. } if stage == "create")
+            matches!(and_failed.into_end(Vec::new()), End::Failed { stage, .. } if stage == Stage::Create)
         );
     }
 

@@ -437,7 +437,7 @@ impl Service {
             Err(e) => {
                 let job = self.task_jobs.remove(&e.id())?;
                 let end = End::Failed {
-                    stage: "internal".into(),
+                    stage: domain::Stage::Internal,
                     message: format!("the job stopped unexpectedly: {e}"),
                 };
                 (job, end)
@@ -580,7 +580,7 @@ async fn emit_end(
             BorgInterface::backup_finished(emitter, job, profile, archive).await
         }
         End::Failed { stage, message } => {
-            BorgInterface::backup_failed(emitter, job, profile, stage, message).await
+            BorgInterface::backup_failed(emitter, job, profile, stage.as_str(), message).await
         }
         End::Skipped { reason } | End::Unreachable { reason } => {
             BorgInterface::backup_skipped(emitter, job, profile, reason).await
