@@ -640,22 +640,17 @@ struct Found {
     host_id: String,
 }
 
-async fn look_around(config: Arc<Config>, state_path: PathBuf) -> Found {
-    let found = tokio::task::spawn_blocking(move || {
+async fn look_around(config: Arc<Config>, state_path: PathBuf) -> Result<Found, ServiceError> {
+    tokio::task::spawn_blocking(move || {
         check_borgmatic_files(&config);
         Found {
             stored: Stored::load(&state_path),
             host_id: ferry_service::host::borg_host_id(config.borg.host_id.as_deref()),
         }
     })
-    .await;
-    found.unwrap_or_else(|e| {
-        tracing::error!("cannot read the state at start ({e}); starting afresh");
-        Found {
-            stored: Stored::default(),
-            host_id: ferry_service::host::borg_host_id(None),
-        }
-    })
+    .await
+    // Starting afresh would reuse job ids and forget the interrupted jobs.
+    .map_err(|e| ServiceError::Other(format!("cannot read the state at start: {e}")))
 }
 
 /// Runs the borg service on `connection` (the system bus) until
@@ -688,7 +683,7 @@ pub async fn run_on(
         Bus::Session => system::system_bus().await,
     };
     let state_path = config.state_directory.join(state::FILE_NAME);
-    let found = look_around(config.clone(), state_path.clone()).await;
+    let found = look_around(config.clone(), state_path.clone()).await?;
     tracing::info!("BORG_HOST_ID is {}", found.host_id);
     let policy = Policy {
         retries: config.borg.retries,
