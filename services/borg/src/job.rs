@@ -7,9 +7,11 @@
 //! `sources`, as borgmatic refuses to run): borg itself would only warn,
 //! make an archive without them and exit 1. borg's warning exit (1) is kept
 //! apart from success: the job ends [`End::Finished`] with borg's warning
-//! lines, which the loop reports as "finished with warnings". Progress and
-//! stage changes go to the loop as events; the loop owns
-//! the properties and the signals.
+//! lines, which is reported as "finished with warnings". Progress and
+//! stage changes go to the loop as events, and the end is the task's
+//! result; what they make of the properties and signals is the
+//! [`crate::domain`]'s to decide. Files (the borgmatic file, the
+//! passphrase file, preconditions) are read off the runtime.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
