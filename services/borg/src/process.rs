@@ -218,3 +218,79 @@ pub fn command<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
     command.args(args);
     command
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn shell(script: &str) -> Command {
+        let mut command = command("/bin/sh", &["-c", script]);
+        prepare(&mut command, None, libc::SIGKILL);
+        command
+    }
+
+    fn limits(cancel: &mut watch::Receiver<bool>, timeout: Duration) -> Limits<'_> {
+        Limits {
+            cancel,
+            timeout,
+            first_signal: libc::SIGINT,
+            grace: Duration::from_millis(100),
+        }
+    }
+
+    /// A child that ignores the first signal gets SIGTERM after the grace.
+    #[tokio::test]
+    async fn a_cancel_climbs_the_ladder_past_an_ignored_first_signal() {
+        let (cancel, mut cancelled) = watch::channel(false);
+        let mut lines = Vec::new();
+        let child = shell("trap '' INT; echo ready >&2; exec sleep 30");
+        let limits = limits(&mut cancelled, Duration::from_secs(60));
+        let ended = supervise(child, None, limits, |line| {
+            lines.push(line.to_string());
+            if line == "ready" {
+                cancel.send_replace(true);
+            }
+        })
+        .await
+        .expect("runs");
+        assert_eq!(ended.stopped, Some(Stop::Cancelled));
+        assert_eq!(ended.status.signal(), Some(libc::SIGTERM), "{ended:?}");
+        assert_eq!(lines, ["ready"]);
+    }
+
+    #[tokio::test]
+    async fn a_child_past_its_time_limit_is_stopped_and_its_output_kept() {
+        let (_cancel, mut cancelled) = watch::channel(false);
+        let child = shell("echo out; exec sleep 30");
+        // Long enough for sh to have written, however loaded the machine.
+        let limits = limits(&mut cancelled, Duration::from_secs(1));
+        let ended = supervise(child, None, limits, |_| {}).await.expect("runs");
+        assert_eq!(ended.stopped, Some(Stop::TimedOut));
+        assert_eq!(ended.status.signal(), Some(libc::SIGINT));
+        assert_eq!(ended.stdout, b"out\n");
+    }
+
+    #[tokio::test]
+    async fn a_job_cancelled_before_the_child_starts_stops_it_at_once() {
+        let (_cancel, mut cancelled) = watch::channel(true);
+        let child = shell("exec sleep 30");
+        let limits = limits(&mut cancelled, Duration::from_secs(60));
+        let ended = supervise(child, None, limits, |_| {}).await.expect("runs");
+        assert_eq!(ended.stopped, Some(Stop::Cancelled));
+        assert_eq!(ended.status.signal(), Some(libc::SIGINT));
+    }
+
+    #[tokio::test]
+    async fn a_child_that_exits_is_not_stopped() {
+        let (_cancel, mut cancelled) = watch::channel(false);
+        let child = shell("echo said >&2; exit 3");
+        let mut lines = Vec::new();
+        let limits = limits(&mut cancelled, Duration::from_secs(60));
+        let ended = supervise(child, None, limits, |l| lines.push(l.to_string()))
+            .await
+            .expect("runs");
+        assert_eq!((ended.stopped, ended.status.code()), (None, Some(3)));
+        assert_eq!(lines, ["said"]);
+    }
+}
