@@ -23,7 +23,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 pub use crate::domain::{End, Event, Stage};
-use crate::plan::{interpolate, Action, Outcome, Passphrase, Plan, PlanError, Scope, CHECK_KINDS};
+use crate::plan::{
+    interpolate, Action, Outcome, Passphrase, Plan, PlanError, Retries, Scope, CHECK_KINDS,
+};
 use crate::process::{self, Limits, Stop};
 use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
 use crate::{borgmatic, network, system};
@@ -254,6 +256,65 @@ impl Ended {
     }
 }
 
+/// One repository's turn in the queue.
+struct Turn<'a> {
+    name: &'a str,
+    index: usize,
+    /// 0 for its first try.
+    attempt: u32,
+    retries: Retries,
+}
+
+/// borgmatic's repository queue: each repository of the file in turn; one
+/// that failed (or whose server was unreachable) goes to the back of the
+/// queue while it has `retries` left, to be tried after `retry_wait` ×
+/// its attempt.
+struct Queue {
+    pending: VecDeque<(usize, u32)>,
+}
+
+impl Queue {
+    fn new(repositories: usize) -> Queue {
+        Queue {
+            pending: (0..repositories).map(|i| (i, 0)).collect(),
+        }
+    }
+
+    /// The next repository (its index) and its attempt (0: the first).
+    fn next(&mut self) -> Option<(usize, u32)> {
+        self.pending.pop_front()
+    }
+
+    /// Files how a turn went into `ended`, or queues the repository
+    /// again; false when the job must stop (it was cancelled).
+    fn record(&mut self, ended: &mut Ended, turn: Turn, result: Result<Done, Stopped>) -> bool {
+        let name = turn.name.to_string();
+        match result {
+            Ok(done) => ended.done.push((name, done)),
+            Err(Stopped::Skip(reason)) => ended.skipped.push((name, reason)),
+            Err(Stopped::Fail(fail)) if fail.stage == Stage::Cancelled => {
+                ended.failures.push((name, fail));
+                return false;
+            }
+            Err(stopped) if turn.attempt < turn.retries.count => {
+                let why = match stopped {
+                    Stopped::Fail(fail) => format!("{}: {}", fail.stage, fail.message),
+                    Stopped::Unreachable(reason) | Stopped::Skip(reason) => reason,
+                };
+                tracing::warn!(
+                    "repository {name}: {why}; trying again (attempt {} of {})",
+                    turn.attempt + 2,
+                    turn.retries.count + 1
+                );
+                self.pending.push_back((turn.index, turn.attempt + 1));
+            }
+            Err(Stopped::Fail(fail)) => ended.failures.push((name, fail)),
+            Err(Stopped::Unreachable(reason)) => ended.unreachable.push((name, reason)),
+        }
+        true
+    }
+}
+
 /// Why a profile has no plan to run (stage `config`).
 #[derive(Debug, thiserror::Error)]
 pub enum PlansError {
@@ -380,8 +441,8 @@ impl Job {
     /// attempt later).
     async fn repositories(&mut self, plans: &[Plan]) -> Ended {
         let mut ended = Ended::default();
-        let mut queue: VecDeque<(usize, u32)> = (0..plans.len()).map(|i| (i, 0)).collect();
-        while let Some((index, attempt)) = queue.pop_front() {
+        let mut queue = Queue::new(plans.len());
+        while let Some((index, attempt)) = queue.next() {
             let plan = &plans[index];
             let wait = plan.retries.wait.saturating_mul(attempt);
             if !wait.is_zero() {
@@ -395,32 +456,15 @@ impl Job {
                 }
             }
             let key = (plans.len() > 1).then(|| plan.repository.clone());
-            match self.repository(plan, key.as_deref()).await {
-                Ok(done) => ended.done.push((plan.name().to_string(), done)),
-                Err(Stopped::Skip(reason)) => ended.skipped.push((plan.name().to_string(), reason)),
-                Err(Stopped::Fail(fail)) if fail.stage == Stage::Cancelled => {
-                    ended.failures.push((plan.name().to_string(), fail));
-                    break;
-                }
-                Err(stopped @ (Stopped::Fail(_) | Stopped::Unreachable(_)))
-                    if attempt < plan.retries.count =>
-                {
-                    let why = match stopped {
-                        Stopped::Fail(fail) => format!("{}: {}", fail.stage, fail.message),
-                        Stopped::Unreachable(reason) | Stopped::Skip(reason) => reason,
-                    };
-                    tracing::warn!(
-                        "repository {}: {why}; trying again (attempt {} of {})",
-                        plan.name(),
-                        attempt + 2,
-                        plan.retries.count + 1
-                    );
-                    queue.push_back((index, attempt + 1));
-                }
-                Err(Stopped::Fail(fail)) => ended.failures.push((plan.name().to_string(), fail)),
-                Err(Stopped::Unreachable(reason)) => {
-                    ended.unreachable.push((plan.name().to_string(), reason))
-                }
+            let result = self.repository(plan, key.as_deref()).await;
+            let turn = Turn {
+                name: plan.name(),
+                index,
+                attempt,
+                retries: plan.retries,
+            };
+            if !queue.record(&mut ended, turn, result) {
+                break;
             }
         }
         ended
@@ -1255,6 +1299,50 @@ mod tests {
             stats: format!("{{\"{archive}\": 1}}"),
             checks: vec![format!("repository@/{archive}")],
         }
+    }
+
+    /// A failed repository goes to the back of the queue while it has
+    /// retries, a skip is not retried, and a cancel ends the queue.
+    #[test]
+    fn the_repository_queue_retries_a_failure_after_the_others() {
+        let retries = Retries {
+            count: 1,
+            wait: Duration::from_secs(7),
+        };
+        let turn = |name, index, attempt| Turn {
+            name,
+            index,
+            attempt,
+            retries,
+        };
+        let mut queue = Queue::new(3);
+        let mut ended = Ended::default();
+        let mut order = Vec::new();
+        let mut outcomes = vec![
+            Err(Fail::new(Stage::Create, "lost").into()),
+            Err(Stopped::Skip("not today".into())),
+            Ok(done("c1")),
+            Err(Fail::new(Stage::Create, "lost again").into()),
+        ]
+        .into_iter();
+        while let Some((index, attempt)) = queue.next() {
+            order.push((index, attempt));
+            let name = ["a", "b", "c"][index];
+            let result = outcomes.next().expect("an outcome per turn");
+            assert!(queue.record(&mut ended, turn(name, index, attempt), result));
+        }
+        assert_eq!(order, [(0, 0), (1, 0), (2, 0), (0, 1)]);
+        assert_eq!(ended.failures.len(), 1, "given up after its retry");
+        assert_eq!(ended.failures[0].1.message, "lost again");
+        assert_eq!(ended.skipped, [("b".to_string(), "not today".to_string())]);
+        assert_eq!(ended.done.len(), 1);
+
+        let mut queue = Queue::new(2);
+        let mut ended = Ended::default();
+        let (index, attempt) = queue.next().expect("first");
+        let cancelled = Err(Fail::cancelled(Stage::Create).into());
+        assert!(!queue.record(&mut ended, turn("a", index, attempt), cancelled));
+        assert_eq!(ended.failures[0].1.stage, Stage::Cancelled);
     }
 
     #[test]
