@@ -34,7 +34,7 @@ use crate::plan::{
     Action, CheckPlan, CommandHook, CreateOptions, Due, ExtraOptions, HookPlan, Outcome,
     Passphrase, Plan, Retries, Scope, Secret, DEFAULT_ARCHIVE_NAME_FORMAT,
 };
-use crate::tilde::Tilde;
+use crate::tilde::{Tilde, TildeError};
 
 /// The sections of the old form; their keys are read as if at the top level.
 const SECTIONS: [&str; 6] = [
@@ -114,11 +114,77 @@ pub enum Error {
     /// The options are readable but do not make a plan.
     #[error("{0}")]
     Plan(String),
+    /// An option's value is wrong.
+    #[error(transparent)]
+    Option(#[from] OptionError),
+    /// A `~` cannot be expanded.
+    #[error(transparent)]
+    Tilde(#[from] TildeError),
 }
 
-impl From<String> for Error {
-    fn from(text: String) -> Error {
-        Error::Plan(text)
+/// What is wrong with one option's value, naming the option (and what to
+/// write instead); `line N:` is put before it when it is reported.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionError {
+    /// The value has the wrong shape (`must` says which).
+    #[error("`{key}` must {must}")]
+    Shape {
+        /// The option.
+        key: String,
+        /// What it must be, e.g. `be true or false`.
+        must: &'static str,
+    },
+    /// The value has the right shape but cannot be used.
+    #[error("`{key}`: {why}")]
+    Invalid {
+        /// The option (with the sub-key, e.g. `extra_borg_options.create`).
+        key: String,
+        /// Why, and what to do.
+        why: String,
+    },
+    /// A passphrase written with borgmatic's interpolation.
+    #[error("`{key}` uses borgmatic's interpolation, which ferry-borg does not do: put the passphrase in a file and use encryption_passcommand: cat /path/to/file")]
+    Interpolation {
+        /// The option.
+        key: String,
+    },
+    /// A check's frequency cannot be read.
+    #[error("`{key}` {check}: {why}")]
+    Frequency {
+        /// The option.
+        key: String,
+        /// The check it belongs to.
+        check: String,
+        /// Why.
+        why: String,
+    },
+    /// A pattern line that is not `TYPE [STYLE:]PATH`.
+    #[error("`{line}` is not a borg pattern (TYPE [STYLE:]PATH)")]
+    NotAPattern {
+        /// The line.
+        line: String,
+    },
+    /// A pattern line of an unknown type.
+    #[error("`{line}`: borg patterns start with R, P, -, ! or +")]
+    PatternType {
+        /// The line.
+        line: String,
+    },
+}
+
+impl OptionError {
+    fn shape(entry: &Entry, must: &'static str) -> OptionError {
+        OptionError::Shape {
+            key: entry.key.clone(),
+            must,
+        }
+    }
+
+    fn invalid(key: &str, why: impl std::fmt::Display) -> OptionError {
+        OptionError::Invalid {
+            key: key.to_string(),
+            why: why.to_string(),
+        }
     }
 }
 
@@ -285,34 +351,34 @@ impl Entry<'_> {
         }
     }
 
-    fn string(&self) -> Result<String, String> {
+    fn string(&self) -> Result<String, OptionError> {
         match self.value {
             Value::String(s) => Ok(s.clone()),
             Value::Number(n) => Ok(n.to_string()),
-            _ => Err(format!("`{}` must be text", self.key)),
+            _ => Err(OptionError::shape(self, "be text")),
         }
     }
 
-    fn strings(&self) -> Result<Vec<String>, String> {
+    fn strings(&self) -> Result<Vec<String>, OptionError> {
         match self.value {
             Value::Sequence(items) => items.iter().map(|v| self.at(v).string()).collect(),
             Value::String(s) => Ok(vec![s.clone()]),
             Value::Null => Ok(Vec::new()),
-            _ => Err(format!("`{}` must be a list of text", self.key)),
+            _ => Err(OptionError::shape(self, "be a list of text")),
         }
     }
 
-    fn boolean(&self) -> Result<bool, String> {
+    fn boolean(&self) -> Result<bool, OptionError> {
         self.value
             .as_bool()
-            .ok_or_else(|| format!("`{}` must be true or false", self.key))
+            .ok_or_else(|| OptionError::shape(self, "be true or false"))
     }
 
-    fn count(&self) -> Result<u32, String> {
+    fn count(&self) -> Result<u32, OptionError> {
         self.value
             .as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| format!("`{}` must be a whole number", self.key))
+            .ok_or_else(|| OptionError::shape(self, "be a whole number"))
     }
 }
 
@@ -381,7 +447,7 @@ impl Reader {
         name: &str,
         entry: &Entry,
         warnings: &mut Vec<String>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, OptionError> {
         if self.take_source(name, entry)? || self.take_borg(name, entry, warnings)? {
             return Ok(true);
         }
@@ -395,7 +461,7 @@ impl Reader {
             "retry_wait" => self.retries.wait = Duration::from_secs(entry.count()?.into()),
             "keep_within" => {
                 let w = entry.string()?;
-                Profile::check_keep_within(&w).map_err(|e| format!("`{}`: {e}", entry.key))?;
+                Profile::check_keep_within(&w).map_err(|e| OptionError::invalid(&entry.key, e))?;
                 self.retention.within = Some(w);
             }
             "check_last" => self.check_last = Some(entry.count()?),
@@ -404,7 +470,7 @@ impl Reader {
             "archive_name_format" => {
                 let f = entry.string()?;
                 Profile::check_archive_name_format(&f)
-                    .map_err(|e| format!("`{}`: {e}", entry.key))?;
+                    .map_err(|e| OptionError::invalid(&entry.key, e))?;
                 self.archive_name_format = Some(f);
             }
             other => match other
@@ -419,7 +485,7 @@ impl Reader {
     }
 
     /// What is backed up.
-    fn take_source(&mut self, name: &str, entry: &Entry) -> Result<bool, String> {
+    fn take_source(&mut self, name: &str, entry: &Entry) -> Result<bool, OptionError> {
         match name {
             "source_directories" => self.sources = entry.strings()?,
             "patterns" => self.patterns = entry.strings()?,
@@ -441,16 +507,15 @@ impl Reader {
         name: &str,
         entry: &Entry,
         warnings: &mut Vec<String>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, OptionError> {
         match name {
             "repositories" => self.repositories = repositories(entry, warnings)?,
             "encryption_passphrase" => {
                 let text = entry.string()?;
                 if text.contains("${") || text.trim_start().starts_with("{credential") {
-                    return Err(format!(
-                        "`{}` uses borgmatic's interpolation, which ferry-borg does not do: put the passphrase in a file and use encryption_passcommand: cat /path/to/file",
-                        entry.key
-                    ));
+                    return Err(OptionError::Interpolation {
+                        key: entry.key.clone(),
+                    });
                 }
                 self.passphrase = Some(Secret::new(text));
             }
@@ -460,10 +525,7 @@ impl Reader {
             "umask" => {
                 let umask = entry.string()?;
                 if umask.is_empty() || !umask.chars().all(|c| ('0'..='7').contains(&c)) {
-                    return Err(format!(
-                        "`{}` must be an octal umask such as 0077",
-                        entry.key
-                    ));
+                    return Err(OptionError::shape(entry, "be an octal umask such as 0077"));
                 }
                 // borgmatic reads an unquoted 0077 as the number 77 and
                 // passes that; borg reads either as octal.
@@ -473,7 +535,7 @@ impl Reader {
             "extra_borg_options" => self.extra = extra_options(entry)?,
             "compression" => {
                 let c = entry.string()?;
-                Profile::check_compression(&c).map_err(|e| format!("`{}`: {e}", entry.key))?;
+                Profile::check_compression(&c).map_err(|e| OptionError::invalid(&entry.key, e))?;
                 self.create.compression = Some(c);
             }
             "lock_wait" => self.lock_wait = Some(entry.count()?),
@@ -740,14 +802,12 @@ impl Pattern {
     }
 
     /// `TYPE [STYLE:]PATH`; `default_style` when the line names none.
-    fn parse(line: &str, default_style: Option<&str>) -> Result<Pattern, String> {
+    fn parse(line: &str, default_style: Option<&str>) -> Result<Pattern, OptionError> {
         let (kind, rest) = line
             .split_once(' ')
-            .ok_or_else(|| format!("`{line}` is not a borg pattern (TYPE [STYLE:]PATH)"))?;
+            .ok_or_else(|| OptionError::NotAPattern { line: line.into() })?;
         if !["R", "P", "-", "!", "+"].contains(&kind) {
-            return Err(format!(
-                "`{line}`: borg patterns start with R, P, -, ! or +"
-            ));
+            return Err(OptionError::PatternType { line: line.into() });
         }
         let (style, path) = match rest.split_once(':') {
             Some((style, path)) if STYLES.contains(&style) => (Some(style.to_string()), path),
@@ -841,9 +901,9 @@ fn describe(all: &[(String, Option<String>)]) -> String {
 fn repositories(
     entry: &Entry,
     warnings: &mut Vec<String>,
-) -> Result<Vec<(String, Option<String>)>, String> {
+) -> Result<Vec<(String, Option<String>)>, OptionError> {
     let Value::Sequence(items) = entry.value else {
-        return Err(format!("`{}` must be a list", entry.key));
+        return Err(OptionError::shape(entry, "be a list"));
     };
     items
         .iter()
@@ -863,37 +923,35 @@ fn repositories(
                     .map(|k| format!("`{k}`"))
                     .collect();
                 if !extra.is_empty() {
-                    return Err(format!(
-                        "`{}`: ferry-borg does not support the repository option{} {} (set it for the whole file instead)",
-                        entry.key,
+                    return Err(OptionError::invalid(&entry.key, format!(
+                        "ferry-borg does not support the repository option{} {} (set it for the whole file instead)",
                         if extra.len() == 1 { "" } else { "s" },
                         extra.join(", ")
-                    ));
+                    )));
                 }
                 let path = text("path")
-                    .ok_or_else(|| format!("`{}`: a repository without a path", entry.key))?;
+                    .ok_or_else(|| OptionError::invalid(&entry.key, "a repository without a path"))?;
                 Ok((path, text("label")))
             }
-            _ => Err(format!(
-                "`{}` must list paths or {{path:, label:}} maps",
-                entry.key
-            )),
+            _ => Err(OptionError::shape(entry, "list paths or {path:, label:} maps")),
         })
         .collect()
 }
 
 /// `extra_borg_options:` per action, split as borgmatic splits them
 /// (shlex); options for actions ferry-borg never runs are kept out.
-fn extra_options(entry: &Entry) -> Result<ExtraOptions, String> {
+fn extra_options(entry: &Entry) -> Result<ExtraOptions, OptionError> {
     let Value::Mapping(map) = entry.value else {
-        return Err(format!("`{}` must map borg commands to options", entry.key));
+        return Err(OptionError::shape(entry, "map borg commands to options"));
     };
     let mut extra = ExtraOptions::default();
     for (key, value) in map {
         let action = key.as_str().unwrap_or_default();
         let text = entry.at(value).string()?;
-        let split = shlex::split(&text)
-            .ok_or_else(|| format!("`{}.{action}`: unbalanced quotes in `{text}`", entry.key))?;
+        let split = shlex::split(&text).ok_or_else(|| {
+            let key = format!("{}.{action}", entry.key);
+            OptionError::invalid(&key, format!("unbalanced quotes in `{text}`"))
+        })?;
         match action {
             "create" => extra.create = split,
             "prune" => extra.prune = split,
@@ -906,23 +964,31 @@ fn extra_options(entry: &Entry) -> Result<ExtraOptions, String> {
 }
 
 /// borgmatic 2's `commands:` list.
-fn commands(entry: &Entry) -> Result<Vec<CommandHook>, String> {
+fn commands(entry: &Entry) -> Result<Vec<CommandHook>, OptionError> {
     let Value::Sequence(items) = entry.value else {
-        return Err(format!("`{}` must be a list", entry.key));
+        return Err(OptionError::shape(entry, "be a list"));
     };
     items.iter().map(|item| command(entry, item)).collect()
 }
 
-fn command(entry: &Entry, item: &Value) -> Result<CommandHook, String> {
+fn command(entry: &Entry, item: &Value) -> Result<CommandHook, OptionError> {
     let key = &entry.key;
     let Value::Mapping(map) = item else {
-        return Err(format!("`{key}` must list {{before:|after:, run:}} maps"));
+        return Err(OptionError::shape(
+            entry,
+            "list {before:|after:, run:} maps",
+        ));
     };
     let text = |k: &str| map.get(k).and_then(Value::as_str);
     let (before, moment) = match (text("before"), text("after")) {
         (Some(m), None) => (true, m),
         (None, Some(m)) => (false, m),
-        _ => return Err(format!("`{key}`: each hook needs either before: or after:")),
+        _ => {
+            return Err(OptionError::invalid(
+                key,
+                "each hook needs either before: or after:",
+            ))
+        }
     };
     let scope = match moment {
         "everything" => Scope::Everything,
@@ -931,13 +997,19 @@ fn command(entry: &Entry, item: &Value) -> Result<CommandHook, String> {
         "action" => Scope::Action,
         "error" if !before => Scope::Error,
         "dump_data_sources" => {
-            return Err(format!(
-                "`{key}`: ferry-borg dumps no data sources, so `dump_data_sources` hooks never run: use `before: action` with `when: [create]`"
+            return Err(OptionError::invalid(
+                key,
+                "ferry-borg dumps no data sources, so `dump_data_sources` hooks never run: use `before: action` with `when: [create]`",
             ))
         }
-        other => return Err(format!("`{key}`: `{other}` is not a hook moment")),
+        other => {
+            return Err(OptionError::invalid(
+                key,
+                format!("`{other}` is not a hook moment"),
+            ))
+        }
     };
-    let names = |k: &str| -> Result<Option<Vec<String>>, String> {
+    let names = |k: &str| -> Result<Option<Vec<String>>, OptionError> {
         map.get(k).map(|v| entry.at(v).strings()).transpose()
     };
     let when = names("when")?.map(|names| {
@@ -953,7 +1025,10 @@ fn command(entry: &Entry, item: &Value) -> Result<CommandHook, String> {
                 .map(|n| match n.as_str() {
                     "finish" => Ok(Outcome::Finish),
                     "fail" => Ok(Outcome::Fail),
-                    other => Err(format!("`{key}`: `{other}` is not a state (finish, fail)")),
+                    other => Err(OptionError::invalid(
+                        key,
+                        format!("`{other}` is not a state (finish, fail)"),
+                    )),
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -969,9 +1044,9 @@ fn command(entry: &Entry, item: &Value) -> Result<CommandHook, String> {
 }
 
 /// `checks:` as names (old form) or `{name:, frequency:}` maps.
-fn checks(entry: &Entry) -> Result<Vec<(String, Due)>, String> {
+fn checks(entry: &Entry) -> Result<Vec<(String, Due)>, OptionError> {
     let Value::Sequence(items) = entry.value else {
-        return Err(format!("`{}` must be a list", entry.key));
+        return Err(OptionError::shape(entry, "be a list"));
     };
     items
         .iter()
@@ -981,29 +1056,36 @@ fn checks(entry: &Entry) -> Result<Vec<(String, Due)>, String> {
                 let name = map
                     .get("name")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| format!("`{}`: a check without a name", entry.key))?;
+                    .ok_or_else(|| OptionError::invalid(&entry.key, "a check without a name"))?;
                 let extra: Vec<&str> = map
                     .keys()
                     .filter_map(Value::as_str)
                     .filter(|k| !["name", "frequency"].contains(k))
                     .collect();
                 if !extra.is_empty() {
-                    return Err(format!(
-                        "`{}`: ferry-borg does not support the check option(s) {}",
-                        entry.key,
-                        extra.join(", ")
+                    return Err(OptionError::invalid(
+                        &entry.key,
+                        format!(
+                            "ferry-borg does not support the check option(s) {}",
+                            extra.join(", ")
+                        ),
                     ));
                 }
                 let due = match map.get("frequency").and_then(Value::as_str) {
                     None => Due::Always,
-                    Some(text) => Due::from_interval(
-                        Profile::parse_frequency(text)
-                            .map_err(|e| format!("`{}` {name}: {e}", entry.key))?,
-                    ),
+                    Some(text) => {
+                        Due::from_interval(Profile::parse_frequency(text).map_err(|e| {
+                            OptionError::Frequency {
+                                key: entry.key.clone(),
+                                check: name.to_string(),
+                                why: e.to_string(),
+                            }
+                        })?)
+                    }
                 };
                 Ok((name.to_string(), due))
             }
-            _ => Err(format!("`{}` must list checks", entry.key)),
+            _ => Err(OptionError::shape(entry, "list checks")),
         })
         .collect()
 }

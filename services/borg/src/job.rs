@@ -7,9 +7,11 @@
 //! `sources`, as borgmatic refuses to run): borg itself would only warn,
 //! make an archive without them and exit 1. borg's warning exit (1) is kept
 //! apart from success: the job ends [`End::Finished`] with borg's warning
-//! lines, which the loop reports as "finished with warnings". Progress and
-//! stage changes go to the loop as events; the loop owns
-//! the properties and the signals.
+//! lines, which is reported as "finished with warnings". Progress and
+//! stage changes go to the loop as events, and the end is the task's
+//! result; what they make of the properties and signals is the
+//! [`crate::domain`]'s to decide. Files (the borgmatic file, the
+//! passphrase file, preconditions) are read off the runtime.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
@@ -20,7 +22,10 @@ use ferry_config::{Config, Name};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use crate::plan::{interpolate, Action, Outcome, Passphrase, Plan, Scope, CHECK_KINDS};
+pub use crate::domain::{End, Event, Stage};
+use crate::plan::{
+    interpolate, Action, Outcome, Passphrase, Plan, PlanError, Retries, Scope, CHECK_KINDS,
+};
 use crate::process::{self, Limits, Stop};
 use crate::remote::{self, Diagnosis, SshSetup, Unreachable};
 use crate::{borgmatic, network, system};
@@ -36,64 +41,6 @@ const MESSAGE_LINES: usize = 5;
 /// How many of ssh's relayed lines are kept to diagnose a failure (a
 /// changed host key takes 16).
 const REMOTE_LINES: usize = 40;
-
-/// What a running job tells the loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// The job entered a stage (waiting, hook, create, prune, compact, check).
-    Stage(&'static str),
-    /// borg create's progress.
-    Progress {
-        /// Original bytes read.
-        bytes: u64,
-        /// Files processed.
-        files: u64,
-    },
-}
-
-/// How a job ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// Every stage succeeded.
-    Finished {
-        /// The archive made.
-        archive: String,
-        /// borg create --json.
-        stats: String,
-        /// The check kinds that ran (`kind@repository` with several
-        /// repositories).
-        checks: Vec<String>,
-        /// borg's warnings when a command exited 1 (warning), each with its
-        /// stage; empty when every command exited 0.
-        warnings: Vec<String>,
-        /// With several repositories, what happened in each
-        /// (`name: archive …` or `name: skipped: …`); empty with one.
-        repositories: Vec<String>,
-    },
-    /// A stage failed, or the job was cancelled (stage "cancelled").
-    Failed {
-        /// hook, config, sources, create, prune, compact, check or cancelled.
-        stage: String,
-        /// What went wrong, in borg's or the hook's words.
-        message: String,
-    },
-    /// Not run, and that is fine.
-    Skipped {
-        /// Why.
-        reason: String,
-    },
-    /// The SSH server could not be reached (or the network is not online):
-    /// the loop makes it a skip, or a failure once past the grace
-    /// ([`crate::remote::settle_unreachable`]).
-    Unreachable {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// The stages at which borg talked to the repository's server: a failure
-/// there means the server was reachable.
-pub const REACHES_SERVER: [&str; 4] = ["create", "prune", "compact", "check"];
 
 /// One repository, one job: a per-repository async lock shared by all jobs.
 #[derive(Clone, Default)]
@@ -135,20 +82,20 @@ pub struct Job {
 
 /// A failure on the way: the stage and the message.
 struct Fail {
-    stage: String,
+    stage: Stage,
     message: String,
 }
 
 impl Fail {
-    fn new(stage: &str, message: impl Into<String>) -> Fail {
+    fn new(stage: Stage, message: impl Into<String>) -> Fail {
         Fail {
-            stage: stage.to_string(),
+            stage,
             message: message.into(),
         }
     }
 
-    fn cancelled(stage: &str) -> Fail {
-        Fail::new("cancelled", format!("cancelled during {stage}"))
+    fn cancelled(during: Stage) -> Fail {
+        Fail::new(Stage::Cancelled, format!("cancelled during {during}"))
     }
 }
 
@@ -211,7 +158,7 @@ impl Ended {
     fn failure(&self) -> Option<&(String, Fail)> {
         self.failures
             .iter()
-            .find(|(_, f)| f.stage == "cancelled")
+            .find(|(_, f)| f.stage == Stage::Cancelled)
             .or(self.failures.first())
     }
 
@@ -269,7 +216,7 @@ impl Ended {
                 message = format!("{message} (all repositories: {})", summary.join("; "));
             }
             return End::Failed {
-                stage: fail.stage.clone(),
+                stage: fail.stage,
                 message,
             };
         }
@@ -309,24 +256,115 @@ impl Ended {
     }
 }
 
+/// One repository's turn in the queue.
+struct Turn<'a> {
+    name: &'a str,
+    index: usize,
+    /// 0 for its first try.
+    attempt: u32,
+    retries: Retries,
+}
+
+/// borgmatic's repository queue: each repository of the file in turn; one
+/// that failed (or whose server was unreachable) goes to the back of the
+/// queue while it has `retries` left, to be tried after `retry_wait` ×
+/// its attempt.
+struct Queue {
+    pending: VecDeque<(usize, u32)>,
+}
+
+impl Queue {
+    fn new(repositories: usize) -> Queue {
+        Queue {
+            pending: (0..repositories).map(|i| (i, 0)).collect(),
+        }
+    }
+
+    /// The next repository (its index) and its attempt (0: the first).
+    fn next(&mut self) -> Option<(usize, u32)> {
+        self.pending.pop_front()
+    }
+
+    /// Files how a turn went into `ended`, or queues the repository
+    /// again; false when the job must stop (it was cancelled).
+    fn record(&mut self, ended: &mut Ended, turn: Turn, result: Result<Done, Stopped>) -> bool {
+        let name = turn.name.to_string();
+        match result {
+            Ok(done) => ended.done.push((name, done)),
+            Err(Stopped::Skip(reason)) => ended.skipped.push((name, reason)),
+            Err(Stopped::Fail(fail)) if fail.stage == Stage::Cancelled => {
+                ended.failures.push((name, fail));
+                return false;
+            }
+            Err(stopped) if turn.attempt < turn.retries.count => {
+                let why = match stopped {
+                    Stopped::Fail(fail) => format!("{}: {}", fail.stage, fail.message),
+                    Stopped::Unreachable(reason) | Stopped::Skip(reason) => reason,
+                };
+                tracing::warn!(
+                    "repository {name}: {why}; trying again (attempt {} of {})",
+                    turn.attempt + 2,
+                    turn.retries.count + 1
+                );
+                self.pending.push_back((turn.index, turn.attempt + 1));
+            }
+            Err(Stopped::Fail(fail)) => ended.failures.push((name, fail)),
+            Err(Stopped::Unreachable(reason)) => ended.unreachable.push((name, reason)),
+        }
+        true
+    }
+}
+
+/// Why a profile has no plan to run (stage `config`).
+#[derive(Debug, thiserror::Error)]
+pub enum PlansError {
+    /// Its borgmatic file cannot be used.
+    #[error(transparent)]
+    Borgmatic(#[from] borgmatic::Error),
+    /// Its ferry.toml profile makes no plan, or one that writes to a drive.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// It backs up to no repository.
+    #[error("profile `{0}` backs up to no repository")]
+    Empty(Name),
+}
+
 /// The plans of a profile: one, or one per repository of its borgmatic
-/// file; each refused if it would write to a drive.
-fn plans(
+/// file; each refused if it would write to a drive. Reads files (the
+/// borgmatic file, patterns_from, symlinks): call it off the runtime.
+pub fn plans(
     config: &Config,
     name: &Name,
     profile: &ferry_config::Profile,
-) -> Result<Vec<Plan>, String> {
+) -> Result<Vec<Plan>, PlansError> {
     let plans = match profile.borgmatic_config {
-        Some(_) => borgmatic::load(config, name, profile).map_err(|e| e.to_string())?,
-        None => vec![Plan::from_profile(config, name, profile)?],
+        Some(_) => borgmatic::load(config, name, profile)?,
+        None => vec![Plan::of_profile(config, name, profile)?],
     };
     for plan in &plans {
-        plan.check_not_on_a_drive(config)?;
+        plan.refuse_on_a_drive(config)?;
     }
     if plans.is_empty() {
-        return Err(format!("profile `{name}` backs up to no repository"));
+        return Err(PlansError::Empty(name.clone()));
     }
     Ok(plans)
+}
+
+/// [`plans`] off the runtime; a failure is one at stage `config`.
+async fn plans_off_runtime(
+    config: Arc<Config>,
+    name: Name,
+    profile: ferry_config::Profile,
+) -> Result<Vec<Plan>, Fail> {
+    let planned = tokio::task::spawn_blocking(move || plans(&config, &name, &profile)).await;
+    match planned {
+        Ok(Ok(plans)) => Ok(plans),
+        Ok(Err(e)) => Err(Fail::new(Stage::Config, e.to_string())),
+        Err(e) => Err(Fail::new(
+            Stage::Config,
+            format!("the plan was not made: {e}"),
+        )),
+    }
 }
 
 /// What one borg run produced.
@@ -337,40 +375,14 @@ struct BorgOutput {
 impl Job {
     /// Runs the job to its end.
     pub async fn run(mut self) -> End {
-        let profile_name = self.profile.clone();
-        let Some(profile) = self.config.profiles.get(&profile_name).cloned() else {
-            return End::Failed {
-                stage: "config".into(),
-                message: format!("profile `{profile_name}` is no longer configured"),
-            };
-        };
-        self.stage("waiting").await;
-        let pre = &profile.preconditions;
-        if let Some(reason) = system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power) {
-            return End::Skipped { reason };
-        }
-        if pre.network_online {
-            if let Err(offline) = network::online().await {
-                return End::Unreachable {
-                    reason: format!("{}: {offline}", Unreachable::NetworkOffline.describe()),
-                };
-            }
-        }
-        let plans = match plans(&self.config, &profile_name, &profile) {
+        let plans = match self.ready().await {
             Ok(plans) => plans,
-            Err(message) => {
-                return End::Failed {
-                    stage: "config".into(),
-                    message,
-                }
-            }
+            Err(end) => return end,
         };
-        for warning in plans.iter().flat_map(|p| &p.warnings) {
-            tracing::warn!("profile {profile_name}: {warning}");
-        }
         let _inhibitor = match &self.logind {
             Some(bus) => {
-                system::inhibit(bus, &format!("borg backup of profile {profile_name}")).await
+                let why = format!("borg backup of profile {}", self.profile);
+                system::inhibit(bus, &why).await
             }
             None => None,
         };
@@ -391,52 +403,68 @@ impl Job {
         self.wind_up(first, ended).await
     }
 
+    /// Whether the profile may run now (its preconditions, the network)
+    /// and its plans; else how the job ends without running anything.
+    async fn ready(&mut self) -> Result<Vec<Plan>, End> {
+        let name = self.profile.clone();
+        let Some(profile) = self.config.profiles.get(&name).cloned() else {
+            return Err(End::Failed {
+                stage: Stage::Config,
+                message: format!("profile `{name}` is no longer configured"),
+            });
+        };
+        self.stage(Stage::Waiting).await;
+        if let Some(reason) = system::preconditions_block(&profile.preconditions).await {
+            return Err(End::Skipped { reason });
+        }
+        if profile.preconditions.network_online {
+            if let Err(offline) = network::online().await {
+                return Err(End::Unreachable {
+                    reason: format!("{}: {offline}", Unreachable::NetworkOffline.describe()),
+                });
+            }
+        }
+        let plans = plans_off_runtime(self.config.clone(), name.clone(), profile)
+            .await
+            .map_err(|fail| End::Failed {
+                stage: fail.stage,
+                message: fail.message,
+            })?;
+        for warning in plans.iter().flat_map(|p| &p.warnings) {
+            tracing::warn!("profile {name}: {warning}");
+        }
+        Ok(plans)
+    }
+
     /// Backs up every repository in turn (borgmatic's queue: a failed one
     /// is tried again after the others, `retries` times, `retry_wait` ×
     /// attempt later).
     async fn repositories(&mut self, plans: &[Plan]) -> Ended {
         let mut ended = Ended::default();
-        let mut queue: VecDeque<(usize, u32)> = (0..plans.len()).map(|i| (i, 0)).collect();
-        while let Some((index, attempt)) = queue.pop_front() {
+        let mut queue = Queue::new(plans.len());
+        while let Some((index, attempt)) = queue.next() {
             let plan = &plans[index];
             let wait = plan.retries.wait.saturating_mul(attempt);
             if !wait.is_zero() {
-                self.stage("waiting").await;
+                self.stage(Stage::Waiting).await;
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancelled(&mut self.cancel) => {
-                        ended.failures.push((plan.name().to_string(), Fail::cancelled("waiting")));
+                        ended.failures.push((plan.name().to_string(), Fail::cancelled(Stage::Waiting)));
                         break;
                     }
                 }
             }
             let key = (plans.len() > 1).then(|| plan.repository.clone());
-            match self.repository(plan, key.as_deref()).await {
-                Ok(done) => ended.done.push((plan.name().to_string(), done)),
-                Err(Stopped::Skip(reason)) => ended.skipped.push((plan.name().to_string(), reason)),
-                Err(Stopped::Fail(fail)) if fail.stage == "cancelled" => {
-                    ended.failures.push((plan.name().to_string(), fail));
-                    break;
-                }
-                Err(stopped @ (Stopped::Fail(_) | Stopped::Unreachable(_)))
-                    if attempt < plan.retries.count =>
-                {
-                    let why = match stopped {
-                        Stopped::Fail(fail) => format!("{}: {}", fail.stage, fail.message),
-                        Stopped::Unreachable(reason) | Stopped::Skip(reason) => reason,
-                    };
-                    tracing::warn!(
-                        "repository {}: {why}; trying again (attempt {} of {})",
-                        plan.name(),
-                        attempt + 2,
-                        plan.retries.count + 1
-                    );
-                    queue.push_back((index, attempt + 1));
-                }
-                Err(Stopped::Fail(fail)) => ended.failures.push((plan.name().to_string(), fail)),
-                Err(Stopped::Unreachable(reason)) => {
-                    ended.unreachable.push((plan.name().to_string(), reason))
-                }
+            let result = self.repository(plan, key.as_deref()).await;
+            let turn = Turn {
+                name: plan.name(),
+                index,
+                attempt,
+                retries: plan.retries,
+            };
+            if !queue.record(&mut ended, turn, result) {
+                break;
             }
         }
         ended
@@ -444,11 +472,11 @@ impl Job {
 
     /// One repository: its turn, its hooks, its actions.
     async fn repository(&mut self, plan: &Plan, key: Option<&str>) -> Result<Done, Stopped> {
-        self.stage("waiting").await;
-        let turn = self.locks.lock_for(&plan.repository_key());
+        self.stage(Stage::Waiting).await;
+        let turn = self.locks.lock_for(&plan.repository_key().await);
         let _turn = tokio::select! {
             guard = turn.lock_owned() => guard,
-            _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
+            _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled(Stage::Waiting).into()),
         };
         self.scoped(plan, true, Scope::Repository, None, None, None)
             .await?;
@@ -505,11 +533,11 @@ impl Job {
         match action {
             Action::Create => {
                 if plan.sources_must_exist {
-                    self.stage("sources").await;
+                    self.stage(Stage::Sources).await;
                     missing_sources(&plan.sources).await?;
                 }
-                self.stage("create").await;
-                let created = self.borg(plan, "create", &plan.create_args()).await?;
+                self.stage(Stage::Create).await;
+                let created = self.borg(plan, Stage::Create, &plan.create_args()).await?;
                 let (archive, stats) = self.created(created).await?;
                 tracing::info!("created archive {archive} in {}", plan.repository);
                 done.archive = archive;
@@ -517,14 +545,14 @@ impl Job {
             }
             Action::Prune => {
                 if let Some(args) = plan.prune_args() {
-                    self.stage("prune").await;
-                    self.borg(plan, "prune", &args).await?;
+                    self.stage(Stage::Prune).await;
+                    self.borg(plan, Stage::Prune, &args).await?;
                 }
             }
             Action::Compact => {
                 if let Some(args) = plan.compact_args() {
-                    self.stage("compact").await;
-                    self.borg(plan, "compact", &args).await?;
+                    self.stage(Stage::Compact).await;
+                    self.borg(plan, Stage::Compact, &args).await?;
                 }
             }
             Action::Check => done.checks = self.checks(plan, key).await?,
@@ -537,13 +565,13 @@ impl Job {
         let stats = String::from_utf8_lossy(&created.stdout).into_owned();
         let parsed: Value = serde_json::from_str(&stats).map_err(|e| {
             Fail::new(
-                "create",
+                Stage::Create,
                 format!("borg create printed no JSON statistics ({e})"),
             )
         })?;
         let archive = parsed["archive"]["name"]
             .as_str()
-            .ok_or_else(|| Fail::new("create", "borg create's statistics name no archive"))?
+            .ok_or_else(|| Fail::new(Stage::Create, "borg create's statistics name no archive"))?
             .to_string();
         let totals = &parsed["archive"]["stats"];
         self.progress(
@@ -563,7 +591,10 @@ impl Job {
         } else {
             Outcome::Finish
         });
-        let cancelled = ended.failures.iter().any(|(_, f)| f.stage == "cancelled");
+        let cancelled = ended
+            .failures
+            .iter()
+            .any(|(_, f)| f.stage == Stage::Cancelled);
         if !cancelled {
             if let Err(Stopped::Fail(fail)) = self
                 .scoped(plan, false, Scope::Configuration, None, outcome, None)
@@ -609,12 +640,12 @@ impl Job {
         error: Option<&str>,
     ) -> Result<(), Stopped> {
         let commands = plan.hooks.select(before, scope, action, outcome);
-        let which = match (before, scope) {
-            (false, Scope::Error) => "on-error",
-            (true, _) => "before",
-            (false, _) => "after",
+        let moment = match (before, scope) {
+            (false, Scope::Error) => Moment::OnError,
+            (true, _) => Moment::Before,
+            (false, _) => Moment::After,
         };
-        self.hooks(plan, which, &commands, error).await
+        self.hooks(plan, moment, &commands, error).await
     }
 
     /// Runs the checks that are due; returns the keys of the kinds that ran
@@ -635,9 +666,9 @@ impl Job {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        self.stage("check").await;
+        self.stage(Stage::Check).await;
         for args in runs {
-            self.borg(plan, "check", &args).await?;
+            self.borg(plan, Stage::Check, &args).await?;
         }
         Ok(CHECK_KINDS
             .into_iter()
@@ -654,7 +685,7 @@ impl Job {
     async fn borg(
         &mut self,
         plan: &Plan,
-        stage: &'static str,
+        stage: Stage,
         args: &[String],
     ) -> Result<BorgOutput, Stopped> {
         let config = self.config.clone();
@@ -673,10 +704,10 @@ impl Job {
                         delay.as_secs(),
                         settings.busy_retries
                     );
-                    self.stage("waiting").await;
+                    self.stage(Stage::Waiting).await;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled("waiting").into()),
+                        _ = cancelled(&mut self.cancel) => return Err(Fail::cancelled(Stage::Waiting).into()),
                     }
                     delay = delay.saturating_mul(2);
                     self.stage(stage).await;
@@ -695,120 +726,18 @@ impl Job {
         }
     }
 
-    async fn borg_once(&mut self, plan: &Plan, stage: &'static str, args: &[String]) -> Attempt {
-        let settings = self.config.borg.clone();
+    /// One run of borg: its command line and environment, its supervised
+    /// run, and what its exit means.
+    async fn borg_once(&mut self, plan: &Plan, stage: Stage, args: &[String]) -> Attempt {
         let ssh = (!plan.is_local()).then(|| self.ssh_setup(plan));
-        let mut command = process::command(&settings.program, args);
-        for name in [
-            "BORG_PASSPHRASE",
-            "BORG_PASSCOMMAND",
-            "BORG_PASSPHRASE_FD",
-            "BORG_NEW_PASSPHRASE",
-            "BORG_REPO",
-            "BORG_RSH",
-        ] {
-            command.env_remove(name);
-        }
-        command
-            .env("BORG_HOST_ID", &self.host_id)
-            .env("BORG_HOSTNAME_IS_UNIQUE", "yes")
-            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "no")
-            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "no")
-            .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
-            .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
-            .env("BORG_DISPLAY_PASSPHRASE", "no");
-        if let Err(fail) = set_rsh(&mut command, plan, ssh.as_ref()) {
-            return Attempt::Failed(fail);
-        }
-        let secret = match &plan.passphrase {
-            Passphrase::None => None,
-            Passphrase::Command(passcommand) => {
-                command.env("BORG_PASSCOMMAND", passcommand);
-                None
-            }
-            // Regular, root's, unreadable by others — or refused.
-            Passphrase::File(path) => {
-                let read = ferry_config::paths::open_secret(path, "the passphrase file").and_then(
-                    |mut file| {
-                        let mut bytes = Vec::new();
-                        std::io::Read::read_to_end(&mut file, &mut bytes)
-                            .map(|_| bytes)
-                            .map_err(|e| {
-                                format!("cannot read the passphrase file {}: {e}", path.display())
-                            })
-                    },
-                );
-                match read {
-                    Ok(bytes) => Some(bytes),
-                    Err(message) => return Attempt::Failed(Fail::new("config", message)),
-                }
-            }
-            Passphrase::Inline(secret) => Some(secret.expose().as_bytes().to_vec()),
+        let prepared = match self.borg_command(plan, stage, args, ssh.as_ref()).await {
+            Ok(prepared) => prepared,
+            Err(fail) => return Attempt::Failed(fail),
         };
-        let pipe = match secret.as_deref().map(process::secret_pipe).transpose() {
-            Ok(pipe) => pipe,
-            Err(e) => {
-                return Attempt::Failed(Fail::new(
-                    stage,
-                    format!("cannot hand borg the passphrase: {e}"),
-                ))
-            }
+        let (ended, log) = match self.supervise_borg(prepared, stage).await {
+            Ok(run) => run,
+            Err(fail) => return Attempt::Failed(fail),
         };
-        if let Some(fd) = &pipe {
-            use std::os::fd::AsRawFd;
-            command.env(
-                "BORG_PASSPHRASE_FD",
-                OsString::from(fd.as_raw_fd().to_string()),
-            );
-        }
-        process::prepare(&mut command, pipe.as_ref(), libc::SIGINT);
-        tracing::debug!("running borg {}", args.join(" "));
-
-        let mut log = BorgLog::default();
-        let mut last_progress: Option<Instant> = None;
-        let events = self.events.clone();
-        let id = self.id.clone();
-        let limits = Limits {
-            cancel: &mut self.cancel,
-            timeout: settings.command_timeout.duration(),
-            first_signal: libc::SIGINT,
-            grace: settings.cancel_timeout.duration(),
-        };
-        let ended = process::supervise(command, pipe, limits, |line| {
-            if let Some((bytes, files)) = log.line(line) {
-                if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
-                    last_progress = Some(Instant::now());
-                    // Progress is best effort: a full queue drops a report, never blocks borg.
-                    let _ = events.try_send((id.clone(), Event::Progress { bytes, files }));
-                }
-            }
-        })
-        .await;
-        let ended = match ended {
-            Ok(ended) => ended,
-            Err(e) => {
-                return Attempt::Failed(Fail::new(
-                    stage,
-                    format!(
-                        "cannot run {}: {e} (is borgbackup installed?)",
-                        settings.program
-                    ),
-                ))
-            }
-        };
-        match ended.stopped {
-            Some(Stop::Cancelled) => return Attempt::Failed(Fail::cancelled(stage)),
-            Some(Stop::TimedOut) => {
-                return Attempt::Failed(Fail::new(
-                    stage,
-                    format!(
-                        "borg {stage} ran longer than {}s (command-timeout) and was stopped",
-                        settings.command_timeout.as_secs()
-                    ),
-                ))
-            }
-            None => {}
-        }
         for warning in &log.warnings {
             tracing::warn!("borg {stage}: {warning}");
         }
@@ -837,6 +766,113 @@ impl Job {
         }
     }
 
+    /// borg's command for `args`: a clean environment (no passphrase or
+    /// repository of ferry's own), the host id, borg's safety answers, the
+    /// ssh command, and the passphrase as a pipe only borg inherits.
+    async fn borg_command(
+        &self,
+        plan: &Plan,
+        stage: Stage,
+        args: &[String],
+        ssh: Option<&SshSetup>,
+    ) -> Result<Prepared, Fail> {
+        let mut command = process::command(&self.config.borg.program, args);
+        for name in [
+            "BORG_PASSPHRASE",
+            "BORG_PASSCOMMAND",
+            "BORG_PASSPHRASE_FD",
+            "BORG_NEW_PASSPHRASE",
+            "BORG_REPO",
+            "BORG_RSH",
+        ] {
+            command.env_remove(name);
+        }
+        command
+            .env("BORG_HOST_ID", &self.host_id)
+            .env("BORG_HOSTNAME_IS_UNIQUE", "yes")
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "no")
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "no")
+            .env("BORG_CHECK_I_KNOW_WHAT_I_AM_DOING", "NO")
+            .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "NO")
+            .env("BORG_DISPLAY_PASSPHRASE", "no");
+        set_rsh(&mut command, plan, ssh).await?;
+        let secret = match &plan.passphrase {
+            Passphrase::None => None,
+            Passphrase::Command(passcommand) => {
+                command.env("BORG_PASSCOMMAND", passcommand);
+                None
+            }
+            Passphrase::File(path) => Some(read_passphrase(path.clone()).await?),
+            Passphrase::Inline(secret) => Some(secret.expose().as_bytes().to_vec()),
+        };
+        let pipe = secret
+            .as_deref()
+            .map(process::secret_pipe)
+            .transpose()
+            .map_err(|e| Fail::new(stage, format!("cannot hand borg the passphrase: {e}")))?;
+        if let Some(fd) = &pipe {
+            use std::os::fd::AsRawFd;
+            command.env(
+                "BORG_PASSPHRASE_FD",
+                OsString::from(fd.as_raw_fd().to_string()),
+            );
+        }
+        process::prepare(&mut command, pipe.as_ref(), libc::SIGINT);
+        tracing::debug!("running borg {}", args.join(" "));
+        Ok(Prepared { command, pipe })
+    }
+
+    /// Runs a prepared borg until it exits, reading its log (progress goes
+    /// to the loop, at most every [`PROGRESS_INTERVAL`]); a cancel or the
+    /// command timeout stops it (SIGINT first: borg checkpoints).
+    async fn supervise_borg(
+        &mut self,
+        prepared: Prepared,
+        stage: Stage,
+    ) -> Result<(process::Ended, BorgLog), Fail> {
+        let settings = self.config.borg.clone();
+        let mut log = BorgLog::default();
+        let mut last_progress: Option<Instant> = None;
+        let events = self.events.clone();
+        let id = self.id.clone();
+        let limits = Limits {
+            cancel: &mut self.cancel,
+            timeout: settings.command_timeout.duration(),
+            first_signal: libc::SIGINT,
+            grace: settings.cancel_timeout.duration(),
+        };
+        let ended = process::supervise(prepared.command, prepared.pipe, limits, |line| {
+            if let Some((bytes, files)) = log.line(line) {
+                if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
+                    last_progress = Some(Instant::now());
+                    // Progress is best effort: a full queue drops a report, never blocks borg.
+                    let _ = events.try_send((id.clone(), Event::Progress { bytes, files }));
+                }
+            }
+        })
+        .await
+        .map_err(|e| {
+            Fail::new(
+                stage,
+                format!(
+                    "cannot run {}: {e} (is borgbackup installed?)",
+                    settings.program
+                ),
+            )
+        })?;
+        match ended.stopped {
+            Some(Stop::Cancelled) => Err(Fail::cancelled(stage)),
+            Some(Stop::TimedOut) => Err(Fail::new(
+                stage,
+                format!(
+                    "borg {stage} ran longer than {}s (command-timeout) and was stopped",
+                    settings.command_timeout.as_secs()
+                ),
+            )),
+            None => Ok((ended, log)),
+        }
+    }
+
     /// How ssh runs for `plan`'s remote repository.
     fn ssh_setup(&self, plan: &Plan) -> SshSetup {
         let home = remote::service_home();
@@ -858,85 +894,67 @@ impl Job {
     async fn hooks(
         &mut self,
         plan: &Plan,
-        which: &'static str,
+        moment: Moment,
         commands: &[String],
         error: Option<&str>,
     ) -> Result<(), Stopped> {
         if commands.is_empty() {
             return Ok(());
         }
-        self.stage("hook").await;
-        let settings = self.config.borg.clone();
+        self.stage(Stage::Hook).await;
         for hook in commands {
-            let text = hook_text(plan, hook, error);
-            let mut command = process::command("/bin/sh", &["-c", text.as_str()]);
-            command
-                .env("FERRY_PROFILE", self.profile.as_str())
-                .env("FERRY_REPOSITORY", &plan.repository)
-                .env("FERRY_JOB", &self.id)
-                .env_remove("FERRY_ERROR");
-            if let Some(error) = error {
-                command.env("FERRY_ERROR", error);
-            }
-            process::prepare(&mut command, None, libc::SIGTERM);
-            let mut output = Vec::new();
-            let limits = Limits {
-                cancel: &mut self.cancel,
-                timeout: settings.hook_timeout.duration(),
-                first_signal: libc::SIGTERM,
-                grace: Duration::from_secs(5),
-            };
-            let ended = process::supervise(command, None, limits, |line| {
-                tracing::info!("{which} hook: {line}");
-                if output.len() < MESSAGE_LINES {
-                    output.push(line.to_string());
-                }
-            })
-            .await
-            .map_err(|e| Fail::new("hook", format!("cannot run the {which} hook `{hook}`: {e}")))?;
-            for line in String::from_utf8_lossy(&ended.stdout).lines() {
-                tracing::info!("{which} hook: {line}");
-            }
-            match (ended.stopped, ended.status.code()) {
-                (Some(Stop::Cancelled), _) => return Err(Fail::cancelled("hook").into()),
-                (Some(Stop::TimedOut), _) => {
-                    return Err(Fail::new(
-                        "hook",
-                        format!(
-                            "the {which} hook `{hook}` ran longer than {}s (hook-timeout)",
-                            settings.hook_timeout.as_secs()
-                        ),
-                    )
-                    .into())
-                }
-                (None, Some(0)) => {}
-                (None, Some(SKIP_EXIT_CODE)) if which == "before" => {
-                    return Err(Stopped::Skip(format!(
-                        "the before hook `{hook}` exited {SKIP_EXIT_CODE} (skip this run)"
-                    )))
-                }
-                (None, Some(SKIP_EXIT_CODE)) if which == "after" => {}
-                (None, code) => {
-                    let how = code.map_or("was killed by a signal".to_string(), |c| {
-                        format!("exited {c}")
-                    });
-                    let said = if output.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", output.join(" / "))
-                    };
-                    return Err(Fail::new(
-                        "hook",
-                        format!("the {which} hook `{hook}` {how}{said}"),
-                    )
-                    .into());
-                }
-            }
+            self.hook(plan, moment, hook, error).await?;
         }
         Ok(())
     }
 
-    async fn stage(&self, stage: &'static str) {
+    /// Runs one hook command under the hook timeout, its output logged.
+    async fn hook(
+        &mut self,
+        plan: &Plan,
+        moment: Moment,
+        hook: &str,
+        error: Option<&str>,
+    ) -> Result<(), Stopped> {
+        let timeout = self.config.borg.hook_timeout.duration();
+        let text = hook_text(plan, hook, error);
+        let mut command = process::command("/bin/sh", &["-c", text.as_str()]);
+        command
+            .env("FERRY_PROFILE", self.profile.as_str())
+            .env("FERRY_REPOSITORY", &plan.repository)
+            .env("FERRY_JOB", &self.id)
+            .env_remove("FERRY_ERROR");
+        if let Some(error) = error {
+            command.env("FERRY_ERROR", error);
+        }
+        process::prepare(&mut command, None, libc::SIGTERM);
+        let mut output = Vec::new();
+        let limits = Limits {
+            cancel: &mut self.cancel,
+            timeout,
+            first_signal: libc::SIGTERM,
+            grace: Duration::from_secs(5),
+        };
+        let ended = process::supervise(command, None, limits, |line| {
+            tracing::info!("{moment} hook: {line}");
+            if output.len() < MESSAGE_LINES {
+                output.push(line.to_string());
+            }
+        })
+        .await
+        .map_err(|e| {
+            Fail::new(
+                Stage::Hook,
+                format!("cannot run the {moment} hook `{hook}`: {e}"),
+            )
+        })?;
+        for line in String::from_utf8_lossy(&ended.stdout).lines() {
+            tracing::info!("{moment} hook: {line}");
+        }
+        hook_verdict(moment, hook, &ended, &output, timeout)
+    }
+
+    async fn stage(&self, stage: Stage) {
         let _ = self
             .events
             .send((self.id.clone(), Event::Stage(stage)))
@@ -958,17 +976,42 @@ enum Attempt {
     Unreachable(String),
 }
 
+/// borg's command, ready to run, and the passphrase pipe it inherits.
+struct Prepared {
+    command: tokio::process::Command,
+    pipe: Option<std::os::fd::OwnedFd>,
+}
+
+/// The passphrase file's bytes, read off the runtime: a regular file of
+/// root's, unreadable by others — or refused (stage `config`).
+async fn read_passphrase(path: std::path::PathBuf) -> Result<Vec<u8>, Fail> {
+    let read = tokio::task::spawn_blocking(move || {
+        let mut file = ferry_config::paths::open_secret(&path, "the passphrase file")?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)
+            .map(|_| bytes)
+            .map_err(|e| format!("cannot read the passphrase file {}: {e}", path.display()))
+    })
+    .await;
+    match read {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(message)) => Err(Fail::new(Stage::Config, message)),
+        Err(e) => Err(Fail::new(
+            Stage::Config,
+            format!("the passphrase was not read: {e}"),
+        )),
+    }
+}
+
 /// BORG_RSH for borg: ferry's ssh command for a remote repository, else
 /// the plan's own (a borgmatic ssh_command for a local repository).
-fn set_rsh(
+async fn set_rsh(
     command: &mut tokio::process::Command,
     plan: &Plan,
     ssh: Option<&SshSetup>,
 ) -> Result<(), Fail> {
     let rsh = match ssh {
-        Some(ssh) => ssh
-            .borg_rsh(|path| path.exists())
-            .map_err(|e| Fail::new("config", e.to_string()))?,
+        Some(ssh) => borg_rsh(ssh).await?,
         None => match &plan.rsh {
             Some(rsh) => rsh.clone(),
             None => return Ok(()),
@@ -979,6 +1022,20 @@ fn set_rsh(
     Ok(())
 }
 
+/// ferry's ssh command for borg, its key files looked up off the runtime
+/// (a failure is one at stage `config`).
+async fn borg_rsh(ssh: &SshSetup) -> Result<String, Fail> {
+    let ssh = ssh.clone();
+    match tokio::task::spawn_blocking(move || ssh.borg_rsh(|path| path.exists())).await {
+        Ok(Ok(rsh)) => Ok(rsh),
+        Ok(Err(e)) => Err(Fail::new(Stage::Config, e.to_string())),
+        Err(e) => Err(Fail::new(
+            Stage::Config,
+            format!("the ssh command was not made: {e}"),
+        )),
+    }
+}
+
 /// A borg run over SSH that failed: the server unreachable (a skip), or
 /// refused (a failure that says what to do), or borg's own error. When
 /// borg lost the connection without relaying why (it may exit before it
@@ -986,7 +1043,7 @@ fn set_rsh(
 async fn over_ssh(
     plan: &Plan,
     ssh: &SshSetup,
-    stage: &str,
+    stage: Stage,
     log: &BorgLog,
     status: std::process::ExitStatus,
 ) -> Attempt {
@@ -998,13 +1055,13 @@ async fn over_ssh(
     let mut diagnosis = remote::diagnose(&log.remote, &log.msgids, &log.errors);
     let lost = log.msgids.iter().any(|m| m.starts_with("ConnectionClosed"));
     if let (None, true, Some(url)) = (&diagnosis, lost, &url) {
-        match ssh.borg_rsh(|path| path.exists()) {
+        match borg_rsh(ssh).await {
             Ok(rsh) => {
                 let said = remote::probe(&rsh, url, ssh.connect_timeout).await;
                 tracing::debug!("ssh probe of {server}: {}", said.join(" / "));
                 diagnosis = remote::diagnose(&said, &[], &[]);
             }
-            Err(e) => tracing::debug!("no ssh probe: {e}"),
+            Err(fail) => tracing::debug!("no ssh probe: {}", fail.message),
         }
     }
     match diagnosis {
@@ -1044,8 +1101,7 @@ async fn missing_sources(sources: &[String]) -> Result<(), Fail> {
     if missing.is_empty() {
         return Ok(());
     }
-    Err(Fail::new(
-        "sources",
+    Err(Fail::new(Stage::Sources,
         format!(
             "source director{} {} do{} not exist; borg was not run (create {}, fix the path in the profile, or remove it)",
             if missing.len() == 1 { "y" } else { "ies" },
@@ -1079,6 +1135,65 @@ fn hook_text(plan: &Plan, hook: &str, error: Option<&str>) -> String {
     match &plan.umask {
         Some(umask) => format!("umask {umask}; {text}"),
         None => text,
+    }
+}
+
+/// When a hook runs: before, after or on error (its name in messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    Before,
+    After,
+    OnError,
+}
+
+impl std::fmt::Display for Moment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Moment::Before => "before",
+            Moment::After => "after",
+            Moment::OnError => "on-error",
+        })
+    }
+}
+
+/// What a hook's end means: on, a skip (a before hook's exit 75, as in
+/// borgmatic; an after hook's 75 is no failure), or a failure that names
+/// the hook and quotes its first lines.
+fn hook_verdict(
+    moment: Moment,
+    hook: &str,
+    ended: &process::Ended,
+    output: &[String],
+    timeout: Duration,
+) -> Result<(), Stopped> {
+    let code = match (ended.stopped, ended.status.code()) {
+        (Some(Stop::Cancelled), _) => return Err(Fail::cancelled(Stage::Hook).into()),
+        (Some(Stop::TimedOut), _) => {
+            let message = format!(
+                "the {moment} hook `{hook}` ran longer than {}s (hook-timeout)",
+                timeout.as_secs()
+            );
+            return Err(Fail::new(Stage::Hook, message).into());
+        }
+        (None, code) => code,
+    };
+    match (moment, code) {
+        (_, Some(0)) | (Moment::After, Some(SKIP_EXIT_CODE)) => Ok(()),
+        (Moment::Before, Some(SKIP_EXIT_CODE)) => Err(Stopped::Skip(format!(
+            "the before hook `{hook}` exited {SKIP_EXIT_CODE} (skip this run)"
+        ))),
+        (_, code) => {
+            let how = code.map_or("was killed by a signal".to_string(), |c| {
+                format!("exited {c}")
+            });
+            let said = if output.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", output.join(" / "))
+            };
+            let message = format!("the {moment} hook `{hook}` {how}{said}");
+            Err(Fail::new(Stage::Hook, message).into())
+        }
     }
 }
 
@@ -1186,6 +1301,50 @@ mod tests {
         }
     }
 
+    /// A failed repository goes to the back of the queue while it has
+    /// retries, a skip is not retried, and a cancel ends the queue.
+    #[test]
+    fn the_repository_queue_retries_a_failure_after_the_others() {
+        let retries = Retries {
+            count: 1,
+            wait: Duration::from_secs(7),
+        };
+        let turn = |name, index, attempt| Turn {
+            name,
+            index,
+            attempt,
+            retries,
+        };
+        let mut queue = Queue::new(3);
+        let mut ended = Ended::default();
+        let mut order = Vec::new();
+        let mut outcomes = vec![
+            Err(Fail::new(Stage::Create, "lost").into()),
+            Err(Stopped::Skip("not today".into())),
+            Ok(done("c1")),
+            Err(Fail::new(Stage::Create, "lost again").into()),
+        ]
+        .into_iter();
+        while let Some((index, attempt)) = queue.next() {
+            order.push((index, attempt));
+            let name = ["a", "b", "c"][index];
+            let result = outcomes.next().expect("an outcome per turn");
+            assert!(queue.record(&mut ended, turn(name, index, attempt), result));
+        }
+        assert_eq!(order, [(0, 0), (1, 0), (2, 0), (0, 1)]);
+        assert_eq!(ended.failures.len(), 1, "given up after its retry");
+        assert_eq!(ended.failures[0].1.message, "lost again");
+        assert_eq!(ended.skipped, [("b".to_string(), "not today".to_string())]);
+        assert_eq!(ended.done.len(), 1);
+
+        let mut queue = Queue::new(2);
+        let mut ended = Ended::default();
+        let (index, attempt) = queue.next().expect("first");
+        let cancelled = Err(Fail::cancelled(Stage::Create).into());
+        assert!(!queue.record(&mut ended, turn("a", index, attempt), cancelled));
+        assert_eq!(ended.failures[0].1.stage, Stage::Cancelled);
+    }
+
     #[test]
     fn several_repositories_end_as_one_job_naming_each() {
         let one = Ended {
@@ -1224,13 +1383,13 @@ mod tests {
         }
         let failed = Ended {
             done: vec![("first".into(), done("a1"))],
-            failures: vec![("second".into(), Fail::new("create", "no repository"))],
+            failures: vec![("second".into(), Fail::new(Stage::Create, "no repository"))],
             ..Ended::default()
         };
         assert_eq!(failed.error(), "create: repository second: no repository");
         match failed.into_end(Vec::new()) {
             End::Failed { stage, message } => {
-                assert_eq!(stage, "create");
+                assert_eq!(stage, Stage::Create);
                 assert_eq!(
                     message,
                     "repository second: no repository (all repositories: first: archive a1; second: failed at create: no repository)"
@@ -1282,12 +1441,12 @@ mod tests {
             }
         );
         let and_failed = Ended {
-            failures: vec![("local".into(), Fail::new("create", "no repository"))],
+            failures: vec![("local".into(), Fail::new(Stage::Create, "no repository"))],
             unreachable: vec![("remote".into(), "server gone".into())],
             ..Ended::default()
         };
         assert!(
-            matches!(and_failed.into_end(Vec::new()), End::Failed { stage, .. } if stage == "create")
+            matches!(and_failed.into_end(Vec::new()), End::Failed { stage, .. } if stage == Stage::Create)
         );
     }
 

@@ -1,11 +1,14 @@
 //! ferry-borg: scheduled, observable borg backups on the bus.
 //!
-//! It owns org.ferry.Borg1. `Start(profile)` (from a systemd timer or
-//! busctl) returns a job id at once; the job ([`job`]) runs as a task the
-//! service loop owns and reports through events, from which the loop keeps
-//! the properties (Jobs, LastResults, LastFailures, Schedule), persists the
-//! results ([`state`]) and emits BackupStarted / BackupProgress /
-//! BackupFinished / BackupFailed / BackupSkipped. Profiles come from
+//! It owns org.ferry.Borg1. The rules (one job per profile, job ids,
+//! results, retries, the unreachable grace, restart recovery) are the pure
+//! [`domain`]; this module is its adapter: it owns the connection, the
+//! interface and the runtime, feeds the domain its events (Start and
+//! Cancel, a job's stages and end, the retry timer, the state found on
+//! start) and carries out the effects it returns (run or stop a job, save
+//! [`state`] off the runtime, publish properties, emit BackupStarted /
+//! BackupProgress / BackupFinished / BackupFailed / BackupSkipped). A job
+//! ([`job`]) runs as a task in a JoinSet the loop owns. Profiles come from
 //! ferry.toml or from a borgmatic file ([`borgmatic`]); both become one
 //! [`plan::Plan`]. Borg and hooks run under [`process`] supervision;
 //! preconditions, the host id and logind's inhibitor are in [`system`].
@@ -18,6 +21,7 @@
 
 pub mod borgmatic;
 pub mod compat;
+pub mod domain;
 pub mod glob;
 pub mod job;
 pub mod network;
@@ -33,26 +37,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use domain::{Backups, Effect, End, Event, Launch, Policy, Property, Signal};
 use ferry_config::{Config, Name};
 use ferry_interfaces::{
-    borg, BackupJob, BackupOutcome, BackupResult, Error as FerryError, Failure, ScheduleEntry,
+    borg, BackupJob, BackupResult, Error as FerryError, Failure, ScheduleEntry,
 };
 use ferry_service::{claim_name, unix_now, Bus, ServiceError, Shutdown};
-use job::{End, Event, Job, RepositoryLocks};
-use state::{PlannedRetry, RunningJob, Stored};
+use job::{Job, RepositoryLocks};
+use state::Stored;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use zbus::object_server::SignalEmitter;
 
 /// How long shutdown waits for cancelled jobs beyond borg's cancel timeout.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
-
-/// What the properties show; the loop writes it, the interface reads it.
-#[derive(Debug, Default)]
-struct Shared {
-    jobs: Vec<BackupJob>,
-    stored: Stored,
-}
 
 enum Command {
     Start(Name, oneshot::Sender<String>),
@@ -62,7 +60,7 @@ enum Command {
 /// The org.ferry.Borg1 object: validates, authorizes and hands over to the loop.
 pub struct BorgInterface {
     commands: mpsc::Sender<Command>,
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Mutex<Backups>>,
     config: Arc<Config>,
     /// When the service started: a profile that never ran is due since then.
     started: u64,
@@ -75,7 +73,7 @@ fn stopping() -> FerryError {
 }
 
 impl BorgInterface {
-    fn shared<T>(&self, read: impl FnOnce(&Shared) -> T) -> T {
+    fn shared<T>(&self, read: impl FnOnce(&Backups) -> T) -> T {
         match self.shared.lock() {
             Ok(shared) => read(&shared),
             Err(poisoned) => read(&poisoned.into_inner()),
@@ -141,7 +139,7 @@ impl BorgInterface {
     async fn get_stats(&self, profile: &str) -> Result<String, FerryError> {
         let name = self.profile(profile)?;
         self.shared(|s| {
-            s.stored
+            s.stored()
                 .profiles
                 .get(name.as_str())
                 .and_then(|r| r.stats.clone())
@@ -162,14 +160,14 @@ impl BorgInterface {
     /// The running jobs with their progress.
     #[zbus(property)]
     async fn jobs(&self) -> Vec<BackupJob> {
-        self.shared(|s| s.jobs.clone())
+        self.shared(|s| s.jobs().to_vec())
     }
 
     /// The last result per profile.
     #[zbus(property)]
     async fn last_results(&self) -> Vec<BackupResult> {
         self.shared(|s| {
-            s.stored
+            s.stored()
                 .profiles
                 .values()
                 .filter_map(|r| r.last_result.clone())
@@ -180,43 +178,35 @@ impl BorgInterface {
     /// When each profile is next due, and what blocks it now.
     #[zbus(property)]
     async fn schedule(&self) -> Vec<ScheduleEntry> {
+        let blocked = blocked_now(self.config.clone()).await;
         let (last_success, retries): (BTreeMap<String, Option<u64>>, _) = self.shared(|s| {
             (
-                s.stored
+                s.stored()
                     .profiles
                     .iter()
                     .map(|(name, r)| (name.clone(), r.last_success))
                     .collect(),
-                s.stored.retries.clone(),
+                s.stored().retries.clone(),
             )
         });
         self.config
             .profiles
             .iter()
             .map(|(name, profile)| {
-                let due = match profile.interval {
-                    None => 0,
-                    Some(interval) => match last_success.get(name.as_str()).copied().flatten() {
-                        Some(last) => last.saturating_add(interval.as_secs()),
-                        None => self.started,
-                    },
+                let last = last_success.get(name.as_str()).copied().flatten();
+                let due = match (profile.interval, last) {
+                    (None, _) => 0,
+                    (Some(interval), Some(last)) => last.saturating_add(interval.as_secs()),
+                    (Some(_), None) => self.started,
                 };
-                let pre = &profile.preconditions;
+                let retry = retries.get(name.as_str());
                 ScheduleEntry {
                     profile: name.to_string(),
                     due,
-                    blocked: system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power)
-                        .unwrap_or_default(),
-                    last_success: last_success
-                        .get(name.as_str())
-                        .copied()
-                        .flatten()
-                        .unwrap_or(0),
-                    retry: retries.get(name.as_str()).map_or(0, |r| r.at),
-                    retry_reason: retries
-                        .get(name.as_str())
-                        .map(|r| r.reason.clone())
-                        .unwrap_or_default(),
+                    blocked: blocked.get(name).cloned().unwrap_or_default(),
+                    last_success: last.unwrap_or(0),
+                    retry: retry.map_or(0, |r| r.at),
+                    retry_reason: retry.map(|r| r.reason.clone()).unwrap_or_default(),
                 }
             })
             .collect()
@@ -226,7 +216,7 @@ impl BorgInterface {
     #[zbus(property)]
     async fn last_failures(&self) -> Vec<Failure> {
         self.shared(|s| {
-            s.stored
+            s.stored()
                 .profiles
                 .values()
                 .filter_map(|r| r.last_failure.clone())
@@ -237,7 +227,7 @@ impl BorgInterface {
     /// Every failure, oldest first, bounded, with unique ids.
     #[zbus(property)]
     async fn failure_history(&self) -> Vec<ferry_interfaces::FailureEvent> {
-        self.shared(|s| s.stored.failure_history.clone())
+        self.shared(|s| s.stored().failure_history.clone())
     }
 
     /// A job began.
@@ -296,512 +286,328 @@ impl BorgInterface {
     ) -> zbus::Result<()>;
 }
 
-/// A job the loop is running.
-struct Running {
-    profile: Name,
-    cancel: watch::Sender<bool>,
-    started: Instant,
-    /// 1 for a run started by Start, n for the (n-1)th retry.
-    attempt: u32,
+/// Why each profile cannot run now (its preconditions), looked up off the
+/// runtime: mountinfo, the paths and the power supplies are files.
+async fn blocked_now(config: Arc<Config>) -> BTreeMap<Name, String> {
+    tokio::task::spawn_blocking(move || {
+        config
+            .profiles
+            .iter()
+            .filter_map(|(name, profile)| {
+                let pre = &profile.preconditions;
+                system::blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power)
+                    .map(|why| (name.clone(), why))
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
-/// The service loop's own state.
+/// A job the adapter runs: how to stop it and since when it runs.
+struct Task {
+    cancel: watch::Sender<bool>,
+    started: Instant,
+}
+
+/// The adapter: carries the domain's effects out, feeds it its events.
 struct Service {
     config: Arc<Config>,
     /// The system bus, where logind is (None: not reachable).
     logind: Option<zbus::Connection>,
-    shared: Arc<Mutex<Shared>>,
+    /// The domain; the interface reads the properties from it.
+    backups: Arc<Mutex<Backups>>,
     object: ferry_service::Served<BorgInterface>,
     state_path: PathBuf,
     host_id: String,
     locks: RepositoryLocks,
     events: mpsc::Sender<(String, Event)>,
-    running: BTreeMap<String, Running>,
+    running: BTreeMap<String, Task>,
     tasks: JoinSet<End>,
     task_jobs: HashMap<tokio::task::Id, String>,
 }
 
 impl Service {
-    fn with_shared<T>(&self, change: impl FnOnce(&mut Shared) -> T) -> T {
-        match self.shared.lock() {
-            Ok(mut shared) => change(&mut shared),
-            Err(poisoned) => change(&mut poisoned.into_inner()),
+    /// Hands `event` to the domain (under the lock the interface reads through).
+    fn decide<T>(&self, event: impl FnOnce(&mut Backups) -> T) -> T {
+        match self.backups.lock() {
+            Ok(mut backups) => event(&mut backups),
+            Err(poisoned) => event(&mut poisoned.into_inner()),
         }
     }
 
-    fn start(&mut self, profile: Name, attempt: u32) -> String {
-        if let Some((id, _)) = self.running.iter().find(|(_, r)| r.profile == profile) {
-            return id.clone();
+    /// Carries `effects` out in order; `reply` answers a Start.
+    async fn carry(&mut self, effects: Vec<Effect>, mut reply: Option<oneshot::Sender<String>>) {
+        for effect in effects {
+            match effect {
+                Effect::Run(launch) => self.run_job(launch),
+                Effect::Stop(job) => {
+                    if let Some(task) = self.running.get(&job) {
+                        tracing::info!("job {job}: cancel requested");
+                        task.cancel.send_replace(true);
+                    }
+                }
+                Effect::Save(stored) => save(*stored, self.state_path.clone()).await,
+                Effect::Reply(job) => {
+                    if let Some(reply) = reply.take() {
+                        let _ = reply.send(job);
+                    }
+                }
+                Effect::Changed(property) => self.announce(property).await,
+                Effect::Emit(signal) => self.emit(signal).await,
+            }
         }
-        // Recorded before it runs: if ferry-borg dies now, the next start
-        // reports the job as interrupted, and the number is never reused.
-        let (id, checks_last, stored) = self.with_shared(|s| {
-            s.stored.last_job += 1;
-            let id = format!("{profile}-{}", s.stored.last_job);
-            s.stored.running.insert(
-                id.clone(),
-                RunningJob {
-                    profile: profile.to_string(),
-                    started: unix_now(),
-                    attempt,
-                },
-            );
-            // This run is the retry (or a person's Start, a new series).
-            s.stored.retries.remove(profile.as_str());
-            let checks = s
-                .stored
-                .profiles
-                .get(profile.as_str())
-                .map(|r| r.checks.clone())
-                .unwrap_or_default();
-            (id, checks, s.stored.clone())
-        });
-        save(&stored, &self.state_path);
+    }
+
+    /// Runs a job as a task of the JoinSet.
+    fn run_job(&mut self, launch: Launch) {
         let (cancel, cancelled) = watch::channel(false);
         let job = Job {
-            id: id.clone(),
-            profile: profile.clone(),
+            id: launch.job.clone(),
+            profile: launch.profile.clone(),
             config: self.config.clone(),
             logind: self.logind.clone(),
             events: self.events.clone(),
             cancel: cancelled,
             locks: self.locks.clone(),
-            checks_last,
+            checks_last: launch.checks_last,
             host_id: self.host_id.clone(),
             warnings: Vec::new(),
         };
         let handle = self.tasks.spawn(job.run());
-        self.task_jobs.insert(handle.id(), id.clone());
+        self.task_jobs.insert(handle.id(), launch.job.clone());
+        let (id, profile) = (&launch.job, &launch.profile);
+        match launch.attempt {
+            1 => tracing::info!("job {id}: profile {profile} started"),
+            n => tracing::info!("job {id}: profile {profile} started (attempt {n})"),
+        }
         self.running.insert(
-            id.clone(),
-            Running {
-                profile: profile.clone(),
+            launch.job,
+            Task {
                 cancel,
                 started: Instant::now(),
-                attempt,
             },
         );
-        self.with_shared(|s| {
-            s.jobs.push(BackupJob {
-                job: id.clone(),
-                profile: profile.to_string(),
-                stage: "waiting".into(),
-                bytes: 0,
-                files: 0,
-            })
-        });
-        if attempt > 1 {
-            tracing::info!("job {id}: profile {profile} started (attempt {attempt})");
-        } else {
-            tracing::info!("job {id}: profile {profile} started");
-        }
-        id
     }
 
-    fn cancel(&self, job: &str) -> Result<(), FerryError> {
-        match self.running.get(job) {
-            Some(running) => {
-                tracing::info!("job {job}: cancel requested");
-                running.cancel.send_replace(true);
-                Ok(())
-            }
-            None => Err(FerryError::UnknownJob(format!(
-                "no running job `{job}`; running: {}",
-                if self.running.is_empty() {
-                    "none".to_string()
-                } else {
-                    self.running.keys().cloned().collect::<Vec<_>>().join(", ")
-                }
-            ))),
-        }
-    }
-
-    async fn event(&self, job: String, event: Event) {
-        let changed = self.with_shared(|s| {
-            let Some(entry) = s.jobs.iter_mut().find(|j| j.job == job) else {
-                return false;
-            };
-            match &event {
-                Event::Stage(stage) => entry.stage = stage.to_string(),
-                Event::Progress { bytes, files } => {
-                    entry.bytes = *bytes;
-                    entry.files = *files;
-                }
-            }
-            true
-        });
-        if !changed {
-            return;
-        }
+    /// PropertiesChanged for `property`.
+    async fn announce(&self, property: Property) {
         let emitter = self.object.signal_emitter();
         let interface = self.object.get().await;
-        if let Err(e) = interface.jobs_changed(emitter).await {
-            tracing::warn!("cannot emit PropertiesChanged: {e}");
-        }
-        if let Event::Progress { bytes, files } = event {
-            if let Err(e) = BorgInterface::backup_progress(emitter, &job, bytes, files).await {
-                tracing::warn!("cannot emit BackupProgress: {e}");
-            }
-        }
-    }
-
-    async fn announce_schedule(&self) {
-        let emitter = self.object.signal_emitter();
-        let interface = self.object.get().await;
-        if let Err(e) = interface.schedule_changed(emitter).await {
-            tracing::warn!("cannot emit PropertiesChanged: {e}");
-        }
-    }
-
-    async fn announce_start(&self, job: &str, profile: &str) {
-        let emitter = self.object.signal_emitter();
-        let interface = self.object.get().await;
-        for sent in [
-            interface.jobs_changed(emitter).await,
-            interface.schedule_changed(emitter).await,
-        ] {
-            if let Err(e) = sent {
-                tracing::warn!("cannot emit PropertiesChanged: {e}");
-            }
-        }
-        if let Err(e) = BorgInterface::backup_started(emitter, job, profile).await {
-            tracing::warn!("cannot emit BackupStarted: {e}");
-        }
-    }
-
-    /// Records a job's end, persists it, updates the properties, then signals.
-    async fn finish(&mut self, job: String, end: End) {
-        let Some(running) = self.running.remove(&job) else {
-            return;
+        let sent = match property {
+            Property::Jobs => interface.jobs_changed(emitter).await,
+            Property::LastResults => interface.last_results_changed(emitter).await,
+            Property::LastFailures => interface.last_failures_changed(emitter).await,
+            Property::FailureHistory => interface.failure_history_changed(emitter).await,
+            Property::Schedule => interface.schedule_changed(emitter).await,
         };
-        let profile = running.profile.to_string();
-        let seconds = running.started.elapsed().as_secs_f64();
-        let grace = self.config.borg.unreachable_grace.duration();
-        let end = self.with_shared(|s| settle(&mut s.stored, &profile, end, grace, unix_now()));
-        match &end {
-            End::Finished {
-                archive, warnings, ..
-            } if !warnings.is_empty() => tracing::warn!(
-                "job {job}: profile {profile} finished with warnings in {seconds:.1}s: {archive}: {}",
-                warnings.join("; ")
-            ),
-            End::Finished { archive, .. } => {
-                tracing::info!("job {job}: profile {profile} finished in {seconds:.1}s: {archive}")
-            }
-            End::Failed { stage, message } => {
-                tracing::warn!("job {job}: profile {profile} failed at {stage}: {message}")
-            }
-            End::Skipped { reason } | End::Unreachable { reason } => {
-                tracing::info!("job {job}: profile {profile} skipped: {reason}")
-            }
+        if let Err(e) = sent {
+            tracing::warn!("cannot emit PropertiesChanged: {e}");
         }
-        let retry = self.retry_policy();
-        let attempt = running.attempt;
-        let stored = self.with_shared(|s| {
-            s.jobs.retain(|j| j.job != job);
-            s.stored.running.remove(&job);
-            record_end(&mut s.stored, &profile, &end, seconds);
-            plan_retry(&mut s.stored, &profile, &end, attempt, retry);
-            remember_failure(&mut s.stored, &job, &profile, &end);
-            s.stored.clone()
-        });
-        if let Some(planned) = stored.retries.get(&profile) {
-            tracing::info!("profile {profile}: retry planned: {}", planned.reason);
-        }
-        save(&stored, &self.state_path);
-        self.announce_end(&job, &profile, &end).await;
     }
 
-    /// Tells the bus a job ended: the changed properties, then its signal.
-    async fn announce_end(&self, job: &str, profile: &str, end: &End) {
+    /// Emits `signal` (a job's end is logged too).
+    async fn emit(&self, signal: Signal) {
         let emitter = self.object.signal_emitter();
-        let interface = self.object.get().await;
-        for sent in [
-            interface.jobs_changed(emitter).await,
-            interface.last_results_changed(emitter).await,
-            interface.last_failures_changed(emitter).await,
-            interface.failure_history_changed(emitter).await,
-            interface.schedule_changed(emitter).await,
-        ] {
-            if let Err(e) = sent {
-                tracing::warn!("cannot emit PropertiesChanged: {e}");
+        let sent = match &signal {
+            Signal::Started { job, profile } => {
+                BorgInterface::backup_started(emitter, job, profile).await
             }
-        }
-        let sent = match end {
-            End::Finished {
-                archive, warnings, ..
-            } if !warnings.is_empty() => {
-                BorgInterface::backup_finished_with_warnings(
-                    emitter,
-                    job,
-                    profile,
-                    archive,
-                    &warnings.join("; "),
-                )
-                .await
+            Signal::Progress { job, bytes, files } => {
+                BorgInterface::backup_progress(emitter, job, *bytes, *files).await
             }
-            End::Finished { archive, .. } => {
-                BorgInterface::backup_finished(emitter, job, profile, archive).await
-            }
-            End::Failed { stage, message } => {
-                BorgInterface::backup_failed(emitter, job, profile, stage, message).await
-            }
-            End::Skipped { reason } | End::Unreachable { reason } => {
-                BorgInterface::backup_skipped(emitter, job, profile, reason).await
+            Signal::Ended { job, profile, end } => {
+                log_end(job, profile, end);
+                emit_end(emitter, job, profile, end).await
             }
         };
         if let Err(e) = sent {
-            tracing::warn!("cannot emit the end of job {job}: {e}");
+            tracing::warn!("cannot emit {signal:?}: {e}");
         }
     }
 
-    /// A finished task: its job id and how it ended (a panic is a failure).
+    /// A task ended: its job id and how it ended (a panic is a failure),
+    /// with how long it ran.
     fn joined(
         &mut self,
         joined: Result<(tokio::task::Id, End), tokio::task::JoinError>,
-    ) -> Option<(String, End)> {
-        match joined {
-            Ok((id, end)) => self.task_jobs.remove(&id).map(|job| (job, end)),
+    ) -> Option<(String, End, f64)> {
+        let (job, end) = match joined {
+            Ok((id, end)) => (self.task_jobs.remove(&id)?, end),
             Err(e) => {
                 let job = self.task_jobs.remove(&e.id())?;
-                Some((
-                    job,
-                    End::Failed {
-                        stage: "internal".into(),
-                        message: format!("the job stopped unexpectedly: {e}"),
-                    },
-                ))
+                let end = End::Failed {
+                    stage: domain::Stage::Internal,
+                    message: format!("the job stopped unexpectedly: {e}"),
+                };
+                (job, end)
             }
+        };
+        let task = self.running.remove(&job)?;
+        Some((job, end, task.started.elapsed().as_secs_f64()))
+    }
+
+    /// A task ended: the events it sent before its end, then its end.
+    async fn task_ended(
+        &mut self,
+        joined: Result<(tokio::task::Id, End), tokio::task::JoinError>,
+        job_events: &mut mpsc::Receiver<(String, Event)>,
+    ) {
+        while let Ok((job, event)) = job_events.try_recv() {
+            let effects = self.decide(|b| b.event(&job, event));
+            self.carry(effects, None).await;
+        }
+        if let Some((job, end, seconds)) = self.joined(joined) {
+            let effects = self.decide(|b| b.ended(&job, end, seconds, unix_now()));
+            self.carry(effects, None).await;
         }
     }
-}
 
-impl Service {
-    /// (retries, delay) from the configuration.
-    fn retry_policy(&self) -> (u32, Duration) {
-        (
-            self.config.borg.retries,
-            self.config.borg.retry_delay.duration(),
-        )
+    /// A request from the interface.
+    async fn request(&mut self, command: Command) {
+        match command {
+            Command::Start(profile, reply) => {
+                let effects = self.decide(|b| b.start(profile, unix_now()));
+                self.carry(effects, Some(reply)).await;
+            }
+            Command::Cancel(job, reply) => match self.decide(|b| b.cancel(&job)) {
+                Ok(effects) => {
+                    self.carry(effects, None).await;
+                    let _ = reply.send(Ok(()));
+                }
+                Err(refused) => {
+                    let _ = reply.send(Err(refused.into_bus_error()));
+                }
+            },
+        }
     }
 
     /// When the next planned retry is due, as a timer instant.
     fn next_retry(&self) -> Option<tokio::time::Instant> {
-        let at = self.with_shared(|s| s.stored.retries.values().map(|r| r.at).min())?;
+        let at = self.decide(|b| b.next_retry())?;
         let wait = at.saturating_sub(unix_now());
         Some(tokio::time::Instant::now() + Duration::from_secs(wait))
     }
 
-    /// Starts every retry that is due; returns (job, profile) of each.
-    fn start_due_retries(&mut self) -> Vec<(String, String)> {
-        let now = unix_now();
-        let due: Vec<(String, u32)> = self.with_shared(|s| {
-            let due: Vec<(String, u32)> = s
-                .stored
-                .retries
-                .iter()
-                .filter(|(_, r)| r.at <= now)
-                .map(|(p, r)| (p.clone(), r.attempt))
-                .collect();
-            for (profile, _) in &due {
-                s.stored.retries.remove(profile);
+    /// Serves until `shutdown` resolves.
+    async fn serve(
+        &mut self,
+        shutdown: Shutdown,
+        mut requests: mpsc::Receiver<Command>,
+        mut job_events: mpsc::Receiver<(String, Event)>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let next_retry = self.next_retry();
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = ferry_service::sleep_until(next_retry), if next_retry.is_some() => {
+                    let effects = self.decide(|b| b.retries_due(unix_now()));
+                    self.carry(effects, None).await;
+                }
+                Some(command) = requests.recv() => self.request(command).await,
+                Some((job, event)) = job_events.recv() => {
+                    let effects = self.decide(|b| b.event(&job, event));
+                    self.carry(effects, None).await;
+                }
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.task_ended(joined, &mut job_events).await;
+                }
             }
-            due
-        });
-        let mut started = Vec::new();
-        for (profile, attempt) in due {
-            let Some(name) = Name::new(&profile)
-                .ok()
-                .filter(|n| self.config.profiles.contains_key(n))
-            else {
-                tracing::warn!("a retry of `{profile}` is due, but it is no longer configured");
-                continue;
-            };
-            if self.running.values().any(|r| r.profile == name) {
-                tracing::info!("profile {profile}: a retry is due but it runs already");
-                continue;
-            }
-            tracing::info!("profile {profile}: retrying (attempt {attempt})");
-            let id = self.start(name, attempt);
-            started.push((id, profile));
         }
-        let stored = self.with_shared(|s| s.stored.clone());
-        save(&stored, &self.state_path);
-        started
+        self.stop(&mut job_events).await;
+    }
+
+    /// Stop: every job is cancelled (borg checkpoints and releases its
+    /// lock) and its end recorded, within borg's cancel timeout.
+    async fn stop(&mut self, job_events: &mut mpsc::Receiver<(String, Event)>) {
+        if self.running.is_empty() {
+            return;
+        }
+        tracing::info!("stopping: cancelling {} job(s)", self.running.len());
+        let effects = self.decide(|b| b.stop_all());
+        self.carry(effects, None).await;
+        let bound = self.config.borg.cancel_timeout.duration() + SHUTDOWN_SLACK;
+        let drained = tokio::time::timeout(bound, async {
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                self.task_ended(joined, job_events).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("jobs did not stop within {bound:?}; leaving them to be killed");
+        }
     }
 }
 
-/// Plans the next attempt of `profile` after a run (attempt `attempt`)
-/// that ended as `end`: after a failure (not a cancel) or a skip, while
-/// attempts remain. A run that made an archive ends the series.
-fn plan_retry(
-    stored: &mut Stored,
-    profile: &str,
-    end: &End,
-    attempt: u32,
-    (retries, delay): (u32, Duration),
-) {
-    stored.retries.remove(profile);
-    let why = match end {
-        End::Failed { stage, .. } if stage == "cancelled" => return,
-        End::Failed { stage, message } => format!("failed: {stage}: {message}"),
-        End::Skipped { reason } | End::Unreachable { reason } => format!("skipped: {reason}"),
-        End::Finished { .. } => return,
-    };
-    let total = retries.saturating_add(1);
-    if attempt >= total {
-        tracing::warn!("profile {profile}: attempt {attempt} of {total} {why}; no retry left");
-        return;
-    }
-    let next = attempt + 1;
-    let at = unix_now().saturating_add(delay.as_secs());
-    stored.retries.insert(
-        profile.to_string(),
-        PlannedRetry {
-            at,
-            attempt: next,
-            reason: format!("attempt {next} of {total} after attempt {attempt} {why}"),
-        },
-    );
-}
-
-/// Writes the state; a failure is logged, and the service goes on.
-fn save(stored: &Stored, path: &std::path::Path) {
-    if let Err(e) = stored.save(path) {
-        tracing::error!(
-            "cannot write {}: {e}; the bus is right but this will not survive a restart",
-            path.display()
-        );
-    }
-}
-
-/// Records how a job of `profile` that ran `seconds` ended.
-fn record_end(stored: &mut Stored, profile: &str, end: &End, seconds: f64) {
-    let now = unix_now();
-    let (outcome, archive, message) = match end {
+/// Logs how a job ended.
+fn log_end(job: &str, profile: &str, end: &End) {
+    match end {
         End::Finished {
             archive, warnings, ..
-        } if !warnings.is_empty() => (
-            BackupOutcome::FinishedWithWarnings,
-            archive.clone(),
-            warnings.join("; "),
+        } if !warnings.is_empty() => tracing::warn!(
+            "job {job}: profile {profile} finished with warnings: {archive}: {}",
+            warnings.join("; ")
         ),
-        End::Finished {
-            archive,
-            repositories,
-            ..
-        } => (
-            BackupOutcome::Finished,
-            archive.clone(),
-            repositories.join("; "),
-        ),
-        End::Failed { stage, message } => (
-            BackupOutcome::Failed,
-            String::new(),
-            format!("{stage}: {message}"),
-        ),
-        End::Skipped { reason } | End::Unreachable { reason } => {
-            (BackupOutcome::Skipped, String::new(), reason.clone())
-        }
-    };
-    let record = stored.profile(profile);
-    record.last_result = Some(BackupResult {
-        profile: profile.to_string(),
-        outcome: outcome.as_str().into(),
-        time: now,
-        archive,
-        seconds,
-        message,
-    });
-    match end {
-        End::Finished { stats, checks, .. } => {
-            record.last_success = Some(now);
-            record.stats = Some(stats.clone());
-            for kind in checks {
-                record.checks.insert(kind.to_string(), now);
-            }
+        End::Finished { archive, .. } => {
+            tracing::info!("job {job}: profile {profile} finished: {archive}")
         }
         End::Failed { stage, message } => {
-            record.last_failure = Some(Failure {
-                subject: profile.to_string(),
-                time: now,
-                stage: stage.clone(),
-                message: message.clone(),
-            })
+            tracing::warn!("job {job}: profile {profile} failed at {stage}: {message}")
         }
-        End::Skipped { .. } | End::Unreachable { .. } => {}
+        End::Skipped { reason } | End::Unreachable { reason } => {
+            tracing::info!("job {job}: profile {profile} skipped: {reason}")
+        }
     }
 }
 
-/// Applies `[borg] unreachable-grace`: an unreachable server is a skip
-/// until it has been unreachable that long, then a failure at stage
-/// `unreachable` (mailed). The profile remembers since when; a run that
-/// reached borg's server or made an archive forgets it.
-fn settle(stored: &mut Stored, profile: &str, end: End, grace: Duration, now: u64) -> End {
-    let record = stored.profile(profile);
+/// The signal that says how a job ended.
+async fn emit_end(
+    emitter: &SignalEmitter<'_>,
+    job: &str,
+    profile: &str,
+    end: &End,
+) -> zbus::Result<()> {
     match end {
-        End::Unreachable { reason } => {
-            let (settled, since) =
-                remote::settle_unreachable(&reason, record.unreachable_since, now, grace);
-            record.unreachable_since = Some(since);
-            match settled {
-                remote::Settled::Skip { reason } => End::Skipped { reason },
-                remote::Settled::Fail { message } => End::Failed {
-                    stage: "unreachable".into(),
-                    message,
-                },
-            }
+        End::Finished {
+            archive, warnings, ..
+        } if !warnings.is_empty() => {
+            let warnings = warnings.join("; ");
+            BorgInterface::backup_finished_with_warnings(emitter, job, profile, archive, &warnings)
+                .await
         }
-        End::Finished { .. } => {
-            record.unreachable_since = None;
-            end
+        End::Finished { archive, .. } => {
+            BorgInterface::backup_finished(emitter, job, profile, archive).await
         }
-        End::Failed { ref stage, .. } if job::REACHES_SERVER.contains(&stage.as_str()) => {
-            record.unreachable_since = None;
-            end
+        End::Failed { stage, message } => {
+            BorgInterface::backup_failed(emitter, job, profile, stage.as_str(), message).await
         }
-        other => other,
+        End::Skipped { reason } | End::Unreachable { reason } => {
+            BorgInterface::backup_skipped(emitter, job, profile, reason).await
+        }
     }
 }
 
-/// Adds a failed job to the failure history (Borg1.FailureHistory).
-fn remember_failure(stored: &mut Stored, job: &str, profile: &str, end: &End) {
-    if let End::Failed { stage, message } = end {
-        let event = ferry_service::history::failure_event(profile, stage, message, job);
-        ferry_service::history::remember(&mut stored.failure_history, event);
-    }
-}
-
-/// The jobs the state says were running: ferry-borg died during them (it
-/// records every end, even on shutdown). Each is recorded as failed at
-/// stage "interrupted" and returned as (job, profile, end) to announce.
-fn interrupted(stored: &mut Stored, retry: (u32, Duration)) -> Vec<(String, String, End)> {
-    let now = unix_now();
-    std::mem::take(&mut stored.running)
-        .into_iter()
-        .map(|(job, running)| {
-            let message = format!(
-                "ferry-borg stopped during the job (killed, crashed or the machine went down) \
-                 {} s after it started, so the backup did not complete; the next run will clean \
-                 up borg's stale lock",
-                now.saturating_sub(running.started)
-            );
-            tracing::warn!("job {job}: profile {}: {message}", running.profile);
-            let end = End::Failed {
-                stage: "interrupted".into(),
-                message,
-            };
-            let seconds = now.saturating_sub(running.started) as f64;
-            record_end(stored, &running.profile, &end, seconds);
-            plan_retry(stored, &running.profile, &end, running.attempt, retry);
-            remember_failure(stored, &job, &running.profile, &end);
-            (job, running.profile, end)
-        })
-        .collect()
+/// Writes the state off the runtime; a failure is logged, and the service
+/// goes on.
+async fn save(stored: Stored, path: PathBuf) {
+    let written = tokio::task::spawn_blocking(move || {
+        stored
+            .save(&path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    })
+    .await;
+    let failed = match written {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(e) => format!("the state was not written: {e}"),
+    };
+    tracing::error!("{failed}; the bus is right but this will not survive a restart");
 }
 
 /// Logs, once at start, what is wrong with borgmatic files that can be read
-/// now; a file that is not there yet (seed 000's ~/Private) is read at run time.
+/// now; a file that is not there yet (seed 000's ~/Private) is read at run
+/// time. Runs off the runtime (it reads files).
 fn check_borgmatic_files(config: &Config) {
     for (name, profile) in &config.profiles {
         let Some(path) = &profile.borgmatic_config else {
@@ -825,6 +631,26 @@ fn check_borgmatic_files(config: &Config) {
             ),
         }
     }
+}
+
+/// What a start finds on disk: the state file, checked borgmatic files,
+/// the host id. Read off the runtime.
+struct Found {
+    stored: Stored,
+    host_id: String,
+}
+
+async fn look_around(config: Arc<Config>, state_path: PathBuf) -> Result<Found, ServiceError> {
+    tokio::task::spawn_blocking(move || {
+        check_borgmatic_files(&config);
+        Found {
+            stored: Stored::load(&state_path),
+            host_id: ferry_service::host::borg_host_id(config.borg.host_id.as_deref()),
+        }
+    })
+    .await
+    // Starting afresh would reuse job ids and forget the interrupted jobs.
+    .map_err(|e| ServiceError::Other(format!("cannot read the state at start: {e}")))
 }
 
 /// Runs the borg service on `connection` (the system bus) until
@@ -857,43 +683,34 @@ pub async fn run_on(
         Bus::Session => system::system_bus().await,
     };
     let state_path = config.state_directory.join(state::FILE_NAME);
-    let mut stored = Stored::load(&state_path);
-    let cut_short = interrupted(
-        &mut stored,
-        (config.borg.retries, config.borg.retry_delay.duration()),
-    );
-    if !cut_short.is_empty() {
-        save(&stored, &state_path);
-    }
-    let shared = Arc::new(Mutex::new(Shared {
-        jobs: Vec::new(),
-        stored,
-    }));
-    check_borgmatic_files(&config);
-    let host_id = ferry_service::host::borg_host_id(config.borg.host_id.as_deref());
-    tracing::info!("BORG_HOST_ID is {host_id}");
+    let found = look_around(config.clone(), state_path.clone()).await?;
+    tracing::info!("BORG_HOST_ID is {}", found.host_id);
+    let policy = Policy {
+        retries: config.borg.retries,
+        retry_delay: config.borg.retry_delay.duration(),
+        unreachable_grace: config.borg.unreachable_grace.duration(),
+    };
+    let profiles = config.profiles.keys().cloned().collect();
+    let (backups, recovered) = Backups::recover(policy, profiles, found.stored, unix_now());
+    let backups = Arc::new(Mutex::new(backups));
 
-    let (commands, mut requests) = mpsc::channel(16);
-    let object = ferry_service::serve(
-        &connection,
-        borg::OBJECT_PATH,
-        BorgInterface {
-            commands,
-            shared: shared.clone(),
-            config: config.clone(),
-            started: unix_now(),
-            bus,
-        },
-    )
-    .await?;
-    let (events, mut job_events) = mpsc::channel(256);
-    let mut service = Service {
+    let (commands, requests) = mpsc::channel(16);
+    let interface = BorgInterface {
+        commands,
+        shared: backups.clone(),
         config: config.clone(),
+        started: unix_now(),
+        bus,
+    };
+    let object = ferry_service::serve(&connection, borg::OBJECT_PATH, interface).await?;
+    let (events, job_events) = mpsc::channel(256);
+    let mut service = Service {
+        config,
         logind,
-        shared,
+        backups,
         object,
         state_path,
-        host_id,
+        host_id: found.host_id,
         locks: RepositoryLocks::default(),
         events,
         running: BTreeMap::new(),
@@ -901,105 +718,7 @@ pub async fn run_on(
         task_jobs: HashMap::new(),
     };
     claim_name(&connection, borg::BUS_NAME, borg::OBJECT_PATH).await?;
-    for (job, profile, end) in &cut_short {
-        service.announce_end(job, profile, end).await;
-    }
-
-    tokio::pin!(shutdown);
-    loop {
-        let next_retry = service.next_retry();
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = ferry_service::sleep_until(next_retry), if next_retry.is_some() => {
-                for (id, profile) in service.start_due_retries() {
-                    service.announce_start(&id, &profile).await;
-                }
-                service.announce_schedule().await;
-            }
-            Some(command) = requests.recv() => match command {
-                Command::Start(profile, reply) => {
-                    let already = service.running.values().any(|r| r.profile == profile);
-                    let id = service.start(profile.clone(), 1);
-                    let _ = reply.send(id.clone());
-                    if !already {
-                        service.announce_start(&id, profile.as_str()).await;
-                    }
-                }
-                Command::Cancel(job, reply) => {
-                    let _ = reply.send(service.cancel(&job));
-                }
-            },
-            Some((job, event)) = job_events.recv() => service.event(job, event).await,
-            Some(joined) = service.tasks.join_next_with_id(), if !service.tasks.is_empty() => {
-                // Events the job sent before it ended come before its end.
-                while let Ok((job, event)) = job_events.try_recv() {
-                    service.event(job, event).await;
-                }
-                if let Some((job, end)) = service.joined(joined) {
-                    service.finish(job, end).await;
-                }
-            }
-        }
-    }
-
-    // Stop: cancel every job (borg checkpoints and releases its lock), record them.
-    if !service.running.is_empty() {
-        tracing::info!("stopping: cancelling {} job(s)", service.running.len());
-        for running in service.running.values() {
-            running.cancel.send_replace(true);
-        }
-        let bound = config.borg.cancel_timeout.duration() + SHUTDOWN_SLACK;
-        let drained = tokio::time::timeout(bound, async {
-            while let Some(joined) = service.tasks.join_next_with_id().await {
-                if let Some((job, end)) = service.joined(joined) {
-                    service.finish(job, end).await;
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("jobs did not stop within {bound:?}; leaving them to be killed");
-        }
-    }
+    service.carry(recovered, None).await;
+    service.serve(shutdown, requests, job_events).await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn unreachable() -> End {
-        End::Unreachable {
-            reason: "the SSH server nas is unreachable".into(),
-        }
-    }
-
-    #[test]
-    fn unreachable_is_a_skip_until_the_grace_then_a_failure_and_reaching_forgets() {
-        let mut stored = Stored::default();
-        let grace = Duration::from_secs(100);
-        let first = settle(&mut stored, "p", unreachable(), grace, 1000);
-        assert!(matches!(first, End::Skipped { .. }), "{first:?}");
-        assert_eq!(stored.profiles["p"].unreachable_since, Some(1000));
-        let within = settle(&mut stored, "p", unreachable(), grace, 1099);
-        assert!(matches!(within, End::Skipped { .. }), "{within:?}");
-        let past = settle(&mut stored, "p", unreachable(), grace, 1100);
-        assert!(
-            matches!(&past, End::Failed { stage, message } if stage == "unreachable" && message.contains("unreachable-grace")),
-            "{past:?}"
-        );
-        // A precondition's skip says nothing about the server.
-        let skipped = End::Skipped { reason: "x".into() };
-        settle(&mut stored, "p", skipped, grace, 1200);
-        assert_eq!(stored.profiles["p"].unreachable_since, Some(1000));
-        // A refusal means the server answered.
-        let refused = End::Failed {
-            stage: "create".into(),
-            message: "host key changed".into(),
-        };
-        settle(&mut stored, "p", refused, grace, 1300);
-        assert_eq!(stored.profiles["p"].unreachable_since, None);
-        let again = settle(&mut stored, "p", unreachable(), grace, 1400);
-        assert!(matches!(again, End::Skipped { .. }), "a new series starts");
-    }
 }

@@ -409,20 +409,33 @@ impl Plan {
         is_local(&self.repository)
     }
 
-    /// The key that serialises jobs: one job per repository at a time.
-    pub fn repository_key(&self) -> String {
-        if self.is_local() {
-            std::fs::canonicalize(&self.repository)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| self.repository.clone())
-        } else {
-            self.repository.clone()
+    /// The key that serialises jobs: one job per repository at a time
+    /// (a local path resolved, off the runtime).
+    pub async fn repository_key(&self) -> String {
+        if !self.is_local() {
+            return self.repository.clone();
         }
+        tokio::fs::canonicalize(&self.repository)
+            .await
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| self.repository.clone())
+    }
+
+    /// [`Plan::refuse_on_a_drive`] in words, for ferryctl's check (which
+    /// collects sentences); remove once it takes [`PlanError`].
+    pub fn check_not_on_a_drive(&self, config: &Config) -> Result<(), String> {
+        self.refuse_on_a_drive(config).map_err(|e| e.to_string())
+    }
+
+    /// [`Plan::of_profile`] in words, for ferryctl's check (which collects
+    /// sentences); remove once it takes [`PlanError`].
+    pub fn from_profile(config: &Config, name: &Name, profile: &Profile) -> Result<Plan, String> {
+        Plan::of_profile(config, name, profile).map_err(|e| e.to_string())
     }
 
     /// Refuses a local repository under a drive's mountpoint, also through
     /// symlinks (the config check already did it lexically).
-    pub fn check_not_on_a_drive(&self, config: &Config) -> Result<(), String> {
+    pub fn refuse_on_a_drive(&self, config: &Config) -> Result<(), PlanError> {
         if !self.is_local() {
             return Ok(());
         }
@@ -443,11 +456,11 @@ impl Plan {
     }
 
     /// The plan of a profile spelt out in ferry.toml (checked by ferry-config).
-    pub fn from_profile(config: &Config, name: &Name, profile: &Profile) -> Result<Plan, String> {
+    pub fn of_profile(config: &Config, name: &Name, profile: &Profile) -> Result<Plan, PlanError> {
         let repository_name = profile
             .repository
             .as_ref()
-            .ok_or_else(|| format!("profile `{name}` names no repository"))?;
+            .ok_or_else(|| PlanError::NoRepository(name.clone()))?;
         let target = Target::of(config, repository_name)?;
         let options = CreateOptions {
             exclude_patterns: profile.exclude_patterns.clone().unwrap_or_default(),
@@ -515,6 +528,32 @@ impl Plan {
     }
 }
 
+/// Why a ferry.toml profile makes no plan that may run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The profile has neither `repository` nor `borgmatic-config`.
+    #[error("profile `{0}` names no repository")]
+    NoRepository(Name),
+    /// `repository` names neither a `[repositories]` nor a
+    /// `[remote-repositories]` entry.
+    #[error("no repository named `{0}`")]
+    UnknownRepository(Name),
+    /// A local repository lies on an enrolled drive.
+    #[error(
+        "repository {} lies under drive `{drive}`'s mountpoint {}: borg must never write a drive's copy; back up to the local repository and let ferry-sync copy it",
+        repository.display(),
+        mountpoint.display()
+    )]
+    OnADrive {
+        /// The repository as written.
+        repository: PathBuf,
+        /// The drive.
+        drive: Name,
+        /// Its mountpoint (resolved).
+        mountpoint: PathBuf,
+    },
+}
+
 /// Where a ferry.toml profile's archives go: a local or a remote repository.
 struct Target {
     repository: String,
@@ -524,7 +563,7 @@ struct Target {
 }
 
 impl Target {
-    fn of(config: &Config, name: &Name) -> Result<Target, String> {
+    fn of(config: &Config, name: &Name) -> Result<Target, PlanError> {
         let passphrase = |file: Option<PathBuf>, command: &Option<String>| match (file, command) {
             (Some(file), _) => Passphrase::File(file),
             (None, Some(command)) => Passphrase::Command(command.clone()),
@@ -544,7 +583,7 @@ impl Target {
         let remote = config
             .remote_repositories
             .get(name)
-            .ok_or_else(|| format!("no repository named `{name}`"))?;
+            .ok_or_else(|| PlanError::UnknownRepository(name.clone()))?;
         let home = crate::remote::service_home();
         Ok(Target {
             repository: remote.url.as_str().to_string(),
@@ -677,12 +716,12 @@ impl Plan {
     }
 }
 
-fn on_a_drive(path: &Path, drive: &Name, mountpoint: &Path) -> String {
-    format!(
-        "repository {} lies under drive `{drive}`'s mountpoint {}: borg must never write a drive's copy; back up to the local repository and let ferry-sync copy it",
-        path.display(),
-        mountpoint.display()
-    )
+fn on_a_drive(path: &Path, drive: &Name, mountpoint: &Path) -> PlanError {
+    PlanError::OnADrive {
+        repository: path.to_path_buf(),
+        drive: drive.clone(),
+        mountpoint: mountpoint.to_path_buf(),
+    }
 }
 
 /// `path` with symlinks resolved as far as it exists; the rest appended.

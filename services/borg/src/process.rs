@@ -13,8 +13,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -105,61 +105,9 @@ pub async fn supervise(
 ) -> io::Result<Ended> {
     let mut child = command.spawn()?;
     drop(inherit);
-    let pid = child.id().map(|p| p as libc::pid_t);
-    let stdout = child.stdout.take();
-    let reader = tokio::spawn(async move {
-        let mut bytes = Vec::new();
-        if let Some(out) = stdout {
-            let _ = out.take(STDOUT_LIMIT).read_to_end(&mut bytes).await;
-        }
-        bytes
-    });
+    let reader = read_stdout(child.stdout.take());
     let mut lines = child.stderr.take().map(|e| BufReader::new(e).lines());
-    let deadline = tokio::time::sleep(limits.timeout);
-    tokio::pin!(deadline);
-    let mut stopped = None;
-    // The signals still to send once stopping, each with the wait after it.
-    let mut ladder: Vec<(libc::c_int, Duration)> = Vec::new();
-    let mut next_signal: Option<Instant> = None;
-    let cancel = limits.cancel;
-    let mut cancel_open = true;
-    if *cancel.borrow() {
-        stopped = Some(Stop::Cancelled);
-        next_signal = Some(Instant::now());
-    }
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status?,
-            line = next_line(&mut lines) => match line {
-                Some(line) => on_line(&line),
-                None => lines = None,
-            },
-            changed = cancel.changed(), if cancel_open && stopped.is_none() => match changed {
-                Ok(()) if *cancel.borrow() => {
-                    stopped = Some(Stop::Cancelled);
-                    next_signal = Some(Instant::now());
-                }
-                Ok(()) => {}
-                Err(_) => cancel_open = false,
-            },
-            _ = &mut deadline, if stopped.is_none() => {
-                stopped = Some(Stop::TimedOut);
-                next_signal = Some(Instant::now());
-            }
-            _ = ferry_service::sleep_until(next_signal), if next_signal.is_some() => {
-                if ladder.is_empty() {
-                    ladder = escalation(limits.first_signal, limits.grace);
-                }
-                let (signal, wait) = ladder.remove(0);
-                if let Some(pid) = pid {
-                    tracing::debug!("sending signal {signal} to process group {pid}");
-                    // SAFETY: signalling the child's own process group (setsid made it leader).
-                    unsafe { libc::kill(-pid, signal) };
-                }
-                next_signal = (!ladder.is_empty()).then(|| Instant::now() + wait);
-            }
-        }
-    };
+    let (status, stopped) = watch(&mut child, &mut lines, limits, &mut on_line).await?;
     // Read what is left, but do not wait on a grandchild holding the pipes.
     if let Some(lines) = lines.as_mut() {
         let _ = tokio::time::timeout(DRAIN, async {
@@ -180,6 +128,73 @@ pub async fn supervise(
     })
 }
 
+/// Reads a child's stdout (bounded) as a task of its own.
+fn read_stdout(stdout: Option<ChildStdout>) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        if let Some(out) = stdout {
+            let _ = out.take(STDOUT_LIMIT).read_to_end(&mut bytes).await;
+        }
+        bytes
+    })
+}
+
+/// The stop of a child: why, and the signals still to send, each at its
+/// time ([`escalation`]).
+struct Stopping {
+    why: Stop,
+    ladder: Vec<(libc::c_int, Duration)>,
+    next: Instant,
+}
+
+/// Waits for `child` to exit, passing on its stderr lines; once cancelled
+/// or past its time limit, signals its process group up the ladder.
+async fn watch(
+    child: &mut Child,
+    lines: &mut Option<Lines<BufReader<ChildStderr>>>,
+    limits: Limits<'_>,
+    on_line: &mut impl FnMut(&str),
+) -> io::Result<(ExitStatus, Option<Stop>)> {
+    let pid = child.id();
+    let deadline = tokio::time::sleep(limits.timeout);
+    tokio::pin!(deadline);
+    let stop = |why| Stopping {
+        why,
+        ladder: escalation(limits.first_signal, limits.grace),
+        next: Instant::now(),
+    };
+    let cancel = limits.cancel;
+    let mut cancel_open = true;
+    let mut stopping = (*cancel.borrow()).then(|| stop(Stop::Cancelled));
+    loop {
+        let next_signal = stopping
+            .as_ref()
+            .filter(|s| !s.ladder.is_empty())
+            .map(|s| s.next);
+        tokio::select! {
+            status = child.wait() => return Ok((status?, stopping.map(|s| s.why))),
+            line = next_line(lines) => match line {
+                Some(line) => on_line(&line),
+                None => *lines = None,
+            },
+            changed = cancel.changed(), if cancel_open && stopping.is_none() => match changed {
+                Ok(()) if *cancel.borrow() => stopping = Some(stop(Stop::Cancelled)),
+                Ok(()) => {}
+                Err(_) => cancel_open = false,
+            },
+            _ = &mut deadline, if stopping.is_none() => stopping = Some(stop(Stop::TimedOut)),
+            _ = ferry_service::sleep_until(next_signal), if next_signal.is_some() => {
+                if let Some(stopping) = stopping.as_mut() {
+                    let (signal, wait) = stopping.ladder.remove(0);
+                    tracing::debug!("sending signal {signal} to the process group of {pid:?}");
+                    ferry_service::process::signal_group(pid, signal);
+                    stopping.next = Instant::now() + wait;
+                }
+            }
+        }
+    }
+}
+
 /// The signals to stop a child with: the first one, then SIGTERM, then SIGKILL.
 fn escalation(first: libc::c_int, grace: Duration) -> Vec<(libc::c_int, Duration)> {
     let mut ladder = vec![(first, grace)];
@@ -190,9 +205,7 @@ fn escalation(first: libc::c_int, grace: Duration) -> Vec<(libc::c_int, Duration
     ladder
 }
 
-async fn next_line(
-    lines: &mut Option<tokio::io::Lines<BufReader<tokio::process::ChildStderr>>>,
-) -> Option<String> {
+async fn next_line(lines: &mut Option<Lines<BufReader<ChildStderr>>>) -> Option<String> {
     match lines {
         Some(lines) => lines.next_line().await.ok().flatten(),
         None => std::future::pending().await,
@@ -204,4 +217,80 @@ pub fn command<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
     let mut command = Command::new(program);
     command.args(args);
     command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn shell(script: &str) -> Command {
+        let mut command = command("/bin/sh", &["-c", script]);
+        prepare(&mut command, None, libc::SIGKILL);
+        command
+    }
+
+    fn limits(cancel: &mut watch::Receiver<bool>, timeout: Duration) -> Limits<'_> {
+        Limits {
+            cancel,
+            timeout,
+            first_signal: libc::SIGINT,
+            grace: Duration::from_millis(100),
+        }
+    }
+
+    /// A child that ignores the first signal gets SIGTERM after the grace.
+    #[tokio::test]
+    async fn a_cancel_climbs_the_ladder_past_an_ignored_first_signal() {
+        let (cancel, mut cancelled) = watch::channel(false);
+        let mut lines = Vec::new();
+        let child = shell("trap '' INT; echo ready >&2; exec sleep 30");
+        let limits = limits(&mut cancelled, Duration::from_secs(60));
+        let ended = supervise(child, None, limits, |line| {
+            lines.push(line.to_string());
+            if line == "ready" {
+                cancel.send_replace(true);
+            }
+        })
+        .await
+        .expect("runs");
+        assert_eq!(ended.stopped, Some(Stop::Cancelled));
+        assert_eq!(ended.status.signal(), Some(libc::SIGTERM), "{ended:?}");
+        assert_eq!(lines, ["ready"]);
+    }
+
+    #[tokio::test]
+    async fn a_child_past_its_time_limit_is_stopped_and_its_output_kept() {
+        let (_cancel, mut cancelled) = watch::channel(false);
+        let child = shell("echo out; exec sleep 30");
+        // Long enough for sh to have written, however loaded the machine.
+        let limits = limits(&mut cancelled, Duration::from_secs(1));
+        let ended = supervise(child, None, limits, |_| {}).await.expect("runs");
+        assert_eq!(ended.stopped, Some(Stop::TimedOut));
+        assert_eq!(ended.status.signal(), Some(libc::SIGINT));
+        assert_eq!(ended.stdout, b"out\n");
+    }
+
+    #[tokio::test]
+    async fn a_job_cancelled_before_the_child_starts_stops_it_at_once() {
+        let (_cancel, mut cancelled) = watch::channel(true);
+        let child = shell("exec sleep 30");
+        let limits = limits(&mut cancelled, Duration::from_secs(60));
+        let ended = supervise(child, None, limits, |_| {}).await.expect("runs");
+        assert_eq!(ended.stopped, Some(Stop::Cancelled));
+        assert_eq!(ended.status.signal(), Some(libc::SIGINT));
+    }
+
+    #[tokio::test]
+    async fn a_child_that_exits_is_not_stopped() {
+        let (_cancel, mut cancelled) = watch::channel(false);
+        let child = shell("echo said >&2; exit 3");
+        let mut lines = Vec::new();
+        let limits = limits(&mut cancelled, Duration::from_secs(60));
+        let ended = supervise(child, None, limits, |l| lines.push(l.to_string()))
+            .await
+            .expect("runs");
+        assert_eq!((ended.stopped, ended.status.code()), (None, Some(3)));
+        assert_eq!(lines, ["said"]);
+    }
 }

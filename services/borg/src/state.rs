@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const FILE_NAME: &str = "borg.json";
 
 /// One profile's memory.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProfileRecord {
     /// The last job's result.
     pub last_result: Option<BackupResult>,
@@ -37,7 +37,7 @@ pub struct ProfileRecord {
 }
 
 /// A job that was running when the state was written.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningJob {
     /// Its profile.
     pub profile: String,
@@ -64,7 +64,7 @@ pub struct PlannedRetry {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
     /// By profile name.
     #[serde(default)]

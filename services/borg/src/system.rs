@@ -40,39 +40,23 @@ pub fn blocked(
     None
 }
 
+/// [`blocked`] for a profile's preconditions, off the runtime (it reads
+/// mountinfo, the paths and the power supplies).
+pub async fn preconditions_block(pre: &ferry_config::Preconditions) -> Option<String> {
+    let pre = pre.clone();
+    tokio::task::spawn_blocking(move || blocked(&pre.mountpoints, &pre.exists, pre.on_ac_power))
+        .await
+        .unwrap_or_else(|e| Some(format!("the preconditions could not be checked: {e}")))
+}
+
 /// Every mount point, from /proc/self/mountinfo (octal escapes undone).
 fn mount_points() -> Vec<PathBuf> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape(field)))
+        .map(|field| PathBuf::from(ferry_service::confined::unescape_mountinfo(field)))
         .collect()
-}
-
-/// Undoes mountinfo's `\040`-style escapes.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            std::str::from_utf8(d)
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 8).ok())
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Like systemd's ConditionACPower: true when a mains supply is online or
@@ -180,8 +164,10 @@ pub async fn inhibit(connection: &zbus::Connection, why: &str) -> Option<OwnedFd
 mod tests {
     use super::*;
 
+    /// A mount point with a space (seed 000's "My Private") is found.
     #[test]
     fn mountinfo_escapes() {
+        let unescape = ferry_service::confined::unescape_mountinfo;
         assert_eq!(
             unescape("/home/david/My\\040Private"),
             "/home/david/My Private"

@@ -15,11 +15,42 @@ use std::ffi::{CStr, CString};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+/// Why `~` cannot be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TildeError {
+    /// The file's owner is not in the user database.
+    #[error(
+        "`~` means the home of {file}'s owner, uid {uid}, who has no entry in the user database"
+    )]
+    OwnerUnknown {
+        /// The borgmatic file.
+        file: String,
+        /// Its owner.
+        uid: u32,
+    },
+    /// The file's owner cannot be found (the file cannot be looked at).
+    #[error("cannot find {file}'s owner: {why}")]
+    NoOwner {
+        /// The borgmatic file.
+        file: String,
+        /// Why (the system's words).
+        why: String,
+    },
+    /// `~name` names a user the database does not know.
+    #[error("`{path}`: there is no user `{user}` in the user database")]
+    NoSuchUser {
+        /// The path as written.
+        path: String,
+        /// The user named.
+        user: String,
+    },
+}
+
 /// How `~` expands for one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tilde {
     /// The owner's home, or why it is unknown.
-    owner_home: Result<String, String>,
+    owner_home: Result<String, TildeError>,
 }
 
 impl Tilde {
@@ -41,20 +72,20 @@ impl Tilde {
             Ok(meta) if meta.uid() == me => {
                 Ok(crate::remote::service_home().to_string_lossy().into_owned())
             }
-            Ok(meta) => home_of_uid(meta.uid()).ok_or_else(|| {
-                format!(
-                    "`~` means the home of {}'s owner, uid {}, who has no entry in the user database",
-                    file.display(),
-                    meta.uid()
-                )
+            Ok(meta) => home_of_uid(meta.uid()).ok_or_else(|| TildeError::OwnerUnknown {
+                file: file.display().to_string(),
+                uid: meta.uid(),
             }),
-            Err(e) => Err(format!("cannot find {}'s owner: {e}", file.display())),
+            Err(e) => Err(TildeError::NoOwner {
+                file: file.display().to_string(),
+                why: e.to_string(),
+            }),
         };
         Tilde { owner_home }
     }
 
     /// `path` with a leading `~` or `~name` expanded.
-    pub fn expand(&self, path: &str) -> Result<String, String> {
+    pub fn expand(&self, path: &str) -> Result<String, TildeError> {
         let Some(rest) = path.strip_prefix('~') else {
             return Ok(path.to_string());
         };
@@ -65,8 +96,9 @@ impl Tilde {
         let home = if user.is_empty() {
             self.owner_home.clone()?
         } else {
-            home_of_user(user).ok_or_else(|| {
-                format!("`{path}`: there is no user `{user}` in the user database")
+            home_of_user(user).ok_or_else(|| TildeError::NoSuchUser {
+                path: path.to_string(),
+                user: user.to_string(),
             })?
         };
         Ok(format!("{}{tail}", home.trim_end_matches('/')))
@@ -131,10 +163,12 @@ mod tests {
         assert_eq!(t.expand("~").as_deref(), Ok("/home/david"));
         assert_eq!(t.expand("/etc").as_deref(), Ok("/etc"));
         assert_eq!(t.expand("~root/x").as_deref(), Ok("/root/x"));
-        assert!(t
-            .expand("~no-such-user-ferry/x")
-            .unwrap_err()
-            .contains("no user"));
+        assert_eq!(
+            t.expand("~no-such-user-ferry/x")
+                .map_err(|e| e.to_string())
+                .unwrap_err(),
+            "`~no-such-user-ferry/x`: there is no user `no-such-user-ferry` in the user database"
+        );
         let dir = tempfile::tempdir().expect("dir");
         let file = dir.path().join("b.yaml");
         std::fs::write(&file, "x").expect("write");
@@ -153,8 +187,9 @@ mod tests {
                 Ok(format!("{}/a", nobody.trim_end_matches('/')))
             );
         }
-        assert!(Tilde::of_owner(&dir.path().join("missing"))
-            .expand("~/a")
-            .is_err());
+        assert!(matches!(
+            Tilde::of_owner(&dir.path().join("missing")).expand("~/a"),
+            Err(TildeError::NoOwner { .. })
+        ));
     }
 }
