@@ -75,14 +75,16 @@ pub fn check(path: &Path) -> Result<Summary, Vec<Problem>> {
             Some(_) => {
                 ferry_borg::borgmatic::load(&config, name, profile).map_err(|e| e.to_string())
             }
-            None => Plan::from_profile(&config, name, profile).map(|plan| vec![plan]),
+            None => Plan::of_profile(&config, name, profile)
+                .map(|plan| vec![plan])
+                .map_err(|e| e.to_string()),
         };
         match plans {
             Err(text) => problem(place, text),
             Ok(plans) => {
                 for plan in plans {
-                    if let Err(text) = plan.check_not_on_a_drive(&config) {
-                        problem(place.clone(), text);
+                    if let Err(e) = plan.refuse_on_a_drive(&config) {
+                        problem(place.clone(), e.to_string());
                     }
                     for source in &plan.sources {
                         if plan.sources_must_exist && std::fs::symlink_metadata(source).is_err() {

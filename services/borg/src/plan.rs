@@ -421,18 +421,6 @@ impl Plan {
             .unwrap_or_else(|_| self.repository.clone())
     }
 
-    /// [`Plan::refuse_on_a_drive`] in words, for ferryctl's check (which
-    /// collects sentences); remove once it takes [`PlanError`].
-    pub fn check_not_on_a_drive(&self, config: &Config) -> Result<(), String> {
-        self.refuse_on_a_drive(config).map_err(|e| e.to_string())
-    }
-
-    /// [`Plan::of_profile`] in words, for ferryctl's check (which collects
-    /// sentences); remove once it takes [`PlanError`].
-    pub fn from_profile(config: &Config, name: &Name, profile: &Profile) -> Result<Plan, String> {
-        Plan::of_profile(config, name, profile).map_err(|e| e.to_string())
-    }
-
     /// Refuses a local repository under a drive's mountpoint, also through
     /// symlinks (the config check already did it lexically).
     pub fn refuse_on_a_drive(&self, config: &Config) -> Result<(), PlanError> {
