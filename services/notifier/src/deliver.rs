@@ -73,14 +73,38 @@ pub enum Report {
     },
 }
 
-/// The handle the service keeps: wake the deliverer, or flush now.
+/// The handle the service keeps: wake the deliverer, flush now, or stop.
 #[derive(Clone)]
 pub struct Deliverer {
     wake: Arc<Notify>,
     flush: Arc<Notify>,
+    stop: Arc<Stop>,
+}
+
+/// Asked to stop: a pass ends after the letter it is settling (sent and
+/// removed, buried, or left with its in-doubt mark), never in between.
+#[derive(Default)]
+pub struct Stop {
+    asked: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    /// Whether the service is stopping.
+    pub fn asked(&self) -> bool {
+        self.asked.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Deliverer {
+    /// The service stops: end after the letter being settled.
+    pub fn stop(&self) {
+        self.stop
+            .asked
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.stop.notify.notify_one();
+    }
+
     /// Something was queued: deliver when the backoff allows.
     pub fn queued(&self) {
         self.wake.notify_one();
@@ -105,15 +129,17 @@ pub fn task(
     let min = Duration::from_secs(mail.retry_min_seconds);
     let max = Duration::from_secs(mail.retry_max_seconds);
     let sender = reports.clone();
-    retry_loop("mail", min, max, reports, move || {
+    retry_loop("mail", min, max, reports, move |stop| {
         let (mail, outbox, reports) = (mail.clone(), outbox.clone(), sender.clone());
-        async move { pass(&mail, &outbox, &reports).await }
+        async move { pass(&mail, &outbox, &reports, &stop).await }
     })
 }
 
 /// The retry policy every channel shares: run `pass` when something is
 /// queued or flushed; after a temporary failure (Err) wait `min`, doubling
 /// up to `max`, Flush cutting the wait short. Nothing pending: no timer.
+/// [`Deliverer::stop`] ends it between letters (`pass` is handed the
+/// [`Stop`] to look at).
 pub fn retry_loop<F, Fut>(
     what: &'static str,
     min: Duration,
@@ -125,19 +151,27 @@ pub fn retry_loop<F, Fut>(
     impl std::future::Future<Output = ()> + Send + 'static,
 )
 where
-    F: FnMut() -> Fut + Send + 'static,
+    F: FnMut(Arc<Stop>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), PassError>> + Send,
 {
     let handle = Deliverer {
         wake: Arc::new(Notify::new()),
         flush: Arc::new(Notify::new()),
+        stop: Arc::default(),
     };
-    let (wake, flush) = (handle.wake.clone(), handle.flush.clone());
+    let (wake, flush, stop) = (
+        handle.wake.clone(),
+        handle.flush.clone(),
+        handle.stop.clone(),
+    );
     let task = async move {
         let mut backoff: Option<Duration> = None;
         loop {
+            if stop.asked() {
+                return;
+            }
             let retry = backoff;
-            match pass().await {
+            match pass(stop.clone()).await {
                 Ok(()) => backoff = None,
                 Err(error) => {
                     let error = error.to_string();
@@ -156,6 +190,7 @@ where
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = flush.notified() => {}
+                        _ = stop.notify.notified() => {}
                     }
                 }
                 // Waiting out a backoff: a new message waits with the rest;
@@ -164,6 +199,7 @@ where
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = flush.notified() => {}
+                        _ = stop.notify.notified() => {}
                     }
                 }
             }
@@ -197,6 +233,7 @@ async fn pass(
     mail: &Mail,
     outbox: &Outbox,
     reports: &mpsc::Sender<Report>,
+    stop: &Stop,
 ) -> Result<(), PassError> {
     let messages = outbox.queued().await.map_err(|source| PassError::List {
         dir: outbox.queue_dir().to_path_buf(),
@@ -212,6 +249,9 @@ async fn pass(
             .map_err(|e| PassError::Later(format!("internal error: {e}")))??
     };
     for message in messages {
+        if stop.asked() {
+            break;
+        }
         let message = match message {
             Ok(m) => m,
             Err(bad) => {

@@ -82,6 +82,9 @@ struct Notifier {
     object: ferry_service::Served<NotifierInterface>,
 }
 
+/// How long a stopping service waits for the letters being settled.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// The letters one batch of effects spooled: (event id, reason) of each.
 #[derive(Default)]
 struct Spooled {
@@ -142,7 +145,7 @@ pub async fn run(
             _ = ferry_service::sleep_until(due), if due.is_some() => notifier.tick().await,
         }
     };
-    inputs.tasks.shutdown().await;
+    notifier.stop_delivery(&mut inputs.tasks).await;
     result
 }
 
@@ -246,6 +249,20 @@ impl Notifier {
         let _ = self.carry_out(effects).await;
     }
 
+    /// Lets the deliverers finish the letter each is settling (so a mail
+    /// the server accepted is also removed from the outbox, not sent again
+    /// after the restart), at most [`STOP_GRACE`]; then ends them.
+    async fn stop_delivery(&self, tasks: &mut JoinSet<&'static str>) {
+        for deliverer in [&self.deliverer, &self.pusher].into_iter().flatten() {
+            deliverer.stop();
+        }
+        let ended = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(STOP_GRACE, ended).await.is_err() {
+            tracing::warn!("a delivery did not end within {STOP_GRACE:?}; stopping it");
+            tasks.shutdown().await;
+        }
+    }
+
     /// When [`tick`](Self::tick) next has something to do.
     fn next_due(&self) -> Option<tokio::time::Instant> {
         let wait = self.domain.next_due(self.clock.now())?;
@@ -253,15 +270,17 @@ impl Notifier {
     }
 
     /// Carries `effects` out: spools the letters durably in order, then
-    /// writes the ledger once, and only then says so and wakes the
-    /// deliverers. So a letter can never be delivered before the ledger
-    /// that remembers it was sent is on disk (a kill in between would
-    /// otherwise send a once-a-day reminder twice), and a letter spooled
-    /// just before a kill covers its failures at the next start. Returns
+    /// writes the ledger once, and only then lets delivery passes see the
+    /// letters ([`Outbox::hold`]), says so and wakes the deliverers. So a
+    /// letter is never delivered before the ledger that remembers it was
+    /// sent is on disk (a kill in between would otherwise mail a failure
+    /// or a once-a-day reminder again after the restart), and a letter
+    /// spooled just before a kill covers its failures at the next start. Returns
     /// the first mail's id, or the first reason a mail was not queued.
     async fn carry_out(&mut self, effects: Vec<Effect>) -> Result<Option<String>, QueueError> {
         let (mut first, mut failed, mut save) = (None, None, false);
         let mut spooled = Spooled::default();
+        let held = (self.outbox.hold().await, self.pushes.hold().await);
         for effect in effects {
             match effect {
                 Effect::Mail { draft, covers } => match self.spool_mail(draft, covers).await {
@@ -278,6 +297,7 @@ impl Notifier {
         if save {
             self.save().await;
         }
+        drop(held);
         self.announce(spooled).await;
         match (first, failed) {
             (_, Some(e)) => Err(e),

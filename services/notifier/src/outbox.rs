@@ -19,6 +19,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ferry_service::durable::{sync_directory, write_atomically};
 
@@ -69,6 +70,11 @@ pub struct Outbox<L = Spooled> {
     queue: PathBuf,
     dead: PathBuf,
     letters: PhantomData<fn() -> L>,
+    /// Shared by the clones: a delivery pass lists the outbox under a read
+    /// lock; the service holds the write lock ([`Outbox::hold`]) from
+    /// spooling letters until the ledger that remembers them is on disk,
+    /// so no letter is delivered before that.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl<L> Clone for Outbox<L> {
@@ -77,6 +83,7 @@ impl<L> Clone for Outbox<L> {
             queue: self.queue.clone(),
             dead: self.dead.clone(),
             letters: PhantomData,
+            gate: self.gate.clone(),
         }
     }
 }
@@ -125,6 +132,7 @@ impl<L: Letter> Outbox<L> {
             queue: dir.join("outbox"),
             dead: dir.join("dead"),
             letters: PhantomData,
+            gate: Arc::default(),
         };
         for d in [&outbox.queue, &outbox.dead] {
             fs::DirBuilder::new()
@@ -312,10 +320,17 @@ impl<L: Letter + Send + 'static> Outbox<L> {
         off_runtime(move || letters.iter().try_for_each(|l| outbox.put(l))).await
     }
 
-    /// [`Outbox::in_order`] off the runtime.
+    /// [`Outbox::in_order`] off the runtime, once no [`Outbox::hold`] is
+    /// held.
     pub async fn queued(&self) -> io::Result<Vec<Result<L, Unreadable>>> {
+        let _listing = self.gate.read().await;
         let outbox = self.clone();
         off_runtime(move || outbox.in_order()).await
+    }
+
+    /// Keeps delivery passes from listing the outbox until dropped.
+    pub async fn hold(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     /// [`Outbox::delete`] off the runtime.

@@ -28,7 +28,7 @@ use ferry_config::{Push, PING_KEY};
 use tokio::sync::mpsc;
 
 use crate::compose::MAX_IN_DOUBT;
-use crate::deliver::{bury, read_secret, retry_loop, Deliverer, Outcome, PassError, Report};
+use crate::deliver::{bury, read_secret, retry_loop, Deliverer, Outcome, PassError, Report, Stop};
 use crate::outbox::Outbox;
 use crate::push::{outcome_of_status, PushLetter, Target};
 
@@ -45,9 +45,9 @@ pub fn task(
     let min = Duration::from_secs(push.retry_min_seconds);
     let max = Duration::from_secs(push.retry_max_seconds);
     let sender = reports.clone();
-    retry_loop("push", min, max, reports, move || {
+    retry_loop("push", min, max, reports, move |stop| {
         let (push, outbox, reports) = (push.clone(), outbox.clone(), sender.clone());
-        async move { pass(&push, &outbox, &reports).await }
+        async move { pass(&push, &outbox, &reports, &stop).await }
     })
 }
 
@@ -65,6 +65,7 @@ async fn pass(
     push: &Push,
     outbox: &Outbox<PushLetter>,
     reports: &mpsc::Sender<Report>,
+    stop: &Stop,
 ) -> Result<(), PassError> {
     let letters = outbox.queued().await.map_err(|source| PassError::List {
         dir: outbox.queue_dir().to_path_buf(),
@@ -76,6 +77,9 @@ async fn pass(
     let secrets = Secrets::read(push).await?;
     let agent = agent(Duration::from_secs(push.timeout_seconds));
     for letter in letters {
+        if stop.asked() {
+            break;
+        }
         let letter = match letter {
             Ok(l) => l,
             Err(bad) => {
