@@ -9,6 +9,14 @@
 //! each oldest first. Dead letters can be listed and put back into the
 //! outbox (`ListDeadLetters`, `ResendDeadLetter` on the bus).
 //!
+//! A letter that cannot be read back is never dropped: the next delivery
+//! pass moves it to `dead/` too, with why. That is the house's policy for a
+//! damaged state file (`ferry_service::durable::load_or_move_aside`: moved
+//! aside, logged, reported), with the dead letters as the place aside, so
+//! the DeadLetters property, LastError and ListDeadLetters report it where
+//! a person already looks for letters that did not go. (The notifier's
+//! ledger, one file, loads through `load_or_move_aside` itself.)
+//!
 //! The same outbox holds mail ([`Spooled`], under `<state>/notifier`) and
 //! pushes ([`crate::push::PushLetter`], under `<state>/notifier/push`): a
 //! [`Letter`] is anything with an id that can be told about as a dead
