@@ -1062,6 +1062,58 @@ async fn killed_at_the_250_five_times_a_message_arrives_at_most_twice() {
     assert_eq!(proxy.dead_letters().await.expect("DeadLetters"), 0);
 }
 
+/// A damaged state file is moved aside and reported, never silently
+/// dropped: the ledger to `ledger.json.bad-<time>` (the notifier starts
+/// with a new one, which can only make mail more likely), a damaged outbox
+/// letter to the dead letters, where DeadLetters and ListDeadLetters show
+/// it with why; the mail queued beside it still goes.
+async fn a_damaged_ledger_or_outbox_letter_is_moved_aside_and_reported() {
+    if !require_aiosmtpd() {
+        return;
+    }
+    let bus = TestBus::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let smtp = Smtp::start(&dir.path().join("smtp"), 0);
+    let config = config(dir.path(), smtp.port, &["offsite-a"], "");
+    let state = dir.path().join("state/notifier");
+    std::fs::create_dir_all(state.join("outbox")).expect("outbox");
+    std::fs::write(state.join("ledger.json"), "{ half a ledger").expect("ledger");
+    let damaged = "ferry-1700000000-0000000000000001.json";
+    std::fs::write(state.join("outbox").join(damaged), "{ half a mail").expect("letter");
+    let conn = bus.connect().await;
+    let _notifier = start(&bus, &conn, &config, &[]).await;
+
+    let aside: Vec<String> = std::fs::read_dir(&state)
+        .expect("state")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ledger.json.bad-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged ledger is kept aside");
+    assert_eq!(
+        std::fs::read_to_string(state.join(&aside[0])).expect("aside"),
+        "{ half a ledger"
+    );
+
+    let proxy: NotifierProxy = uncached(&conn).await;
+    let id = proxy.send_test().await.expect("SendTest");
+    smtp.wait_for(1, |m| m.id() == id, WAIT).await;
+    // The letter is removed once the server accepted it; the damaged one
+    // is moved by the same pass.
+    wait_until(WAIT, || {
+        let dead = outbox_files(dir.path(), "dead") == [damaged];
+        (dead && outbox_files(dir.path(), "outbox").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.dead_letters().await.expect("DeadLetters"), 1);
+    let letters = proxy
+        .list_dead_letters(Default::default())
+        .await
+        .expect("ListDeadLetters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0].error.contains("unreadable"), "{letters:?}");
+}
+
 ferry_integration_tests::integration_tests! {
     async Machine: [
         failures_are_mailed_with_what_where_and_the_message,
@@ -1076,5 +1128,6 @@ ferry_integration_tests::integration_tests! {
         sendmail_gets_the_message_on_stdin_and_a_success_summary_is_mailed,
         a_failure_is_mailed_while_success_and_test_mails_used_up_the_hourly_limit,
         killed_at_the_250_five_times_a_message_arrives_at_most_twice,
+        a_damaged_ledger_or_outbox_letter_is_moved_aside_and_reported,
     ],
 }

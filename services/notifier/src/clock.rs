@@ -15,6 +15,11 @@ pub struct Clock {
     fake: Option<(u64, Instant)>,
 }
 
+/// `FERRY_FAKE_NOW` holds something that is not unix seconds.
+#[derive(Debug, thiserror::Error)]
+#[error("{FAKE_NOW_VAR}={0:?} is not unix seconds; unset it")]
+pub struct BadFakeNow(String);
+
 impl Clock {
     /// The system clock.
     pub fn system() -> Clock {
@@ -30,7 +35,7 @@ impl Clock {
 
     /// The system clock, unless `FERRY_FAKE_NOW` is set (then it starts
     /// there). A value that is not a number is an error, not ignored.
-    pub fn from_env() -> Result<Clock, String> {
+    pub fn from_env() -> Result<Clock, BadFakeNow> {
         match std::env::var(FAKE_NOW_VAR) {
             Err(_) => Ok(Clock::system()),
             Ok(text) => text
@@ -42,7 +47,7 @@ impl Clock {
                     );
                     Clock::starting_at(unix)
                 })
-                .map_err(|_| format!("{FAKE_NOW_VAR}={text:?} is not unix seconds; unset it")),
+                .map_err(|_| BadFakeNow(text)),
         }
     }
 

@@ -184,6 +184,25 @@ pub fn hostname() -> String {
     }
 }
 
+/// Why a draft could not be made into a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ComposeError {
+    /// `from` or a `to` of `[mail]` does not parse.
+    #[error("`{address}` is not a usable mail address: {source}; fix [mail] in ferry.toml")]
+    Address {
+        /// The address as configured.
+        address: String,
+        /// lettre's reason.
+        source: lettre::address::AddressError,
+    },
+    /// lettre refused the message.
+    #[error("cannot build the message: {0}")]
+    Build(lettre::error::Error),
+    /// The formatted message is not UTF-8 (never for a text draft).
+    #[error("the formatted message is not text")]
+    NotText,
+}
+
 /// Builds the message for `draft` with event id `id`, queued at `now`.
 pub fn build(
     draft: &Draft,
@@ -191,10 +210,13 @@ pub fn build(
     id: &str,
     now: u64,
     covers: Vec<(String, u64)>,
-) -> Result<Spooled, String> {
+) -> Result<Spooled, ComposeError> {
     let address = |a: &str| {
         a.parse::<Mailbox>()
-            .map_err(|e| format!("`{a}` is not a usable mail address: {e}"))
+            .map_err(|source| ComposeError::Address {
+                address: a.to_string(),
+                source,
+            })
     };
     let subject = format!(
         "{} {}",
@@ -222,9 +244,8 @@ pub fn build(
     }
     let message = builder
         .body(draft.body.clone())
-        .map_err(|e| format!("cannot build the message: {e}"))?;
-    let message = String::from_utf8(message.formatted())
-        .map_err(|_| "the formatted message is not text".to_string())?;
+        .map_err(ComposeError::Build)?;
+    let message = String::from_utf8(message.formatted()).map_err(|_| ComposeError::NotText)?;
     Ok(Spooled {
         id: id.to_string(),
         subject,

@@ -73,14 +73,38 @@ pub enum Report {
     },
 }
 
-/// The handle the service keeps: wake the deliverer, or flush now.
+/// The handle the service keeps: wake the deliverer, flush now, or stop.
 #[derive(Clone)]
 pub struct Deliverer {
     wake: Arc<Notify>,
     flush: Arc<Notify>,
+    stop: Arc<Stop>,
+}
+
+/// Asked to stop: a pass ends after the letter it is settling (sent and
+/// removed, buried, or left with its in-doubt mark), never in between.
+#[derive(Default)]
+pub struct Stop {
+    asked: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    /// Whether the service is stopping.
+    pub fn asked(&self) -> bool {
+        self.asked.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Deliverer {
+    /// The service stops: end after the letter being settled.
+    pub fn stop(&self) {
+        self.stop
+            .asked
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.stop.notify.notify_one();
+    }
+
     /// Something was queued: deliver when the backoff allows.
     pub fn queued(&self) {
         self.wake.notify_one();
@@ -92,47 +116,65 @@ impl Deliverer {
     }
 }
 
-/// Starts the delivery task; it runs until the returned handle is aborted.
-pub fn spawn(
+/// The mail delivery task (never ending), for the service to run as a
+/// tracked task, and the handle that wakes it.
+pub fn task(
     mail: Mail,
     outbox: Outbox,
     reports: mpsc::Sender<Report>,
-) -> (Deliverer, tokio::task::JoinHandle<()>) {
+) -> (
+    Deliverer,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let min = Duration::from_secs(mail.retry_min_seconds);
     let max = Duration::from_secs(mail.retry_max_seconds);
     let sender = reports.clone();
-    retry_loop("mail", min, max, reports, move || {
+    retry_loop("mail", min, max, reports, move |stop| {
         let (mail, outbox, reports) = (mail.clone(), outbox.clone(), sender.clone());
-        async move { pass(&mail, &outbox, &reports).await }
+        async move { pass(&mail, &outbox, &reports, &stop).await }
     })
 }
 
 /// The retry policy every channel shares: run `pass` when something is
 /// queued or flushed; after a temporary failure (Err) wait `min`, doubling
 /// up to `max`, Flush cutting the wait short. Nothing pending: no timer.
+/// [`Deliverer::stop`] ends it between letters (`pass` is handed the
+/// [`Stop`] to look at).
 pub fn retry_loop<F, Fut>(
     what: &'static str,
     min: Duration,
     max: Duration,
     reports: mpsc::Sender<Report>,
     mut pass: F,
-) -> (Deliverer, tokio::task::JoinHandle<()>)
+) -> (
+    Deliverer,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
 where
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), String>> + Send,
+    F: FnMut(Arc<Stop>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), PassError>> + Send,
 {
     let handle = Deliverer {
         wake: Arc::new(Notify::new()),
         flush: Arc::new(Notify::new()),
+        stop: Arc::default(),
     };
-    let (wake, flush) = (handle.wake.clone(), handle.flush.clone());
-    let task = tokio::spawn(async move {
+    let (wake, flush, stop) = (
+        handle.wake.clone(),
+        handle.flush.clone(),
+        handle.stop.clone(),
+    );
+    let task = async move {
         let mut backoff: Option<Duration> = None;
         loop {
+            if stop.asked() {
+                return;
+            }
             let retry = backoff;
-            match pass().await {
+            match pass(stop.clone()).await {
                 Ok(()) => backoff = None,
                 Err(error) => {
+                    let error = error.to_string();
                     let next = retry.map_or(min, |b| (b * 2).min(max));
                     backoff = Some(next);
                     tracing::warn!(
@@ -148,6 +190,7 @@ where
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = flush.notified() => {}
+                        _ = stop.notify.notified() => {}
                     }
                 }
                 // Waiting out a backoff: a new message waits with the rest;
@@ -156,91 +199,129 @@ where
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = flush.notified() => {}
+                        _ = stop.notify.notified() => {}
                     }
                 }
             }
         }
-    });
+    };
     (handle, task)
 }
 
+/// Why a delivery pass stopped before the outbox was empty; the next
+/// pass is after the backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// The outbox cannot be listed.
+    #[error("cannot list {}: {source}", dir.display())]
+    List {
+        /// The outbox folder.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A secret the transport needs cannot be read.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The server (or the network, or sendmail) said "later".
+    #[error("{0}")]
+    Later(String),
+}
+
 /// Sends every queued message, failures first. Err on a temporary failure.
-async fn pass(mail: &Mail, outbox: &Outbox, reports: &mpsc::Sender<Report>) -> Result<(), String> {
-    let messages = outbox
-        .in_order()
-        .map_err(|e| format!("cannot list {}: {e}", outbox.queue_dir().display()))?;
+async fn pass(
+    mail: &Mail,
+    outbox: &Outbox,
+    reports: &mpsc::Sender<Report>,
+    stop: &Stop,
+) -> Result<(), PassError> {
+    let messages = outbox.queued().await.map_err(|source| PassError::List {
+        dir: outbox.queue_dir().to_path_buf(),
+        source,
+    })?;
     if messages.is_empty() {
         return Ok(());
     }
-    let transport = Transport::new(mail)?;
+    let transport = {
+        let mail = mail.clone();
+        tokio::task::spawn_blocking(move || Transport::new(&mail))
+            .await
+            .map_err(|e| PassError::Later(format!("internal error: {e}")))??
+    };
     for message in messages {
+        if stop.asked() {
+            break;
+        }
         let message = match message {
             Ok(m) => m,
             Err(bad) => {
                 let error = format!("unreadable outbox file: {}", bad.reason);
-                bury(
-                    outbox,
-                    &bad.path,
-                    &bad.path.display().to_string(),
-                    &error,
-                    reports,
-                )
-                .await;
+                let name = bad.path.display().to_string();
+                bury(outbox, &bad.path, &name, &error, reports).await;
                 continue;
             }
         };
-        let path = outbox.queue_dir().join(format!("{}.json", message.id));
-        if message.in_doubt >= MAX_IN_DOUBT {
-            let error = format!(
-                "not sent again: ferry-notifier stopped {} times while the mail server was \
-                 accepting this message, so it may already have arrived (up to {} times); if it \
-                 did not, send it again with busctl call org.ferry.Notifier1 \
-                 /org/ferry/Notifier1 org.ferry.Notifier1 ResendDeadLetter sa{{sv}} {} 0",
-                message.in_doubt, message.in_doubt, message.id
-            );
-            bury(outbox, &path, &message.id, &error, reports).await;
-            continue;
-        }
-        let mark = || {
-            let mut marked = message.clone();
-            marked.in_doubt += 1;
-            outbox.put(&marked)
-        };
-        let outcome = transport.send(&message, &mark).await;
-        match outcome {
-            Sent::Accepted => {
-                if let Err(e) = outbox.delete(&message.id) {
-                    // It would be sent again after a restart: it is marked
-                    // in doubt, so at most once more.
-                    tracing::error!(
-                        "mail {} sent but not removed from the outbox: {e}",
-                        message.id
-                    );
-                }
-                tracing::info!("mail {} accepted: {}", message.id, message.subject);
-                let _ = reports
-                    .send(Report::Sent {
-                        id: message.id,
-                        subject: message.subject,
-                    })
-                    .await;
+        deliver_one(&transport, outbox, message, reports).await?;
+    }
+    Ok(())
+}
+
+/// Sends one message and settles it in the outbox (deleted, buried, or
+/// left for the next pass: Err).
+async fn deliver_one(
+    transport: &Transport,
+    outbox: &Outbox,
+    message: Spooled,
+    reports: &mpsc::Sender<Report>,
+) -> Result<(), PassError> {
+    let path = outbox.queue_dir().join(format!("{}.json", message.id));
+    if message.in_doubt >= MAX_IN_DOUBT {
+        let error = format!(
+            "not sent again: ferry-notifier stopped {} times while the mail server was \
+             accepting this message, so it may already have arrived (up to {} times); if it \
+             did not, send it again with busctl call org.ferry.Notifier1 \
+             /org/ferry/Notifier1 org.ferry.Notifier1 ResendDeadLetter sa{{sv}} {} 0",
+            message.in_doubt, message.in_doubt, message.id
+        );
+        bury(outbox, &path, &message.id, &error, reports).await;
+        return Ok(());
+    }
+    let mut marked = message.clone();
+    marked.in_doubt += 1;
+    let mark = outbox.spool(vec![marked]);
+    match transport.send(&message, mark).await {
+        Sent::Accepted => {
+            if let Err(e) = outbox.remove(&message.id).await {
+                // It would be sent again after a restart: it is marked
+                // in doubt, so at most once more.
+                tracing::error!(
+                    "mail {} sent but not removed from the outbox: {e}",
+                    message.id
+                );
             }
-            Sent::Answered(outcome, marked) => {
-                // The server answered: the attempt is not in doubt any more.
-                if marked {
-                    if let Err(e) = outbox.put(&message) {
-                        tracing::warn!("cannot take back the in-doubt mark of {}: {e}", message.id);
-                    }
-                }
-                match outcome {
-                    Outcome::Transient(e) => return Err(e),
-                    Outcome::Permanent(e) => bury(outbox, &path, &message.id, &e, reports).await,
-                    Outcome::Accepted => {}
+            tracing::info!("mail {} accepted: {}", message.id, message.subject);
+            let _ = reports
+                .send(Report::Sent {
+                    id: message.id,
+                    subject: message.subject,
+                })
+                .await;
+        }
+        Sent::Answered(outcome, marked) => {
+            // The server answered: the attempt is not in doubt any more.
+            if marked {
+                if let Err(e) = outbox.spool(vec![message.clone()]).await {
+                    tracing::warn!("cannot take back the in-doubt mark of {}: {e}", message.id);
                 }
             }
-            // No answer after the whole message went out: it stays in doubt.
-            Sent::Unknown(e) => return Err(e),
+            match outcome {
+                Outcome::Transient(e) => return Err(PassError::Later(e)),
+                Outcome::Permanent(e) => bury(outbox, &path, &message.id, &e, reports).await,
+                Outcome::Accepted => {}
+            }
         }
+        // No answer after the whole message went out: it stays in doubt.
+        Sent::Unknown(e) => return Err(PassError::Later(e)),
     }
     Ok(())
 }
@@ -258,14 +339,14 @@ enum Sent {
     Unknown(String),
 }
 
-pub(crate) async fn bury<L: crate::outbox::Letter>(
+pub(crate) async fn bury<L: crate::outbox::Letter + Send + 'static>(
     outbox: &Outbox<L>,
     path: &std::path::Path,
     id: &str,
     error: &str,
     reports: &mpsc::Sender<Report>,
 ) {
-    match outbox.bury(path, error) {
+    match outbox.move_to_dead(path, error).await {
         Ok(target) => tracing::error!(
             "{id} refused for good ({error}); kept in {} for a person to look at",
             target.display()
@@ -287,36 +368,86 @@ pub(crate) async fn bury<L: crate::outbox::Letter>(
 pub(crate) fn read_secret(
     file: Option<&std::path::Path>,
     credential: Option<&str>,
-    what: &str,
-) -> Result<Option<String>, String> {
+    what: &'static str,
+) -> Result<Option<String>, SecretError> {
     let text = match (file, credential) {
         (Some(file), _) => {
             let mut text = String::new();
-            ferry_config::paths::open_secret(file, &format!("{what} file")).and_then(|mut f| {
-                std::io::Read::read_to_string(&mut f, &mut text)
-                    .map_err(|e| format!("cannot read {what} file {}: {e}", file.display()))
+            let mut opened = ferry_config::paths::open_secret(file, &format!("{what} file"))
+                .map_err(SecretError::Refused)?;
+            std::io::Read::read_to_string(&mut opened, &mut text).map_err(|source| {
+                SecretError::File {
+                    what,
+                    path: file.to_path_buf(),
+                    source,
+                }
             })?;
             text
         }
         (None, Some(name)) => {
             let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
-                return Err(format!(
-                    "{what} is the credential \"{name}\" but systemd passed no credentials: \
-                     run ferry-notifier from its unit, which has LoadCredential={name}"
-                ));
+                return Err(SecretError::NoCredentials {
+                    what,
+                    name: name.to_string(),
+                });
             };
             let path = std::path::Path::new(&dir).join(name);
-            std::fs::read_to_string(&path).map_err(|e| {
-                format!(
-                    "cannot read {what} credential {}: {e} \
-                     (put it in /etc/credstore/{name}, mode 0600, and restart ferry-notifier)",
-                    path.display()
-                )
+            std::fs::read_to_string(&path).map_err(|source| SecretError::Credential {
+                what,
+                path: path.clone(),
+                name: name.to_string(),
+                source,
             })?
         }
         (None, None) => return Ok(None),
     };
     Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+}
+
+/// Why a secret (a password, a token, a ping key) cannot be read. Never
+/// holds the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The file is refused (missing, readable by others, not a file).
+    #[error("{0}")]
+    Refused(String),
+    /// The file cannot be read.
+    #[error("cannot read {what} file {}: {source}", path.display())]
+    File {
+        /// Which secret.
+        what: &'static str,
+        /// Its file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A credential is configured but systemd passed none.
+    #[error(
+        "{what} is the credential \"{name}\" but systemd passed no credentials: \
+         run ferry-notifier from its unit, which has LoadCredential={name}"
+    )]
+    NoCredentials {
+        /// Which secret.
+        what: &'static str,
+        /// The credential's name.
+        name: String,
+    },
+    /// The credential cannot be read.
+    #[error(
+        "cannot read {what} credential {}: {source} \
+         (put it in /etc/credstore/{name}, mode 0600, and restart ferry-notifier)",
+        path.display()
+    )]
+    Credential {
+        /// Which secret.
+        what: &'static str,
+        /// Where systemd put it.
+        path: std::path::PathBuf,
+        /// The credential's name.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The configured way out.
@@ -348,7 +479,7 @@ enum Security {
 impl Transport {
     /// Builds the transport; reads the password file. Err is temporary (a
     /// password file can be fixed without restarting).
-    fn new(mail: &Mail) -> Result<Transport, String> {
+    fn new(mail: &Mail) -> Result<Transport, SecretError> {
         let timeout = Duration::from_secs(mail.timeout_seconds);
         if let Some(binary) = mail.sendmail_binary() {
             return Ok(Transport::Sendmail {
@@ -377,26 +508,17 @@ impl Transport {
     }
 
     /// Sends one message; `mark` durably records an attempt in doubt and
-    /// is called right before the message's last byte leaves.
+    /// is awaited right before the message's last byte leaves.
     async fn send(
         &self,
         message: &Spooled,
-        mark: &(dyn Fn() -> std::io::Result<()> + Sync),
+        mark: impl std::future::Future<Output = std::io::Result<()>>,
     ) -> Sent {
-        let marked = |e: std::io::Error| {
-            Sent::Answered(
-                Outcome::Transient(format!(
-                    "cannot mark {} as being sent ({e}); not sending it",
-                    message.id
-                )),
-                false,
-            )
-        };
         match self {
             Transport::Smtp(smtp) => smtp.send(message, mark).await,
             Transport::Sendmail { binary, timeout } => {
-                if let Err(e) = mark() {
-                    return marked(e);
+                if let Err(e) = mark.await {
+                    return not_marked(&message.id, e);
                 }
                 match sendmail(binary, *timeout, message).await {
                     Outcome::Accepted => Sent::Accepted,
@@ -407,9 +529,19 @@ impl Transport {
     }
 }
 
+/// The in-doubt mark of `id` could not be written: not sent, try later.
+fn not_marked(id: &str, e: std::io::Error) -> Sent {
+    Sent::Answered(
+        Outcome::Transient(format!(
+            "cannot mark {id} as being sent ({e}); not sending it"
+        )),
+        false,
+    )
+}
+
 /// The SMTP password from its file or its systemd credential (empty with
 /// neither).
-fn smtp_password(mail: &Mail) -> Result<String, String> {
+fn smtp_password(mail: &Mail) -> Result<String, SecretError> {
     read_secret(
         mail.password_file.as_deref(),
         mail.password_credential.as_deref(),
@@ -458,12 +590,12 @@ impl Smtp {
     async fn send(
         &self,
         message: &Spooled,
-        mark: &(dyn Fn() -> std::io::Result<()> + Sync),
+        mark: impl std::future::Future<Output = std::io::Result<()>>,
     ) -> Sent {
         use lettre::transport::smtp::commands::{Data, Mail as MailCommand, Rcpt};
         let envelope = match envelope(message) {
             Ok(e) => e,
-            Err(e) => return Sent::Answered(Outcome::Permanent(e), false),
+            Err(e) => return Sent::Answered(Outcome::Permanent(e.to_string()), false),
         };
         let before = async {
             let mut connection = self.connect().await?;
@@ -491,15 +623,9 @@ impl Smtp {
                 )
             }
         };
-        if let Err(e) = mark() {
+        if let Err(e) = mark.await {
             connection.abort().await;
-            return Sent::Answered(
-                Outcome::Transient(format!(
-                    "cannot mark {} as being sent ({e}); not sending it",
-                    message.id
-                )),
-                false,
-            );
+            return not_marked(&message.id, e);
         }
         let answer =
             tokio::time::timeout(self.timeout, connection.message(message.message.as_bytes()))
@@ -522,17 +648,32 @@ impl Smtp {
     }
 }
 
-fn envelope(message: &Spooled) -> Result<Envelope, String> {
+/// A spooled message whose addresses do not make an envelope.
+#[derive(Debug, thiserror::Error)]
+enum EnvelopeError {
+    #[error("`{address}` is not a usable address: {source}")]
+    Address {
+        address: String,
+        source: lettre::address::AddressError,
+    },
+    #[error("envelope: {0}")]
+    Envelope(lettre::error::Error),
+}
+
+fn envelope(message: &Spooled) -> Result<Envelope, EnvelopeError> {
     let parse = |a: &str| {
         a.parse::<Address>()
-            .map_err(|e| format!("`{a}` is not a usable address: {e}"))
+            .map_err(|source| EnvelopeError::Address {
+                address: a.to_string(),
+                source,
+            })
     };
     let to = message
         .to
         .iter()
         .map(|a| parse(a))
         .collect::<Result<Vec<_>, _>>()?;
-    Envelope::new(Some(parse(&message.from)?), to).map_err(|e| format!("envelope: {e}"))
+    Envelope::new(Some(parse(&message.from)?), to).map_err(EnvelopeError::Envelope)
 }
 
 /// sysexits EX_TEMPFAIL: sendmail's "try again later".

@@ -24,9 +24,17 @@ const SUFFIXES: [&str; 11] = [
     "scope",
 ];
 
+/// A UnitFailed argument that is not a systemd unit name.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "`{0}` is not a systemd unit name: pass the full name with its type, for example \
+     ferry-sync.service (the OnFailure= template passes %i)"
+)]
+pub struct BadUnitName(String);
+
 /// Checks a systemd unit name such as `ferry-sync.service` or
 /// `ferry-borg@home.service`; the error says what is expected.
-pub fn check_unit_name(unit: &str) -> Result<(), String> {
+pub fn check_unit_name(unit: &str) -> Result<(), BadUnitName> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c);
     let suffix_ok = unit
         .rsplit_once('.')
@@ -37,11 +45,7 @@ pub fn check_unit_name(unit: &str) -> Result<(), String> {
         || !unit.chars().all(allowed)
         || !suffix_ok
     {
-        return Err(format!(
-            "`{}` is not a systemd unit name: pass the full name with its type, for example \
-             ferry-sync.service (the OnFailure= template passes %i)",
-            unit.escape_debug()
-        ));
+        return Err(BadUnitName(unit.escape_debug().to_string()));
     }
     Ok(())
 }

@@ -95,32 +95,23 @@ pub struct Staleness {
 }
 
 impl Ledger {
-    /// Reads the ledger; a missing file is an empty ledger, an unreadable
-    /// one is logged and replaced (it only makes mail more likely, never less).
+    /// Reads the ledger (blocking: call it off the runtime). A missing file
+    /// is an empty ledger; one that does not parse is moved aside as
+    /// `ledger.json.bad-<time>`, logged, and replaced by an empty one
+    /// (`ferry_service::durable::load_or_move_aside`'s policy): that only
+    /// makes mail more likely, never less.
     pub fn load(path: &Path) -> Ledger {
-        let mut ledger = Ledger::read(path);
+        let mut ledger = ferry_service::durable::load_or_move_aside(
+            path,
+            "the notifier's ledger (what was mailed)",
+            |bytes| serde_json::from_slice::<Ledger>(bytes),
+        )
+        .unwrap_or_default();
         let legacy = std::mem::take(&mut ledger.recent);
         ledger
             .sent
             .extend(legacy.into_iter().map(|t| (Class::Other, t)));
         ledger
-    }
-
-    fn read(path: &Path) -> Ledger {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(
-                    "{} is not a notifier ledger ({e}); starting a new one",
-                    path.display()
-                );
-                Ledger::default()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::default(),
-            Err(e) => {
-                tracing::warn!("cannot read {}: {e}; starting a new ledger", path.display());
-                Ledger::default()
-            }
-        }
     }
 
     /// Whether a failure at `time` of `key` is newer than what was mailed.

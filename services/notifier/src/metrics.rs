@@ -245,6 +245,68 @@ pub fn archive_sizes(stats: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// Adds Borg1's LastResults, Schedule and LastFailures to the profiles'
+/// figures: the latest success and failure of each, and the last run's
+/// duration.
+pub fn add_profiles(
+    s: &mut Snapshot,
+    results: &[ferry_interfaces::BackupResult],
+    schedule: &[ferry_interfaces::ScheduleEntry],
+    failures: &[ferry_interfaces::Failure],
+) {
+    use ferry_interfaces::BackupOutcome;
+    let latest = |at: &mut Option<u64>, time: u64| *at = Some(at.unwrap_or(0).max(time));
+    for r in results {
+        let f = s.profiles.entry(r.profile.clone()).or_default();
+        f.duration = Some(r.seconds);
+        match BackupOutcome::from_wire(&r.outcome) {
+            Some(BackupOutcome::Failed) => latest(&mut f.last_failure, r.time),
+            Some(BackupOutcome::Finished | BackupOutcome::FinishedWithWarnings) => {
+                latest(&mut f.last_success, r.time)
+            }
+            Some(BackupOutcome::Skipped) | None => {}
+        }
+    }
+    for e in schedule.iter().filter(|e| e.last_success > 0) {
+        let f = s.profiles.entry(e.profile.clone()).or_default();
+        latest(&mut f.last_success, e.last_success);
+    }
+    for e in failures {
+        let f = s.profiles.entry(e.subject.clone()).or_default();
+        latest(&mut f.last_failure, e.time);
+    }
+}
+
+/// The profiles that have a success (their archive sizes are worth
+/// asking for).
+pub fn profiles_with_success(s: &Snapshot) -> Vec<String> {
+    s.profiles
+        .iter()
+        .filter(|(_, f)| f.last_success.is_some())
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Adds Sync1's LastSyncs and the drives' failures (Sync1's and Crypt1's
+/// LastFailures) to the drives' figures.
+pub fn add_drives<'a>(
+    s: &mut Snapshot,
+    syncs: &[ferry_interfaces::SyncRecord],
+    failures: impl Iterator<Item = &'a ferry_interfaces::Failure>,
+) {
+    for r in syncs {
+        let f = s.drives.entry(r.drive.clone()).or_default();
+        f.last_sync = Some(r.time);
+        f.copied_bytes = Some(r.bytes);
+        f.duration = Some(r.seconds);
+        f.free_bytes = Some(r.free);
+    }
+    for e in failures {
+        let f = s.drives.entry(e.subject.clone()).or_default();
+        f.last_failure = Some(f.last_failure.unwrap_or(0).max(e.time));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,14 @@
 //! each oldest first. Dead letters can be listed and put back into the
 //! outbox (`ListDeadLetters`, `ResendDeadLetter` on the bus).
 //!
+//! A letter that cannot be read back is never dropped: the next delivery
+//! pass moves it to `dead/` too, with why. That is the house's policy for a
+//! damaged state file (`ferry_service::durable::load_or_move_aside`: moved
+//! aside, logged, reported), with the dead letters as the place aside, so
+//! the DeadLetters property, LastError and ListDeadLetters report it where
+//! a person already looks for letters that did not go. (The notifier's
+//! ledger, one file, loads through `load_or_move_aside` itself.)
+//!
 //! The same outbox holds mail ([`Spooled`], under `<state>/notifier`) and
 //! pushes ([`crate::push::PushLetter`], under `<state>/notifier/push`): a
 //! [`Letter`] is anything with an id that can be told about as a dead
@@ -19,6 +27,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ferry_service::durable::{sync_directory, write_atomically};
 
@@ -69,6 +78,11 @@ pub struct Outbox<L = Spooled> {
     queue: PathBuf,
     dead: PathBuf,
     letters: PhantomData<fn() -> L>,
+    /// Shared by the clones: a delivery pass lists the outbox under a read
+    /// lock; the service holds the write lock ([`Outbox::hold`]) from
+    /// spooling letters until the ledger that remembers them is on disk,
+    /// so no letter is delivered before that.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl<L> Clone for Outbox<L> {
@@ -77,6 +91,7 @@ impl<L> Clone for Outbox<L> {
             queue: self.queue.clone(),
             dead: self.dead.clone(),
             letters: PhantomData,
+            gate: self.gate.clone(),
         }
     }
 }
@@ -85,12 +100,37 @@ impl<L> Clone for Outbox<L> {
 pub use ferry_interfaces::DeadLetter;
 
 /// A message file that could not be read back.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{} cannot be read back ({reason})", path.display())]
 pub struct Unreadable {
     /// The file.
     pub path: PathBuf,
     /// Why.
     pub reason: String,
+}
+
+/// Why a dead letter could not be put back into the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum ResendError {
+    /// The dead-letter folder cannot be listed.
+    #[error("cannot list {}: {source}", dir.display())]
+    List {
+        /// The folder.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The dead letter is damaged.
+    #[error("{0}; it cannot be sent again")]
+    Unreadable(Unreadable),
+    /// The outbox cannot be written.
+    #[error("cannot write to {}: {source}", dir.display())]
+    Write {
+        /// The outbox folder.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
 }
 
 impl<L: Letter> Outbox<L> {
@@ -100,6 +140,7 @@ impl<L: Letter> Outbox<L> {
             queue: dir.join("outbox"),
             dead: dir.join("dead"),
             letters: PhantomData,
+            gate: Arc::default(),
         };
         for d in [&outbox.queue, &outbox.dead] {
             fs::DirBuilder::new()
@@ -205,26 +246,25 @@ impl<L: Letter> Outbox<L> {
 
     /// Puts dead letter `id` back into the outbox, as a message never tried
     /// before; Ok(false) when there is no such dead letter.
-    pub fn resurrect(&self, id: &str) -> Result<bool, String> {
+    pub fn resurrect(&self, id: &str) -> Result<bool, ResendError> {
         let name = format!("{id}.json");
         let known = list(&self.dead, "json")
-            .map_err(|e| format!("cannot list {}: {e}", self.dead.display()))?
+            .map_err(|source| ResendError::List {
+                dir: self.dead.clone(),
+                source,
+            })?
             .into_iter()
             .any(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == name));
         if !known {
             return Ok(false);
         }
         let path = self.dead.join(&name);
-        let mut message = Self::load(&path).map_err(|bad| {
-            format!(
-                "{} cannot be read back ({}); it cannot be sent again",
-                bad.path.display(),
-                bad.reason
-            )
-        })?;
+        let mut message = Self::load(&path).map_err(ResendError::Unreadable)?;
         message.reset_doubt();
-        self.put(&message)
-            .map_err(|e| format!("cannot write to {}: {e}", self.queue.display()))?;
+        self.put(&message).map_err(|source| ResendError::Write {
+            dir: self.queue.clone(),
+            source,
+        })?;
         let removed = fs::remove_file(&path)
             .and_then(
                 |()| match fs::remove_file(self.dead.join(format!("{id}.reason"))) {
@@ -276,6 +316,60 @@ impl<L: Letter> Outbox<L> {
     fn file(&self, id: &str) -> PathBuf {
         self.queue.join(format!("{id}.json"))
     }
+}
+
+/// The same operations for the async side: each runs on tokio's blocking
+/// pool, so an fsync of the outbox never holds up the service's runtime
+/// (its bus answers, its signals).
+impl<L: Letter + Send + 'static> Outbox<L> {
+    /// [`Outbox::put`] of every letter, in order, off the runtime.
+    pub async fn spool(&self, letters: Vec<L>) -> io::Result<()> {
+        let outbox = self.clone();
+        off_runtime(move || letters.iter().try_for_each(|l| outbox.put(l))).await
+    }
+
+    /// [`Outbox::in_order`] off the runtime, once no [`Outbox::hold`] is
+    /// held.
+    pub async fn queued(&self) -> io::Result<Vec<Result<L, Unreadable>>> {
+        let _listing = self.gate.read().await;
+        let outbox = self.clone();
+        off_runtime(move || outbox.in_order()).await
+    }
+
+    /// Keeps delivery passes from listing the outbox until dropped.
+    pub async fn hold(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
+    }
+
+    /// [`Outbox::delete`] off the runtime.
+    pub async fn remove(&self, id: &str) -> io::Result<()> {
+        let (outbox, id) = (self.clone(), id.to_string());
+        off_runtime(move || outbox.delete(&id)).await
+    }
+
+    /// [`Outbox::bury`] off the runtime.
+    pub async fn move_to_dead(&self, path: &Path, reason: &str) -> io::Result<PathBuf> {
+        let (outbox, path, reason) = (self.clone(), path.to_path_buf(), reason.to_string());
+        off_runtime(move || outbox.bury(&path, &reason)).await
+    }
+
+    /// How many letters wait and how many are dead, off the runtime.
+    pub async fn counts(&self) -> (u32, u32) {
+        let outbox = self.clone();
+        off_runtime(move || Ok((outbox.pending_count(), outbox.dead_count())))
+            .await
+            .unwrap_or((0, 0))
+    }
+}
+
+/// Runs blocking file work on tokio's blocking pool; a panic in it is an
+/// I/O error for the caller.
+pub async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("internal error: {e}"))))
 }
 
 /// Files in `dir` ending in `.ext`, not hidden (temp files start with a
@@ -344,8 +438,8 @@ mod tests {
             (dead[0].id.as_str(), dead[0].error.as_str()),
             ("ferry-2", "550 no")
         );
-        assert_eq!(outbox.resurrect("ferry-7"), Ok(false));
-        assert_eq!(outbox.resurrect("ferry-2"), Ok(true));
+        assert!(matches!(outbox.resurrect("ferry-7"), Ok(false)));
+        assert!(matches!(outbox.resurrect("ferry-2"), Ok(true)));
         assert_eq!((outbox.pending_count(), outbox.dead_count()), (1, 0));
         assert!(!outbox.dead_dir().join("ferry-2.reason").exists());
     }

@@ -28,22 +28,26 @@ use ferry_config::{Push, PING_KEY};
 use tokio::sync::mpsc;
 
 use crate::compose::MAX_IN_DOUBT;
-use crate::deliver::{bury, read_secret, retry_loop, Deliverer, Outcome, Report};
+use crate::deliver::{bury, read_secret, retry_loop, Deliverer, Outcome, PassError, Report, Stop};
 use crate::outbox::Outbox;
 use crate::push::{outcome_of_status, PushLetter, Target};
 
-/// Starts the push delivery task; it runs until the handle is aborted.
-pub fn spawn(
+/// The push delivery task (never ending), for the service to run as a
+/// tracked task, and the handle that wakes it.
+pub fn task(
     push: Push,
     outbox: Outbox<PushLetter>,
     reports: mpsc::Sender<Report>,
-) -> (Deliverer, tokio::task::JoinHandle<()>) {
+) -> (
+    Deliverer,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let min = Duration::from_secs(push.retry_min_seconds);
     let max = Duration::from_secs(push.retry_max_seconds);
     let sender = reports.clone();
-    retry_loop("push", min, max, reports, move || {
+    retry_loop("push", min, max, reports, move |stop| {
         let (push, outbox, reports) = (push.clone(), outbox.clone(), sender.clone());
-        async move { pass(&push, &outbox, &reports).await }
+        async move { pass(&push, &outbox, &reports, &stop).await }
     })
 }
 
@@ -61,18 +65,21 @@ async fn pass(
     push: &Push,
     outbox: &Outbox<PushLetter>,
     reports: &mpsc::Sender<Report>,
-) -> Result<(), String> {
-    let listed = outbox.clone();
-    let letters = tokio::task::spawn_blocking(move || listed.in_order())
-        .await
-        .map_err(|e| format!("internal error: {e}"))?
-        .map_err(|e| format!("cannot list {}: {e}", outbox.queue_dir().display()))?;
+    stop: &Stop,
+) -> Result<(), PassError> {
+    let letters = outbox.queued().await.map_err(|source| PassError::List {
+        dir: outbox.queue_dir().to_path_buf(),
+        source,
+    })?;
     if letters.is_empty() {
         return Ok(());
     }
     let secrets = Secrets::read(push).await?;
     let agent = agent(Duration::from_secs(push.timeout_seconds));
     for letter in letters {
+        if stop.asked() {
+            break;
+        }
         let letter = match letter {
             Ok(l) => l,
             Err(bad) => {
@@ -104,7 +111,10 @@ async fn pass(
             }
             Step::Dead(error) => bury(outbox, &path, &letter.id, &error, reports).await,
             Step::Later(error) => {
-                return Err(format!("{} ({}): {error}", letter.id, letter.reason))
+                return Err(PassError::Later(format!(
+                    "{} ({}): {error}",
+                    letter.id, letter.reason
+                )))
             }
         }
     }
@@ -121,7 +131,7 @@ struct Secrets {
 }
 
 impl Secrets {
-    async fn read(push: &Push) -> Result<Secrets, String> {
+    async fn read(push: &Push) -> Result<Secrets, PassError> {
         let ntfy = push.ntfy.as_ref();
         let wanted = [
             (
@@ -142,7 +152,7 @@ impl Secrets {
             })
         })
         .await
-        .map_err(|e| format!("internal error: {e}"))?;
+        .map_err(|e| PassError::Later(format!("internal error: {e}")))?;
         Ok(Secrets {
             ntfy_token: token?,
             ping_key: key?,
