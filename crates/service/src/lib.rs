@@ -40,6 +40,27 @@ pub use user::Bus;
 /// bus times out by default; ferry never waits forever.
 pub const METHOD_TIMEOUT: Duration = Duration::from_secs(25);
 
+/// How long a service waits for a peer's answer when it rebuilds its view
+/// from the peers' properties (at start, or when a peer gets a new owner).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A peer's answer within [`PEER_TIMEOUT`], or None when the peer is not on
+/// the bus or does not answer in time (logged): a service that starts
+/// without a peer goes on without its state, never waits forever.
+pub async fn peer_answer<T>(call: impl Future<Output = zbus::Result<T>>) -> Option<T> {
+    match tokio::time::timeout(PEER_TIMEOUT, call).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            tracing::debug!("peer not available: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("a peer did not answer within {PEER_TIMEOUT:?}; going on without it");
+            None
+        }
+    }
+}
+
 /// Exit code for a configuration error (sysexits EX_CONFIG); the unit's
 /// RestartPreventExitStatus keeps systemd from restarting into it.
 pub const EXIT_CONFIG: u8 = 78;

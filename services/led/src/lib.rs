@@ -23,6 +23,7 @@ pub mod blinkstick;
 pub mod output;
 pub mod state;
 
+use ferry_service::peer_answer;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -41,8 +42,6 @@ use zbus::object_server::SignalEmitter;
 
 /// How long each colour shows during Test.
 const TEST_STEP: Duration = Duration::from_millis(700);
-/// How long to wait for a peer's properties at start.
-const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What the properties show; written by the loop, read by the interface.
 #[derive(Debug, Clone)]
@@ -649,12 +648,12 @@ async fn peer_facts(connection: &zbus::Connection, acknowledged: u64) -> PeerFac
         .build()
         .await
     {
-        facts.crypt_drives = peer(proxy.drives()).await;
+        facts.crypt_drives = peer_answer(proxy.drives()).await;
         if facts.crypt_drives.is_some() {
             facts
                 .drive_failures
-                .extend(peer(proxy.last_failures()).await.unwrap_or_default());
-            facts.drive_health = peer(proxy.health()).await.unwrap_or_default();
+                .extend(peer_answer(proxy.last_failures()).await.unwrap_or_default());
+            facts.drive_health = peer_answer(proxy.health()).await.unwrap_or_default();
         }
     }
     if facts.crypt_drives.is_none() {
@@ -663,7 +662,7 @@ async fn peer_facts(connection: &zbus::Connection, acknowledged: u64) -> PeerFac
             .build()
             .await
         {
-            for d in peer(proxy.drives()).await.unwrap_or_default() {
+            for d in peer_answer(proxy.drives()).await.unwrap_or_default() {
                 if d.attached {
                     facts.watcher_attached.push(d.name);
                 }
@@ -675,13 +674,13 @@ async fn peer_facts(connection: &zbus::Connection, acknowledged: u64) -> PeerFac
         .build()
         .await
     {
-        if let Some(running) = peer(proxy.running()).await {
+        if let Some(running) = peer_answer(proxy.running()).await {
             facts.sync_running = running.into_iter().map(|j| j.drive).collect();
-            for mut failure in peer(proxy.last_failures()).await.unwrap_or_default() {
+            for mut failure in peer_answer(proxy.last_failures()).await.unwrap_or_default() {
                 failure.stage = format!("sync {}", failure.stage);
                 facts.drive_failures.push(failure);
             }
-            for record in peer(proxy.last_syncs()).await.unwrap_or_default() {
+            for record in peer_answer(proxy.last_syncs()).await.unwrap_or_default() {
                 facts.drive_successes.insert(record.drive, record.time);
             }
         }
@@ -691,11 +690,11 @@ async fn peer_facts(connection: &zbus::Connection, acknowledged: u64) -> PeerFac
         .build()
         .await
     {
-        if let Some(jobs) = peer(proxy.jobs()).await {
+        if let Some(jobs) = peer_answer(proxy.jobs()).await {
             facts.backup_jobs = jobs.into_iter().map(|j| (j.job, j.profile)).collect();
-            facts.backup_results = peer(proxy.last_results()).await.unwrap_or_default();
-            facts.backup_failures = peer(proxy.last_failures()).await.unwrap_or_default();
-            for entry in peer(proxy.schedule()).await.unwrap_or_default() {
+            facts.backup_results = peer_answer(proxy.last_results()).await.unwrap_or_default();
+            facts.backup_failures = peer_answer(proxy.last_failures()).await.unwrap_or_default();
+            for entry in peer_answer(proxy.schedule()).await.unwrap_or_default() {
                 facts
                     .backup_successes
                     .insert(entry.profile, entry.last_success);
@@ -703,20 +702,4 @@ async fn peer_facts(connection: &zbus::Connection, acknowledged: u64) -> PeerFac
         }
     }
     facts
-}
-
-async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {
-    match tokio::time::timeout(PEER_TIMEOUT, call).await {
-        Ok(Ok(value)) => Some(value),
-        Ok(Err(e)) => {
-            tracing::debug!("peer not available: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(
-                "a peer did not answer within {PEER_TIMEOUT:?}; starting without its state"
-            );
-            None
-        }
-    }
 }

@@ -4,8 +4,8 @@
 //! timeout; a peer that is not there, or does not answer in time, reads as
 //! nothing, so the notifier goes on without it.
 
+use ferry_service::peer_answer;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use ferry_interfaces::{borg, crypt, sync, DriveVerification, Failure, FailureEvent, SyncRecord};
 use ferry_service::health_ledger::{self, HealthRecord};
@@ -13,9 +13,6 @@ use ferry_service::health_ledger::{self, HealthRecord};
 use crate::domain::{Found, Looked, Needs, PeerFailures, Profiles};
 use crate::events::Source;
 use crate::metrics;
-
-/// How long to wait for a peer's properties.
-const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The peers on one connection.
 #[derive(Clone)]
@@ -95,36 +92,46 @@ impl Peers {
     async fn history(&self, source: Source) -> Option<Vec<FailureEvent>> {
         match source {
             Source::Crypt => {
-                peer(proxy!(self, crypt::CryptProxy<'_>, None).failure_history()).await
+                peer_answer(proxy!(self, crypt::CryptProxy<'_>, None).failure_history()).await
             }
-            Source::Sync => peer(proxy!(self, sync::SyncProxy<'_>, None).failure_history()).await,
-            Source::Borg => peer(proxy!(self, borg::BorgProxy<'_>, None).failure_history()).await,
+            Source::Sync => {
+                peer_answer(proxy!(self, sync::SyncProxy<'_>, None).failure_history()).await
+            }
+            Source::Borg => {
+                peer_answer(proxy!(self, borg::BorgProxy<'_>, None).failure_history()).await
+            }
         }
     }
 
     /// `source`'s LastFailures.
     async fn last_failures(&self, source: Source) -> Option<Vec<Failure>> {
         match source {
-            Source::Crypt => peer(proxy!(self, crypt::CryptProxy<'_>, None).last_failures()).await,
-            Source::Sync => peer(proxy!(self, sync::SyncProxy<'_>, None).last_failures()).await,
-            Source::Borg => peer(proxy!(self, borg::BorgProxy<'_>, None).last_failures()).await,
+            Source::Crypt => {
+                peer_answer(proxy!(self, crypt::CryptProxy<'_>, None).last_failures()).await
+            }
+            Source::Sync => {
+                peer_answer(proxy!(self, sync::SyncProxy<'_>, None).last_failures()).await
+            }
+            Source::Borg => {
+                peer_answer(proxy!(self, borg::BorgProxy<'_>, None).last_failures()).await
+            }
         }
     }
 
     /// Sync1.Verification.
     pub async fn verification(&self) -> Option<Vec<DriveVerification>> {
-        peer(proxy!(self, sync::SyncProxy<'_>, None).verification()).await
+        peer_answer(proxy!(self, sync::SyncProxy<'_>, None).verification()).await
     }
 
     async fn last_syncs(&self) -> Option<Vec<SyncRecord>> {
-        peer(proxy!(self, sync::SyncProxy<'_>, None).last_syncs()).await
+        peer_answer(proxy!(self, sync::SyncProxy<'_>, None).last_syncs()).await
     }
 
     /// Borg1's LastResults and Schedule; None when Borg1 is not there.
     async fn profiles(&self) -> Option<Profiles> {
         let proxy = proxy!(self, borg::BorgProxy<'_>, None);
-        let results = peer(proxy.last_results()).await?;
-        let schedule = peer(proxy.schedule()).await.unwrap_or_default();
+        let results = peer_answer(proxy.last_results()).await?;
+        let schedule = peer_answer(proxy.schedule()).await.unwrap_or_default();
         Some(Profiles { results, schedule })
     }
 
@@ -151,12 +158,12 @@ impl Peers {
 
     async fn profile_figures(&self, s: &mut metrics::Snapshot) {
         let proxy = proxy!(self, borg::BorgProxy<'_>);
-        let results = peer(proxy.last_results()).await.unwrap_or_default();
-        let schedule = peer(proxy.schedule()).await.unwrap_or_default();
-        let failures = peer(proxy.last_failures()).await.unwrap_or_default();
+        let results = peer_answer(proxy.last_results()).await.unwrap_or_default();
+        let schedule = peer_answer(proxy.schedule()).await.unwrap_or_default();
+        let failures = peer_answer(proxy.last_failures()).await.unwrap_or_default();
         metrics::add_profiles(s, &results, &schedule, &failures);
         for name in metrics::profiles_with_success(s) {
-            let sizes = peer(proxy.get_stats(&name))
+            let sizes = peer_answer(proxy.get_stats(&name))
                 .await
                 .and_then(|json| metrics::archive_sizes(&json));
             if let (Some((original, dedup)), Some(f)) = (sizes, s.profiles.get_mut(&name)) {
@@ -171,20 +178,5 @@ impl Peers {
         let sync_failures = self.last_failures(Source::Sync).await.unwrap_or_default();
         let crypt_failures = self.last_failures(Source::Crypt).await.unwrap_or_default();
         metrics::add_drives(s, &syncs, sync_failures.iter().chain(&crypt_failures));
-    }
-}
-
-/// A peer's answer within [`PEER_TIMEOUT`], or None (logged).
-async fn peer<T>(call: impl std::future::Future<Output = zbus::Result<T>>) -> Option<T> {
-    match tokio::time::timeout(PEER_TIMEOUT, call).await {
-        Ok(Ok(value)) => Some(value),
-        Ok(Err(e)) => {
-            tracing::debug!("peer not available: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::warn!("a peer did not answer within {PEER_TIMEOUT:?}; going on without it");
-            None
-        }
     }
 }

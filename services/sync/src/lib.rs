@@ -50,8 +50,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use zbus::object_server::SignalEmitter;
 
-/// How long a peer may take to answer at start.
-const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long running jobs get to clean up when ferry-sync stops.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -449,24 +447,16 @@ async fn open_drives(connection: &zbus::Connection) -> Vec<String> {
         .build()
         .await;
     let Ok(proxy) = proxy else { return Vec::new() };
-    match tokio::time::timeout(PEER_TIMEOUT, proxy.drives()).await {
-        Ok(Ok(drives)) => drives
-            .into_iter()
-            .filter(|d| {
-                ferry_interfaces::CryptState::from_wire(&d.state)
-                    == Some(ferry_interfaces::CryptState::Open)
-            })
-            .map(|d| d.name)
-            .collect(),
-        Ok(Err(e)) => {
-            tracing::debug!("the crypt manager is not available: {e}");
-            Vec::new()
-        }
-        Err(_) => {
-            tracing::warn!("the crypt manager did not answer within {PEER_TIMEOUT:?}");
-            Vec::new()
-        }
-    }
+    ferry_service::peer_answer(proxy.drives())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| {
+            ferry_interfaces::CryptState::from_wire(&d.state)
+                == Some(ferry_interfaces::CryptState::Open)
+        })
+        .map(|d| d.name)
+        .collect()
 }
 
 /// Runs ferry-sync on `connection` until `shutdown` resolves.
