@@ -645,54 +645,97 @@ async fn a_mountpoint_in_use_is_refused_and_left_alone() {
     assert!(mounted_at(&point).is_some(), "the tmpfs is still mounted");
 }
 
+/// Drive `offsite-a`, plain, opened by ferry-crypt under its own watcher,
+/// with a process holding its mountpoint (a shell whose working directory
+/// it is). Fields drop in order: the holder first, the image last.
+struct HeldOpen {
+    holder: Holder,
+    point: PathBuf,
+    device: String,
+    _services: (ServiceProcess, ServiceProcess),
+    signals: SignalRecorder,
+    conn: zbus::Connection,
+    a: Enrolled,
+    _bus: TestBus,
+}
+
+impl HeldOpen {
+    /// Enrols, configures (with `close_timeout` seconds if given), starts
+    /// the services, plugs the drive in, waits for DriveOpened and holds it.
+    async fn start(dir: &Path, close_timeout: Option<u32>) -> HeldOpen {
+        let bus = TestBus::start();
+        let base = write_config(dir, &crypt_section(dir));
+        let mut a = enroll_plain(dir, &base, "offsite-a");
+        let config = configure(dir, &[("offsite-a", &a, "")]);
+        if let Some(seconds) = close_timeout {
+            let text = std::fs::read_to_string(&config).expect("config");
+            let changed = text.replace(
+                "close-timeout = 2\n",
+                &format!("close-timeout = {seconds}\n"),
+            );
+            assert_ne!(text, changed, "the crypt section sets close-timeout = 2");
+            std::fs::write(&config, changed).expect("config");
+        }
+        let conn = bus.connect().await;
+        let signals = SignalRecorder::new(&conn).await;
+        let services = services(&bus, &config).await;
+        let point = mountpoint(dir, "offsite-a");
+        let device = a.image.attach();
+        signals
+            .wait_for("DriveOpened", named("offsite-a"), WAIT)
+            .await;
+        let holder = Holder::start(&point);
+        HeldOpen {
+            holder,
+            point,
+            device,
+            _services: services,
+            signals,
+            conn,
+            a,
+            _bus: bus,
+        }
+    }
+
+    /// Pulls the drive out while held: it is reported removed (naming the
+    /// holder), lazily unmounted, failed, and never "safe to remove".
+    async fn yank_and_see_it_removed(&self) {
+        yank(&self.a.image, &self.device);
+        let signals = &self.signals;
+        signals
+            .wait_for("DriveDetached", named("offsite-a"), WAIT)
+            .await;
+        let failed = signals
+            .wait_for("DriveFailed", named("offsite-a"), WAIT)
+            .await;
+        assert_eq!(failed.args[1], "removed", "{failed:?}");
+        assert!(
+            failed.args[2].contains("was removed while it was open")
+                && failed.args[2].contains(&format!("pid {} (sleep", self.holder.pid())),
+            "{}",
+            failed.args[2]
+        );
+        assert_eq!(mounted_at(&self.point), None, "lazily unmounted");
+        assert_eq!(
+            signals.count("DriveClosed", |_| true),
+            0,
+            "never 'safe to remove' for a drive pulled while mounted"
+        );
+        let state = drive_state(&self.conn, "offsite-a").await;
+        assert_eq!(
+            (state.state.as_str(), state.device.as_str()),
+            ("failed", "")
+        );
+    }
+}
+
 async fn a_drive_pulled_out_while_open_is_unmounted_and_reported() {
     if !udev_and_loop() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = TestBus::start();
-    let base = write_config(dir.path(), &crypt_section(dir.path()));
-    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
-    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
-    let conn = bus.connect().await;
-    let signals = SignalRecorder::new(&conn).await;
-    let (_watcher, _crypt) = services(&bus, &config).await;
-    let point = mountpoint(dir.path(), "offsite-a");
-    let device = a.image.attach();
-    signals
-        .wait_for("DriveOpened", named("offsite-a"), WAIT)
-        .await;
-    let holder = Holder::start(&point);
-
-    yank(&a.image, &device);
-    signals
-        .wait_for("DriveDetached", named("offsite-a"), WAIT)
-        .await;
-    let failed = signals
-        .wait_for("DriveFailed", named("offsite-a"), WAIT)
-        .await;
-    assert_eq!(failed.args[1], "removed");
-    assert!(
-        failed.args[2].contains("was removed while it was open"),
-        "{}",
-        failed.args[2]
-    );
-    assert!(
-        failed.args[2].contains(&format!("pid {} (sleep", holder.pid())),
-        "{}",
-        failed.args[2]
-    );
-    assert_eq!(mounted_at(&point), None, "lazily unmounted");
-    let state = drive_state(&conn, "offsite-a").await;
-    assert_eq!(
-        (state.state.as_str(), state.device.as_str()),
-        ("failed", "")
-    );
-    assert_eq!(
-        signals.count("DriveClosed", |_| true),
-        0,
-        "never 'safe to remove' after a yank"
-    );
+    let held = HeldOpen::start(dir.path(), None).await;
+    held.yank_and_see_it_removed().await;
 }
 
 /// The medium of `image` (on `device`) vanishes: the image shrinks to
@@ -712,29 +755,12 @@ async fn a_drive_pulled_while_its_close_waits_for_a_busy_mount_is_reported_at_on
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = TestBus::start();
-    let base = write_config(dir.path(), &crypt_section(dir.path()));
-    let mut a = enroll_plain(dir.path(), &base, "offsite-a");
-    let config = configure(dir.path(), &[("offsite-a", &a, "")]);
     // A close-timeout far longer than the wait below: the removal must be
     // reported when it happens, not when the close gives up.
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replace("close-timeout = 2\n", "close-timeout = 300\n"),
-    )
-    .expect("config");
-    let conn = bus.connect().await;
-    let signals = SignalRecorder::new(&conn).await;
-    let (_watcher, _crypt) = services(&bus, &config).await;
-    let point = mountpoint(dir.path(), "offsite-a");
-    let device = a.image.attach();
-    signals
-        .wait_for("DriveOpened", named("offsite-a"), WAIT)
-        .await;
-    let holder = Holder::start(&point);
+    let held = HeldOpen::start(dir.path(), Some(300)).await;
+    let signals = &held.signals;
     let before = signals.len();
-    let proxy: CryptProxy = uncached(&conn).await;
+    let proxy: CryptProxy = uncached(&held.conn).await;
     proxy.close("offsite-a").await.expect("Close");
     signals
         .wait_for_from(
@@ -744,32 +770,7 @@ async fn a_drive_pulled_while_its_close_waits_for_a_busy_mount_is_reported_at_on
             WAIT,
         )
         .await;
-
-    yank(&a.image, &device);
-    signals
-        .wait_for("DriveDetached", named("offsite-a"), WAIT)
-        .await;
-    let failed = signals
-        .wait_for("DriveFailed", named("offsite-a"), WAIT)
-        .await;
-    assert_eq!(failed.args[1], "removed", "{failed:?}");
-    assert!(
-        failed.args[2].contains("was removed while it was open")
-            && failed.args[2].contains(&format!("pid {} (sleep", holder.pid())),
-        "{}",
-        failed.args[2]
-    );
-    assert_eq!(mounted_at(&point), None, "lazily unmounted");
-    assert_eq!(
-        signals.count("DriveClosed", |_| true),
-        0,
-        "never 'safe to remove' for a drive pulled while mounted"
-    );
-    let state = drive_state(&conn, "offsite-a").await;
-    assert_eq!(
-        (state.state.as_str(), state.device.as_str()),
-        ("failed", "")
-    );
+    held.yank_and_see_it_removed().await;
 }
 
 async fn killed_and_restarted_it_adopts_and_announces_an_open_drive_and_closes_a_stray_mount() {
