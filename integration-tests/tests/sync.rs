@@ -20,7 +20,7 @@ use ferry_integration_tests::{
     random_uuid, require_command, run, LoopImage, ServiceProcess, SignalRecorder, TestBus,
 };
 use ferry_interfaces::sync::{self, SyncProxy};
-use ferry_interfaces::{crypt, drive_watcher};
+use ferry_interfaces::{borg, crypt, drive_watcher};
 
 /// The passphrase of the test's repokey repository.
 const PASSPHRASE: &str = "correct horse battery staple";
@@ -1554,6 +1554,148 @@ async fn a_flipped_byte_in_an_old_segment_is_found_by_the_scrub_and_repaired() {
     assert!(late.overdue && late.verified_since == 1000, "{late:?}");
 }
 
+/// A borg that appends each command line to `log`, then runs the real one.
+fn logging_borg(dir: &Path) -> (PathBuf, PathBuf) {
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v borg"])
+            .output()
+            .expect("command -v borg")
+            .stdout,
+    )
+    .expect("utf-8")
+    .trim()
+    .to_string();
+    let log = dir.join("borg-commands.log");
+    let program = dir.join("borg");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{real}' \"$@\"\n",
+            log.display()
+        ),
+    )
+    .expect("write borg");
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    (program, log)
+}
+
+/// The `borg list` command lines `log` holds so far.
+fn lists_run(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("list "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// When a backup ends (Borg1.BackupFinished) the new transaction's newest
+/// archive is listed then: the next plug-in runs no borg at all and still
+/// names the new archive, which the copy holds. A backup that sends no
+/// signal is listed by the sync itself, beside the copy, as before; and
+/// what is learnt survives a restart.
+async fn the_newest_archive_is_listed_when_a_backup_ends_not_at_the_plug_in() {
+    if !borg_ready() {
+        return;
+    }
+    let tools = tempfile::tempdir().expect("temp dir");
+    let (program, log) = logging_borg(tools.path());
+    let extra = format!("\n[borg]\nprogram = \"{}\"\n", program.display());
+    let mut rig = Rig::new(&[("offsite-a", 128)], &[&NAS, &PHOTOS], &extra).await;
+    rig.add_archive(&NAS, "nas-1", 10, 3000);
+    rig.add_archive(&PHOTOS, "photos-1", 5, 3000);
+    rig.sync("offsite-a").await;
+    // The first sync knew nothing: it listed both snapshots itself.
+    assert_eq!(lists_run(&log).len(), 2, "{:?}", lists_run(&log));
+
+    // A backup, and its BackupFinished as ferry-borg sends it.
+    rig.add_archive(&NAS, "nas-2", 10, 3000);
+    rig.conn
+        .emit_signal(
+            None::<()>,
+            borg::OBJECT_PATH,
+            borg::INTERFACE,
+            "BackupFinished",
+            &("job-7", "nas", "nas-2"),
+        )
+        .await
+        .expect("emit BackupFinished");
+    // ferry-sync lists the new transaction now (photos' is known: the
+    // sync listed it), holding nas's slot from before borg starts, so the
+    // plug-in below waits for the answer rather than asking again.
+    let deadline = Instant::now() + WAIT;
+    while lists_run(&log).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listed after BackupFinished"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        lists_run(&log)[2].contains(".nas.ferry-snapshot.+listing"),
+        "{:?}",
+        lists_run(&log)
+    );
+
+    let finished = rig.sync("offsite-a").await;
+    let bytes: u64 = finished.args[1].parse().expect("bytes");
+    assert!(bytes > 0, "nas-2 was copied: {finished}");
+    assert_eq!(
+        lists_run(&log).len(),
+        3,
+        "the plug-in ran borg: {:?}",
+        lists_run(&log)
+    );
+    let record = |records: Vec<ferry_interfaces::SyncRecord>| {
+        records
+            .into_iter()
+            .find(|r| r.drive == "offsite-a")
+            .map(|r| r.archive)
+            .unwrap_or_default()
+    };
+    let proxy = rig.proxy().await;
+    assert_eq!(
+        record(proxy.last_syncs().await.expect("LastSyncs")),
+        "nas::nas-2, photos::photos-1"
+    );
+    assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1", "nas-2"]);
+    assert!(
+        rig.snapshots_left().is_empty(),
+        "{:?}",
+        rig.snapshots_left()
+    );
+
+    // No signal (a backup by another program): the sync lists it itself.
+    rig.add_archive(&NAS, "nas-3", 10, 3000);
+    rig.sync("offsite-a").await;
+    assert_eq!(lists_run(&log).len(), 4, "{:?}", lists_run(&log));
+    assert_eq!(
+        record(proxy.last_syncs().await.expect("LastSyncs")),
+        "nas::nas-3, photos::photos-1"
+    );
+
+    // What was learnt survives a restart: the copy is taken away (so the
+    // next sync copies everything) and no borg runs for the name.
+    rig.kill_service();
+    std::fs::remove_dir_all(rig.drive("offsite-a").copy("nas")).expect("remove the copy");
+    rig.start_service().await;
+    rig.sync("offsite-a").await;
+    assert_eq!(lists_run(&log).len(), 4, "{:?}", lists_run(&log));
+    assert_eq!(
+        rig.copy_archives("offsite-a", &NAS),
+        ["nas-1", "nas-2", "nas-3"]
+    );
+    assert_eq!(
+        record(proxy.last_syncs().await.expect("LastSyncs")),
+        "nas::nas-3, photos::photos-1"
+    );
+}
+
 ferry_integration_tests::integration_tests! {
     async Machine: [
         drive_opened_makes_a_verified_copy_and_the_ledger_survives_a_restart,
@@ -1567,5 +1709,6 @@ ferry_integration_tests::integration_tests! {
         waiting_for_borgs_lock_and_every_phase_are_visible,
         the_failure_message_says_which_copy_the_drive_holds,
         a_flipped_byte_in_an_old_segment_is_found_by_the_scrub_and_repaired,
+        the_newest_archive_is_listed_when_a_backup_ends_not_at_the_plug_in,
     ],
 }

@@ -18,7 +18,9 @@ use ferry_config::{BorgSettings, Repository};
 use tokio::process::Command;
 
 use crate::job::{Failure, Stage, Stop};
+use crate::listings::Listed;
 use crate::lock::{self, Attempt, HeldLock, LockerId};
+use crate::snapshot::Transaction;
 
 /// How ferry-sync runs borg.
 #[derive(Debug, Clone)]
@@ -299,36 +301,73 @@ impl Borg {
         })
     }
 
-    /// Starts listing the newest archive of `repo` beside whatever the job
-    /// does next (see [`Listing`]).
-    pub fn list_newest(&self, repo: PathBuf, repository: Repository, stop: Stop) -> Listing {
+    /// Starts listing the newest archive of `repo` (a snapshot at
+    /// `transaction`) beside whatever the job does next (see [`Listing`]).
+    pub fn list_newest(
+        &self,
+        repo: PathBuf,
+        repository: Repository,
+        transaction: Option<Transaction>,
+        stop: Stop,
+    ) -> Listing {
         let borg = self.clone();
-        Listing(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut stop = stop;
             borg.newest_archive(&repo, &repository, &mut stop).await
-        }))
+        });
+        Listing::Running { task, transaction }
     }
 }
 
-/// `borg list --last 1` running in the background, so that borg's
-/// start-up (0.3–1 s of Python) overlaps the copy and the read-back
-/// instead of following them. Dropped unfinished, it is aborted and its
-/// borg killed.
-pub struct Listing(tokio::task::JoinHandle<Result<String, Failure>>);
+/// The newest archive of a snapshot: known already (see
+/// [`crate::listings`]), or `borg list --last 1` running in the
+/// background, so that borg's start-up (0.3–1 s of Python) overlaps the
+/// copy and the read-back instead of following them. Dropped unfinished,
+/// the listing is aborted and its borg killed.
+pub enum Listing {
+    /// Listed before, at the snapshot's transaction.
+    Known(String),
+    /// Being listed.
+    Running {
+        task: tokio::task::JoinHandle<Result<String, Failure>>,
+        /// The snapshot's transaction, to remember the answer by.
+        transaction: Option<Transaction>,
+    },
+}
 
 impl Listing {
-    /// The newest archive's name (see [`Borg::newest_archive`]).
-    pub async fn archive(mut self) -> Result<String, Failure> {
-        match (&mut self.0).await {
-            Ok(result) => result,
-            Err(e) => Err(Failure::new(Stage::Verify, format!("internal error: {e}"))),
+    /// The newest archive's name (see [`Borg::newest_archive`]), and what
+    /// was learnt by listing it, to remember: None when it was known, or
+    /// could not be listed.
+    pub async fn archive(mut self) -> Result<(String, Option<Listed>), Failure> {
+        match &mut self {
+            Listing::Known(archive) => Ok((std::mem::take(archive), None)),
+            Listing::Running { task, transaction } => {
+                let archive = match task.await {
+                    Ok(result) => result?,
+                    Err(e) => {
+                        return Err(Failure::new(Stage::Verify, format!("internal error: {e}")))
+                    }
+                };
+                let learnt =
+                    transaction
+                        .take()
+                        .filter(|_| !archive.is_empty())
+                        .map(|transaction| Listed {
+                            transaction,
+                            archive: archive.clone(),
+                        });
+                Ok((archive, learnt))
+            }
         }
     }
 }
 
 impl Drop for Listing {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Listing::Running { task, .. } = self {
+            task.abort();
+        }
     }
 }
 

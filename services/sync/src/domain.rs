@@ -3,7 +3,8 @@
 //! The rules of the service, pure: which drive has a job running and what
 //! it is doing (Sync1.Running), when a Start or Cancel is refused, and
 //! what a job's reports make of the ledger (LastSyncs, LastFailures,
-//! FailureHistory, Verification — overdue included). Jobs report as
+//! FailureHistory, Verification — overdue included — and the newest
+//! archives remembered by transaction). Jobs report as
 //! [`Report`]s (see [`crate::job`], which sends them over a channel instead
 //! of reaching into the bus); the adapter (`lib.rs`) applies each to
 //! [`State`] and carries out the [`Effect`]s in order: persist the ledger,
@@ -18,6 +19,7 @@ use ferry_interfaces::{DriveVerification, Failure, SyncJob, SyncRecord};
 
 use crate::job::{self, Phase, Summary};
 use crate::ledger::Ledger;
+use crate::listings::Listed;
 use crate::verify;
 
 /// What a job reports about itself, in order.
@@ -42,6 +44,9 @@ pub enum Report {
     Finished { summary: Summary, seconds: f64 },
     /// It failed; the message says what the drive holds.
     Failed(job::Failure),
+    /// `repository`'s newest archive was listed at a transaction not
+    /// remembered before (by a job, or when a backup ended).
+    Listed { repository: String, listed: Listed },
 }
 
 /// A signal of org.ferry.Sync1 to emit.
@@ -246,7 +251,18 @@ impl State {
             } => self.phase(drive, repository, phase, detail, now),
             Report::Finished { summary, seconds } => self.finished(drive, summary, seconds, now),
             Report::Failed(failure) => self.failed(drive, &failure, now),
+            Report::Listed { repository, listed } => self.listed(repository, listed),
         }
+    }
+
+    /// Remembers a repository's newest archive at a transaction (the
+    /// ledger keeps it, so a restart does not list it again).
+    fn listed(&mut self, repository: String, listed: Listed) -> Vec<Effect> {
+        if self.ledger.listed.get(&repository) == Some(&listed) {
+            return Vec::new();
+        }
+        self.ledger.listed.insert(repository, listed);
+        vec![Effect::SaveLedger]
     }
 
     fn update(&mut self, drive: &str, update: impl FnOnce(&mut SyncJob)) {
@@ -382,6 +398,36 @@ mod tests {
             verified_since,
             total: 40,
         }
+    }
+
+    #[test]
+    fn a_listing_is_saved_once_and_a_newer_one_replaces_it() {
+        let mut state = State::new(Ledger::default(), 30);
+        let listed = |id: u64, archive: &str| Listed {
+            transaction: crate::snapshot::Transaction {
+                id,
+                index_size: 9,
+                index_mtime_ns: 7,
+            },
+            archive: archive.to_string(),
+        };
+        let report = |l: Listed| Report::Listed {
+            repository: "nas".into(),
+            listed: l,
+        };
+        assert_eq!(
+            state.apply("", report(listed(3, "nas-3")), 1),
+            [Effect::SaveLedger]
+        );
+        assert!(state.apply("a", report(listed(3, "nas-3")), 2).is_empty());
+        assert_eq!(
+            state.apply("a", report(listed(4, "nas-4")), 3),
+            [Effect::SaveLedger]
+        );
+        assert_eq!(state.ledger.listed["nas"], listed(4, "nas-4"));
+        // Nothing else changes: no job, no signal, no property.
+        assert!(state.running().is_empty());
+        assert!(state.ledger.last_syncs.is_empty());
     }
 
     #[test]

@@ -28,8 +28,9 @@ use tokio::sync::{mpsc, watch};
 use crate::borg::{Borg, Listing};
 use crate::domain::Report;
 use crate::generation::{self, BuildError, Generation, Layout, Plan};
+use crate::listings::Listings;
 use crate::mounts;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, Snapshot, Transaction};
 use crate::truth;
 use crate::verify::{self, DriveRecord};
 use ferry_service::confined::{Confined, WalkError};
@@ -59,6 +60,11 @@ impl Stop {
     pub fn new() -> (watch::Sender<Option<StopReason>>, Stop) {
         let (tx, rx) = watch::channel(None);
         (tx, Stop(rx))
+    }
+
+    /// A stop raised by `receiver`'s sender (shared by several tasks).
+    pub fn from(receiver: watch::Receiver<Option<StopReason>>) -> Stop {
+        Stop(receiver)
     }
 
     /// The reason, once a stop was asked for.
@@ -294,6 +300,8 @@ pub struct Context {
     pub borg: Borg,
     /// Where its progress and result go.
     pub reports: Reports,
+    /// The newest archives known by transaction (shared with the service).
+    pub listings: Arc<Listings>,
 }
 
 /// Where a job's reports go: a channel to the service loop, which applies
@@ -849,9 +857,26 @@ async fn snapshot_and_plan(
     );
     let entries = snapshot.entries.clone();
     held.snapshots.push(snapshot);
-    let listing = context
-        .borg
-        .list_newest(snapshot_dir.clone(), repository.clone(), stop.clone());
+    let transaction = Transaction::of(&entries);
+    let known = match &transaction {
+        Some(transaction) => context.listings.archive(name, transaction).await,
+        None => None,
+    };
+    let listing = match known {
+        Some(archive) => {
+            tracing::debug!(
+                "{}: {name}'s newest archive is known: {archive}",
+                spec.drive
+            );
+            Listing::Known(archive)
+        }
+        None => context.borg.list_newest(
+            snapshot_dir.clone(),
+            repository.clone(),
+            transaction,
+            stop.clone(),
+        ),
+    };
     let (plan_layout, trusted, repo_name) = (layout.clone(), trust.clone(), name.to_string());
     let plan = on_drive(Stage::Snapshot, move || {
         generation::plan(&entries, &plan_layout, &|e| trusted.trusted(&repo_name, e))
@@ -936,7 +961,18 @@ async fn copy_one(
     // nothing the job waits for comes between reading it and putting it in
     // place (a test's borg damages the copy at exactly this point).
     let archive = match item.listing.take() {
-        Some(listing) => listing.archive().await?,
+        Some(listing) => {
+            let (archive, learnt) = listing.archive().await?;
+            if let Some(listed) = learnt {
+                if context.listings.remember(&item.name, &listed).await {
+                    context.reports.send(Report::Listed {
+                        repository: item.name.clone(),
+                        listed,
+                    });
+                }
+            }
+            archive
+        }
         None => String::new(),
     };
     let (read, files) = read_back_new(&item.layout, files, stop).await?;
@@ -1116,6 +1152,7 @@ mod tests {
             borg: Borg::new(&config.borg),
             config: Arc::new(config),
             reports: Reports::new("a", to),
+            listings: Arc::default(),
         };
         (spec, Arc::new(context), reports)
     }

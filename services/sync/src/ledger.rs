@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use ferry_interfaces::{DriveVerification, Failure, FailureEvent, SyncRecord};
 use serde::{Deserialize, Serialize};
 
+use crate::listings::Listed;
+
 /// The ledger file's name under the state directory.
 pub const FILE_NAME: &str = "sync-ledger.json";
 
@@ -30,6 +32,11 @@ pub struct Ledger {
     /// sync with nothing to copy report it without asking borg.
     #[serde(default)]
     pub archives: BTreeMap<String, BTreeMap<String, String>>,
+    /// Per repository, its newest archive at its last listed committed
+    /// transaction (see [`crate::listings`]): a sync at that transaction
+    /// starts no borg.
+    #[serde(default)]
+    pub listed: BTreeMap<String, Listed>,
     /// Every failure, oldest first, bounded (Sync1.FailureHistory).
     #[serde(default)]
     pub failure_history: Vec<FailureEvent>,

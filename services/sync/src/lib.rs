@@ -11,7 +11,10 @@
 //! what it finds damaged is copied afresh. Every job ends with SyncFinished or
 //! SyncFailed, on which ferry-crypt closes the drive. DriveDetached (from
 //! the drive watcher) and Cancel stop a job within moments. Per drive the
-//! last success and the last failure are kept in the [`ledger`].
+//! last success and the last failure are kept in the [`ledger`]. When a
+//! backup ends (Borg1.BackupFinished, …WithWarnings, BackupFailed) the
+//! repositories' newest archives are listed then, not at the next
+//! plug-in ([`listings`]).
 //!
 //! The shape is the house's: the rules live in a pure [`domain`] (what
 //! runs, when a request is refused, what a job's reports make of the
@@ -27,6 +30,7 @@ pub mod domain;
 pub mod generation;
 pub mod job;
 pub mod ledger;
+pub mod listings;
 pub mod lock;
 pub mod mounts;
 pub mod snapshot;
@@ -40,7 +44,9 @@ use std::time::Duration;
 
 use domain::{Effect, Report, Signal, State};
 use ferry_config::Config;
-use ferry_interfaces::{crypt, drive_watcher, sync, Error as FerryError, Failure, SyncJob};
+use ferry_interfaces::{
+    borg as borg_bus, crypt, drive_watcher, sync, Error as FerryError, Failure, SyncJob,
+};
 use ferry_interfaces::{DriveVerification, FerrySignal, SyncRecord};
 use ferry_service::{claim_name, subscribe_signals, unix_now, ServiceError, Shutdown};
 use futures_util::StreamExt;
@@ -302,6 +308,14 @@ struct Service {
     /// Per running job, its stop request.
     stops: BTreeMap<String, watch::Sender<Option<StopReason>>>,
     jobs: JoinSet<()>,
+    /// The newest archives known by transaction, shared with the jobs.
+    listings: Arc<listings::Listings>,
+    /// The listing of every repository after a backup (at most one).
+    refreshing: JoinSet<()>,
+    /// A backup ended while the listing ran: list again when it is done.
+    refresh_again: bool,
+    /// Stops the listing when ferry-sync stops.
+    refresh_stop: watch::Sender<Option<StopReason>>,
 }
 
 impl Service {
@@ -340,6 +354,7 @@ impl Service {
             config: self.config.clone(),
             borg: self.borg.clone(),
             reports: Reports::new(drive, self.reports.clone()),
+            listings: self.listings.clone(),
         };
         self.jobs.spawn(job::run(spec, Arc::new(context), stop));
         Ok(())
@@ -404,7 +419,61 @@ impl Service {
             FerrySignal::DriveDetached { drive, .. } if self.stop(&drive, StopReason::Removed) => {
                 tracing::warn!("{drive} was removed during its sync; stopping");
             }
+            FerrySignal::BackupFinished { .. }
+            | FerrySignal::BackupFinishedWithWarnings { .. }
+            | FerrySignal::BackupFailed { .. } => self.refresh(),
             _ => {}
+        }
+    }
+
+    /// A backup ended: list the newest archive of every repository whose
+    /// committed transaction is new, one at a time, off the plug-in path
+    /// (see [`listings`]). While a listing runs, one more is queued.
+    fn refresh(&mut self) {
+        if !self.refreshing.is_empty() {
+            self.refresh_again = true;
+            return;
+        }
+        let repositories: Vec<_> = self
+            .config
+            .repositories
+            .iter()
+            .map(|(name, r)| (name.as_str().to_string(), r.clone()))
+            .collect();
+        let (borg, listings) = (self.borg.clone(), self.listings.clone());
+        let reports = self.reports.clone();
+        let wait = Duration::from_secs(self.config.sync.lock_wait);
+        let mut stop = job::Stop::from(self.refresh_stop.subscribe());
+        self.refreshing.spawn(async move {
+            for (name, repository) in repositories {
+                match listings::refresh(&borg, &name, &repository, &listings, wait, &mut stop).await
+                {
+                    Ok(Some(listed)) => {
+                        tracing::info!(
+                            "{name}: newest archive {} (transaction {})",
+                            listed.archive,
+                            listed.transaction.id
+                        );
+                        let report = Report::Listed {
+                            repository: name,
+                            listed,
+                        };
+                        let _ = reports.send((String::new(), report));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(
+                        "{name}: cannot list the newest archive after the backup ({}); the next sync lists it",
+                        e.message
+                    ),
+                }
+            }
+        });
+    }
+
+    /// The listing after a backup is done; another backup ended meanwhile?
+    fn refreshed(&mut self) {
+        if std::mem::take(&mut self.refresh_again) {
+            self.refresh();
         }
     }
 
@@ -467,8 +536,15 @@ pub async fn run(
 ) -> Result<(), ServiceError> {
     let (mut service, mut requests, mut reports) = serve(&connection, config).await?;
     // Subscribe first, then look at the system and the peers.
-    let mut signals =
-        subscribe_signals(&connection, &[crypt::INTERFACE, drive_watcher::INTERFACE]).await?;
+    let mut signals = subscribe_signals(
+        &connection,
+        &[
+            crypt::INTERFACE,
+            drive_watcher::INTERFACE,
+            borg_bus::INTERFACE,
+        ],
+    )
+    .await?;
     let repositories: Vec<PathBuf> = service
         .config
         .repositories
@@ -509,6 +585,9 @@ pub async fn run(
                     tracing::error!("a sync job ended abnormally: {e}");
                 }
             }
+            Some(_) = service.refreshing.join_next(), if !service.refreshing.is_empty() => {
+                service.refreshed();
+            }
         }
     }
     service.stop_all(&mut reports).await;
@@ -523,6 +602,7 @@ impl Service {
         for drive in &drives {
             self.stop(drive, StopReason::Shutdown);
         }
+        self.refresh_stop.send_replace(Some(StopReason::Shutdown));
         let all_ended = async {
             loop {
                 let (drive, report) = tokio::select! {
@@ -534,6 +614,7 @@ impl Service {
                 };
                 self.report(&drive, report).await;
             }
+            while self.refreshing.join_next().await.is_some() {}
             while let Ok((drive, report)) = reports.try_recv() {
                 self.report(&drive, report).await;
             }
@@ -580,6 +661,9 @@ async fn serve(
     )
     .await?;
     let (reports_tx, reports) = mpsc::unbounded_channel();
+    let listings = with(&shared, |s| {
+        Arc::new(listings::Listings::new(&s.ledger.listed))
+    });
     let service = Service {
         borg: borg::Borg::new(&config.borg),
         config,
@@ -592,6 +676,10 @@ async fn serve(
         reports: reports_tx,
         stops: BTreeMap::new(),
         jobs: JoinSet::new(),
+        listings,
+        refreshing: JoinSet::new(),
+        refresh_again: false,
+        refresh_stop: watch::channel(None).0,
     };
     Ok((service, requests, reports))
 }

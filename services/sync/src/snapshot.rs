@@ -35,6 +35,43 @@ pub struct Entry {
     pub mode: u32,
 }
 
+/// Which committed transaction a repository is at: borg's transaction
+/// number (the `N` of the highest `index.N`) and that index file's size
+/// and modification time. borg writes `index.N` once, when it commits `N`,
+/// and never rewrites it; the size and time tell a repository made afresh
+/// that reached the same `N` from the one it replaced. What a transaction
+/// holds (its archives) never changes, so anything learnt of it can be
+/// remembered by this.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transaction {
+    /// borg's transaction number.
+    pub id: u64,
+    /// The size of `index.N`, in bytes.
+    pub index_size: u64,
+    /// The modification time of `index.N`, in nanoseconds since the epoch.
+    pub index_mtime_ns: u64,
+}
+
+impl Transaction {
+    /// The transaction a list of committed files ([`Snapshot::entries`],
+    /// [`observe`]) belongs to; None when it has no `index.N`.
+    pub fn of(entries: &[Entry]) -> Option<Transaction> {
+        entries
+            .iter()
+            .filter(|e| e.rel.parent() == Some(Path::new("")))
+            .find_map(|e| {
+                let id = numbered(e.rel.to_str()?, "index.")?;
+                let since_epoch = e.mtime.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+                Some(Transaction {
+                    id,
+                    index_size: e.size,
+                    index_mtime_ns: u64::try_from(since_epoch.as_nanos()).ok()?,
+                })
+            })
+    }
+}
+
 /// The hard-linked committed state of one repository; the directory is
 /// removed by [`Snapshot::release`].
 #[derive(Debug)]
@@ -371,6 +408,22 @@ mod tests {
         );
         let snapshot = take(&repo, &snapshot_dir).expect("take");
         assert_eq!(snapshot.entries.len(), 9);
+        let index = fs::metadata(repo.join("index.100")).expect("stat index");
+        let transaction = Transaction::of(&snapshot.entries).expect("transaction");
+        assert_eq!(transaction.id, 100);
+        assert_eq!(transaction.index_size, index.len());
+        assert_eq!(
+            Some(transaction),
+            Transaction::of(&observe(&repo).expect("observe"))
+        );
+        // A segment named like an index is not the transaction.
+        let segments_only: Vec<Entry> = snapshot
+            .entries
+            .iter()
+            .filter(|e| e.rel.starts_with("data"))
+            .cloned()
+            .collect();
+        assert_eq!(Transaction::of(&segments_only), None);
         let inode = |p: &Path| fs::metadata(p).expect("stat").ino();
         assert_eq!(
             inode(&snapshot_dir.join("data/0/100")),
