@@ -183,10 +183,16 @@ fn tree_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-struct Ferry {
+/// ferry-sync on the bench's bus, and the bench's handle on it.
+struct Ferry<'a> {
     signals: SignalRecorder,
     proxy: SyncProxy<'static>,
     pid: u32,
+    service: Option<ferry_integration_tests::ServiceProcess>,
+    bus: &'a TestBus,
+    conn: &'a zbus::Connection,
+    binary: PathBuf,
+    config: PathBuf,
 }
 
 /// One ferry-sync run: end to end (ferry-sync's CPU and the borg it ran);
@@ -202,7 +208,99 @@ struct FerryRun {
     bytes: u64,
 }
 
-impl Ferry {
+impl<'a> Ferry<'a> {
+    /// ferry-sync with `config` on the bench's bus.
+    async fn start(
+        bus: &'a TestBus,
+        conn: &'a zbus::Connection,
+        binary: &Path,
+        config: &Path,
+    ) -> Ferry<'a> {
+        let signals = SignalRecorder::new(conn).await;
+        let proxy = zbus::proxy::Builder::<SyncProxy>::new(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .expect("proxy");
+        let mut ferry = Ferry {
+            signals,
+            proxy,
+            pid: 0,
+            service: None,
+            bus,
+            conn,
+            binary: binary.to_path_buf(),
+            config: config.to_path_buf(),
+        };
+        ferry.spawn().await;
+        ferry
+    }
+
+    async fn spawn(&mut self) {
+        let service = self.bus.spawn(
+            self.binary.to_str().expect("utf-8"),
+            &["--config", self.config.to_str().expect("utf-8")],
+            &[("RUST_LOG", "info")],
+        );
+        service
+            .wait_for_name(self.conn, sync::BUS_NAME, Duration::from_secs(20))
+            .await;
+        self.pid = service.pid();
+        self.service = Some(service);
+    }
+
+    /// ferry-sync's copy and all it knows gone, and ferry-sync started
+    /// afresh: the next sync is an initial one by a ferry-sync that has
+    /// listed no archive yet.
+    async fn forget(&mut self, bench: &Bench) {
+        drop(self.service.take());
+        let dbus = zbus::fdo::DBusProxy::new(self.conn)
+            .await
+            .expect("DBus proxy");
+        let name = zbus::names::BusName::try_from(sync::BUS_NAME).expect("bus name");
+        while dbus.name_has_owner(name.clone()).await.unwrap_or(false) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        bench.forget_ferry();
+        self.spawn().await;
+    }
+
+    /// A backup ended: Borg1.BackupFinished, as ferry-borg sends it, and
+    /// ferry-sync's listing of the repository's new transaction waited for
+    /// (it happens when the backup ends, not at the plug-in; untimed).
+    async fn backup_finished(&self, bench: &Bench) {
+        self.conn
+            .emit_signal(
+                None::<()>,
+                ferry_interfaces::borg::OBJECT_PATH,
+                ferry_interfaces::borg::INTERFACE,
+                "BackupFinished",
+                &("bench", "repo", "second"),
+            )
+            .await
+            .expect("emit BackupFinished");
+        let ledger = bench.state.join("sync-ledger.json");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let listed = std::fs::read(&ledger)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["listed"]["repo"]["transaction"]["id"].as_u64());
+            if listed == Some(bench.transaction_b) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferry-sync did not list the new transaction after BackupFinished"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        self.service.as_ref().map(|s| s.log()).unwrap_or_default()
+    }
+
     async fn sync(&self) -> FerryRun {
         drop_caches();
         let from = self.signals.len();
@@ -383,6 +481,16 @@ fn drive_image(dir: &Path, mib: u64, uuid: &str) -> LoopImage {
     LoopImage::from_file(path)
 }
 
+/// The N of the highest `index.N` in a borg repository.
+fn transaction_of(repo: &Path) -> u64 {
+    std::fs::read_dir(repo)
+        .expect("repository")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("index.")?.parse().ok())
+        .max()
+        .expect("index.N")
+}
+
 /// Replaces the directory `at` with a hard-link clone of `state` (borg
 /// never rewrites a committed file, so the clone is that state).
 fn set_repository(state: &Path, at: &Path) {
@@ -420,6 +528,8 @@ struct Bench {
     state_b: PathBuf,
     mountpoint: PathBuf,
     state: PathBuf,
+    /// borg's committed transaction in state B.
+    transaction_b: u64,
 }
 
 impl Bench {
@@ -459,6 +569,7 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
         state_b: work.path().join("state-b"),
         mountpoint: work.path().join("mnt"),
         state: work.path().join("state"),
+        transaction_b: 0,
     };
     println!("\n######## {mib} MiB: making the repository (borg create, no compression) ...");
     borg(
@@ -489,6 +600,10 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
             bench.state_b.as_os_str(),
         ],
     );
+    let bench = Bench {
+        transaction_b: transaction_of(&bench.state_b),
+        ..bench
+    };
     let bytes_a = tree_bytes(&bench.state_a);
     let bytes_b = tree_bytes(&bench.state_b);
     let added = new_files(&bench.state_a, &bench.state_b);
@@ -505,7 +620,24 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
     // At most two contenders' copies at once (each round starts empty),
     // the incremental's new files, ferry's new generation: 2.5× with room.
     let mut image = drive_image(&bench.work, mib * 5 / 2 + 2048, &uuid);
-    let device = image.attach();
+    // O_DIRECT to the image: the host's page cache holds none of the
+    // drive's blocks, so every contender's read-back reads the disk.
+    let device = image.attach_direct();
+    let direct_io = run(
+        "losetup",
+        &[
+            OsStr::new("--list"),
+            OsStr::new("--noheadings"),
+            OsStr::new("--output"),
+            OsStr::new("DIO"),
+            OsStr::new(&device),
+        ],
+    );
+    assert_eq!(
+        direct_io.trim(),
+        "1",
+        "the loop device does not do direct I/O: the read-back figures would be the host's page cache"
+    );
     std::fs::create_dir_all(&bench.mountpoint).expect("mountpoint");
     run(
         "mount",
@@ -531,9 +663,9 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
         config
     };
     let conn = bus.connect().await;
-    let (ferry, service) = start_ferry(&bus, &conn, binary, &config_with(args.scrub_mib)).await;
+    let mut ferry = Ferry::start(&bus, &conn, binary, &config_with(args.scrub_mib)).await;
     println!(
-        "repository {:.2} GiB, +{:.0} MiB in {} new files; drive: ext4 on {device} (allocated, nodiscard, no lazy init); {} rounds, interleaved",
+        "repository {:.2} GiB, +{:.0} MiB in {} new files; drive: ext4 on {device} (allocated, nodiscard, no lazy init; direct I/O to the image); {} rounds, interleaved",
         bytes_a as f64 / 1073741824.0,
         added_bytes as f64 / 1048576.0,
         added.len(),
@@ -544,11 +676,11 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
     let gb_new = added_bytes as f64 / 1e9;
     for round in 0..args.rounds {
         eprintln!("round {} of {} ...", round + 1, args.rounds);
-        initial_round(&bench, &ferry, round, gb_a, &mut f).await;
-        incremental_round(&bench, &ferry, &added, round, gb_new, &mut f).await;
+        initial_round(&bench, &mut ferry, round, gb_a, &mut f).await;
+        incremental_round(&bench, &mut ferry, &added, round, gb_new, &mut f).await;
     }
-    let log = service.log();
-    drop(service);
+    let log = ferry.log();
+    drop(ferry);
     println!(
         "\n  (seconds unless named; median (min–max) of {} rounds)",
         args.rounds
@@ -558,7 +690,7 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
     // A full scrub: the copy ferry-sync holds (state B) re-read whole by a
     // sync with nothing to do and no scrub limit, after the first such
     // sync (which reads the files the rounds' syncs did not).
-    let (ferry, service) = start_ferry(&bus, &conn, binary, &config_with(mib * 100)).await;
+    let ferry = Ferry::start(&bus, &conn, binary, &config_with(mib * 100)).await;
     ferry.sync().await;
     for _ in 0..args.rounds.min(3) {
         let run = ferry.sync().await;
@@ -584,7 +716,7 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
             read as f64 / 1048576.0 / run.total.wall.max(1e-9),
         );
     }
-    drop(service);
+    drop(ferry);
     println!(
         "\n  (a full scrub: median (min–max) of {} syncs)",
         args.rounds.min(3)
@@ -598,42 +730,18 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
     drop(image);
 }
 
-/// ferry-sync with `config` on the bench's bus, and the bench's handle on it.
-async fn start_ferry(
-    bus: &TestBus,
-    conn: &zbus::Connection,
-    binary: &Path,
-    config: &Path,
-) -> (Ferry, ferry_integration_tests::ServiceProcess) {
-    let signals = SignalRecorder::new(conn).await;
-    let service = bus.spawn(
-        binary.to_str().expect("utf-8"),
-        &["--config", config.to_str().expect("utf-8")],
-        &[("RUST_LOG", "info")],
-    );
-    service
-        .wait_for_name(conn, sync::BUS_NAME, Duration::from_secs(20))
-        .await;
-    let proxy = zbus::proxy::Builder::<SyncProxy>::new(conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .expect("proxy");
-    let ferry = Ferry {
-        signals,
-        proxy,
-        pid: service.pid(),
-    };
-    (ferry, service)
-}
-
 /// Initial copies of state A by cp, rsync and ferry, in an order that
 /// rotates with the round.
-async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &mut Figures) {
+async fn initial_round(
+    bench: &Bench,
+    ferry: &mut Ferry<'_>,
+    round: usize,
+    gb: f64,
+    f: &mut Figures,
+) {
     set_repository(&bench.state_a, &bench.repo);
     // The previous round's copies gone: the drive holds one copy at a time.
     remove(&bench.mountpoint.join("rsync"));
-    bench.forget_ferry();
     let (mut cp, mut cp_read, mut rsync, mut run_) = (None, None, None, None);
     for turn in 0..3 {
         match (turn + round) % 3 {
@@ -656,7 +764,7 @@ async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &
                 remove(&target);
             }
             _ => {
-                bench.forget_ferry();
+                ferry.forget(bench).await;
                 run_ = Some(ferry.sync().await);
             }
         }
@@ -722,7 +830,7 @@ async fn initial_round(bench: &Bench, ferry: &Ferry, round: usize, gb: f64, f: &
 /// back, rsync, ferry; then nothing to do for rsync and ferry.
 async fn incremental_round(
     bench: &Bench,
-    ferry: &Ferry,
+    ferry: &mut Ferry<'_>,
     added: &[PathBuf],
     round: usize,
     gb_new: f64,
@@ -733,7 +841,7 @@ async fn incremental_round(
     let rsync_target = bench.mountpoint.join("rsync");
     remove(&rsync_target);
     bench.rsync(&rsync_target);
-    bench.forget_ferry();
+    ferry.forget(bench).await;
     ferry.sync().await;
     set_repository(&bench.state_b, &bench.repo);
     let (mut cp, mut rsync, mut run_) = (None, None, None);
@@ -765,9 +873,21 @@ async fn incremental_round(
                 remove(&target);
             }
             1 => rsync = Some(bench.rsync(&rsync_target)),
-            _ => run_ = Some(ferry.sync().await),
+            _ => {
+                ferry.backup_finished(bench).await;
+                run_ = Some(ferry.sync().await);
+            }
         }
     }
+    // The same plug-in when no BackupFinished came (a backup by a program
+    // that sends none, or made while ferry-sync was not running): the sync
+    // lists the snapshot's newest archive itself, beside the copy. From
+    // state A again, by a ferry-sync that knows nothing.
+    set_repository(&bench.state_a, &bench.repo);
+    ferry.forget(bench).await;
+    ferry.sync().await;
+    set_repository(&bench.state_b, &bench.repo);
+    let unlisted = ferry.sync().await;
     let ((cp, cp_read), rsync, ferry_inc) =
         (cp.expect("cp"), rsync.expect("rsync"), run_.expect("ferry"));
     f.add("incremental: cp -a of the new files + syncfs", cp.wall);
@@ -776,7 +896,10 @@ async fn incremental_round(
         cp.wall + cp_read.wall,
     );
     f.add("incremental: rsync -a --delete + syncfs", rsync.wall);
-    f.add("incremental: ferry-sync end to end", ferry_inc.total.wall);
+    f.add(
+        "incremental: ferry-sync end to end (BackupFinished came first)",
+        ferry_inc.total.wall,
+    );
     f.add(
         "incremental: ferry-sync before the copy (scrub, lock, snapshot)",
         ferry_inc.before_copy,
@@ -794,6 +917,18 @@ async fn incremental_round(
     f.add(
         "incremental: CPU s/GB new, ferry-sync",
         ferry_inc.total.cpu / gb_new.max(1e-9),
+    );
+    f.add(
+        "incremental, no BackupFinished: ferry-sync end to end (lists beside the copy)",
+        unlisted.total.wall,
+    );
+    f.add(
+        "incremental, no BackupFinished: ferry-sync verify phase",
+        unlisted.verify,
+    );
+    f.add(
+        "incremental, no BackupFinished: ratio (cp new + read back) / ferry",
+        (cp.wall + cp_read.wall) / unlisted.total.wall,
     );
     // Nothing to do.
     let (mut rsync_none, mut ferry_none) = (None, None);
