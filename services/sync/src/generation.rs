@@ -357,6 +357,7 @@ fn copy_file(
     let mut hasher = Hasher::default();
     let mut copied = 0u64;
     let mut since_check = 0usize;
+    let mut writeback = Writeback::default();
     buffer.resize(verify::BUFFER, 0);
     loop {
         if since_check >= CHUNK {
@@ -380,6 +381,7 @@ fn copy_file(
         copied += n as u64;
         since_check += n;
         progress.fetch_add(n as u64, Ordering::Relaxed);
+        writeback.written(&input, &output, copied);
     }
     if copied != entry.size {
         return Err(BuildError::Io(format!(
@@ -391,6 +393,68 @@ fn copy_file(
     Confined::set_times(&output, entry.mtime)
         .map_err(|e| io_error("cannot set the times of", &target, e))?;
     Ok(hasher.finish())
+}
+
+/// A file's writeback, streamed while it is written, as `dd` with
+/// `oflag=direct` or a careful archiver would: every [`Writeback::STEP`]
+/// written is handed to the drive at once (`sync_file_range` WRITE), and
+/// what lies more than [`Writeback::IN_FLIGHT`] behind is waited for and
+/// dropped from the page cache, with the source bytes it came from.
+///
+/// Why: left to itself the kernel starts writing only when a tenth of
+/// memory is dirty (gigabytes on a NAS), so a copy of a gigabyte is
+/// written to the drive only by the final syncfs, after all the reading:
+/// read, then write. Streamed, the drive writes while the source is read,
+/// the final syncfs has little left, and a terabyte's copy neither fills
+/// the host's page cache with dirty pages nor pushes its working set out.
+/// Durability still comes from the syncfs that ends [`build`]; this only
+/// changes when the bytes start moving, so its errors are left to it.
+#[derive(Default)]
+struct Writeback {
+    /// Bytes handed to writeback.
+    started: u64,
+    /// Bytes written back and dropped from the cache.
+    settled: u64,
+}
+
+impl Writeback {
+    const STEP: u64 = 8 << 20;
+    const IN_FLIGHT: u64 = 64 << 20;
+
+    /// `written` bytes of `output` (copied from `input`) are written.
+    fn written(&mut self, input: &File, output: &File, written: u64) {
+        let (input, output) = (input.as_raw_fd(), output.as_raw_fd());
+        while written - self.started >= Self::STEP {
+            // SAFETY: advice and writeback requests on descriptors we own;
+            // the results are deliberately ignored (see the type's doc).
+            unsafe {
+                libc::sync_file_range(
+                    output,
+                    self.started as i64,
+                    Self::STEP as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.started += Self::STEP;
+        }
+        while self.started - self.settled > Self::IN_FLIGHT {
+            let (at, len) = (self.settled as i64, Self::STEP as i64);
+            // SAFETY: as above.
+            unsafe {
+                libc::sync_file_range(
+                    output,
+                    at,
+                    len,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+                libc::posix_fadvise(output, at, len, libc::POSIX_FADV_DONTNEED);
+                libc::posix_fadvise(input, at, len, libc::POSIX_FADV_DONTNEED);
+            }
+            self.settled += Self::STEP;
+        }
+    }
 }
 
 /// Mirrors a generation into `layout.verify` as hard links (directories
