@@ -10,10 +10,9 @@
 //!
 //! - every file is hashed while it is copied (xxh3-128, see [`Digest`]),
 //!   and after the copy is durable (syncfs) the new files are read back
-//!   from the device and compared: with O_DIRECT in 4 MiB requests where
-//!   the drive's filesystem allows it, else through the page cache after
-//!   dropping the file's clean pages (`posix_fadvise(DONTNEED)`), see
-//!   [`DeviceReader`];
+//!   from the device — their cached pages are dropped first with
+//!   `posix_fadvise(DONTNEED)`, which drops clean pages, see
+//!   [`DeviceReader`] — and compared;
 //! - the hashes are kept on the host, per drive ([`DriveRecord`]), with
 //!   when each file was last found intact on the drive;
 //! - every sync re-reads borg's metadata files (config, index, hints,
@@ -83,95 +82,44 @@ pub const BLOCK: u64 = 16 << 20;
 /// against 1.3 with this; docs/benchmarks.md).
 pub const BUFFER: usize = 128 << 10;
 
-/// How much the read-back and the scrub ask the device for at once when
-/// they read with O_DIRECT: large requests keep a drive streaming without
-/// the page cache's readahead (with 128 KiB requests a direct read is a
-/// round trip per request).
-pub const DIRECT_BUFFER: usize = 4 << 20;
-
-/// The alignment O_DIRECT wants of buffers, offsets and lengths (a
-/// drive's logical block size is 512 or 4096).
-const DIRECT_ALIGN: usize = 4096;
-
-/// Reads a file on the drive from the device, never from the page cache,
-/// for the read-back and the scrub.
+/// Reads a file on the drive from the device, not from the page cache,
+/// for the read-back and the scrub: the file's cached pages are dropped
+/// first (`DONTNEED`, which drops clean pages: after syncfs every page is
+/// clean, and the copy's streamed writeback has dropped most already), it
+/// is read with sequential advice, and its pages are dropped again when
+/// the reader goes, so a scrub does not push the host's working set out.
 ///
-/// With O_DIRECT (set on the open file) where the filesystem allows it:
-/// the bytes come from the device whatever the page cache holds, in large
-/// aligned requests, and the host's cache is left alone. Where it does not
-/// (or a request is refused, e.g. at an offset that is not aligned), the
-/// file's cached pages are dropped (`DONTNEED`, which drops clean pages:
-/// after syncfs every page is clean) and it is read through the cache
-/// with sequential advice, and dropped again afterwards.
+/// Why not O_DIRECT: measured on the bench's drive (docs/benchmarks.md),
+/// reading with O_DIRECT in 4 MiB requests, one at a time, was slower than
+/// this (the read-back at 770–1 350 MiB/s against 1 300–1 900; a 64 MiB
+/// scrub slice 95 ms against 50): a direct read is a round trip per
+/// request, where the page cache's readahead keeps the drive streaming.
 pub struct DeviceReader<'a> {
     file: &'a mut File,
     buffer: &'a mut Vec<u8>,
-    direct: bool,
 }
 
 impl<'a> DeviceReader<'a> {
     /// A reader of `file` from its current position, using `buffer`.
     pub fn new(file: &'a mut File, buffer: &'a mut Vec<u8>) -> DeviceReader<'a> {
         let fd = file.as_raw_fd();
-        // SAFETY: fcntl on a descriptor owned by `file`.
-        let direct = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) == 0
-        };
-        let mut reader = DeviceReader {
-            file,
-            buffer,
-            direct,
-        };
-        if !direct {
-            reader.go_buffered();
-        }
-        reader
-    }
-
-    /// Reads through the page cache from now on, its pages dropped first.
-    fn go_buffered(&mut self) {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: fcntl and advice on a descriptor owned by `file`.
+        // SAFETY: advice on a descriptor owned by `file`.
         unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags >= 0 && flags & libc::O_DIRECT != 0 {
-                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT);
-            }
             libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
             libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
-        self.direct = false;
+        buffer.resize(BUFFER, 0);
+        DeviceReader { file, buffer }
     }
 
     /// The next bytes, at most `max` (fewer at the end of the file; empty
-    /// there). Reading directly, a whole aligned request is made; when it
-    /// brings more than `max`, the position is set back to just after
-    /// `max` (and the next request, no longer aligned, reads through the
-    /// cache), so `max` had better end an aligned block or the file.
+    /// there).
     pub fn read(&mut self, max: u64) -> io::Result<&[u8]> {
-        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        let want = usize::try_from(max).unwrap_or(usize::MAX).min(BUFFER);
         loop {
-            let (at, want) = if self.direct {
-                self.buffer.resize(DIRECT_BUFFER + DIRECT_ALIGN, 0);
-                let at = self.buffer.as_ptr().align_offset(DIRECT_ALIGN);
-                (at, DIRECT_BUFFER.min(max).next_multiple_of(DIRECT_ALIGN))
-            } else {
-                self.buffer.resize(self.buffer.len().max(BUFFER), 0);
-                (0, BUFFER.min(max))
-            };
-            match self.file.read(&mut self.buffer[at..at + want]) {
-                Ok(n) if n > max => {
-                    use std::io::{Seek, SeekFrom};
-                    let over = i64::try_from(n - max).unwrap_or(i64::MAX);
-                    self.file.seek(SeekFrom::Current(-over))?;
-                    return Ok(&self.buffer[at..at + max]);
-                }
-                Ok(n) => return Ok(&self.buffer[at..at + n]),
+            match self.file.read(&mut self.buffer[..want]) {
+                Ok(n) => return Ok(&self.buffer[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.go_buffered();
-                }
                 Err(e) => return Err(e),
             }
         }
@@ -180,10 +128,8 @@ impl<'a> DeviceReader<'a> {
 
 impl Drop for DeviceReader<'_> {
     fn drop(&mut self) {
-        if !self.direct {
-            // SAFETY: advice on a descriptor owned by `file`.
-            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        }
+        // SAFETY: advice on a descriptor owned by `file`.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 }
 
@@ -1128,8 +1074,7 @@ mod tests {
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         std::fs::write(&path, &bytes).expect("write");
-        // Whole requests (the read-back), then odd sizes (a scrub with
-        // blocks that are not aligned: set back, then through the cache).
+        // Whole requests (the read-back), then odd sizes (a scrub's blocks).
         for asks in [vec![u64::MAX], vec![5, 4096, 3 << 20, 1, u64::MAX]] {
             let mut file = File::open(&path).expect("open");
             let mut buffer = Vec::new();
