@@ -204,6 +204,8 @@ struct FerryRun {
     total: Took,
     copy: Took,
     before_copy: f64,
+    /// Of which the scrub slice and borg's metadata files.
+    scrub: f64,
     verify: f64,
     bytes: u64,
 }
@@ -351,6 +353,8 @@ impl<'a> Ferry<'a> {
                 .map(|r| r.at.duration_since(start).as_secs_f64())
         };
         let copy_at = phase_at("copy").unwrap_or(0.0);
+        let scrub_at = phase_at("scrub").unwrap_or(0.0);
+        let scrubbed_at = phase_at("lock").unwrap_or(scrub_at);
         let verify_at = phase_at("verify").unwrap_or(wall);
         let swap_at = phase_at("swap").unwrap_or(verify_at);
         FerryRun {
@@ -363,6 +367,7 @@ impl<'a> Ferry<'a> {
                 cpu: verify_cpu.unwrap_or(own) - copy_cpu.unwrap_or(cpu.0),
             },
             before_copy: copy_at,
+            scrub: (scrubbed_at - scrub_at).max(0.0),
             verify: swap_at - verify_at,
             bytes: finished.args[1].parse().unwrap_or(0),
         }
@@ -909,6 +914,14 @@ async fn incremental_round(
     f.add(
         "incremental: ratio (cp new + read back) / ferry (aim >= 0.9)",
         (cp.wall + cp_read.wall) / ferry_inc.total.wall,
+    );
+    f.add(
+        "incremental: ferry-sync's scrub slice (--scrub-mib) and metadata re-read",
+        ferry_inc.scrub,
+    );
+    f.add(
+        "incremental: ratio (cp new + read back) / (ferry - its scrub slice)",
+        (cp.wall + cp_read.wall) / (ferry_inc.total.wall - ferry_inc.scrub).max(1e-9),
     );
     f.add(
         "incremental: ratio rsync / ferry",
