@@ -41,6 +41,48 @@ const WAIT: Duration = Duration::from_secs(1800);
 struct Took {
     wall: f64,
     cpu: f64,
+    /// The most memory the kernel held dirty or under writeback meanwhile,
+    /// MiB (0 where not sampled).
+    dirty: f64,
+}
+
+/// Dirty + Writeback from /proc/meminfo, KiB.
+fn dirty_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("Dirty:") || l.starts_with("Writeback:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The peak of [`dirty_kib`] while it runs, sampled every 5 ms on its own
+/// thread.
+struct DirtyPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl DirtyPeak {
+    fn start() -> DirtyPeak {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(dirty_kib());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        });
+        DirtyPeak { stop, thread }
+    }
+
+    /// The peak, MiB.
+    fn finish(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0) as f64 / 1024.0
+    }
 }
 
 fn drop_caches() {
@@ -80,6 +122,7 @@ fn process_cpu(pid: u32) -> (f64, f64) {
 fn timed_command(program: &str, args: &[&OsStr], fs: &Path) -> Took {
     drop_caches();
     let cpu = children_cpu();
+    let dirty = DirtyPeak::start();
     let start = Instant::now();
     let status = Command::new(program).args(args).status().expect("run");
     assert!(status.success(), "{program} failed");
@@ -87,6 +130,7 @@ fn timed_command(program: &str, args: &[&OsStr], fs: &Path) -> Took {
     Took {
         wall: start.elapsed().as_secs_f64(),
         cpu: children_cpu() - cpu,
+        dirty: dirty.finish(),
     }
 }
 
@@ -162,6 +206,7 @@ fn read_back(dir: &Path) -> Took {
     Took {
         wall: start.elapsed().as_secs_f64(),
         cpu: children_cpu() - cpu,
+        dirty: 0.0,
     }
 }
 
@@ -307,6 +352,7 @@ impl<'a> Ferry<'a> {
         drop_caches();
         let from = self.signals.len();
         let cpu = process_cpu(self.pid);
+        let dirty = DirtyPeak::start();
         let start = Instant::now();
         self.proxy.start("bench").await.expect("Start");
         // Polled, so ferry-sync's CPU is sampled within a few ms of the
@@ -342,6 +388,7 @@ impl<'a> Ferry<'a> {
         .await
         .expect("sync result");
         let wall = start.elapsed().as_secs_f64();
+        let dirty = dirty.finish();
         let (own, children) = process_cpu(self.pid);
         assert_eq!(finished.member, "SyncFinished", "{finished}");
         let phase_at = |phase: &str| {
@@ -361,10 +408,12 @@ impl<'a> Ferry<'a> {
             total: Took {
                 wall,
                 cpu: own + children - cpu.0 - cpu.1,
+                dirty,
             },
             copy: Took {
                 wall: verify_at - copy_at,
                 cpu: verify_cpu.unwrap_or(own) - copy_cpu.unwrap_or(cpu.0),
+                dirty,
             },
             before_copy: copy_at,
             scrub: (scrubbed_at - scrub_at).max(0.0),
@@ -812,6 +861,12 @@ async fn initial_round(
         rsync.wall / ferry.total.wall,
     );
     f.add("initial: CPU s/GB cp -a", cp.cpu / gb);
+    f.add("initial: peak dirty + writeback MiB, cp -a", cp.dirty);
+    f.add("initial: peak dirty + writeback MiB, rsync", rsync.dirty);
+    f.add(
+        "initial: peak dirty + writeback MiB, ferry-sync",
+        ferry.total.dirty,
+    );
     f.add("initial: CPU s/GB cat (reading back)", cp_read.cpu / gb);
     f.add(
         "initial: CPU s/GB ferry-sync copy phase (hashing included)",
@@ -872,6 +927,7 @@ async fn incremental_round(
                 let copied = Took {
                     wall: start.elapsed().as_secs_f64(),
                     cpu: children_cpu() - cpu,
+                    dirty: 0.0,
                 };
                 let read = read_back(&target);
                 cp = Some((copied, read));
