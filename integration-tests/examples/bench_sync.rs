@@ -12,6 +12,13 @@
 //! background during the measurements, and every contender starts from an
 //! empty target after `sync`, so no writeback of an earlier run overlaps.
 //!
+//! The drive's image is attached with direct I/O, so a read-back after
+//! dropping the drive's cache reads the host's disk; ferry-sync is told
+//! when a backup ended (Borg1.BackupFinished), as ferry-borg tells it,
+//! except in the incremental's "no BackupFinished" figure; and the peak of
+//! dirty memory and the whole machine's CPU (kernel threads included) are
+//! measured beside each copy.
+//!
 //! Per size (`--mib`, repeatable): initial copy (cp -a + syncfs, and + the
 //! bytes read back from the drive, which is what ferry does; rsync -a
 //! --delete + syncfs; ferry-sync end to end and its copy phase), incremental
@@ -44,6 +51,30 @@ struct Took {
     /// The most memory the kernel held dirty or under writeback meanwhile,
     /// MiB (0 where not sampled).
     dirty: f64,
+    /// CPU seconds of the whole machine meanwhile (every process and
+    /// kernel thread, idle and I/O wait not counted): what the run cost,
+    /// wherever the kernel did the work (cp leaves its writeback to the
+    /// flusher threads, ferry-sync starts its own).
+    machine: f64,
+}
+
+/// CPU seconds the whole machine has spent busy since boot (user, nice,
+/// system, irq, softirq from /proc/stat).
+fn machine_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let busy: f64 = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .take(7)
+        .enumerate()
+        .filter(|(i, _)| ![3, 4].contains(i))
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf is always safe.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// Dirty + Writeback from /proc/meminfo, KiB.
@@ -122,6 +153,7 @@ fn process_cpu(pid: u32) -> (f64, f64) {
 fn timed_command(program: &str, args: &[&OsStr], fs: &Path) -> Took {
     drop_caches();
     let cpu = children_cpu();
+    let machine = machine_cpu();
     let dirty = DirtyPeak::start();
     let start = Instant::now();
     let status = Command::new(program).args(args).status().expect("run");
@@ -131,6 +163,7 @@ fn timed_command(program: &str, args: &[&OsStr], fs: &Path) -> Took {
         wall: start.elapsed().as_secs_f64(),
         cpu: children_cpu() - cpu,
         dirty: dirty.finish(),
+        machine: machine_cpu() - machine,
     }
 }
 
@@ -207,6 +240,7 @@ fn read_back(dir: &Path) -> Took {
         wall: start.elapsed().as_secs_f64(),
         cpu: children_cpu() - cpu,
         dirty: 0.0,
+        machine: 0.0,
     }
 }
 
@@ -315,7 +349,7 @@ impl<'a> Ferry<'a> {
     /// A backup ended: Borg1.BackupFinished, as ferry-borg sends it, and
     /// ferry-sync's listing of the repository's new transaction waited for
     /// (it happens when the backup ends, not at the plug-in; untimed).
-    async fn backup_finished(&self, bench: &Bench) {
+    async fn backup_finished(&self, bench: &Bench, transaction: u64) {
         self.conn
             .emit_signal(
                 None::<()>,
@@ -333,7 +367,7 @@ impl<'a> Ferry<'a> {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .and_then(|v| v["listed"]["repo"]["transaction"]["id"].as_u64());
-            if listed == Some(bench.transaction_b) {
+            if listed == Some(transaction) {
                 return;
             }
             assert!(
@@ -352,42 +386,47 @@ impl<'a> Ferry<'a> {
         drop_caches();
         let from = self.signals.len();
         let cpu = process_cpu(self.pid);
+        let machine = machine_cpu();
         let dirty = DirtyPeak::start();
         let start = Instant::now();
         self.proxy.start("bench").await.expect("Start");
-        // Polled, so ferry-sync's CPU is sampled within a few ms of the
-        // copy phase's start and end.
+        // Woken by every signal recorded (no polling, so the bench costs
+        // the machine nothing meanwhile), so ferry-sync's CPU is sampled
+        // as the copy phase starts and ends.
         let (mut copy_cpu, mut verify_cpu) = (None, None);
+        let (mut copy_machine, mut verify_machine) = (None, None);
+        let mut changes = self.signals.watch();
         let finished = tokio::time::timeout(WAIT, async {
             loop {
-                let seen = self
-                    .signals
-                    .all()
-                    .into_iter()
-                    .skip(from)
-                    .collect::<Vec<_>>();
-                let phase = |p: &str| {
-                    seen.iter()
-                        .any(|r| r.member == "SyncProgress" && r.args[3] == p)
-                };
-                if copy_cpu.is_none() && phase("copy") {
-                    copy_cpu = Some(process_cpu(self.pid).0);
+                {
+                    let log = changes.borrow_and_update();
+                    let seen = log.get(from..).unwrap_or(&[]);
+                    let phase = |p: &str| {
+                        seen.iter()
+                            .any(|r| r.member == "SyncProgress" && r.args[3] == p)
+                    };
+                    if copy_cpu.is_none() && phase("copy") {
+                        copy_cpu = Some(process_cpu(self.pid).0);
+                        copy_machine = Some(machine_cpu());
+                    }
+                    if verify_cpu.is_none() && phase("verify") {
+                        verify_cpu = Some(process_cpu(self.pid).0);
+                        verify_machine = Some(machine_cpu());
+                    }
+                    let found = seen
+                        .iter()
+                        .find(|r| r.member == "SyncFinished" || r.member == "SyncFailed");
+                    if let Some(found) = found {
+                        return found.clone();
+                    }
                 }
-                if verify_cpu.is_none() && phase("verify") {
-                    verify_cpu = Some(process_cpu(self.pid).0);
-                }
-                let found = seen
-                    .into_iter()
-                    .find(|r| r.member == "SyncFinished" || r.member == "SyncFailed");
-                if let Some(found) = found {
-                    return found;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                changes.changed().await.expect("signal recorder");
             }
         })
         .await
         .expect("sync result");
         let wall = start.elapsed().as_secs_f64();
+        let machine = machine_cpu() - machine;
         let dirty = dirty.finish();
         let (own, children) = process_cpu(self.pid);
         assert_eq!(finished.member, "SyncFinished", "{finished}");
@@ -409,11 +448,13 @@ impl<'a> Ferry<'a> {
                 wall,
                 cpu: own + children - cpu.0 - cpu.1,
                 dirty,
+                machine,
             },
             copy: Took {
                 wall: verify_at - copy_at,
                 cpu: verify_cpu.unwrap_or(own) - copy_cpu.unwrap_or(cpu.0),
                 dirty,
+                machine: verify_machine.unwrap_or(0.0) - copy_machine.unwrap_or(0.0),
             },
             before_copy: copy_at,
             scrub: (scrubbed_at - scrub_at).max(0.0),
@@ -582,7 +623,8 @@ struct Bench {
     state_b: PathBuf,
     mountpoint: PathBuf,
     state: PathBuf,
-    /// borg's committed transaction in state B.
+    /// borg's committed transactions in states A and B.
+    transaction_a: u64,
     transaction_b: u64,
 }
 
@@ -623,6 +665,7 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
         state_b: work.path().join("state-b"),
         mountpoint: work.path().join("mnt"),
         state: work.path().join("state"),
+        transaction_a: 0,
         transaction_b: 0,
     };
     println!("\n######## {mib} MiB: making the repository (borg create, no compression) ...");
@@ -655,6 +698,7 @@ async fn one_size(mib: u64, args: &Args, binary: &Path) {
         ],
     );
     let bench = Bench {
+        transaction_a: transaction_of(&bench.state_a),
         transaction_b: transaction_of(&bench.state_b),
         ..bench
     };
@@ -818,7 +862,12 @@ async fn initial_round(
                 remove(&target);
             }
             _ => {
+                // A ferry-sync that knows nothing, told that a backup
+                // ended (as ferry-borg tells it), so the initial copy
+                // runs no borg; the cost of a listing at the plug-in is
+                // the incremental's "no BackupFinished" figure.
                 ferry.forget(bench).await;
+                ferry.backup_finished(bench, bench.transaction_a).await;
                 run_ = Some(ferry.sync().await);
             }
         }
@@ -847,7 +896,10 @@ async fn initial_round(
         "initial: ferry-sync verify phase (read-back, rest of borg list)",
         ferry.verify,
     );
-    f.add("initial: ferry-sync end to end", ferry.total.wall);
+    f.add(
+        "initial: ferry-sync end to end (BackupFinished came first)",
+        ferry.total.wall,
+    );
     f.add(
         "initial: ratio cp / ferry copy phase (aim >= 0.95)",
         cp.wall / ferry.copy.wall,
@@ -861,6 +913,14 @@ async fn initial_round(
         rsync.wall / ferry.total.wall,
     );
     f.add("initial: CPU s/GB cp -a", cp.cpu / gb);
+    f.add(
+        "initial: machine CPU s/GB, cp -a (with the kernel's writeback)",
+        cp.machine / gb,
+    );
+    f.add(
+        "initial: machine CPU s/GB, ferry-sync copy phase",
+        ferry.copy.machine / gb,
+    );
     f.add("initial: peak dirty + writeback MiB, cp -a", cp.dirty);
     f.add("initial: peak dirty + writeback MiB, rsync", rsync.dirty);
     f.add(
@@ -928,6 +988,7 @@ async fn incremental_round(
                     wall: start.elapsed().as_secs_f64(),
                     cpu: children_cpu() - cpu,
                     dirty: 0.0,
+                    machine: 0.0,
                 };
                 let read = read_back(&target);
                 cp = Some((copied, read));
@@ -935,7 +996,7 @@ async fn incremental_round(
             }
             1 => rsync = Some(bench.rsync(&rsync_target)),
             _ => {
-                ferry.backup_finished(bench).await;
+                ferry.backup_finished(bench, bench.transaction_b).await;
                 run_ = Some(ferry.sync().await);
             }
         }
