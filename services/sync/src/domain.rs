@@ -258,7 +258,7 @@ impl State {
     /// Remembers a repository's newest archive at a transaction (the
     /// ledger keeps it, so a restart does not list it again).
     fn listed(&mut self, repository: String, listed: Listed) -> Vec<Effect> {
-        if self.ledger.listed.get(&repository) == Some(&listed) {
+        if !listed.replaces(self.ledger.listed.get(&repository)) {
             return Vec::new();
         }
         self.ledger.listed.insert(repository, listed);
@@ -424,6 +424,11 @@ mod tests {
             state.apply("a", report(listed(4, "nas-4")), 3),
             [Effect::SaveLedger]
         );
+        assert_eq!(state.ledger.listed["nas"], listed(4, "nas-4"));
+        // An older transaction reported late does not replace a newer one.
+        let mut older = listed(3, "nas-3");
+        older.transaction.index_mtime_ns = 6;
+        assert!(state.apply("a", report(older), 4).is_empty());
         assert_eq!(state.ledger.listed["nas"], listed(4, "nas-4"));
         // Nothing else changes: no job, no signal, no property.
         assert!(state.running().is_empty());

@@ -395,14 +395,13 @@ fn copy_file(
     Ok(hasher.finish())
 }
 
-/// A file's writeback, streamed while it is written, as `dd` with
-/// `oflag=direct` or a careful archiver would: every [`Writeback::STEP`]
+/// A file's writeback, streamed while it is written: every [`Writeback::STEP`]
 /// written is handed to the drive at once (`sync_file_range` WRITE), and
 /// what lies more than [`Writeback::IN_FLIGHT`] behind is waited for and
 /// dropped from the page cache, with the source bytes it came from.
 ///
 /// Why: left to itself the kernel starts writing only when a tenth of
-/// memory is dirty (gigabytes on a NAS), so a copy of a gigabyte is
+/// memory is dirty (gigabytes on a NAS) or after 30 s, so a copy of a gigabyte is
 /// written to the drive only by the final syncfs, after all the reading:
 /// read, then write. Streamed, the drive writes while the source is read,
 /// the final syncfs has little left, and a terabyte's copy neither fills

@@ -49,6 +49,21 @@ pub struct Listed {
     pub archive: String,
 }
 
+impl Listed {
+    /// Whether this should be remembered instead of `known`: it differs,
+    /// and its transaction is not older (borg writes `index.N` when it
+    /// commits `N`, so a later commit, also of a repository made afresh,
+    /// has a later mtime).
+    pub fn replaces(&self, known: Option<&Listed>) -> bool {
+        match known {
+            None => true,
+            Some(known) => {
+                known != self && self.transaction.index_mtime_ns >= known.transaction.index_mtime_ns
+            }
+        }
+    }
+}
+
 type Slot = Arc<AsyncMutex<Option<Listed>>>;
 
 /// What is known, per repository, shared by the service and its jobs.
@@ -93,12 +108,16 @@ impl Listings {
             .map(|l| l.archive.clone())
     }
 
-    /// Remembers `listed` for `repository`; true when it is news.
+    /// Remembers `listed` for `repository`, unless what is remembered is
+    /// newer (a slow listing of an older snapshot ending after a newer
+    /// one); true when it is news.
     pub async fn remember(&self, repository: &str, listed: &Listed) -> bool {
         let mut held = self.hold(repository).await;
-        let news = held.as_ref() != Some(listed);
+        if !listed.replaces(held.as_ref()) {
+            return false;
+        }
         *held = Some(listed.clone());
-        news
+        true
     }
 }
 
@@ -219,6 +238,9 @@ mod tests {
             archive: "nas-3".into(),
         };
         assert!(listings.remember("nas", &newer).await);
+        assert_eq!(listings.archive("nas", &at(3)).await, Some("nas-3".into()));
+        // A slow listing of the older snapshot, ending now, changes nothing.
+        assert!(!listings.remember("nas", &same).await);
         assert_eq!(listings.archive("nas", &at(3)).await, Some("nas-3".into()));
     }
 
