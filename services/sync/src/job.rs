@@ -736,7 +736,9 @@ async fn with_progress<T>(
     tokio::pin!(work);
     let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut shown = u64::MAX;
+    // The copy phase's own signal already said `done_before`: only what
+    // moves from there is news.
+    let mut shown = done_before;
     loop {
         tokio::select! {
             done = &mut work => return done,
