@@ -1216,6 +1216,27 @@ async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
     assert_eq!(rig.copy_archives("offsite-a", &NAS), ["nas-1"]);
 }
 
+/// Where the real borg is (for the wrappers below).
+fn real_borg() -> String {
+    String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v borg"])
+            .output()
+            .expect("command -v borg")
+            .stdout,
+    )
+    .expect("utf-8")
+    .trim()
+    .to_string()
+}
+
+/// Writes `text` to `program` and makes it executable.
+fn write_program(program: &Path, text: &str) {
+    std::fs::write(program, text).expect("write borg");
+    std::fs::set_permissions(program, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+}
+
 /// A borg that, when told to (a file names the repository, the drive's
 /// image and the new generation's directory), damages one repository's
 /// new copy on the device just before ferry-sync reads it back: when
@@ -1226,21 +1247,12 @@ async fn waiting_for_borgs_lock_and_every_phase_are_visible() {
 /// (one link; one linked forward has two) in the loop device's image file,
 /// under the drive's page cache. It is the real borg otherwise.
 fn corrupting_borg(dir: &Path) -> (PathBuf, PathBuf) {
-    let real = String::from_utf8(
-        Command::new("sh")
-            .args(["-c", "command -v borg"])
-            .output()
-            .expect("command -v borg")
-            .stdout,
-    )
-    .expect("utf-8")
-    .trim()
-    .to_string();
+    let real = real_borg();
     let flag = dir.join("corrupt-new-copy-of");
     let program = dir.join("borg");
-    std::fs::write(
+    write_program(
         &program,
-        format!(
+        &format!(
             "#!/usr/bin/python3\nimport fcntl, os, struct, sys\nflag = {flag:?}\n\
              def physical(path):\n\
              \x20   fd = os.open(path, os.O_RDONLY)\n\
@@ -1272,13 +1284,7 @@ fn corrupting_borg(dir: &Path) -> (PathBuf, PathBuf) {
              \x20           f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0xff]))\n\
              os.execv({real:?}, ['borg'] + sys.argv[1:])\n"
         ),
-    )
-    .expect("write borg");
-    std::fs::set_permissions(
-        &program,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    );
     (program, flag)
 }
 
@@ -1556,31 +1562,16 @@ async fn a_flipped_byte_in_an_old_segment_is_found_by_the_scrub_and_repaired() {
 
 /// A borg that appends each command line to `log`, then runs the real one.
 fn logging_borg(dir: &Path) -> (PathBuf, PathBuf) {
-    let real = String::from_utf8(
-        Command::new("sh")
-            .args(["-c", "command -v borg"])
-            .output()
-            .expect("command -v borg")
-            .stdout,
-    )
-    .expect("utf-8")
-    .trim()
-    .to_string();
+    let real = real_borg();
     let log = dir.join("borg-commands.log");
     let program = dir.join("borg");
-    std::fs::write(
+    write_program(
         &program,
-        format!(
+        &format!(
             "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{real}' \"$@\"\n",
             log.display()
         ),
-    )
-    .expect("write borg");
-    std::fs::set_permissions(
-        &program,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    );
     (program, log)
 }
 
