@@ -532,6 +532,21 @@ mod tests {
             command
         }
 
+        /// `borg with-lock` holding the lock until its stdin closes;
+        /// returned once it holds it.
+        fn holding_the_lock(&self) -> std::process::Child {
+            let ready = self.dir.path().join("ready");
+            let borg = self
+                .borg(&["with-lock"])
+                .args(["sh", "-c", "touch \"$0\"; exec cat >/dev/null"])
+                .arg(&ready)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("borg with-lock");
+            self.wait_for("borg holding the lock", || ready.exists());
+            borg
+        }
+
         /// Waits (bounded) for `ready` to hold: a file borg makes.
         fn wait_for(&self, what: &str, ready: impl Fn() -> bool) {
             let until = std::time::Instant::now() + Duration::from_secs(60);
@@ -573,15 +588,7 @@ mod tests {
     #[test]
     fn ferry_waits_for_borgs_lock() {
         let Some(real) = RealBorg::new() else { return };
-        let ready = real.dir.path().join("ready");
-        let mut borg = real
-            .borg(&["with-lock"])
-            .args(["sh", "-c", "touch \"$0\"; cat >/dev/null"])
-            .arg(&ready)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("borg with-lock");
-        real.wait_for("borg holding the lock", || ready.exists());
+        let mut borg = real.holding_the_lock();
         let me = LockerId::this_process(HOST);
         assert!(matches!(try_lock(&real.repo(), &me), Ok(Attempt::Held)));
         drop(borg.stdin.take());
@@ -619,15 +626,7 @@ mod tests {
             "borg did not take over ferry's stale lock"
         );
         // borg killed while holding it: ferry-sync takes it over.
-        let ready = real.dir.path().join("ready");
-        let mut borg = real
-            .borg(&["with-lock"])
-            .args(["sh", "-c", "touch \"$0\"; exec cat >/dev/null"])
-            .arg(&ready)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("borg with-lock");
-        real.wait_for("borg holding the lock", || ready.exists());
+        let mut borg = real.holding_the_lock();
         borg.kill().expect("kill borg");
         borg.wait().expect("reap borg");
         let me = LockerId::this_process(HOST);
